@@ -1,0 +1,70 @@
+/* Unit tests for server/base: buffers, time and duration text, hex. */
+#include "tc_test.h"
+#include "base/base.h"
+
+TC_TEST(buf_grows_and_consumes) {
+  struct tc_buf b = TC_BUF_INIT;
+  for (int i = 0; i < 1000; i++) tc_buf_printf(&b, "%d,", i);
+  TC_CHECK(tc_str_has_prefix(b.data, "0,1,2,"));
+  size_t n = b.len;
+  tc_buf_consume(&b, 2);
+  TC_CHECK_INT(b.len, n - 2);
+  TC_CHECK(tc_str_has_prefix(b.data, "1,2,"));
+  size_t len;
+  char *s = tc_buf_steal(&b, &len);
+  TC_CHECK_INT(len, n - 2);
+  TC_CHECK(b.data == NULL);
+  free(s);
+}
+
+TC_TEST(time_round_trip) {
+  int64_t t;
+  TC_CHECK_INT(tc_time_parse("2026-08-01T12:00:00Z", &t), 0);
+  TC_CHECK_INT(t, 1785585600);
+  char out[32];
+  TC_CHECK_STR(tc_time_format(t, out), "2026-08-01T12:00:00Z");
+  TC_CHECK_INT(tc_time_parse("0001-01-01T00:00:00Z", &t), 0);
+  TC_CHECK_INT(t, 0);
+  TC_CHECK_INT(tc_time_parse("1970-01-01T00:02:03Z", &t), 0);
+  TC_CHECK_INT(t, 123);
+  TC_CHECK_INT(tc_time_parse("2026-08-01T14:00:00.123456+02:00", &t), 0);
+  TC_CHECK_INT(t, 1785585600);
+  TC_CHECK(tc_time_parse("2026-13-01T00:00:00Z", &t) < 0);
+  TC_CHECK(tc_time_parse("2026-08-01T12:00:00", &t) < 0);
+  TC_CHECK(tc_time_parse("", &t) < 0);
+}
+
+TC_TEST(durations) {
+  int64_t ms;
+  TC_CHECK_INT(tc_duration_parse("1h30m", &ms), 0);
+  TC_CHECK_INT(ms, 5400000);
+  TC_CHECK_INT(tc_duration_parse("500ms", &ms), 0);
+  TC_CHECK_INT(ms, 500);
+  TC_CHECK_INT(tc_duration_parse("90d", &ms), 0);
+  TC_CHECK_INT(ms, 90LL * 86400000);
+  TC_CHECK_INT(tc_duration_parse("0", &ms), 0);
+  TC_CHECK_INT(ms, 0);
+  TC_CHECK(tc_duration_parse("10x", &ms) < 0);
+  TC_CHECK(tc_duration_parse("h", &ms) < 0);
+  char out[48];
+  TC_CHECK_STR(tc_duration_format(5400000, out), "1h30m0s");
+  TC_CHECK_STR(tc_duration_format(1500, out), "1.5s");
+  TC_CHECK_STR(tc_duration_format(0, out), "0s");
+  TC_CHECK_STR(tc_duration_format(1800000, out), "30m0s");
+}
+
+TC_TEST(hex_and_random) {
+  uint8_t in[4] = {0xde, 0xad, 0xbe, 0xef}, out[4];
+  char hex[9];
+  tc_hex_encode(in, 4, hex);
+  TC_CHECK_STR(hex, "deadbeef");
+  TC_CHECK_INT(tc_hex_decode("DEADbeef", 8, out, 4), 0);
+  TC_CHECK(!memcmp(in, out, 4));
+  TC_CHECK(tc_hex_decode("deadbee", 7, out, 4) < 0);
+  TC_CHECK(tc_hex_decode("deadbeeg", 8, out, 4) < 0);
+  char *a = tc_random_token(16), *b = tc_random_token(16);
+  TC_CHECK_INT(strlen(a), 26);
+  TC_CHECK(strcmp(a, b) != 0);
+  free(a);
+  free(b);
+}
