@@ -1,0 +1,707 @@
+/* tls: mbedTLS termination and the plaintext pump (see tls.h).
+ *
+ * One epoll thread owns every connection. A connection is a TCP socket (the
+ * TLS side) plus our end of a socketpair (the plaintext side); both are
+ * non-blocking and watched level-triggered, with the interest set
+ * recomputed after each pump step. Each direction has one bounded buffer, so
+ * a slow reader on one side stops us reading from the other (backpressure
+ * instead of unbounded queues).
+ *
+ * Certificates live in a refcounted "cred" (ssl config + chain + key);
+ * reload builds a new one and swaps the pointer, and each connection keeps
+ * the cred it started with until it closes. */
+#include "tls/tls.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <mbedtls/ctr_drbg.h>
+#include <mbedtls/entropy.h>
+#include <mbedtls/error.h>
+#include <mbedtls/net_sockets.h>
+#include <mbedtls/pk.h>
+#include <mbedtls/ssl.h>
+#include <mbedtls/x509_crt.h>
+
+#define PUMP_BUF 16384
+#define MAX_LISTENERS 16
+
+enum item_kind { K_WAKE, K_LISTEN, K_TCP, K_PLAIN };
+
+struct item {
+  enum item_kind kind;
+  int fd;
+  struct conn *c;
+};
+
+struct cred {
+  int refs; /* guarded by tc_tls.mu */
+  mbedtls_ssl_config conf;
+  mbedtls_x509_crt chain;
+  mbedtls_pk_context key;
+};
+
+enum conn_state { ST_HANDSHAKE, ST_OPEN, ST_DEAD };
+
+struct conn {
+  struct conn *prev, *next;
+  enum conn_state state;
+  struct item tcp, plain;
+  int plain_peer_fd;        /* the end handed out; -1 once delivered */
+  uint32_t tcp_ev, plain_ev; /* current epoll interest */
+  struct cred *cred;
+  mbedtls_ssl_context ssl;
+  bool ssl_init;
+  char peer[64];
+  int64_t deadline_ms;      /* handshake timeout or close-flush timeout; 0 none */
+  /* TLS -> plain */
+  uint8_t in_buf[PUMP_BUF];
+  size_t in_off, in_len;
+  bool tls_eof;             /* client closed (close_notify or TCP EOF) */
+  bool plain_wr_shut;
+  /* plain -> TLS */
+  uint8_t out_buf[PUMP_BUF];
+  size_t out_off, out_len;
+  bool plain_eof;           /* our plaintext user closed / shut its write side */
+  bool tls_closed;          /* close_notify sent */
+  bool tcp_want_write;      /* mbedTLS needs the socket writable */
+};
+
+struct tc_tls {
+  struct tc_tls_params p;
+  char *cert_path, *key_path;
+  pthread_mutex_t mu;
+  struct cred *cur;         /* guarded by mu */
+  struct tc_tls_stats st;   /* guarded by mu */
+  mbedtls_entropy_context entropy;
+  mbedtls_ctr_drbg_context drbg; /* thread-safe: MBEDTLS_THREADING_C */
+  int ep, wake_fd;
+  struct item wake_item;
+  struct item listeners[MAX_LISTENERS];
+  int nlisteners;           /* guarded by mu (written by add_listener) */
+  /* handed-off fds waiting for the thread; guarded by mu */
+  struct pending { int fd; char peer[64]; } *pend;
+  size_t npend, cappend;
+  struct conn *conns;       /* thread-only */
+  size_t nconns;            /* thread-only */
+  pthread_t thr;
+  bool stop;                /* guarded by mu */
+  bool started;
+};
+
+/* Modern AEAD suites only; TLS 1.2 minimum. Go's client offers all of them. */
+static const int k_suites[] = {
+    MBEDTLS_TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+    MBEDTLS_TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+    MBEDTLS_TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+    MBEDTLS_TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+    MBEDTLS_TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+    MBEDTLS_TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+    0,
+};
+
+static void mbed_errstr(int rc, char *buf, size_t n) { mbedtls_strerror(rc, buf, n); }
+
+static void cred_unref(struct tc_tls *t, struct cred *cr) {
+  if (!cr) return;
+  pthread_mutex_lock(&t->mu);
+  int left = --cr->refs;
+  pthread_mutex_unlock(&t->mu);
+  if (left > 0) return;
+  mbedtls_ssl_config_free(&cr->conf);
+  mbedtls_x509_crt_free(&cr->chain);
+  mbedtls_pk_free(&cr->key);
+  free(cr);
+}
+
+static int cred_load(struct tc_tls *t, struct cred **out, struct tc_err *err) {
+  char ebuf[160];
+  int rc = 0, mrc;
+  struct cred *cr = tc_xcalloc(1, sizeof(*cr));
+  cr->refs = 1;
+  mbedtls_ssl_config_init(&cr->conf);
+  mbedtls_x509_crt_init(&cr->chain);
+  mbedtls_pk_init(&cr->key);
+  if ((mrc = mbedtls_x509_crt_parse_file(&cr->chain, t->cert_path)) != 0) {
+    mbed_errstr(mrc, ebuf, sizeof ebuf);
+    rc = tc_err_set(err, TC_EINVAL, "tls certificate %s: %s", t->cert_path, ebuf);
+    goto fail;
+  }
+  if ((mrc = mbedtls_pk_parse_keyfile(&cr->key, t->key_path, NULL)) != 0) {
+    mbed_errstr(mrc, ebuf, sizeof ebuf);
+    rc = tc_err_set(err, TC_EINVAL, "tls key %s: %s", t->key_path, ebuf);
+    goto fail;
+  }
+  if ((mrc = mbedtls_pk_check_pair(&cr->chain.pk, &cr->key)) != 0) {
+    rc = tc_err_set(err, TC_EINVAL, "tls key %s does not match the certificate %s", t->key_path,
+                    t->cert_path);
+    goto fail;
+  }
+  if ((mrc = mbedtls_ssl_config_defaults(&cr->conf, MBEDTLS_SSL_IS_SERVER, MBEDTLS_SSL_TRANSPORT_STREAM,
+                                         MBEDTLS_SSL_PRESET_DEFAULT)) != 0) {
+    rc = tc_err_set(err, TC_EINTERNAL, "tls config defaults failed (%d)", mrc);
+    goto fail;
+  }
+  mbedtls_ssl_conf_rng(&cr->conf, mbedtls_ctr_drbg_random, &t->drbg);
+  mbedtls_ssl_conf_min_version(&cr->conf, MBEDTLS_SSL_MAJOR_VERSION_3, MBEDTLS_SSL_MINOR_VERSION_3);
+  mbedtls_ssl_conf_ciphersuites(&cr->conf, k_suites);
+  mbedtls_ssl_conf_renegotiation(&cr->conf, MBEDTLS_SSL_RENEGOTIATION_DISABLED);
+  if ((mrc = mbedtls_ssl_conf_own_cert(&cr->conf, &cr->chain, &cr->key)) != 0) {
+    rc = tc_err_set(err, TC_EINVAL, "tls own cert rejected (%d)", mrc);
+    goto fail;
+  }
+  *out = cr;
+  return 0;
+fail:
+  mbedtls_ssl_config_free(&cr->conf);
+  mbedtls_x509_crt_free(&cr->chain);
+  mbedtls_pk_free(&cr->key);
+  free(cr);
+  return rc;
+}
+
+/* ---- BIO callbacks: non-blocking socket I/O mapped to mbedTLS codes ---- */
+
+static int bio_send(void *ctx, const unsigned char *buf, size_t len) {
+  struct conn *c = ctx;
+  ssize_t n = send(c->tcp.fd, buf, len, MSG_NOSIGNAL);
+  if (n >= 0) {
+    c->tcp_want_write = false;
+    return (int)n;
+  }
+  if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) {
+    c->tcp_want_write = true;
+    return MBEDTLS_ERR_SSL_WANT_WRITE;
+  }
+  return MBEDTLS_ERR_NET_SEND_FAILED;
+}
+
+static int bio_recv(void *ctx, unsigned char *buf, size_t len) {
+  struct conn *c = ctx;
+  ssize_t n = recv(c->tcp.fd, buf, len, 0);
+  if (n >= 0) return (int)n; /* 0 is EOF */
+  if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) return MBEDTLS_ERR_SSL_WANT_READ;
+  return MBEDTLS_ERR_NET_RECV_FAILED;
+}
+
+/* ---- connection lifecycle (TLS thread only) ---- */
+
+static void ep_set(struct tc_tls *t, struct item *it, uint32_t *cur, uint32_t want) {
+  if (it->fd < 0 || *cur == want) return;
+  struct epoll_event ev = {.events = want, .data.ptr = it};
+  epoll_ctl(t->ep, EPOLL_CTL_MOD, it->fd, &ev);
+  *cur = want;
+}
+
+static void conn_free(struct tc_tls *t, struct conn *c) {
+  if (c->prev) c->prev->next = c->next;
+  else t->conns = c->next;
+  if (c->next) c->next->prev = c->prev;
+  t->nconns--;
+  if (c->tcp.fd >= 0) {
+    epoll_ctl(t->ep, EPOLL_CTL_DEL, c->tcp.fd, NULL);
+    close(c->tcp.fd);
+  }
+  if (c->plain.fd >= 0) {
+    epoll_ctl(t->ep, EPOLL_CTL_DEL, c->plain.fd, NULL);
+    close(c->plain.fd);
+  }
+  if (c->plain_peer_fd >= 0) close(c->plain_peer_fd);
+  if (c->ssl_init) mbedtls_ssl_free(&c->ssl);
+  cred_unref(t, c->cred);
+  tc_wipe(c->in_buf, sizeof c->in_buf);
+  tc_wipe(c->out_buf, sizeof c->out_buf);
+  free(c);
+  pthread_mutex_lock(&t->mu);
+  t->st.active--;
+  pthread_mutex_unlock(&t->mu);
+}
+
+static void set_nonblock(int fd) {
+  int fl = fcntl(fd, F_GETFL);
+  if (fl >= 0) fcntl(fd, F_SETFL, fl | O_NONBLOCK);
+}
+
+static void peer_of(int fd, char out[64]) {
+  struct sockaddr_storage ss;
+  socklen_t sl = sizeof ss;
+  out[0] = 0;
+  if (getpeername(fd, (struct sockaddr *)&ss, &sl) != 0) return;
+  char ip[INET6_ADDRSTRLEN] = "";
+  if (ss.ss_family == AF_INET) {
+    struct sockaddr_in *a = (struct sockaddr_in *)&ss;
+    inet_ntop(AF_INET, &a->sin_addr, ip, sizeof ip);
+    snprintf(out, 64, "%s:%u", ip, ntohs(a->sin_port));
+  } else if (ss.ss_family == AF_INET6) {
+    struct sockaddr_in6 *a = (struct sockaddr_in6 *)&ss;
+    inet_ntop(AF_INET6, &a->sin6_addr, ip, sizeof ip);
+    if (IN6_IS_ADDR_V4MAPPED(&a->sin6_addr))
+      snprintf(out, 64, "%s:%u", ip + 7, ntohs(a->sin6_port));
+    else
+      snprintf(out, 64, "[%s]:%u", ip, ntohs(a->sin6_port));
+  }
+}
+
+static void conn_start(struct tc_tls *t, int fd, const char *peer) {
+  pthread_mutex_lock(&t->mu);
+  t->st.accepted++;
+  bool full = t->nconns >= t->p.max_conns;
+  if (full) t->st.refused_full++;
+  struct cred *cr = t->cur;
+  if (!full) {
+    cr->refs++;
+    t->st.active++;
+  }
+  pthread_mutex_unlock(&t->mu);
+  if (full) {
+    close(fd);
+    return;
+  }
+  struct conn *c = tc_xcalloc(1, sizeof(*c));
+  c->cred = cr;
+  c->tcp = (struct item){K_TCP, fd, c};
+  c->plain = (struct item){K_PLAIN, -1, c};
+  c->plain_peer_fd = -1;
+  if (peer && *peer) snprintf(c->peer, sizeof c->peer, "%s", peer);
+  else peer_of(fd, c->peer);
+  c->next = t->conns;
+  if (t->conns) t->conns->prev = c;
+  t->conns = c;
+  t->nconns++;
+  set_nonblock(fd);
+  int one = 1;
+  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  mbedtls_ssl_init(&c->ssl);
+  c->ssl_init = true;
+  if (mbedtls_ssl_setup(&c->ssl, &cr->conf) != 0) {
+    conn_free(t, c);
+    return;
+  }
+  mbedtls_ssl_set_bio(&c->ssl, c, bio_send, bio_recv, NULL);
+  c->deadline_ms = tc_mono_ms() + t->p.handshake_timeout_ms;
+  c->tcp_ev = EPOLLIN;
+  struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &c->tcp};
+  if (epoll_ctl(t->ep, EPOLL_CTL_ADD, fd, &ev) != 0) {
+    conn_free(t, c);
+    return;
+  }
+}
+
+static void note_hs_failed(struct tc_tls *t) {
+  pthread_mutex_lock(&t->mu);
+  t->st.handshakes_failed++;
+  pthread_mutex_unlock(&t->mu);
+}
+
+/* Finishes the handshake: creates the socketpair and delivers the far end. */
+static int conn_established(struct tc_tls *t, struct conn *c) {
+  int sv[2];
+  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) return -1;
+  set_nonblock(sv[0]);
+  c->plain.fd = sv[0];
+  c->plain_ev = EPOLLIN;
+  struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &c->plain};
+  if (epoll_ctl(t->ep, EPOLL_CTL_ADD, sv[0], &ev) != 0) {
+    close(sv[1]);
+    return -1;
+  }
+  c->state = ST_OPEN;
+  c->deadline_ms = 0;
+  pthread_mutex_lock(&t->mu);
+  t->st.handshakes_ok++;
+  pthread_mutex_unlock(&t->mu);
+  t->p.deliver(t->p.deliver_ctx, sv[1], c->peer);
+  return 0;
+}
+
+/* Moves bytes until nothing more can move; returns -1 when the connection
+ * is finished (either cleanly or by error) and must be freed. */
+static int conn_pump(struct tc_tls *t, struct conn *c) {
+  if (c->state == ST_HANDSHAKE) {
+    int r = mbedtls_ssl_handshake(&c->ssl);
+    if (r == MBEDTLS_ERR_SSL_WANT_READ || r == MBEDTLS_ERR_SSL_WANT_WRITE) {
+      ep_set(t, &c->tcp, &c->tcp_ev, r == MBEDTLS_ERR_SSL_WANT_WRITE ? EPOLLOUT : EPOLLIN);
+      return 0;
+    }
+    if (r != 0) {
+      if (tc_log_enabled(TC_LOG_DEBUG)) {
+        char eb[128];
+        mbed_errstr(r, eb, sizeof eb);
+        tc_debug("tls: handshake with %s failed: %s", c->peer, eb);
+      }
+      note_hs_failed(t);
+      return -1;
+    }
+    if (conn_established(t, c) != 0) return -1;
+  }
+  uint64_t in_bytes = 0, out_bytes = 0;
+  int rc = 0;
+  for (int guard = 0; guard < 64; guard++) {
+    bool progress = false;
+    /* TLS -> plaintext */
+    if (c->in_len == 0 && !c->tls_eof) {
+      int r = mbedtls_ssl_read(&c->ssl, c->in_buf, sizeof c->in_buf);
+      if (r > 0) {
+        c->in_off = 0;
+        c->in_len = (size_t)r;
+        in_bytes += (size_t)r;
+        progress = true;
+      } else if (r == 0 || r == MBEDTLS_ERR_SSL_PEER_CLOSE_NOTIFY) {
+        c->tls_eof = true;
+        progress = true;
+      } else if (r != MBEDTLS_ERR_SSL_WANT_READ && r != MBEDTLS_ERR_SSL_WANT_WRITE) {
+        rc = -1;
+        break;
+      }
+    }
+    if (c->in_len > 0) {
+      ssize_t n = send(c->plain.fd, c->in_buf + c->in_off, c->in_len, MSG_NOSIGNAL);
+      if (n > 0) {
+        c->in_off += (size_t)n;
+        c->in_len -= (size_t)n;
+        progress = true;
+      } else if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+        /* plaintext user is gone: nothing more to deliver to it */
+        c->in_len = 0;
+        c->tls_eof = true;
+        c->plain_eof = true;
+      }
+    }
+    if (c->tls_eof && c->in_len == 0 && !c->plain_wr_shut) {
+      shutdown(c->plain.fd, SHUT_WR);
+      c->plain_wr_shut = true;
+      progress = true;
+    }
+    /* plaintext -> TLS */
+    if (c->out_len == 0 && !c->plain_eof) {
+      ssize_t n = recv(c->plain.fd, c->out_buf, sizeof c->out_buf, 0);
+      if (n > 0) {
+        c->out_off = 0;
+        c->out_len = (size_t)n;
+        progress = true;
+      } else if (n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
+        c->plain_eof = true;
+        progress = true;
+      }
+    }
+    if (c->out_len > 0) {
+      int r = mbedtls_ssl_write(&c->ssl, c->out_buf + c->out_off, c->out_len);
+      if (r > 0) {
+        c->out_off += (size_t)r;
+        c->out_len -= (size_t)r;
+        out_bytes += (size_t)r;
+        progress = true;
+      } else if (r != MBEDTLS_ERR_SSL_WANT_WRITE && r != MBEDTLS_ERR_SSL_WANT_READ) {
+        rc = -1;
+        break;
+      }
+    }
+    if (c->plain_eof && c->out_len == 0 && !c->tls_closed) {
+      int r = mbedtls_ssl_close_notify(&c->ssl);
+      if (r == 0) {
+        c->tls_closed = true;
+        shutdown(c->tcp.fd, SHUT_WR);
+        progress = true;
+      } else if (r != MBEDTLS_ERR_SSL_WANT_WRITE) {
+        rc = -1;
+        break;
+      }
+    }
+    if (c->tls_closed && c->tls_eof) {
+      rc = -1; /* both directions done */
+      break;
+    }
+    if (!progress) break;
+  }
+  if (in_bytes || out_bytes) {
+    pthread_mutex_lock(&t->mu);
+    t->st.bytes_in += in_bytes;
+    t->st.bytes_out += out_bytes;
+    pthread_mutex_unlock(&t->mu);
+  }
+  if (rc < 0) return -1;
+  /* Once either side has finished, the other gets a bounded time to flush. */
+  if ((c->tls_eof || c->plain_eof) && (c->deadline_ms == 0 || in_bytes || out_bytes))
+    c->deadline_ms = tc_mono_ms() + t->p.idle_close_timeout_ms;
+  uint32_t tw = 0, pw = 0;
+  if (c->in_len == 0 && !c->tls_eof) tw |= EPOLLIN;
+  if (c->tcp_want_write || c->ssl.out_left > 0) tw |= EPOLLOUT;
+  if (c->in_len > 0) pw |= EPOLLOUT;
+  if (c->out_len == 0 && !c->plain_eof) pw |= EPOLLIN;
+  ep_set(t, &c->tcp, &c->tcp_ev, tw);
+  ep_set(t, &c->plain, &c->plain_ev, pw);
+  return 0;
+}
+
+static void do_accept(struct tc_tls *t, int lfd) {
+  for (int i = 0; i < 64; i++) {
+    int fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
+    if (fd < 0) return;
+    conn_start(t, fd, NULL);
+  }
+}
+
+static void *tls_thread(void *arg) {
+  struct tc_tls *t = arg;
+  struct epoll_event evs[64];
+  int64_t next_sweep = tc_mono_ms() + 100;
+  for (;;) {
+    pthread_mutex_lock(&t->mu);
+    bool stop = t->stop;
+    struct pending *pend = t->pend;
+    size_t npend = t->npend;
+    t->pend = NULL;
+    t->npend = t->cappend = 0;
+    pthread_mutex_unlock(&t->mu);
+    if (stop) {
+      for (size_t i = 0; i < npend; i++) close(pend[i].fd);
+      free(pend);
+      break;
+    }
+    for (size_t i = 0; i < npend; i++) conn_start(t, pend[i].fd, pend[i].peer);
+    free(pend);
+    int n = epoll_wait(t->ep, evs, 64, 100);
+    for (int i = 0; i < n; i++) {
+      struct item *it = evs[i].data.ptr;
+      if (it->kind == K_WAKE) {
+        uint64_t v;
+        ssize_t r = read(t->wake_fd, &v, sizeof v);
+        (void)r;
+      } else if (it->kind == K_LISTEN) {
+        do_accept(t, it->fd);
+      } else {
+        struct conn *c = it->c;
+        if (c->state == ST_DEAD) continue;
+        if (conn_pump(t, c) < 0) c->state = ST_DEAD;
+      }
+    }
+    /* Free dead connections after the batch: later events in the same batch
+     * may still point at them. */
+    int64_t now = tc_mono_ms();
+    bool sweep = now >= next_sweep;
+    if (sweep) next_sweep = now + 100;
+    for (struct conn *c = t->conns, *nx; c; c = nx) {
+      nx = c->next;
+      if (c->state != ST_DEAD && sweep && c->deadline_ms && now >= c->deadline_ms) {
+        if (c->state == ST_HANDSHAKE) {
+          pthread_mutex_lock(&t->mu);
+          t->st.handshake_timeouts++;
+          pthread_mutex_unlock(&t->mu);
+        }
+        c->state = ST_DEAD;
+      }
+      if (c->state == ST_DEAD) conn_free(t, c);
+    }
+  }
+  while (t->conns) conn_free(t, t->conns);
+  return NULL;
+}
+
+/* ---- public API ---- */
+
+int tc_tls_new(const struct tc_tls_params *p, struct tc_tls **out, struct tc_err *err) {
+  *out = NULL;
+  if (!p || !p->cert_path || !*p->cert_path || !p->key_path || !*p->key_path || !p->deliver)
+    return tc_err_set(err, TC_EINVAL, "tls: cert_path, key_path and deliver are required");
+  struct tc_tls *t = tc_xcalloc(1, sizeof(*t));
+  int rc = 0;
+  t->p = *p;
+  if (t->p.handshake_timeout_ms <= 0) t->p.handshake_timeout_ms = 10000;
+  if (t->p.idle_close_timeout_ms <= 0) t->p.idle_close_timeout_ms = 10000;
+  if (t->p.max_conns == 0) t->p.max_conns = 65536;
+  t->cert_path = tc_xstrdup(p->cert_path);
+  t->key_path = tc_xstrdup(p->key_path);
+  t->ep = t->wake_fd = -1;
+  pthread_mutex_init(&t->mu, NULL);
+  mbedtls_entropy_init(&t->entropy);
+  mbedtls_ctr_drbg_init(&t->drbg);
+  static const char pers[] = "tailcoat-tls";
+  if (mbedtls_ctr_drbg_seed(&t->drbg, mbedtls_entropy_func, &t->entropy, (const unsigned char *)pers,
+                            sizeof pers - 1) != 0) {
+    rc = tc_err_set(err, TC_EINTERNAL, "tls: cannot seed the random generator");
+    goto fail;
+  }
+  if ((rc = cred_load(t, &t->cur, err)) != 0) goto fail;
+  t->ep = epoll_create1(EPOLL_CLOEXEC);
+  t->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (t->ep < 0 || t->wake_fd < 0) {
+    rc = tc_err_set(err, TC_EIO, "tls: epoll/eventfd: %s", strerror(errno));
+    goto fail;
+  }
+  t->wake_item = (struct item){K_WAKE, t->wake_fd, NULL};
+  struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &t->wake_item};
+  epoll_ctl(t->ep, EPOLL_CTL_ADD, t->wake_fd, &ev);
+  if (pthread_create(&t->thr, NULL, tls_thread, t) != 0) {
+    rc = tc_err_set(err, TC_EINTERNAL, "tls: cannot start thread");
+    goto fail;
+  }
+  t->started = true;
+  *out = t;
+  return 0;
+fail:
+  tc_tls_free(t);
+  return rc;
+}
+
+int tc_tls_reload(struct tc_tls *t, struct tc_err *err) {
+  struct cred *cr = NULL;
+  int rc = cred_load(t, &cr, err);
+  if (rc != 0) {
+    tc_warn("tls: reload failed, keeping the current certificate: %s", err ? err->msg : "");
+    return rc;
+  }
+  pthread_mutex_lock(&t->mu);
+  struct cred *old = t->cur;
+  t->cur = cr;
+  t->st.reloads++;
+  pthread_mutex_unlock(&t->mu);
+  cred_unref(t, old);
+  tc_info("tls: certificate reloaded from %s", t->cert_path);
+  return 0;
+}
+
+static void wake(struct tc_tls *t) {
+  uint64_t one = 1;
+  ssize_t r = write(t->wake_fd, &one, sizeof one);
+  (void)r;
+}
+
+int tc_tls_add_listener(struct tc_tls *t, int listen_fd, struct tc_err *err) {
+  pthread_mutex_lock(&t->mu);
+  if (t->nlisteners >= MAX_LISTENERS) {
+    pthread_mutex_unlock(&t->mu);
+    close(listen_fd);
+    return tc_err_set(err, TC_ETOOBIG, "tls: too many listeners");
+  }
+  struct item *it = &t->listeners[t->nlisteners++];
+  *it = (struct item){K_LISTEN, listen_fd, NULL};
+  pthread_mutex_unlock(&t->mu);
+  set_nonblock(listen_fd);
+  struct epoll_event ev = {.events = EPOLLIN, .data.ptr = it};
+  if (epoll_ctl(t->ep, EPOLL_CTL_ADD, listen_fd, &ev) != 0)
+    return tc_err_set(err, TC_EIO, "tls: epoll add listener: %s", strerror(errno));
+  return 0;
+}
+
+int tc_tls_handoff(struct tc_tls *t, int fd, const char *peer) {
+  pthread_mutex_lock(&t->mu);
+  if (t->stop) {
+    pthread_mutex_unlock(&t->mu);
+    close(fd);
+    return TC_EINVAL;
+  }
+  if (t->npend == t->cappend) {
+    t->cappend = t->cappend ? t->cappend * 2 : 16;
+    t->pend = tc_xrealloc(t->pend, t->cappend * sizeof(*t->pend));
+  }
+  struct pending *pd = &t->pend[t->npend++];
+  pd->fd = fd;
+  if (peer) snprintf(pd->peer, sizeof pd->peer, "%s", peer);
+  else peer_of(fd, pd->peer);
+  pthread_mutex_unlock(&t->mu);
+  wake(t);
+  return 0;
+}
+
+void tc_tls_get_stats(struct tc_tls *t, struct tc_tls_stats *out) {
+  pthread_mutex_lock(&t->mu);
+  *out = t->st;
+  pthread_mutex_unlock(&t->mu);
+}
+
+void tc_tls_free(struct tc_tls *t) {
+  if (!t) return;
+  if (t->started) {
+    pthread_mutex_lock(&t->mu);
+    t->stop = true;
+    pthread_mutex_unlock(&t->mu);
+    wake(t);
+    pthread_join(t->thr, NULL);
+  }
+  for (int i = 0; i < t->nlisteners; i++) close(t->listeners[i].fd);
+  for (size_t i = 0; i < t->npend; i++) close(t->pend[i].fd);
+  free(t->pend);
+  if (t->ep >= 0) close(t->ep);
+  if (t->wake_fd >= 0) close(t->wake_fd);
+  cred_unref(t, t->cur);
+  mbedtls_ctr_drbg_free(&t->drbg);
+  mbedtls_entropy_free(&t->entropy);
+  pthread_mutex_destroy(&t->mu);
+  free(t->cert_path);
+  free(t->key_path);
+  free(t);
+}
+
+int tc_tls_listen_tcp(const char *addr, int *port_out, struct tc_err *err) {
+  char host[128];
+  const char *colon = strrchr(addr, ':');
+  if (!colon) return tc_err_set(err, TC_EINVAL, "listen address %s: missing port", addr);
+  size_t hl = (size_t)(colon - addr);
+  if (hl >= sizeof host) return tc_err_set(err, TC_EINVAL, "listen address %s: host too long", addr);
+  memcpy(host, addr, hl);
+  host[hl] = 0;
+  char *end;
+  long port = strtol(colon + 1, &end, 10);
+  if (*end || port < 0 || port > 65535) return tc_err_set(err, TC_EINVAL, "listen address %s: bad port", addr);
+  char *h = host;
+  if (h[0] == '[') {
+    h++;
+    size_t l = strlen(h);
+    if (l == 0 || h[l - 1] != ']') return tc_err_set(err, TC_EINVAL, "listen address %s: bad host", addr);
+    h[l - 1] = 0;
+  }
+  struct sockaddr_storage ss;
+  memset(&ss, 0, sizeof ss);
+  socklen_t sl;
+  int fam;
+  struct sockaddr_in *a4 = (struct sockaddr_in *)&ss;
+  struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)&ss;
+  if (*h == 0) {
+    fam = AF_INET6;
+    a6->sin6_family = AF_INET6;
+    a6->sin6_addr = in6addr_any;
+    a6->sin6_port = htons((uint16_t)port);
+    sl = sizeof *a6;
+  } else if (inet_pton(AF_INET, h, &a4->sin_addr) == 1) {
+    fam = AF_INET;
+    a4->sin_family = AF_INET;
+    a4->sin_port = htons((uint16_t)port);
+    sl = sizeof *a4;
+  } else if (inet_pton(AF_INET6, h, &a6->sin6_addr) == 1) {
+    fam = AF_INET6;
+    a6->sin6_family = AF_INET6;
+    a6->sin6_port = htons((uint16_t)port);
+    sl = sizeof *a6;
+  } else {
+    return tc_err_set(err, TC_EINVAL, "listen address %s: host must be an IP literal", addr);
+  }
+  int fd = socket(fam, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  if (fd < 0) return tc_err_set(err, TC_EIO, "socket: %s", strerror(errno));
+  int one = 1, zero = 0;
+  setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  if (fam == AF_INET6 && *h == 0) setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof zero);
+  if (bind(fd, (struct sockaddr *)&ss, sl) != 0 || listen(fd, 512) != 0) {
+    int e = errno;
+    close(fd);
+    return tc_err_set(err, TC_EIO, "listen %s: %s", addr, strerror(e));
+  }
+  if (port_out) {
+    struct sockaddr_storage b;
+    socklen_t bl = sizeof b;
+    getsockname(fd, (struct sockaddr *)&b, &bl);
+    *port_out = b.ss_family == AF_INET ? ntohs(((struct sockaddr_in *)&b)->sin_port)
+                                       : ntohs(((struct sockaddr_in6 *)&b)->sin6_port);
+  }
+  return fd;
+}
