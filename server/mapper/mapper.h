@@ -1,0 +1,282 @@
+/* mapper: the tailcfg JSON codecs of the control protocol and the pieces a
+ * map session is assembled from.
+ *
+ * Owns: parsing RegisterRequest / MapRequest bodies (strict, bounded: every
+ * byte is hostile), encoding RegisterResponse, tailcfg.Node (self and peer
+ * forms), UserProfile, DNSConfig (from the config's dns section) and whole
+ * MapResponse messages (full maps, deltas, keep-alives) as JSON text. The
+ * framing (uint32le + zstd) is the transport's job.
+ *
+ * Performance rule: a node's peer JSON is produced once per change of that
+ * node and shared, read-only and refcounted, by every recipient
+ * (struct tc_mapper_frag, struct tc_mapper_cache); full maps are made by
+ * concatenating fragments, so a change costs O(peers), not O(N^2).
+ *
+ * Threads: every function is reentrant. A tc_mapper_cache is internally
+ * locked and may be shared by all threads; fragments are immutable once
+ * returned and may be read by any thread while a reference is held.
+ *
+ * Conventions as in base.h: 0 / negative TC_E*; char * results documented
+ * "owned" are freed by the caller with free(). */
+#ifndef TC_MAPPER_H
+#define TC_MAPPER_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "base/base.h"
+#include "model/types.h"
+
+struct tc_config;
+
+/* ---- limits on client input ------------------------------------------------ */
+#define TC_MAPPER_MAX_BODY (1024 * 1024)      /* whole request body (Headscale: 1 MiB) */
+#define TC_MAPPER_MAX_HOSTINFO (256 * 1024)   /* Hostinfo object re-serialised */
+#define TC_MAPPER_MAX_ENDPOINTS 64
+#define TC_MAPPER_MAX_ROUTES 1024             /* Hostinfo.RoutableIPs entries */
+#define TC_MAPPER_MAX_TAGS 64                 /* Hostinfo.RequestTags entries */
+#define TC_MAPPER_MAX_STR 1024                /* hostname, tag, followup URL... */
+#define TC_MAPPER_MAX_AUTHKEY 512
+
+/* Oldest client tailcoat serves: v1.60 (capver 87). */
+#define TC_MAPPER_MIN_CAPVER 87
+
+/* The placeholder owner of tagged nodes, as Headscale presents it. */
+#define TC_MAPPER_TAGGED_USER_ID INT64_C(2147455555)
+
+/* ---- key text ("nodekey:<64 hex>") ---------------------------------------------- */
+enum tc_key_kind { TC_KEY_MACHINE, TC_KEY_NODE, TC_KEY_DISCO };
+#define TC_MAPPER_KEY_TEXT 80 /* enough for "discokey:" + 64 hex + NUL */
+
+/* Parses prefix + 64 hex digits (either case) of exactly len bytes. The empty
+ * string and the all-zero key both yield zero bytes and *present=false (Go's
+ * encoding treats them as absent). TC_EINVAL on anything else malformed. */
+int tc_mapper_key_parse(enum tc_key_kind kind, const char *s, size_t len, uint8_t out[TC_KEY_LEN],
+                        bool *present);
+/* Writes the lowercase text form into out. */
+void tc_mapper_key_format(enum tc_key_kind kind, const uint8_t key[TC_KEY_LEN],
+                          char out[TC_MAPPER_KEY_TEXT]);
+bool tc_mapper_key_is_zero(const uint8_t key[TC_KEY_LEN]);
+
+/* ---- requests ----------------------------------------------------------------- */
+
+/* What tailcoat reads out of a Hostinfo object (the object itself is kept
+ * verbatim, re-serialised compactly). Strings owned; NULL when absent. */
+struct tc_hostinfo_fields {
+  char *hostname;
+  char *os;
+  struct tc_strv routable_ips; /* canonical, masked prefixes */
+  struct tc_strv request_tags;
+  bool has_netinfo;
+  int32_t preferred_derp; /* NetInfo.PreferredDERP; 0 = unknown */
+};
+
+struct tc_register_request {
+  int version;
+  bool has_node_key, has_old_node_key; /* false for missing, "" or all-zero */
+  uint8_t node_key[TC_KEY_LEN];
+  uint8_t old_node_key[TC_KEY_LEN];
+  char *auth_key;    /* Auth.AuthKey if non-empty, else NULL. Owned, wiped on free. */
+  bool has_expiry;   /* Expiry present and not Go's zero time */
+  int64_t expiry;    /* Unix seconds; the logout sentinel is 123 (1970-01-01T00:02:03Z) */
+  char *followup;    /* non-empty Followup URL or NULL */
+  char *hostinfo_json; /* compact JSON object or NULL */
+  struct tc_hostinfo_fields hi;
+  bool ephemeral;
+  char *tailnet; /* or NULL */
+};
+
+struct tc_map_request {
+  int version;
+  bool compress_zstd; /* Compress == "zstd" */
+  bool keep_alive, stream, omit_peers, read_only;
+  bool has_node_key, has_disco_key;
+  uint8_t node_key[TC_KEY_LEN];
+  uint8_t disco_key[TC_KEY_LEN];
+  char *hostinfo_json; /* compact JSON object or NULL when absent/null */
+  struct tc_hostinfo_fields hi;
+  bool has_endpoints;           /* Endpoints present and non-null (possibly empty) */
+  struct tc_strv endpoints;     /* canonical "ip:port"; link-local and zoned dropped */
+};
+
+/* Parse a body of len bytes (need not be NUL-terminated). Unknown fields are
+ * ignored, null is "absent" for every field, a known field of the wrong type
+ * or a malformed key/time/prefix/endpoint fails the whole request
+ * (TC_EINVAL), as Go's decoder would; over-limit sizes give TC_ETOOBIG. err
+ * (may be NULL) gets a short reason that never echoes client bytes. On
+ * failure *out is left freed/zeroed. */
+int tc_mapper_parse_register(const char *body, size_t len, struct tc_register_request *out,
+                             struct tc_err *err);
+int tc_mapper_parse_map(const char *body, size_t len, struct tc_map_request *out, struct tc_err *err);
+void tc_register_request_free(struct tc_register_request *r); /* NULL ok; zeroes */
+void tc_map_request_free(struct tc_map_request *r);           /* NULL ok; zeroes */
+void tc_hostinfo_fields_free(struct tc_hostinfo_fields *h);
+
+/* True when s is "1970-01-01T00:02:03Z"-style logout: a present expiry not in the future. */
+bool tc_mapper_is_logout(const struct tc_register_request *r, int64_t now);
+
+/* ---- encoding: environment ------------------------------------------------------ */
+
+/* Tailnet-wide encoding settings, derived once from the config (and DERP/policy
+ * modules) and then read-only. All strings owned by the struct. */
+struct tc_mapper_env {
+  char *base_domain;  /* MagicDNS suffix, "" if none */
+  char *domain;       /* MapResponse.Domain (tailnet name shown in the UI) */
+  char *dns_json;     /* DNSConfig object, NULL = omit */
+  char *derp_json;    /* DERPMap object, NULL = omit */
+  char *capmap_json;  /* default Node.CapMap object, NULL = omit */
+  char *filter_json;  /* PacketFilter array; NULL means allow-all (the default without policy) */
+  char *ssh_json;     /* SSHPolicy object, NULL = omit */
+  bool disable_logtail; /* Debug.DisableLogTail (Headscale: unless logtail.enabled) */
+};
+/* Fills env from cfg (base domain, DNSConfig, default CapMap, logtail);
+ * derp_json is left NULL for the DERP module to fill. Owned by the caller. */
+void tc_mapper_env_from_config(struct tc_mapper_env *env, const struct tc_config *cfg);
+void tc_mapper_env_free(struct tc_mapper_env *env); /* NULL ok */
+
+/* DNSConfig JSON for cfg->dns (Headscale semantics: Proxied = magic_dns,
+ * base domain first in Domains then search domains, global nameservers as
+ * Resolvers when override_local_dns else FallbackResolvers, split routes,
+ * ExtraRecords). Owned. */
+char *tc_mapper_dns_json(const struct tc_config *cfg);
+
+/* ---- encoding: nodes --------------------------------------------------------------- */
+
+/* Per-node facts that are not in struct tc_node. */
+struct tc_mapper_node_extra {
+  bool online_known;
+  bool online;
+  /* Subnet routes this node is primary for; NULL = every approved and
+   * announced subnet route (no HA decision made). */
+  const struct tc_strv *primary_routes;
+  const char *capmap_json;              /* overrides env->capmap_json when non-NULL */
+};
+
+enum tc_mapper_form { TC_MAPPER_SELF = 0, TC_MAPPER_PEER = 1 };
+
+/* Appends the tailcfg.Node JSON object of n to out. The self form omits
+ * Online/LastSeen; the peer form carries Online when known and LastSeen only
+ * while offline. now decides Expired. */
+void tc_mapper_encode_node(struct tc_buf *out, const struct tc_mapper_env *env,
+                           const struct tc_node *n, const struct tc_mapper_node_extra *x,
+                           enum tc_mapper_form form, int64_t now);
+
+/* The Name of a node: "<given>.<base>." (or "<given>." without a base). Owned. */
+char *tc_mapper_fqdn(const struct tc_mapper_env *env, const struct tc_node *n);
+
+/* Appends a UserProfile object. u NULL = the tagged-devices placeholder. */
+void tc_mapper_encode_user_profile(struct tc_buf *out, const struct tc_user *u);
+
+/* ---- shared peer fragments ---------------------------------------------------------- */
+
+/* An immutable, refcounted JSON fragment (one tailcfg.Node in peer form). */
+struct tc_mapper_frag {
+  int64_t node_id;
+  size_t len;
+  /* private: */
+  int refs;
+  char data[]; /* len bytes + NUL */
+};
+struct tc_mapper_frag *tc_mapper_frag_ref(struct tc_mapper_frag *f);
+void tc_mapper_frag_unref(struct tc_mapper_frag *f); /* NULL ok */
+
+/* Node id -> the latest peer fragment, reused while (version, online,
+ * expired) are unchanged. version is any counter the caller bumps whenever the
+ * node or what its encoding depends on changes (e.g. the model's per-node
+ * revision). */
+struct tc_mapper_cache;
+struct tc_mapper_cache *tc_mapper_cache_new(void);
+void tc_mapper_cache_free(struct tc_mapper_cache *c); /* NULL ok */
+/* Returns a new reference (caller unrefs) to n's peer fragment, encoding it
+ * only when the cache has no entry for this version/online/expired state. */
+struct tc_mapper_frag *tc_mapper_cache_peer(struct tc_mapper_cache *c, const struct tc_mapper_env *env,
+                                            const struct tc_node *n, uint64_t version,
+                                            const struct tc_mapper_node_extra *x, int64_t now);
+void tc_mapper_cache_forget(struct tc_mapper_cache *c, int64_t node_id);
+/* Counters for tests and metrics. */
+void tc_mapper_cache_stats(struct tc_mapper_cache *c, uint64_t *hits, uint64_t *encodes);
+
+/* ---- encoding: messages ------------------------------------------------------------ */
+
+struct tc_mapper_full {
+  const char *self_json;                     /* tc_mapper_encode_node(SELF) output */
+  struct tc_mapper_frag *const *peers;       /* sorted by node id */
+  size_t n_peers;
+  const struct tc_user *users;               /* profiles for self and peers' owners */
+  size_t n_users;
+  bool tagged_profile;                       /* also add the tagged-devices profile */
+  int64_t now;
+};
+/* Appends one complete first MapResponse (Node, DERPMap, Peers, PacketFilter,
+ * DNSConfig, UserProfiles, Domain, CollectServices:false, Debug, ControlTime,
+ * SSHPolicy when set). */
+void tc_mapper_encode_full(struct tc_buf *out, const struct tc_mapper_env *env,
+                           const struct tc_mapper_full *m);
+
+/* PeersChangedPatch entry; fields flagged in `set` are present. */
+enum {
+  TC_PATCH_DERP = 1 << 0,
+  TC_PATCH_CAP = 1 << 1,
+  TC_PATCH_ENDPOINTS = 1 << 2,
+  TC_PATCH_KEY = 1 << 3,
+  TC_PATCH_DISCO = 1 << 4,
+  TC_PATCH_ONLINE = 1 << 5,
+  TC_PATCH_LASTSEEN = 1 << 6,
+  TC_PATCH_KEYEXPIRY = 1 << 7,
+};
+struct tc_mapper_patch {
+  int64_t node_id;
+  unsigned set;
+  int32_t derp_region;
+  int32_t cap;
+  const struct tc_strv *endpoints;
+  uint8_t key[TC_KEY_LEN];
+  uint8_t disco_key[TC_KEY_LEN];
+  bool online;
+  int64_t last_seen;
+  int64_t key_expiry;
+};
+
+struct tc_mapper_delta {
+  const char *self_json;                 /* new self Node, or NULL */
+  struct tc_mapper_frag *const *changed; /* PeersChanged */
+  size_t n_changed;
+  const int64_t *removed;                /* PeersRemoved */
+  size_t n_removed;
+  const struct tc_mapper_patch *patches; /* PeersChangedPatch */
+  size_t n_patches;
+  const int64_t *online_ids;             /* OnlineChange {"id":bool} */
+  const bool *online_vals;
+  size_t n_online;
+  const struct tc_user *users;           /* UserProfiles to add/refresh */
+  size_t n_users;
+  bool tagged_profile;
+  bool with_filter, with_dns, with_derp, with_ssh; /* resend from env */
+  int64_t now;
+};
+/* Appends one delta MapResponse. Returns false (and appends nothing) when the
+ * delta carries nothing; the caller then sends nothing. */
+bool tc_mapper_encode_delta(struct tc_buf *out, const struct tc_mapper_env *env,
+                            const struct tc_mapper_delta *d);
+
+/* Appends {"KeepAlive":true}. */
+void tc_mapper_encode_keepalive(struct tc_buf *out);
+
+/* ---- encoding: register response ----------------------------------------------------- */
+struct tc_mapper_register_response {
+  const struct tc_user *user; /* owner; NULL with tagged=false omits User/Login */
+  bool tagged;                /* present the tagged-devices placeholder */
+  bool node_key_expired;
+  bool machine_authorized;
+  const char *auth_url; /* NULL/"" = none */
+  const char *error;    /* NULL/"" = none */
+};
+/* Returns the owned JSON text of a RegisterResponse. */
+char *tc_mapper_encode_register_response(const struct tc_mapper_register_response *r);
+
+/* ---- small helpers shared with handlers and tests ------------------------------------ */
+/* Appends s as a JSON string literal (escaped; invalid UTF-8 becomes U+FFFD). NULL -> "". */
+void tc_mapper_json_str(struct tc_buf *out, const char *s);
+
+#endif
