@@ -1,0 +1,1311 @@
+/* Compile a policy against a topology into what each node receives.
+ *
+ * Shape of the work (mirrors how Tailscale's coordination service and
+ * Headscale's policy v2 derive their output): every grant (ACLs are turned
+ * into grants at parse time) is resolved ONCE into global rules — source
+ * address strings plus destination port ranges. A node's packet filter is
+ * the subset of those rules whose destinations touch the node (its
+ * addresses, its approved subnet routes, or the internet when it is an
+ * approved exit node), plus per-node rules for autogroup:self and via.
+ * Nodes with the same identity (user, tags, routes) get their rule
+ * selection computed once and shared; only address text differs.
+ * Pure; any thread with its own result. */
+#include <string.h>
+
+#include "policy/policy_int.h"
+
+/* ---- topology ------------------------------------------------------------- */
+static int user_index(const struct tc_policy_topo *t, int64_t id)
+{
+  for (size_t i = 0; i < t->nusers; i++)
+    if (t->users[i].id == id)
+      return (int)i;
+  return -1;
+}
+
+int ctopo_build(const struct tc_policy_topo *t, struct ctopo *ct, struct tc_policy_err *err)
+{
+  memset(ct, 0, sizeof(*ct));
+  ct->t = t;
+  ct->nn = t->nnodes;
+  ct->n = tc_xcalloc(t->nnodes + 1, sizeof(*ct->n));
+  for (size_t i = 0; i < t->nnodes; i++) {
+    const struct tc_policy_node *s = &t->nodes[i];
+    struct cnode *n = &ct->n[i];
+    n->src = s;
+    n->id = s->id;
+    n->tagged = s->ntags > 0;
+    n->user = s->user_id ? user_index(t, s->user_id) : -1;
+    ipset_init(&n->ips);
+    uint8_t fam;
+    if (s->ipv4 && *s->ipv4) {
+      if (ip_parse_addr(s->ipv4, &fam, &n->a4) || fam) {
+        ctopo_free(ct);
+        return tc_policy_err_at(err, "node %lld: bad IPv4 address \"%s\"", (long long)s->id, s->ipv4);
+      }
+      n->has4 = true;
+      ipset_add(&n->ips, (struct ip_range){0, n->a4, n->a4});
+    }
+    if (s->ipv6 && *s->ipv6) {
+      if (ip_parse_addr(s->ipv6, &fam, &n->a6) || !fam) {
+        ctopo_free(ct);
+        return tc_policy_err_at(err, "node %lld: bad IPv6 address \"%s\"", (long long)s->id, s->ipv6);
+      }
+      n->has6 = true;
+      ipset_add(&n->ips, (struct ip_range){1, n->a6, n->a6});
+    }
+    n->subnets = tc_xcalloc(s->nannounced + 1, sizeof(struct ip_range));
+    for (size_t j = 0; j < s->nannounced; j++) {
+      struct ip_range r;
+      if (ip_parse_prefix(s->announced[j], &r, NULL))
+        continue;
+      bool approved = false;
+      for (size_t k = 0; k < s->napproved && !approved; k++) {
+        struct ip_range a;
+        approved = !ip_parse_prefix(s->approved[k], &a, NULL) && a.v6 == r.v6 && a.lo == r.lo && a.hi == r.hi;
+      }
+      if (!approved)
+        continue;
+      if (ip_range_is_exit(r)) {
+        if (r.v6)
+          n->exit6 = true;
+        else
+          n->exit4 = true;
+      } else {
+        n->subnets[n->nsubnets++] = r;
+      }
+    }
+  }
+  return 0;
+}
+
+void ctopo_free(struct ctopo *ct)
+{
+  for (size_t i = 0; i < ct->nn; i++) {
+    ipset_free(&ct->n[i].ips);
+    free(ct->n[i].subnets);
+  }
+  free(ct->n);
+  memset(ct, 0, sizeof(*ct));
+}
+
+bool node_has_tag(const struct cnode *n, const char *tag)
+{
+  for (size_t i = 0; i < n->src->ntags; i++)
+    if (!strcmp(n->src->tags[i], tag))
+      return true;
+  return false;
+}
+
+bool node_in_set(const struct cnode *n, const struct ipset *s)
+{
+  return (n->has4 && ipset_contains(s, 0, n->a4)) || (n->has6 && ipset_contains(s, 1, n->a6));
+}
+
+static bool node_is_exit(const struct cnode *n) { return n->exit4 || n->exit6; }
+
+/* Users match "name@" / "email" / "name"; ambiguous tokens match nobody. */
+int find_user(const struct ctopo *ct, const char *token)
+{
+  size_t n = strlen(token);
+  if (n && token[n - 1] == '@')
+    n--;
+  int found = -1, count = 0;
+  for (size_t i = 0; i < ct->t->nusers; i++) {
+    const struct tc_policy_user *u = &ct->t->users[i];
+    if ((u->email && strlen(u->email) == n && !strncmp(u->email, token, n)) ||
+        (u->name && strlen(u->name) == n && !strncmp(u->name, token, n))) {
+      found = (int)i;
+      count++;
+    }
+  }
+  return count == 1 ? found : -1;
+}
+
+void wildcard_set(struct ipset *s)
+{
+  struct ip_range r;
+  ip_parse_prefix("100.64.0.0/10", &r, NULL);
+  ipset_add(s, r);
+  ip_parse_prefix("fd7a:115c:a1e0::/48", &r, NULL);
+  ipset_add(s, r);
+  ipset_norm(s);
+  ip_parse_prefix("100.115.92.0/23", &r, NULL);
+  ipset_remove(s, r);
+}
+
+void the_internet(struct ipset *s)
+{
+  struct ip_range r;
+  ip_parse_prefix("0.0.0.0/0", &r, NULL);
+  ipset_add(s, r);
+  ip_parse_prefix("2000::/3", &r, NULL);
+  ipset_add(s, r);
+  ipset_norm(s);
+  static const char *minus[] = {"fc00::/7", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
+                                "fd7a:115c:a1e0::/48", "100.64.0.0/10", "fe80::/10", "169.254.0.0/16"};
+  for (size_t i = 0; i < TC_ARRAY_LEN(minus); i++) {
+    ip_parse_prefix(minus[i], &r, NULL);
+    ipset_remove(s, r);
+  }
+}
+
+static void add_user_nodes(const struct ctopo *ct, int user, struct ipset *out)
+{
+  if (user < 0)
+    return;
+  for (size_t i = 0; i < ct->nn; i++)
+    if (!ct->n[i].tagged && ct->n[i].user == user)
+      ipset_add_set(out, &ct->n[i].ips);
+}
+
+static const struct name_list *group_of(const struct tc_policy *pol, const char *name)
+{
+  for (size_t i = 0; i < pol->ngroups; i++)
+    if (!strcmp(pol->groups[i].name, name))
+      return &pol->groups[i];
+  return NULL;
+}
+
+void resolve_alias(const struct tc_policy *pol, const struct ctopo *ct, const struct alias *a, struct ipset *out)
+{
+  switch (a->kind) {
+  case AL_WILDCARD:
+    wildcard_set(out);
+    break;
+  case AL_USER:
+    add_user_nodes(ct, find_user(ct, a->s), out);
+    break;
+  case AL_GROUP: {
+    const struct name_list *g = group_of(pol, a->s);
+    for (size_t i = 0; g && i < g->n; i++)
+      add_user_nodes(ct, find_user(ct, g->items[i]), out);
+    break;
+  }
+  case AL_TAG:
+    for (size_t i = 0; i < ct->nn; i++)
+      if (node_has_tag(&ct->n[i], a->s))
+        ipset_add_set(out, &ct->n[i].ips);
+    break;
+  case AL_HOST:
+    for (size_t i = 0; i < pol->nhosts; i++)
+      if (!strcmp(pol->hosts[i].name, a->s))
+        ipset_add(out, pol->hosts[i].pfx);
+    break;
+  case AL_PREFIX:
+    ipset_add(out, a->pfx);
+    break;
+  case AL_AUTOGROUP:
+    switch (a->ag) {
+    case AG_INTERNET:
+      the_internet(out);
+      break;
+    case AG_MEMBER:
+    case AG_TAGGED:
+      for (size_t i = 0; i < ct->nn; i++)
+        if (ct->n[i].tagged == (a->ag == AG_TAGGED) && (ct->n[i].tagged || ct->n[i].user >= 0))
+          ipset_add_set(out, &ct->n[i].ips);
+      break;
+    case AG_DANGER_ALL: {
+      struct ip_range r;
+      ip_parse_prefix("0.0.0.0/0", &r, NULL);
+      ipset_add(out, r);
+      ip_parse_prefix("::/0", &r, NULL);
+      ipset_add(out, r);
+      break;
+    }
+    default:
+      break;
+    }
+    break;
+  }
+  ipset_norm(out);
+}
+
+/* ---- global rules ---------------------------------------------------------------- */
+struct dport {
+  char *ip;          /* text as emitted */
+  struct ipset set;  /* what it covers ("*" = everything) */
+  bool star;
+  struct port_range pr;
+};
+
+struct rule {
+  json_t *src;        /* SrcIPs array (strings) */
+  struct ipset srcset; /* parsed SrcIPs, for reachability and peers */
+  bool src_all;       /* "*" */
+  int proto;          /* -1: no IPProto */
+  struct dport *dp;
+  size_t ndp;
+  json_t *capgrant;   /* for CapGrant rules: array of {Dsts:[...], CapMap} with dst sets below */
+  struct ipset *capdst; /* per capgrant entry */
+  size_t ncap;
+  bool self;          /* autogroup:self template (per-node) */
+};
+
+struct cgrant {
+  const struct grant *g;
+  struct ipset src;     /* merged sources */
+  struct ipset *srcs;   /* per-source sets, for autogroup:self */
+  size_t nsrcs;
+  json_t *srcstr;       /* final SrcIPs */
+  bool any_src;         /* sources resolved to something */
+  struct rule *rules;
+  size_t nrules;
+  bool has_self;
+  bool via;
+  struct ipset via_dst;  /* via: destination prefixes (unions kept as list below) */
+  struct ip_range *via_pfx;
+  size_t nvia_pfx;
+  bool via_internet;
+};
+
+static void rule_free(struct rule *r)
+{
+  json_decref(r->src);
+  ipset_free(&r->srcset);
+  for (size_t i = 0; i < r->ndp; i++) {
+    free(r->dp[i].ip);
+    ipset_free(&r->dp[i].set);
+  }
+  free(r->dp);
+  json_decref(r->capgrant);
+  for (size_t i = 0; i < r->ncap; i++)
+    ipset_free(&r->capdst[i]);
+  free(r->capdst);
+}
+
+/* Parses a SrcIPs string into the set. */
+static void add_src_string(struct ipset *s, const char *str, bool *all)
+{
+  if (!strcmp(str, "*")) {
+    *all = true;
+    return;
+  }
+  const char *dash = strchr(str, '-');
+  struct ip_range r;
+  if (dash && !strchr(str, '/')) {
+    char a[64];
+    size_t l = (size_t)(dash - str);
+    if (l >= sizeof(a))
+      return;
+    memcpy(a, str, l);
+    a[l] = 0;
+    uint8_t f1, f2;
+    tc_u128 lo, hi;
+    if (ip_parse_addr(a, &f1, &lo) || ip_parse_addr(dash + 1, &f2, &hi) || f1 != f2)
+      return;
+    ipset_add(s, (struct ip_range){f1, lo, hi});
+    return;
+  }
+  if (!ip_parse_prefix(str, &r, NULL))
+    ipset_add(s, r);
+}
+
+static void rule_set_src(struct rule *r, json_t *src)
+{
+  r->src = src;
+  ipset_init(&r->srcset);
+  size_t i;
+  json_t *v;
+  json_array_foreach(src, i, v) add_src_string(&r->srcset, json_string_value(v), &r->src_all);
+  ipset_norm(&r->srcset);
+}
+
+static void append_subnet_routes(const struct ctopo *ct, json_t *arr)
+{
+  char t[160];
+  for (size_t i = 0; i < ct->nn; i++) {
+    for (size_t j = 0; j < ct->n[i].nsubnets; j++) {
+      ip_range_prefix(ct->n[i].subnets[j], t, sizeof(t));
+      bool seen = false;
+      size_t k;
+      json_t *v;
+      json_array_foreach(arr, k, v) seen |= !strcmp(json_string_value(v), t);
+      if (!seen)
+        json_array_append_new(arr, json_string(t));
+    }
+  }
+}
+
+static bool json_str_in(json_t *arr, const char *s)
+{
+  size_t k;
+  json_t *v;
+  json_array_foreach(arr, k, v) if (!strcmp(json_string_value(v), s)) return true;
+  return false;
+}
+
+static void dport_add(struct rule *r, const char *ip, const struct ipset *set, bool star, struct port_range pr)
+{
+  r->dp = tc_xrealloc(r->dp, (r->ndp + 1) * sizeof(*r->dp));
+  struct dport *d = &r->dp[r->ndp++];
+  d->ip = tc_xstrdup(ip);
+  ipset_init(&d->set);
+  if (set)
+    ipset_add_set(&d->set, set);
+  d->star = star;
+  d->pr = pr;
+}
+
+static void compile_grant(const struct tc_policy *pol, const struct ctopo *ct, const struct grant *g,
+                          struct cgrant *cg)
+{
+  memset(cg, 0, sizeof(*cg));
+  cg->g = g;
+  ipset_init(&cg->src);
+  cg->srcs = tc_xcalloc(g->nsrc + 1, sizeof(struct ipset));
+  bool wild = false, danger = false;
+  for (size_t i = 0; i < g->nsrc; i++) {
+    const struct alias *a = &g->src[i];
+    wild |= a->kind == AL_WILDCARD;
+    danger |= a->kind == AL_AUTOGROUP && a->ag == AG_DANGER_ALL;
+    ipset_init(&cg->srcs[i]);
+    resolve_alias(pol, ct, a, &cg->srcs[i]);
+    ipset_add_set(&cg->src, &cg->srcs[i]);
+  }
+  cg->nsrcs = g->nsrc;
+  ipset_norm(&cg->src);
+  cg->any_src = !ipset_empty(&cg->src);
+  if (g->nsrc == 0 || g->ndst == 0)
+    return;
+  cg->srcstr = json_array();
+  if (danger) {
+    json_array_append_new(cg->srcstr, json_string("*"));
+  } else if (cg->any_src) {
+    ipset_append_strings(&cg->src, cg->srcstr);
+    if (wild) {
+      append_subnet_routes(ct, cg->srcstr);
+      /* Explicit sources next to "*" keep their own entries. */
+      for (size_t i = 0; i < g->nsrc; i++) {
+        if (g->src[i].kind == AL_WILDCARD)
+          continue;
+        json_t *tmp = json_array();
+        ipset_append_strings(&cg->srcs[i], tmp);
+        size_t k;
+        json_t *v;
+        json_array_foreach(tmp, k, v) if (!json_str_in(cg->srcstr, json_string_value(v)))
+            json_array_append(cg->srcstr, v);
+        json_decref(tmp);
+      }
+    }
+  }
+  if (g->nvia) {
+    cg->via = true;
+    cg->via_pfx = tc_xcalloc(1, sizeof(struct ip_range));
+    for (size_t i = 0; i < g->ndst; i++) {
+      const struct alias *a = &g->dst[i];
+      if (a->kind == AL_AUTOGROUP && a->ag == AG_INTERNET) {
+        cg->via_internet = true;
+        continue;
+      }
+      if (a->kind == AL_AUTOGROUP && a->ag == AG_SELF)
+        continue;
+      struct ipset s;
+      ipset_init(&s);
+      resolve_alias(pol, ct, a, &s);
+      json_t *pf = json_array();
+      ipset_append_prefixes(&s, pf, false);
+      size_t k;
+      json_t *v;
+      json_array_foreach(pf, k, v) {
+        cg->via_pfx = tc_xrealloc(cg->via_pfx, (cg->nvia_pfx + 1) * sizeof(struct ip_range));
+        ip_parse_prefix(json_string_value(v), &cg->via_pfx[cg->nvia_pfx++], NULL);
+      }
+      json_decref(pf);
+      ipset_free(&s);
+    }
+    return;
+  }
+  for (size_t i = 0; i < g->ndst; i++)
+    cg->has_self |= g->dst[i].kind == AL_AUTOGROUP && g->dst[i].ag == AG_SELF;
+  /* Network rules for the non-self destinations. */
+  bool has_other = false;
+  for (size_t i = 0; i < g->ndst; i++)
+    has_other |= !(g->dst[i].kind == AL_AUTOGROUP && g->dst[i].ag == AG_SELF);
+  if (!has_other)
+    return;
+  struct ipset *dsets = tc_xcalloc(g->ndst, sizeof(struct ipset));
+  for (size_t i = 0; i < g->ndst; i++) {
+    ipset_init(&dsets[i]);
+    if (g->dst[i].kind != AL_WILDCARD && !(g->dst[i].kind == AL_AUTOGROUP && g->dst[i].ag == AG_SELF))
+      resolve_alias(pol, ct, &g->dst[i], &dsets[i]);
+  }
+  for (size_t p = 0; p < g->nip && cg->any_src; p++) {
+    struct rule r = {0};
+    r.proto = g->ip[p].proto;
+    for (size_t i = 0; i < g->ndst; i++) {
+      const struct alias *a = &g->dst[i];
+      if (a->kind == AL_AUTOGROUP && a->ag == AG_SELF)
+        continue;
+      if (a->kind == AL_WILDCARD) {
+        for (size_t k = 0; k < g->ip[p].nports; k++)
+          dport_add(&r, "*", NULL, true, g->ip[p].ports[k]);
+        continue;
+      }
+      json_t *pf = json_array();
+      ipset_append_prefixes(&dsets[i], pf, true);
+      size_t k;
+      json_t *v;
+      json_array_foreach(pf, k, v) {
+        struct ipset one;
+        ipset_init(&one);
+        add_src_string(&one, json_string_value(v), &(bool){false});
+        for (size_t q = 0; q < g->ip[p].nports; q++)
+          dport_add(&r, json_string_value(v), &one, false, g->ip[p].ports[q]);
+        ipset_free(&one);
+      }
+      json_decref(pf);
+    }
+    if (r.ndp) {
+      rule_set_src(&r, json_deep_copy(cg->srcstr));
+      cg->rules = tc_xrealloc(cg->rules, (cg->nrules + 1) * sizeof(*cg->rules));
+      cg->rules[cg->nrules++] = r;
+    } else {
+      rule_free(&r);
+    }
+  }
+  if (g->app) {
+    struct rule r = {0};
+    r.proto = -1;
+    rule_set_src(&r, json_deep_copy(cg->srcstr));
+    r.capgrant = json_array();
+    r.capdst = tc_xcalloc(g->ndst, sizeof(struct ipset));
+    json_t *dststrs = json_array();
+    bool dst_wild = false;
+    for (size_t i = 0; i < g->ndst; i++) {
+      const struct alias *a = &g->dst[i];
+      if (a->kind == AL_AUTOGROUP && a->ag == AG_SELF)
+        continue;
+      struct ipset s;
+      ipset_init(&s);
+      resolve_alias(pol, ct, a, &s);
+      dst_wild |= a->kind == AL_WILDCARD;
+      json_t *pf = json_array();
+      ipset_append_prefixes(&s, pf, false);
+      json_array_append_new(r.capgrant, json_pack("{s:o,s:O}", "Dsts", pf, "CapMap", g->app));
+      ipset_append_strings(&s, dststrs);
+      r.capdst[r.ncap++] = s;
+    }
+    cg->rules = tc_xrealloc(cg->rules, (cg->nrules + 3) * sizeof(*cg->rules));
+    cg->rules[cg->nrules++] = r;
+    if (dst_wild)
+      append_subnet_routes(ct, dststrs);
+    /* Companion capabilities flow the other way: from destinations to sources. */
+    static const char *companions[][2] = {{"tailscale.com/cap/drive", "tailscale.com/cap/drive-sharer"},
+                                          {"tailscale.com/cap/relay", "tailscale.com/cap/relay-target"}};
+    for (size_t ci = 0; ci < TC_ARRAY_LEN(companions); ci++) {
+      if (!json_object_get(g->app, companions[ci][0]))
+        continue;
+      struct rule cr = {0};
+      cr.proto = -1;
+      rule_set_src(&cr, json_deep_copy(dststrs));
+      cr.capgrant = json_array();
+      cr.capdst = tc_xcalloc(1, sizeof(struct ipset));
+      ipset_init(&cr.capdst[0]);
+      for (size_t i = 0; i < g->nsrc; i++)
+        ipset_add_set(&cr.capdst[0], &cg->srcs[i]);
+      ipset_norm(&cr.capdst[0]);
+      cr.ncap = 1;
+      json_t *pf = json_array();
+      ipset_append_prefixes(&cr.capdst[0], pf, false);
+      json_array_append_new(cr.capgrant,
+                            json_pack("{s:o,s:{s:n}}", "Dsts", pf, "CapMap", companions[ci][1]));
+      cg->rules[cg->nrules++] = cr;
+    }
+    json_decref(dststrs);
+  }
+  for (size_t i = 0; i < g->ndst; i++)
+    ipset_free(&dsets[i]);
+  free(dsets);
+}
+
+static void cgrant_free(struct cgrant *cg)
+{
+  ipset_free(&cg->src);
+  for (size_t i = 0; i < cg->nsrcs; i++)
+    ipset_free(&cg->srcs[i]);
+  free(cg->srcs);
+  json_decref(cg->srcstr);
+  for (size_t i = 0; i < cg->nrules; i++)
+    rule_free(&cg->rules[i]);
+  free(cg->rules);
+  free(cg->via_pfx);
+}
+
+/* ---- per node ------------------------------------------------------------------- */
+static bool dport_matches(const struct cnode *n, const struct dport *d, const struct ipset *internet)
+{
+  if (d->star)
+    return true;
+  if (node_in_set(n, &d->set))
+    return true;
+  for (size_t i = 0; i < n->nsubnets; i++)
+    if (ipset_overlaps(&d->set, n->subnets[i]))
+      return true;
+  if (node_is_exit(n)) {
+    bool sub = d->set.n > 0;
+    for (size_t i = 0; i < d->set.n && sub; i++)
+      sub = ipset_covers(internet, d->set.r[i]);
+    if (sub)
+      return true;
+  }
+  return false;
+}
+
+static json_t *ports_json(struct port_range pr)
+{
+  return json_pack("{s:i,s:i}", "First", (int)pr.first, "Last", (int)pr.last);
+}
+
+/* Builds a FilterRule JSON from a rule restricted to the node's entries;
+ * returns NULL when nothing applies. */
+static json_t *reduce_rule(const struct cnode *n, const struct rule *r, const struct ipset *internet)
+{
+  if (r->capgrant) {
+    json_t *cgs = json_array();
+    for (size_t i = 0; i < r->ncap; i++) {
+      const struct ipset *ds = &r->capdst[i];
+      struct ipset m;
+      ipset_init(&m);
+      /* Addresses of this node inside the destination, and subnet routes overlapping it. */
+      if (n->has4 && ipset_contains(ds, 0, n->a4))
+        ipset_add(&m, (struct ip_range){0, n->a4, n->a4});
+      if (n->has6 && ipset_contains(ds, 1, n->a6))
+        ipset_add(&m, (struct ip_range){1, n->a6, n->a6});
+      json_t *dsts = json_array();
+      ipset_norm(&m);
+      ipset_append_prefixes(&m, dsts, false);
+      json_t *orig = json_object_get(json_array_get(r->capgrant, i), "Dsts");
+      size_t k;
+      json_t *v;
+      json_array_foreach(orig, k, v) {
+        struct ip_range pr;
+        ip_parse_prefix(json_string_value(v), &pr, NULL);
+        for (size_t s = 0; s < n->nsubnets; s++)
+          if (ip_range_overlaps(pr, n->subnets[s]) && !json_str_in(dsts, json_string_value(v)))
+            json_array_append(dsts, v);
+      }
+      ipset_free(&m);
+      if (json_array_size(dsts))
+        json_array_append_new(cgs, json_pack("{s:o,s:O}", "Dsts", dsts, "CapMap",
+                                             json_object_get(json_array_get(r->capgrant, i), "CapMap")));
+      else
+        json_decref(dsts);
+    }
+    if (!json_array_size(cgs)) {
+      json_decref(cgs);
+      return NULL;
+    }
+    return json_pack("{s:O,s:o}", "SrcIPs", r->src, "CapGrant", cgs);
+  }
+  json_t *dp = json_array();
+  for (size_t i = 0; i < r->ndp; i++)
+    if (dport_matches(n, &r->dp[i], internet))
+      json_array_append_new(dp, json_pack("{s:s,s:o}", "IP", r->dp[i].ip, "Ports", ports_json(r->dp[i].pr)));
+  if (!json_array_size(dp)) {
+    json_decref(dp);
+    return NULL;
+  }
+  json_t *o = json_pack("{s:O,s:o}", "SrcIPs", r->src, "DstPorts", dp);
+  if (r->proto >= 0)
+    json_object_set_new(o, "IPProto", json_pack("[i]", r->proto));
+  return o;
+}
+
+/* Rules with the same sources and protocol are merged (their ports joined),
+ * as the coordination service does. CapGrant rules are never merged. */
+static void merge_into(json_t *out, json_t *rule)
+{
+  if (!json_object_get(rule, "CapGrant")) {
+    size_t i;
+    json_t *o;
+    json_array_foreach(out, i, o) {
+      if (json_object_get(o, "CapGrant"))
+        continue;
+      if (json_equal(json_object_get(o, "SrcIPs"), json_object_get(rule, "SrcIPs")) &&
+          json_equal(json_object_get(o, "IPProto"), json_object_get(rule, "IPProto"))) {
+        json_array_extend(json_object_get(o, "DstPorts"), json_object_get(rule, "DstPorts"));
+        json_decref(rule);
+        return;
+      }
+    }
+  }
+  json_array_append_new(out, rule);
+}
+
+/* Per-node rules for autogroup:self destinations. */
+static void self_rules(const struct ctopo *ct, const struct cgrant *cg, const struct cnode *n, json_t *out,
+                       struct rule **extra, size_t *nextra)
+{
+  if (n->tagged || n->user < 0)
+    return;
+  const struct grant *g = cg->g;
+  struct ipset src;
+  ipset_init(&src);
+  for (size_t s = 0; s < cg->nsrcs; s++)
+    for (size_t i = 0; i < ct->nn; i++) {
+      const struct cnode *o = &ct->n[i];
+      if (!o->tagged && o->user == n->user && node_in_set(o, &cg->srcs[s]))
+        ipset_add_set(&src, &o->ips);
+    }
+  ipset_norm(&src);
+  if (ipset_empty(&src)) {
+    ipset_free(&src);
+    return;
+  }
+  json_t *srcstr = json_array();
+  ipset_append_strings(&src, srcstr);
+  char a[64];
+  for (size_t p = 0; p < g->nip; p++) {
+    json_t *dp = json_array();
+    /* Only this node's own addresses survive reduction. */
+    for (size_t k = 0; k < g->ip[p].nports; k++) {
+      if (n->has4) {
+        ip_format_addr(0, n->a4, a, sizeof(a));
+        json_array_append_new(dp, json_pack("{s:s,s:o}", "IP", a, "Ports", ports_json(g->ip[p].ports[k])));
+      }
+      if (n->has6) {
+        ip_format_addr(1, n->a6, a, sizeof(a));
+        json_array_append_new(dp, json_pack("{s:s,s:o}", "IP", a, "Ports", ports_json(g->ip[p].ports[k])));
+      }
+    }
+    if (!json_array_size(dp)) {
+      json_decref(dp);
+      continue;
+    }
+    json_t *o = json_pack("{s:O,s:o}", "SrcIPs", srcstr, "DstPorts", dp);
+    if (g->ip[p].proto >= 0)
+      json_object_set_new(o, "IPProto", json_pack("[i]", g->ip[p].proto));
+    merge_into(out, o);
+  }
+  if (g->app) {
+    json_t *dsts = json_array();
+    ipset_append_prefixes(&n->ips, dsts, false);
+    json_t *cgs = json_pack("[{s:o,s:O}]", "Dsts", dsts, "CapMap", g->app);
+    json_array_append_new(out, json_pack("{s:O,s:o}", "SrcIPs", srcstr, "CapGrant", cgs));
+  }
+  /* Keep a parsed copy for reachability (peers, tests). */
+  *extra = tc_xrealloc(*extra, (*nextra + 1) * sizeof(**extra));
+  struct rule *r = &(*extra)[(*nextra)++];
+  memset(r, 0, sizeof(*r));
+  r->proto = -1;
+  rule_set_src(r, json_incref(srcstr));
+  r->self = true;
+  json_decref(srcstr);
+  ipset_free(&src);
+}
+
+static void via_rules(const struct cgrant *cg, const struct cnode *n, const struct ipset *internet, json_t *out,
+                      struct rule **extra, size_t *nextra)
+{
+  const struct grant *g = cg->g;
+  bool match = false;
+  for (size_t i = 0; i < g->nvia && !match; i++)
+    match = node_has_tag(n, g->via[i]);
+  if (!match || !cg->srcstr || !json_array_size(cg->srcstr))
+    return;
+  json_t *pfx = json_array();
+  char t[160];
+  for (size_t i = 0; i < cg->nvia_pfx; i++) {
+    bool ov = false;
+    for (size_t s = 0; s < n->nsubnets && !ov; s++)
+      ov = ip_range_overlaps(cg->via_pfx[i], n->subnets[s]);
+    if (ov) {
+      ip_range_prefix(cg->via_pfx[i], t, sizeof(t));
+      json_array_append_new(pfx, json_string(t));
+    }
+  }
+  if (cg->via_internet && node_is_exit(n))
+    ipset_append_prefixes(internet, pfx, false);
+  if (!json_array_size(pfx)) {
+    json_decref(pfx);
+    return;
+  }
+  for (size_t p = 0; p < g->nip; p++) {
+    json_t *dp = json_array();
+    size_t k;
+    json_t *v;
+    json_array_foreach(pfx, k, v) for (size_t q = 0; q < g->ip[p].nports; q++)
+        json_array_append_new(dp, json_pack("{s:O,s:o}", "IP", v, "Ports", ports_json(g->ip[p].ports[q])));
+    json_t *o = json_pack("{s:O,s:o}", "SrcIPs", cg->srcstr, "DstPorts", dp);
+    if (g->ip[p].proto >= 0)
+      json_object_set_new(o, "IPProto", json_pack("[i]", g->ip[p].proto));
+    merge_into(out, o);
+  }
+  json_decref(pfx);
+  *extra = tc_xrealloc(*extra, (*nextra + 1) * sizeof(**extra));
+  struct rule *r = &(*extra)[(*nextra)++];
+  memset(r, 0, sizeof(*r));
+  r->proto = -1;
+  rule_set_src(r, json_incref(cg->srcstr));
+}
+
+/* ---- SSH --------------------------------------------------------------------------- */
+static json_t *principals_of(const struct ctopo *ct, const struct ipset *src, int only_user, bool users,
+                             bool tagged)
+{
+  json_t *arr = json_array();
+  char a[64];
+  if (users) {
+    /* Grouped by user, ascending user id. */
+    int *order = tc_xcalloc(ct->t->nusers + 1, sizeof(int));
+    for (size_t i = 0; i < ct->t->nusers; i++)
+      order[i] = (int)i;
+    for (size_t i = 1; i < ct->t->nusers; i++)
+      for (size_t j = i; j > 0 && ct->t->users[order[j - 1]].id > ct->t->users[order[j]].id; j--) {
+        int tmp = order[j];
+        order[j] = order[j - 1];
+        order[j - 1] = tmp;
+      }
+    for (size_t ui = 0; ui < ct->t->nusers; ui++) {
+      int u = order[ui];
+      if (only_user >= 0 && u != only_user)
+        continue;
+      struct ipset s;
+      ipset_init(&s);
+      for (size_t i = 0; i < ct->nn; i++)
+        if (!ct->n[i].tagged && ct->n[i].user == u && node_in_set(&ct->n[i], src))
+          ipset_add_set(&s, &ct->n[i].ips);
+      ipset_norm(&s);
+      for (size_t r = 0; r < s.n; r++)
+        for (tc_u128 x = s.r[r].lo;; x++) {
+          ip_format_addr(s.r[r].v6, x, a, sizeof(a));
+          json_array_append_new(arr, json_pack("{s:s}", "nodeIP", a));
+          if (x == s.r[r].hi)
+            break;
+        }
+      ipset_free(&s);
+    }
+    free(order);
+  }
+  if (tagged) {
+    for (size_t i = 0; i < ct->nn; i++) {
+      const struct cnode *n = &ct->n[i];
+      if (!n->tagged || !node_in_set(n, src))
+        continue;
+      for (size_t t = 0; t < n->src->ntags; t++) {
+        if (n->has4) {
+          ip_format_addr(0, n->a4, a, sizeof(a));
+          json_array_append_new(arr, json_pack("{s:s}", "nodeIP", a));
+        }
+        if (n->has6) {
+          ip_format_addr(1, n->a6, a, sizeof(a));
+          json_array_append_new(arr, json_pack("{s:s}", "nodeIP", a));
+        }
+      }
+    }
+  }
+  return arr;
+}
+
+json_t *ssh_for_node(const struct tc_policy *pol, const struct ctopo *ct, const struct cnode *n)
+{
+  const char *base = ct->t->control_url ? ct->t->control_url : "https://unused";
+  json_t *check_rules = json_array(), *accept_rules = json_array();
+  for (size_t ri = 0; ri < pol->nssh; ri++) {
+    const struct ssh_rule *sr = &pol->ssh[ri];
+    struct ipset src;
+    ipset_init(&src);
+    for (size_t i = 0; i < sr->nsrc; i++)
+      resolve_alias(pol, ct, &sr->src[i], &src);
+    ipset_norm(&src);
+    if (ipset_empty(&src)) {
+      ipset_free(&src);
+      continue;
+    }
+    json_t *action;
+    if (sr->check) {
+      char *url = tc_xasprintf("%s/machine/ssh/action/$SRC_NODE_ID/to/$DST_NODE_ID?local_user=$LOCAL_USER", base);
+      action = json_pack("{s:s}", "holdAndDelegate", url);
+      free(url);
+    } else {
+      action = json_pack("{s:b,s:b,s:b,s:b}", "accept", 1, "allowAgentForwarding", 1, "allowLocalPortForwarding", 1,
+                         "allowRemotePortForwarding", 1);
+    }
+    json_t *umap = json_object();
+    bool root = false, nonroot = false;
+    const char *lp_domain = NULL;
+    for (size_t i = 0; i < sr->nusers; i++) {
+      const char *u = sr->users[i];
+      if (!strcmp(u, "root"))
+        root = true;
+      else if (!strcmp(u, "autogroup:nonroot"))
+        nonroot = true;
+      else if (tc_str_has_prefix(u, "localpart:*@"))
+        lp_domain = u + 12;
+      else
+        json_object_set_new(umap, u, json_string(u));
+    }
+    if (nonroot)
+      json_object_set_new(umap, "*", json_string("="));
+    json_object_set_new(umap, "root", json_string(root ? "root" : ""));
+    json_t *target = sr->check ? check_rules : accept_rules;
+    bool self_dst = false, other = false;
+    struct ipset dst;
+    ipset_init(&dst);
+    for (size_t i = 0; i < sr->ndst; i++) {
+      if (sr->dst[i].kind == AL_AUTOGROUP && sr->dst[i].ag == AG_SELF) {
+        self_dst = true;
+      } else {
+        other = true;
+        resolve_alias(pol, ct, &sr->dst[i], &dst);
+      }
+    }
+    ipset_norm(&dst);
+#define EMIT(principals, uid)                                                                                \
+  do {                                                                                                       \
+    json_t *rule_ = json_pack("{s:o,s:O,s:O}", "principals", (principals), "sshUsers", umap, "action", action); \
+    if (sr->accept_env)                                                                                      \
+      json_object_set(rule_, "acceptEnv", sr->accept_env);                                                   \
+    json_array_append_new(target, rule_);                                                                    \
+    if (lp_domain && (uid) >= 0) {                                                                           \
+      const struct tc_policy_user *u_ = &ct->t->users[(uid)];                                                \
+      const char *at_ = u_->email ? strrchr(u_->email, '@') : NULL;                                          \
+      if (at_ && tc_strieq(at_ + 1, lp_domain)) {                                                            \
+        char *lp_ = tc_xstrndup(u_->email, (size_t)(at_ - u_->email));                                       \
+        json_t *r2_ = json_pack("{s:O,s:{s:s},s:O}", "principals", json_object_get(rule_, "principals"),     \
+                                "sshUsers", lp_, lp_, "action", action);                                     \
+        if (sr->accept_env)                                                                                  \
+          json_object_set(r2_, "acceptEnv", sr->accept_env);                                                 \
+        json_array_append_new(target, r2_);                                                                  \
+        free(lp_);                                                                                           \
+      }                                                                                                      \
+    }                                                                                                        \
+  } while (0)
+    if (self_dst && !n->tagged && n->user >= 0) {
+      json_t *pr = principals_of(ct, &src, n->user, true, false);
+      if (json_array_size(pr))
+        EMIT(pr, n->user);
+      else
+        json_decref(pr);
+    }
+    if (other && node_in_set(n, &dst)) {
+      if (lp_domain) {
+        for (size_t ui = 0; ui < ct->t->nusers; ui++) {
+          json_t *pr = principals_of(ct, &src, (int)ui, true, false);
+          if (json_array_size(pr))
+            EMIT(pr, (int)ui);
+          else
+            json_decref(pr);
+        }
+        json_t *pr = principals_of(ct, &src, -1, false, true);
+        if (json_array_size(pr))
+          EMIT(pr, -1);
+        else
+          json_decref(pr);
+      } else {
+        json_t *pr = principals_of(ct, &src, -1, true, true);
+        if (json_array_size(pr))
+          EMIT(pr, -1);
+        else
+          json_decref(pr);
+      }
+    } else if (other && lp_domain && node_in_set(n, &src)) {
+      json_t *pr = n->tagged ? principals_of(ct, &n->ips, -1, false, false) : principals_of(ct, &src, n->user, true, false);
+      if (n->tagged) {
+        char a[64];
+        if (n->has4) {
+          ip_format_addr(0, n->a4, a, sizeof(a));
+          json_array_append_new(pr, json_pack("{s:s}", "nodeIP", a));
+        }
+        if (n->has6) {
+          ip_format_addr(1, n->a6, a, sizeof(a));
+          json_array_append_new(pr, json_pack("{s:s}", "nodeIP", a));
+        }
+      }
+      if (json_array_size(pr))
+        EMIT(pr, n->tagged ? -1 : n->user);
+      else
+        json_decref(pr);
+    }
+#undef EMIT
+    ipset_free(&dst);
+    ipset_free(&src);
+    json_decref(umap);
+    json_decref(action);
+  }
+  json_array_extend(check_rules, accept_rules);
+  json_decref(accept_rules);
+  return json_pack("{s:o}", "rules", check_rules);
+}
+
+/* ---- node attributes --------------------------------------------------------------- */
+static json_t *capmap_for_node(const struct tc_policy *pol, const struct ctopo *ct, const struct cnode *n)
+{
+  json_t *m = json_object();
+  if (pol->randomize_client_port)
+    json_object_set_new(m, "randomize-client-port", json_null());
+  for (size_t i = 0; i < pol->nnattrs; i++) {
+    const struct node_attr *na = &pol->nattrs[i];
+    if (!na->nattrs)
+      continue;
+    struct ipset s;
+    ipset_init(&s);
+    for (size_t t = 0; t < na->ntarget; t++)
+      resolve_alias(pol, ct, &na->target[t], &s);
+    ipset_norm(&s);
+    if (node_in_set(n, &s))
+      for (size_t a = 0; a < na->nattrs; a++)
+        if (!json_object_get(m, na->attrs[a]))
+          json_object_set_new(m, na->attrs[a], json_null());
+    ipset_free(&s);
+  }
+  return m;
+}
+
+/* ---- auto approvers ---------------------------------------------------------------- */
+static bool approver_matches(const struct tc_policy *pol, const struct ctopo *ct, const struct cnode *n,
+                             const char *ap)
+{
+  if (tc_str_has_prefix(ap, "tag:"))
+    return node_has_tag(n, ap);
+  if (n->tagged)
+    return false;
+  if (tc_str_has_prefix(ap, "group:")) {
+    const struct name_list *g = group_of(pol, ap);
+    for (size_t i = 0; g && i < g->n; i++)
+      if (n->user >= 0 && find_user(ct, g->items[i]) == n->user)
+        return true;
+    return false;
+  }
+  return n->user >= 0 && find_user(ct, ap) == n->user;
+}
+
+static json_t *auto_approve_node(const struct tc_policy *pol, const struct ctopo *ct, const struct cnode *n)
+{
+  json_t *out = json_array();
+  for (size_t i = 0; i < n->src->nannounced; i++) {
+    struct ip_range r;
+    if (ip_parse_prefix(n->src->announced[i], &r, NULL))
+      continue;
+    bool ok = false;
+    if (ip_range_is_exit(r)) {
+      for (size_t a = 0; a < pol->nexit && !ok; a++)
+        ok = approver_matches(pol, ct, n, pol->exit_approvers[a]);
+    } else {
+      for (size_t k = 0; k < pol->nroutes && !ok; k++) {
+        const struct auto_route *ar = &pol->routes[k];
+        /* An approver of a prefix approves it and everything inside it. */
+        if (ar->pfx.v6 != r.v6 || r.lo < ar->pfx.lo || r.hi > ar->pfx.hi)
+          continue;
+        for (size_t a = 0; a < ar->n && !ok; a++)
+          ok = approver_matches(pol, ct, n, ar->approvers[a]);
+      }
+    }
+    if (ok)
+      json_array_append_new(out, json_string(n->src->announced[i]));
+  }
+  return out;
+}
+
+json_t *tc_policy_auto_approve(const struct tc_policy *pol, const struct tc_policy_topo *topo,
+                               const struct tc_policy_node *node)
+{
+  struct ctopo ct;
+  if (ctopo_build(topo, &ct, NULL))
+    return json_array();
+  json_t *out = json_array();
+  for (size_t i = 0; i < ct.nn; i++)
+    if (ct.n[i].src == node || ct.n[i].id == node->id) {
+      json_decref(out);
+      out = auto_approve_node(pol, &ct, &ct.n[i]);
+      break;
+    }
+  ctopo_free(&ct);
+  return out;
+}
+
+/* ---- driver --------------------------------------------------------------------------- */
+struct compiled {
+  struct cgrant *cg;
+  size_t ncg;
+  struct ipset internet;
+};
+
+struct compiled *compiled_build(const struct tc_policy *pol, const struct ctopo *ct)
+{
+  struct compiled *cp = tc_xcalloc(1, sizeof(*cp));
+  ipset_init(&cp->internet);
+  the_internet(&cp->internet);
+  cp->cg = tc_xcalloc(pol->ngrants + 1, sizeof(*cp->cg));
+  for (size_t i = 0; i < pol->ngrants; i++)
+    compile_grant(pol, ct, &pol->grants[i], &cp->cg[cp->ncg++]);
+  return cp;
+}
+
+void compiled_free(struct compiled *cp)
+{
+  if (!cp)
+    return;
+  for (size_t i = 0; i < cp->ncg; i++)
+    cgrant_free(&cp->cg[i]);
+  free(cp->cg);
+  ipset_free(&cp->internet);
+  free(cp);
+}
+
+/* Whether the global rules let src (a prefix) reach any of dst on one of the
+ * requested ports with one of the protocols (the policy tests' semantics). */
+bool compiled_reach(const struct compiled *cp, const struct tc_policy *pol, struct ip_range src,
+                    const struct ipset *dst, const struct port_range *ports, size_t nports, const int *protos,
+                    size_t nprotos)
+{
+  if (!pol->has_acls_or_grants)
+    return true;
+  for (size_t g = 0; g < cp->ncg; g++) {
+    const struct cgrant *cg = &cp->cg[g];
+    for (size_t r = 0; r < cg->nrules; r++) {
+      const struct rule *ru = &cg->rules[r];
+      if (ru->capgrant)
+        continue;
+      if (!ru->src_all && !ipset_overlaps(&ru->srcset, src))
+        continue;
+      if (ru->proto >= 0) {
+        bool pm = false;
+        for (size_t k = 0; k < nprotos; k++)
+          pm |= protos[k] == ru->proto;
+        if (!pm)
+          continue;
+      }
+      for (size_t d = 0; d < ru->ndp; d++) {
+        const struct dport *dp = &ru->dp[d];
+        bool hit = dp->star;
+        for (size_t k = 0; !hit && k < dst->n; k++)
+          hit = ipset_overlaps(&dp->set, dst->r[k]);
+        if (!hit)
+          continue;
+        if (!nports)
+          return true;
+        for (size_t k = 0; k < nports; k++)
+          if (ports[k].first >= dp->pr.first && ports[k].last <= dp->pr.last)
+            return true;
+      }
+    }
+  }
+  return false;
+}
+
+/* Parsed per-node reachability: the sources of every rule in the node's filter. */
+struct reach {
+  struct ipset src;
+  bool all;
+};
+
+static void build_reach(json_t *filter, struct reach *r)
+{
+  ipset_init(&r->src);
+  r->all = false;
+  size_t i, k;
+  json_t *o, *v;
+  json_array_foreach(filter, i, o) {
+    if (!json_object_get(o, "DstPorts"))
+      continue;
+    json_array_foreach(json_object_get(o, "SrcIPs"), k, v) add_src_string(&r->src, json_string_value(v), &r->all);
+  }
+  ipset_norm(&r->src);
+}
+
+static bool reach_from(const struct reach *r, const struct cnode *a)
+{
+  if (r->all)
+    return true;
+  if (node_in_set(a, &r->src))
+    return true;
+  for (size_t i = 0; i < a->nsubnets; i++)
+    if (ipset_overlaps(&r->src, a->subnets[i]))
+      return true;
+  return false;
+}
+
+static json_t *node_filter(const struct tc_policy *pol, const struct ctopo *ct, const struct compiled *cp,
+                           const struct cnode *n)
+{
+  if (!pol->has_acls_or_grants)
+    return json_pack("[{s:[s],s:[{s:s,s:{s:i,s:i}}]}]", "SrcIPs", "*", "DstPorts", "IP", "*", "Ports", "First", 0,
+                     "Last", 65535);
+  json_t *out = json_array();
+  struct rule *extra = NULL;
+  size_t nextra = 0;
+  for (size_t i = 0; i < cp->ncg; i++) {
+    const struct cgrant *cg = &cp->cg[i];
+    for (size_t r = 0; r < cg->nrules; r++) {
+      json_t *o = reduce_rule(n, &cg->rules[r], &cp->internet);
+      if (o)
+        merge_into(out, o);
+    }
+    if (cg->has_self)
+      self_rules(ct, cg, n, out, &extra, &nextra);
+    if (cg->via)
+      via_rules(cg, n, &cp->internet, out, &extra, &nextra);
+  }
+  for (size_t i = 0; i < nextra; i++)
+    rule_free(&extra[i]);
+  free(extra);
+  return out;
+}
+
+/* Primary route election: among nodes serving the same approved subnet route,
+ * the one with the lowest id is primary. */
+static bool is_primary(const struct ctopo *ct, const struct cnode *n, struct ip_range r)
+{
+  for (size_t i = 0; i < ct->nn; i++) {
+    const struct cnode *o = &ct->n[i];
+    if (o == n || o->id >= n->id)
+      continue;
+    for (size_t j = 0; j < o->nsubnets; j++)
+      if (o->subnets[j].v6 == r.v6 && o->subnets[j].lo == r.lo && o->subnets[j].hi == r.hi)
+        return false;
+  }
+  return true;
+}
+
+static json_t *allowed_ips(const struct ctopo *ct, const struct cnode *n, json_t **primary)
+{
+  json_t *a = json_array();
+  char t[160];
+  *primary = json_array();
+  if (n->has4) {
+    ip_format_addr(0, n->a4, t, sizeof(t));
+    json_array_append_new(a, json_sprintf("%s/32", t));
+  }
+  if (n->has6) {
+    ip_format_addr(1, n->a6, t, sizeof(t));
+    json_array_append_new(a, json_sprintf("%s/128", t));
+  }
+  for (size_t i = 0; i < n->nsubnets; i++) {
+    if (!is_primary(ct, n, n->subnets[i]))
+      continue;
+    ip_range_prefix(n->subnets[i], t, sizeof(t));
+    json_array_append_new(a, json_string(t));
+    json_array_append_new(*primary, json_string(t));
+  }
+  if (n->exit4)
+    json_array_append_new(a, json_string("0.0.0.0/0"));
+  if (n->exit6)
+    json_array_append_new(a, json_string("::/0"));
+  return a;
+}
+
+/* Identity key: nodes with equal keys get the same rule selection shape. */
+static char *identity_key(const struct cnode *n)
+{
+  struct tc_buf b = TC_BUF_INIT;
+  tc_buf_printf(&b, "u%d|", n->tagged ? -1 : n->user);
+  for (size_t i = 0; i < n->src->ntags; i++)
+    tc_buf_printf(&b, "%s,", n->src->tags[i]);
+  tc_buf_putc(&b, '|');
+  char t[160];
+  for (size_t i = 0; i < n->nsubnets; i++) {
+    ip_range_prefix(n->subnets[i], t, sizeof(t));
+    tc_buf_printf(&b, "%s,", t);
+  }
+  tc_buf_printf(&b, "|%d%d", n->exit4, n->exit6);
+  return tc_buf_steal(&b, NULL);
+}
+
+int tc_policy_compile(const struct tc_policy *pol, const struct tc_policy_topo *topo, struct tc_policy_result **out,
+                      struct tc_policy_err *err)
+{
+  *out = NULL;
+  struct ctopo ct;
+  int rc = ctopo_build(topo, &ct, err);
+  if (rc)
+    return rc;
+  struct compiled cp = {0};
+  ipset_init(&cp.internet);
+  the_internet(&cp.internet);
+  cp.cg = tc_xcalloc(pol->ngrants + 1, sizeof(*cp.cg));
+  for (size_t i = 0; i < pol->ngrants; i++)
+    compile_grant(pol, &ct, &pol->grants[i], &cp.cg[cp.ncg++]);
+
+  struct tc_policy_result *res = tc_xcalloc(1, sizeof(*res));
+  res->nnodes = ct.nn;
+  res->nodes = tc_xcalloc(ct.nn + 1, sizeof(*res->nodes));
+  struct reach *reach = tc_xcalloc(ct.nn + 1, sizeof(*reach));
+  char **keys = tc_xcalloc(ct.nn + 1, sizeof(char *));
+  for (size_t i = 0; i < ct.nn; i++) {
+    keys[i] = identity_key(&ct.n[i]);
+    bool seen = false;
+    for (size_t j = 0; j < i && !seen; j++)
+      seen = !strcmp(keys[i], keys[j]);
+    if (!seen)
+      res->ngroups++;
+  }
+  for (size_t i = 0; i < ct.nn; i++) {
+    const struct cnode *n = &ct.n[i];
+    struct tc_policy_node_result *nr = &res->nodes[i];
+    nr->node_id = n->id;
+    nr->packet_filter = node_filter(pol, &ct, &cp, n);
+    build_reach(nr->packet_filter, &reach[i]);
+    if (!pol->has_acls_or_grants)
+      reach[i].all = true;
+    nr->ssh_policy = pol->has_ssh ? ssh_for_node(pol, &ct, n) : NULL;
+    nr->cap_map = capmap_for_node(pol, &ct, n);
+    nr->self_allowed_ips = json_array();
+    ipset_append_prefixes(&n->ips, nr->self_allowed_ips, false);
+    json_t *prim;
+    json_decref(allowed_ips(&ct, n, &prim));
+    nr->primary_routes = prim;
+    nr->auto_approved = auto_approve_node(pol, &ct, n);
+  }
+  /* A sees B when either may reach the other. */
+  for (size_t i = 0; i < ct.nn; i++) {
+    struct tc_policy_node_result *nr = &res->nodes[i];
+    nr->peer_ids = tc_xcalloc(ct.nn + 1, sizeof(int64_t));
+    nr->peer_allowed_ips = tc_xcalloc(ct.nn + 1, sizeof(json_t *));
+    for (size_t j = 0; j < ct.nn; j++) {
+      if (i == j)
+        continue;
+      if (!reach_from(&reach[j], &ct.n[i]) && !reach_from(&reach[i], &ct.n[j]))
+        continue;
+      json_t *prim;
+      nr->peer_ids[nr->npeers] = ct.n[j].id;
+      nr->peer_allowed_ips[nr->npeers] = allowed_ips(&ct, &ct.n[j], &prim);
+      json_decref(prim);
+      nr->npeers++;
+    }
+  }
+  for (size_t i = 0; i < ct.nn; i++) {
+    ipset_free(&reach[i].src);
+    free(keys[i]);
+  }
+  free(reach);
+  free(keys);
+  for (size_t i = 0; i < cp.ncg; i++)
+    cgrant_free(&cp.cg[i]);
+  free(cp.cg);
+  ipset_free(&cp.internet);
+  ctopo_free(&ct);
+  *out = res;
+  return 0;
+}
+
+void tc_policy_result_free(struct tc_policy_result *res)
+{
+  if (!res)
+    return;
+  for (size_t i = 0; i < res->nnodes; i++) {
+    struct tc_policy_node_result *nr = &res->nodes[i];
+    json_decref(nr->packet_filter);
+    for (size_t j = 0; j < nr->npeers; j++)
+      json_decref(nr->peer_allowed_ips[j]);
+    free(nr->peer_allowed_ips);
+    free(nr->peer_ids);
+    json_decref(nr->ssh_policy);
+    json_decref(nr->cap_map);
+    json_decref(nr->self_allowed_ips);
+    json_decref(nr->primary_routes);
+    json_decref(nr->auto_approved);
+  }
+  free(res->nodes);
+  free(res);
+}
+
+const struct tc_policy_node_result *tc_policy_result_node(const struct tc_policy_result *res, int64_t id)
+{
+  for (size_t i = 0; res && i < res->nnodes; i++)
+    if (res->nodes[i].node_id == id)
+      return &res->nodes[i];
+  return NULL;
+}

@@ -1,0 +1,306 @@
+/* Address sets as sorted disjoint ranges over 128-bit integers (IPv4 kept
+ * in its own family), with the text forms Tailscale uses in filters:
+ * bare addresses, CIDR prefixes, and "a-b" ranges. Pure; any thread. */
+#include <arpa/inet.h>
+#include <string.h>
+
+#include "policy/policy_int.h"
+
+void ipset_init(struct ipset *s) { memset(s, 0, sizeof(*s)); }
+
+void ipset_free(struct ipset *s)
+{
+  free(s->r);
+  memset(s, 0, sizeof(*s));
+}
+
+void ipset_add(struct ipset *s, struct ip_range r)
+{
+  if (s->n == s->cap) {
+    s->cap = s->cap ? s->cap * 2 : 4;
+    s->r = tc_xrealloc(s->r, s->cap * sizeof(*s->r));
+  }
+  s->r[s->n++] = r;
+}
+
+void ipset_add_set(struct ipset *s, const struct ipset *o)
+{
+  for (size_t i = 0; i < o->n; i++)
+    ipset_add(s, o->r[i]);
+}
+
+static int range_cmp(const void *a, const void *b)
+{
+  const struct ip_range *x = a, *y = b;
+  if (x->v6 != y->v6)
+    return x->v6 < y->v6 ? -1 : 1;
+  if (x->lo != y->lo)
+    return x->lo < y->lo ? -1 : 1;
+  if (x->hi != y->hi)
+    return x->hi < y->hi ? -1 : 1;
+  return 0;
+}
+
+void ipset_norm(struct ipset *s)
+{
+  if (s->n < 2)
+    return;
+  qsort(s->r, s->n, sizeof(*s->r), range_cmp);
+  size_t w = 0;
+  for (size_t i = 1; i < s->n; i++) {
+    struct ip_range *c = &s->r[w];
+    struct ip_range *x = &s->r[i];
+    if (x->v6 == c->v6 && (x->lo <= c->hi || x->lo == c->hi + 1)) {
+      if (x->hi > c->hi)
+        c->hi = x->hi;
+    } else {
+      s->r[++w] = *x;
+    }
+  }
+  s->n = w + 1;
+}
+
+void ipset_remove(struct ipset *s, struct ip_range r)
+{
+  struct ipset out;
+  ipset_init(&out);
+  for (size_t i = 0; i < s->n; i++) {
+    struct ip_range c = s->r[i];
+    if (c.v6 != r.v6 || c.hi < r.lo || c.lo > r.hi) {
+      ipset_add(&out, c);
+      continue;
+    }
+    if (c.lo < r.lo)
+      ipset_add(&out, (struct ip_range){c.v6, c.lo, r.lo - 1});
+    if (c.hi > r.hi)
+      ipset_add(&out, (struct ip_range){c.v6, r.hi + 1, c.hi});
+  }
+  free(s->r);
+  *s = out;
+}
+
+bool ipset_contains(const struct ipset *s, uint8_t v6, tc_u128 a)
+{
+  for (size_t i = 0; i < s->n; i++)
+    if (s->r[i].v6 == v6 && s->r[i].lo <= a && a <= s->r[i].hi)
+      return true;
+  return false;
+}
+
+bool ip_range_overlaps(struct ip_range a, struct ip_range b)
+{
+  return a.v6 == b.v6 && a.lo <= b.hi && b.lo <= a.hi;
+}
+
+bool ipset_overlaps(const struct ipset *s, struct ip_range r)
+{
+  for (size_t i = 0; i < s->n; i++)
+    if (ip_range_overlaps(s->r[i], r))
+      return true;
+  return false;
+}
+
+bool ipset_covers(const struct ipset *s, struct ip_range r)
+{
+  for (size_t i = 0; i < s->n; i++)
+    if (s->r[i].v6 == r.v6 && s->r[i].lo <= r.lo && r.hi <= s->r[i].hi)
+      return true;
+  return false;
+}
+
+bool ipset_empty(const struct ipset *s) { return s->n == 0; }
+
+bool ipset_equal(const struct ipset *a, const struct ipset *b)
+{
+  if (a->n != b->n)
+    return false;
+  for (size_t i = 0; i < a->n; i++)
+    if (range_cmp(&a->r[i], &b->r[i]))
+      return false;
+  return true;
+}
+
+static int family_bits(uint8_t v6) { return v6 ? 128 : 32; }
+
+static tc_u128 host_mask(uint8_t v6, int bits)
+{
+  int hb = family_bits(v6) - bits;
+  if (hb <= 0)
+    return 0;
+  if (hb >= 128)
+    return ~(tc_u128)0;
+  return ((tc_u128)1 << hb) - 1;
+}
+
+int ip_parse_addr(const char *s, uint8_t *v6, tc_u128 *a)
+{
+  unsigned char b[16];
+  if (strchr(s, ':')) {
+    if (strchr(s, '%') || inet_pton(AF_INET6, s, b) != 1)
+      return -1;
+    tc_u128 x = 0;
+    for (int i = 0; i < 16; i++)
+      x = (x << 8) | b[i];
+    *v6 = 1;
+    *a = x;
+    return 0;
+  }
+  /* inet_pton accepts only dotted quads with no leading zeros issues handled by us. */
+  if (inet_pton(AF_INET, s, b) != 1)
+    return -1;
+  for (const char *p = s; *p; p++) {
+    if (*p == '0' && (p == s || p[-1] == '.') && p[1] >= '0' && p[1] <= '9')
+      return -1; /* Go rejects leading zeros */
+  }
+  *v6 = 0;
+  *a = ((tc_u128)b[0] << 24) | ((tc_u128)b[1] << 16) | ((tc_u128)b[2] << 8) | b[3];
+  return 0;
+}
+
+int ip_parse_prefix(const char *s, struct ip_range *out, int *bits_out)
+{
+  char buf[128];
+  size_t n = strlen(s);
+  if (n == 0 || n >= sizeof(buf))
+    return -1;
+  memcpy(buf, s, n + 1);
+  char *slash = strchr(buf, '/');
+  int bits = -1;
+  if (slash) {
+    *slash = 0;
+    const char *b = slash + 1;
+    if (!*b || strlen(b) > 3)
+      return -1;
+    bits = 0;
+    for (; *b; b++) {
+      if (*b < '0' || *b > '9')
+        return -1;
+      bits = bits * 10 + (*b - '0');
+    }
+    if (slash[1] == '0' && slash[2])
+      return -1;
+  }
+  uint8_t v6;
+  tc_u128 a;
+  if (ip_parse_addr(buf, &v6, &a))
+    return -1;
+  if (bits < 0)
+    bits = family_bits(v6);
+  if (bits > family_bits(v6))
+    return -1;
+  tc_u128 m = host_mask(v6, bits);
+  out->v6 = v6;
+  out->lo = a & ~m;
+  out->hi = out->lo | m;
+  if (!v6) {
+    out->lo &= 0xffffffffu;
+    out->hi &= 0xffffffffu;
+  }
+  if (bits_out)
+    *bits_out = bits;
+  return 0;
+}
+
+void ip_format_addr(uint8_t v6, tc_u128 a, char *out, size_t outsz)
+{
+  unsigned char b[16];
+  if (!v6) {
+    b[0] = (unsigned char)(a >> 24);
+    b[1] = (unsigned char)(a >> 16);
+    b[2] = (unsigned char)(a >> 8);
+    b[3] = (unsigned char)a;
+    inet_ntop(AF_INET, b, out, (socklen_t)outsz);
+    return;
+  }
+  for (int i = 15; i >= 0; i--) {
+    b[i] = (unsigned char)a;
+    a >>= 8;
+  }
+  inet_ntop(AF_INET6, b, out, (socklen_t)outsz);
+}
+
+/* Prefix length if [lo,hi] is exactly one prefix, else -1. */
+static int range_prefix_bits(struct ip_range r)
+{
+  tc_u128 size_m1 = r.hi - r.lo;
+  /* size must be a power of two and lo aligned to it */
+  tc_u128 size = size_m1 + 1;
+  int fb = family_bits(r.v6);
+  if (size == 0) /* whole v6 space */
+    return r.lo == 0 ? 0 : -1;
+  if (size & size_m1)
+    return -1;
+  if (r.lo & size_m1)
+    return -1;
+  int hb = 0;
+  while (((tc_u128)1 << hb) != size)
+    hb++;
+  return fb - hb;
+}
+
+bool ip_range_prefix(struct ip_range r, char *out, size_t outsz)
+{
+  int bits = range_prefix_bits(r);
+  if (bits < 0)
+    return false;
+  char a[64];
+  ip_format_addr(r.v6, r.lo, a, sizeof(a));
+  snprintf(out, outsz, "%s/%d", a, bits);
+  return true;
+}
+
+bool ip_range_is_exit(struct ip_range r)
+{
+  return r.lo == 0 && (r.v6 ? r.hi == ~(tc_u128)0 : r.hi == 0xffffffffu);
+}
+
+void ipset_append_strings(const struct ipset *s, json_t *arr)
+{
+  char a[64], b[64], t[160];
+  for (size_t i = 0; i < s->n; i++) {
+    struct ip_range r = s->r[i];
+    if (r.lo == r.hi) {
+      ip_format_addr(r.v6, r.lo, a, sizeof(a));
+      json_array_append_new(arr, json_string(a));
+    } else if (ip_range_prefix(r, t, sizeof(t))) {
+      json_array_append_new(arr, json_string(t));
+    } else {
+      ip_format_addr(r.v6, r.lo, a, sizeof(a));
+      ip_format_addr(r.v6, r.hi, b, sizeof(b));
+      snprintf(t, sizeof(t), "%s-%s", a, b);
+      json_array_append_new(arr, json_string(t));
+    }
+  }
+}
+
+void ipset_append_prefixes(const struct ipset *s, json_t *arr, bool bare_single)
+{
+  char t[160];
+  for (size_t i = 0; i < s->n; i++) {
+    struct ip_range r = s->r[i];
+    tc_u128 lo = r.lo;
+    int fb = family_bits(r.v6);
+    for (;;) {
+      /* largest aligned block starting at lo that fits in [lo, hi] */
+      int hb = 0;
+      while (hb < fb) {
+        tc_u128 sz = (tc_u128)1 << (hb + 1);
+        if (hb + 1 >= 128 || (lo & (sz - 1)) || lo + (sz - 1) > r.hi || lo + (sz - 1) < lo)
+          break;
+        hb++;
+      }
+      if (hb + 1 == 128 && lo == 0 && r.hi == ~(tc_u128)0)
+        hb = 128;
+      struct ip_range p = {r.v6, lo, hb >= 128 ? ~(tc_u128)0 : lo + (((tc_u128)1 << hb) - 1)};
+      if (bare_single && p.lo == p.hi) {
+        ip_format_addr(r.v6, p.lo, t, sizeof(t));
+      } else {
+        ip_range_prefix(p, t, sizeof(t));
+      }
+      json_array_append_new(arr, json_string(t));
+      if (p.hi >= r.hi)
+        break;
+      lo = p.hi + 1;
+    }
+  }
+}

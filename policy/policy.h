@@ -1,0 +1,141 @@
+/* policy: Tailscale's policy language (as Headscale 0.29 accepts it) —
+ * a HuJSON reader, parse + validate into an immutable tc_policy, and a
+ * compiler that turns a policy plus a topology (users and nodes, given by the
+ * caller) into what each node receives: packet filter, visible peers with
+ * their AllowedIPs, SSH policy, node capabilities, and the routes that
+ * autoApprovers approve.
+ *
+ * Pure library: no I/O, no globals, no knowledge of the model. The model
+ * calls it; it never calls the model. A parsed tc_policy is immutable, so any
+ * thread may compile or test against it concurrently; each call's result is
+ * owned by that caller.
+ *
+ * JSON values use jansson and follow its convention: functions returning
+ * json_t* hand the caller a new reference unless a comment says borrowed. */
+#ifndef TC_POLICY_H
+#define TC_POLICY_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <jansson.h>
+
+/* Where and why a policy was refused. line/col are 1-based positions in the
+ * policy text (0 when the error is not tied to a position, e.g. a failing
+ * test or a reference to an unknown user). */
+struct tc_policy_err {
+  int code; /* TC_E* (TC_EINVAL for a bad policy) */
+  int line, col;
+  char msg[512];
+};
+
+/* ---- HuJSON --------------------------------------------------------------- */
+/* Parses HuJSON (JSON plus // and block comments and trailing commas) into a
+ * jansson value. Returns a new reference, or NULL with err set (line:col of
+ * the problem). text need not be NUL-terminated. */
+json_t *tc_hujson_parse(const char *text, size_t len, struct tc_policy_err *err);
+/* Rewrites HuJSON into standard JSON of the same length: comments and
+ * trailing commas become spaces, newlines are kept so positions stay valid.
+ * Returns an owned NUL-terminated buffer, or NULL with err set (unterminated
+ * comment or string). */
+char *tc_hujson_standardize(const char *text, size_t len, struct tc_policy_err *err);
+
+/* ---- topology (input) ------------------------------------------------------ */
+struct tc_policy_user {
+  int64_t id;           /* > 0 */
+  const char *name;     /* login name, matched by "name@" */
+  const char *email;    /* may be NULL; matched by "email" */
+};
+
+struct tc_policy_node {
+  int64_t id;                /* > 0, unique */
+  const char *hostname;      /* given name */
+  int64_t user_id;           /* owner; ignored for identity when tagged */
+  const char *const *tags;   /* "tag:x"; ntags == 0 means user-owned */
+  size_t ntags;
+  const char *ipv4;          /* text, may be NULL */
+  const char *ipv6;          /* text, may be NULL */
+  const char *const *announced; /* advertised routes (Hostinfo.RoutableIPs), CIDR text */
+  size_t nannounced;
+  const char *const *approved;  /* approved routes, CIDR text */
+  size_t napproved;
+};
+
+/* Borrowed arrays; the compiler copies what it keeps. */
+struct tc_policy_topo {
+  const struct tc_policy_user *users;
+  size_t nusers;
+  const struct tc_policy_node *nodes;
+  size_t nnodes;
+  /* Base URL for SSH "check" actions (HoldAndDelegate); NULL = "https://unused". */
+  const char *control_url;
+};
+
+/* ---- policy ---------------------------------------------------------------- */
+struct tc_policy; /* opaque, immutable after parse */
+
+/* Parses and validates policy text. Empty text (or only whitespace and
+ * comments) is Headscale's "no policy": allow all, everyone sees everyone.
+ * On success *out is an owned policy (free with tc_policy_free). On failure
+ * returns TC_EINVAL with err saying where (line:col when known) and why.
+ * Does not run the policy's tests (see tc_policy_run_tests). */
+int tc_policy_parse(const char *text, size_t len, struct tc_policy **out, struct tc_policy_err *err);
+void tc_policy_free(struct tc_policy *pol);
+/* True when the policy is the empty allow-all policy. */
+bool tc_policy_is_allow_all(const struct tc_policy *pol);
+
+/* Canonical JSON of the policy (sections in a fixed order, comments dropped,
+ * aliases normalised) appended to buf as a NUL-terminated string; parsing it
+ * again gives an equal policy. Returns 0. buf is a struct tc_buf *. */
+struct tc_buf;
+int tc_policy_print(const struct tc_policy *pol, struct tc_buf *buf);
+
+/* ---- compile ---------------------------------------------------------------- */
+/* What one node receives. All json_t fields are owned by the result. */
+struct tc_policy_node_result {
+  int64_t node_id;
+  json_t *packet_filter; /* array of tailcfg.FilterRule (SrcIPs, DstPorts, IPProto, CapGrant) */
+  /* Peers this node may see, ascending by id, with the AllowedIPs it
+   * installs for each (addresses + primary subnet routes + exit routes). */
+  size_t npeers;
+  int64_t *peer_ids;
+  json_t **peer_allowed_ips; /* npeers arrays of prefix strings */
+  json_t *ssh_policy;        /* {"rules":[...]} tailcfg.SSHPolicy lowercase shape; NULL if no ssh section */
+  json_t *cap_map;           /* object: node capability -> array|null, from nodeAttrs (+ randomizeClientPort) */
+  json_t *self_allowed_ips;  /* array: own addresses */
+  json_t *primary_routes;    /* array: subnet routes this node is primary for */
+  json_t *auto_approved;     /* array: announced routes autoApprovers approve for this node */
+};
+
+struct tc_policy_result {
+  size_t nnodes; /* same order as topo->nodes */
+  struct tc_policy_node_result *nodes;
+  size_t ngroups; /* distinct identity groups the compiler computed (for tests/bench) */
+};
+
+/* Compiles pol against topo. *out is owned (tc_policy_result_free). Nodes
+ * the policy treats alike (same user, tags and routes) share the group-level
+ * work; only address-dependent parts are computed per node. Returns 0, or
+ * TC_EINVAL when the topology is malformed (bad address text). */
+int tc_policy_compile(const struct tc_policy *pol, const struct tc_policy_topo *topo,
+                      struct tc_policy_result **out, struct tc_policy_err *err);
+void tc_policy_result_free(struct tc_policy_result *res);
+/* Borrowed pointer to the result for node id, or NULL. */
+const struct tc_policy_node_result *tc_policy_result_node(const struct tc_policy_result *res, int64_t id);
+
+/* Routes in `announced` that autoApprovers approve for node (by its user,
+ * groups and tags). Returns a new JSON array of prefix strings. */
+json_t *tc_policy_auto_approve(const struct tc_policy *pol, const struct tc_policy_topo *topo,
+                               const struct tc_policy_node *node);
+
+/* ---- tests and the live editor ------------------------------------------------ */
+/* Runs the policy's `tests` and `sshTests` against topo. 0 when all pass;
+ * TC_EINVAL with err naming the first failing test otherwise. */
+int tc_policy_run_tests(const struct tc_policy *pol, const struct tc_policy_topo *topo,
+                        struct tc_policy_err *err);
+/* Parse + validate + run tests, for the GUI's live editor. 0 or TC_EINVAL. */
+int tc_policy_check(const char *text, size_t len, const struct tc_policy_topo *topo,
+                    struct tc_policy_err *err);
+
+#endif

@@ -1,0 +1,218 @@
+/* policy internals shared by the policy/ sources only: address sets, the
+ * parsed policy representation, and helpers. Not for other modules. */
+#ifndef TC_POLICY_INT_H
+#define TC_POLICY_INT_H
+
+#include "base/base.h"
+#include "policy/policy.h"
+
+typedef unsigned __int128 tc_u128;
+
+/* An inclusive address range within one family (v6 = 0: IPv4 in the low 32 bits). */
+struct ip_range {
+  uint8_t v6;
+  tc_u128 lo, hi;
+};
+
+/* A set of addresses: after ipset_norm, ranges are sorted (v4 first) and
+ * disjoint and non-adjacent. */
+struct ipset {
+  struct ip_range *r;
+  size_t n, cap;
+};
+
+void ipset_init(struct ipset *s);
+void ipset_free(struct ipset *s);
+void ipset_add(struct ipset *s, struct ip_range r);
+void ipset_add_set(struct ipset *s, const struct ipset *o);
+void ipset_norm(struct ipset *s);
+/* Removes r (s must be normalised; stays normalised). */
+void ipset_remove(struct ipset *s, struct ip_range r);
+bool ipset_contains(const struct ipset *s, uint8_t v6, tc_u128 a);
+bool ipset_overlaps(const struct ipset *s, struct ip_range r);
+/* r fully inside the set. */
+bool ipset_covers(const struct ipset *s, struct ip_range r);
+bool ipset_empty(const struct ipset *s);
+bool ipset_equal(const struct ipset *a, const struct ipset *b);
+/* Appends strings: single address, CIDR when the range is one prefix, "a-b" otherwise. */
+void ipset_append_strings(const struct ipset *s, json_t *arr);
+/* Appends the minimal CIDR decomposition, single addresses without /len when bare. */
+void ipset_append_prefixes(const struct ipset *s, json_t *arr, bool bare_single);
+
+/* Parses "a.b.c.d", "v6", or either with "/bits". Masks host bits. Returns 0 or -1.
+ * bits_out may be NULL; exact_out (may be NULL) says whether host bits were zero. */
+int ip_parse_prefix(const char *s, struct ip_range *out, int *bits_out);
+int ip_parse_addr(const char *s, uint8_t *v6, tc_u128 *a);
+void ip_format_addr(uint8_t v6, tc_u128 a, char *out, size_t outsz);
+/* Formats a range as prefix text if it is exactly one prefix (always with /len). */
+bool ip_range_prefix(struct ip_range r, char *out, size_t outsz);
+bool ip_range_overlaps(struct ip_range a, struct ip_range b);
+bool ip_range_is_exit(struct ip_range r);
+
+/* ---- parsed policy --------------------------------------------------------- */
+enum alias_kind { AL_WILDCARD, AL_USER, AL_GROUP, AL_TAG, AL_HOST, AL_PREFIX, AL_AUTOGROUP };
+enum autogroup { AG_INTERNET, AG_MEMBER, AG_TAGGED, AG_SELF, AG_DANGER_ALL, AG_NONROOT };
+
+struct alias {
+  int kind;
+  int ag;          /* for AL_AUTOGROUP */
+  char *s;         /* text as written (trimmed) */
+  struct ip_range pfx; /* for AL_PREFIX */
+};
+
+struct port_range {
+  uint16_t first, last;
+};
+
+struct dst_port {
+  struct alias a;
+  struct port_range *ports;
+  size_t nports;
+};
+
+struct proto_ports {
+  int proto; /* -1 = any (omit IPProto) */
+  struct port_range *ports;
+  size_t nports;
+};
+
+struct grant {
+  struct alias *src;
+  size_t nsrc;
+  struct alias *dst;
+  size_t ndst;
+  struct proto_ports *ip;
+  size_t nip;
+  json_t *app; /* object cap -> array, or NULL */
+  char **via;
+  size_t nvia;
+};
+
+struct ssh_rule {
+  bool check;
+  struct alias *src;
+  size_t nsrc;
+  struct alias *dst;
+  size_t ndst;
+  char **users;
+  size_t nusers;
+  json_t *accept_env; /* array or NULL */
+  int64_t check_period_ms; /* -1 unset, 0 always */
+};
+
+struct name_list {
+  char *name;
+  char **items;
+  size_t n;
+};
+
+struct node_attr {
+  struct alias *target;
+  size_t ntarget;
+  char **attrs;
+  size_t nattrs;
+  json_t *ippool;
+};
+
+struct auto_route {
+  struct ip_range pfx;
+  char *text;
+  char **approvers;
+  size_t n;
+};
+
+struct pol_test {
+  char *src;
+  char *proto; /* may be NULL */
+  char **accept;
+  size_t naccept;
+  char **deny;
+  size_t ndeny;
+};
+
+struct ssh_test {
+  char *src;
+  char **dst;
+  size_t ndst;
+  char **accept;
+  size_t naccept;
+  char **check;
+  size_t ncheck;
+  char **deny;
+  size_t ndeny;
+};
+
+struct tc_policy {
+  bool allow_all;
+  json_t *doc; /* the document as parsed (standard JSON) */
+  struct name_list *groups;
+  size_t ngroups;
+  struct name_list *tag_owners;
+  size_t ntag_owners;
+  struct { char *name; struct ip_range pfx; } *hosts;
+  size_t nhosts;
+  struct grant *grants; /* grants section first, then acls converted */
+  size_t ngrants;
+  bool has_acls_or_grants;
+  struct ssh_rule *ssh;
+  size_t nssh;
+  bool has_ssh;
+  struct node_attr *nattrs;
+  size_t nnattrs;
+  struct auto_route *routes;
+  size_t nroutes;
+  char **exit_approvers;
+  size_t nexit;
+  bool randomize_client_port;
+  struct pol_test *tests;
+  size_t ntests;
+  struct ssh_test *ssh_tests;
+  size_t nssh_tests;
+};
+
+/* Compiled topology view used by compile and tests. */
+struct cnode {
+  const struct tc_policy_node *src;
+  int64_t id;
+  int user; /* index into topo users, -1 none */
+  bool tagged;
+  bool has4, has6;
+  tc_u128 a4, a6;
+  struct ipset ips;    /* own addresses */
+  struct ip_range *subnets; /* approved+announced non-exit */
+  size_t nsubnets;
+  bool exit4, exit6;   /* approved+announced exit routes */
+};
+
+struct ctopo {
+  const struct tc_policy_topo *t;
+  struct cnode *n;
+  size_t nn;
+};
+
+int ctopo_build(const struct tc_policy_topo *t, struct ctopo *ct, struct tc_policy_err *err);
+void ctopo_free(struct ctopo *ct);
+/* Resolves an alias into addresses. self_user >= 0 restricts autogroup:self. */
+void resolve_alias(const struct tc_policy *pol, const struct ctopo *ct, const struct alias *a,
+                   struct ipset *out);
+int find_user(const struct ctopo *ct, const char *token);
+bool node_has_tag(const struct cnode *n, const char *tag);
+bool node_in_set(const struct cnode *n, const struct ipset *s);
+void the_internet(struct ipset *s);
+void wildcard_set(struct ipset *s);
+
+int parse_alias_text(const char *s, struct alias *a, char *why, size_t whysz);
+int tc_policy_err_at(struct tc_policy_err *err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+const char *proto_name(int p);
+int proto_parse(const char *s);
+
+struct compiled;
+struct compiled *compiled_build(const struct tc_policy *pol, const struct ctopo *ct);
+void compiled_free(struct compiled *cp);
+bool compiled_reach(const struct compiled *cp, const struct tc_policy *pol, struct ip_range src,
+                    const struct ipset *dst, const struct port_range *ports, size_t nports, const int *protos,
+                    size_t nprotos);
+json_t *ssh_for_node(const struct tc_policy *pol, const struct ctopo *ct, const struct cnode *n);
+int parse_ports_text(const char *s, struct port_range **out, size_t *n, char *why, size_t whysz);
+
+#endif

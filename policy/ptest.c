@@ -1,0 +1,275 @@
+/* The policy's own `tests` and `sshTests`: assertions a policy must satisfy
+ * before it is accepted, and the live editor's check. Semantics follow the
+ * coordination service: a test passes only if every source address reaches
+ * (accept) or fails to reach (deny) every destination. Pure; any thread. */
+#include <string.h>
+
+#include "policy/policy_int.h"
+
+static int resolve_text(const struct tc_policy *pol, const struct ctopo *ct, const char *s, struct ipset *out)
+{
+  struct alias a;
+  char why[300];
+  if (parse_alias_text(s, &a, why, sizeof(why))) {
+    free(a.s);
+    return -1;
+  }
+  resolve_alias(pol, ct, &a, out);
+  free(a.s);
+  return 0;
+}
+
+/* Decomposes a set into CIDR prefixes. */
+static void set_prefixes(const struct ipset *s, struct ip_range **out, size_t *n)
+{
+  json_t *arr = json_array();
+  ipset_append_prefixes(s, arr, false);
+  *n = json_array_size(arr);
+  *out = tc_xcalloc(*n + 1, sizeof(**out));
+  for (size_t i = 0; i < *n; i++)
+    ip_parse_prefix(json_string_value(json_array_get(arr, i)), &(*out)[i], NULL);
+  json_decref(arr);
+}
+
+static int run_acl_tests(const struct tc_policy *pol, const struct ctopo *ct, const struct compiled *cp,
+                         struct tc_policy_err *err)
+{
+  for (size_t ti = 0; ti < pol->ntests; ti++) {
+    const struct pol_test *t = &pol->tests[ti];
+    if (!t->naccept && !t->ndeny)
+      return tc_policy_err_at(err, "test(s) failed: tests[%zu]: test entry must have at least one of \"accept\" or "
+                                   "\"deny\"", ti);
+    int protos[4] = {6, 17, 1, 58};
+    size_t nprotos = 4;
+    if (t->proto && *t->proto) {
+      int p = proto_parse(t->proto);
+      if (p != 6 && p != 17 && p != 132)
+        return tc_policy_err_at(err, "test(s) failed: tests[%zu]: test protocol must be tcp, udp, sctp, or empty: "
+                                     "\"%s\"", ti, t->proto);
+      protos[0] = p;
+      nprotos = 1;
+    }
+    struct ipset src;
+    ipset_init(&src);
+    if (!*t->src || resolve_text(pol, ct, t->src, &src) || ipset_empty(&src)) {
+      ipset_free(&src);
+      return tc_policy_err_at(err, "test(s) failed: tests[%zu]: source \"%s\" resolved to no IP addresses", ti,
+                              t->src);
+    }
+    struct ip_range *sp;
+    size_t nsp;
+    set_prefixes(&src, &sp, &nsp);
+    ipset_free(&src);
+    for (int pass = 0; pass < 2; pass++) {
+      char **list = pass ? t->deny : t->accept;
+      size_t nl = pass ? t->ndeny : t->naccept;
+      for (size_t di = 0; di < nl; di++) {
+        const char *d = list[di];
+        const char *colon = strrchr(d, ':');
+        char *al = colon ? tc_xstrndup(d, (size_t)(colon - d)) : NULL;
+        struct port_range *ports = NULL;
+        size_t nports = 0;
+        char why[300];
+        struct ipset dst;
+        ipset_init(&dst);
+        int rc = 0;
+        struct alias a = {0};
+        if (!colon || parse_ports_text(colon + 1, &ports, &nports, why, sizeof(why)))
+          rc = tc_policy_err_at(err, "test(s) failed: tests[%zu]: bad destination \"%s\" (want host:port)", ti, d);
+        else if (nports != 1 || ports[0].first != ports[0].last)
+          rc = tc_policy_err_at(err, "test(s) failed: tests[%zu]: \"%s\": test destination port must be a single "
+                                     "port", ti, d);
+        else if (parse_alias_text(al, &a, why, sizeof(why)))
+          rc = tc_policy_err_at(err, "test(s) failed: tests[%zu]: \"%s\": %s", ti, d, why);
+        else if (a.kind == AL_PREFIX && a.pfx.lo != a.pfx.hi)
+          rc = tc_policy_err_at(err, "test(s) failed: tests[%zu]: \"%s\": test destination must be a single host, "
+                                     "not a CIDR range", ti, d);
+        else if (a.kind == AL_AUTOGROUP && a.ag == AG_INTERNET)
+          rc = tc_policy_err_at(err, "test(s) failed: tests[%zu]: autogroup:internet not valid as a test "
+                                     "destination", ti);
+        else {
+          resolve_alias(pol, ct, &a, &dst);
+          if (ipset_empty(&dst))
+            rc = tc_policy_err_at(err, "test(s) failed: tests[%zu]: destination \"%s\" resolved to no IP addresses",
+                                  ti, d);
+        }
+        bool allowed = true;
+        for (size_t k = 0; !rc && k < nsp && allowed; k++)
+          allowed = compiled_reach(cp, pol, sp[k], &dst, ports, nports, protos, nprotos);
+        if (!rc && allowed != (pass == 0))
+          rc = tc_policy_err_at(err, "test(s) failed: %s -> %s: expected %s, got %s", t->src, d,
+                                pass ? "DENIED" : "ALLOWED", allowed ? "ALLOWED" : "DENIED");
+        free(a.s);
+        free(al);
+        free(ports);
+        ipset_free(&dst);
+        if (rc) {
+          free(sp);
+          return rc;
+        }
+      }
+    }
+    free(sp);
+  }
+  return 0;
+}
+
+static bool principal_has(json_t *principals, const char *ip)
+{
+  size_t i;
+  json_t *p;
+  json_array_foreach(principals, i, p) {
+    const char *v = json_string_value(json_object_get(p, "nodeIP"));
+    if (v && !strcmp(v, ip))
+      return true;
+  }
+  return false;
+}
+
+static bool usermap_allows(json_t *m, const char *user)
+{
+  if (!*user)
+    return false;
+  json_t *v = json_object_get(m, user);
+  if (v)
+    return *json_string_value(v) != 0;
+  if (!strcmp(user, "root"))
+    return false;
+  v = json_object_get(m, "*");
+  return v && *json_string_value(v);
+}
+
+static void ssh_reach(json_t *pol, const char *ip, const char *user, bool *acc, bool *chk)
+{
+  *acc = *chk = false;
+  size_t i;
+  json_t *r;
+  json_array_foreach(json_object_get(pol, "rules"), i, r) {
+    if (!principal_has(json_object_get(r, "principals"), ip) || !usermap_allows(json_object_get(r, "sshUsers"), user))
+      continue;
+    *acc = true;
+    if (json_object_get(json_object_get(r, "action"), "holdAndDelegate"))
+      *chk = true;
+  }
+}
+
+static int run_ssh_tests(const struct tc_policy *pol, const struct ctopo *ct, struct tc_policy_err *err)
+{
+  json_t **cache = tc_xcalloc(ct->nn + 1, sizeof(json_t *));
+  int rc = 0;
+  for (size_t ti = 0; !rc && ti < pol->nssh_tests; ti++) {
+    const struct ssh_test *t = &pol->ssh_tests[ti];
+    struct ipset src;
+    ipset_init(&src);
+    int src_user = -1;
+    struct alias sa;
+    char why[300];
+    if (parse_alias_text(t->src, &sa, why, sizeof(why))) {
+      rc = tc_policy_err_at(err, "test(s) failed: sshTests[%zu]: %s", ti, why);
+    } else {
+      resolve_alias(pol, ct, &sa, &src);
+      if (sa.kind == AL_USER)
+        src_user = find_user(ct, sa.s);
+    }
+    free(sa.s);
+    if (!rc && ipset_empty(&src))
+      rc = tc_policy_err_at(err, "test(s) failed: sshTests[%zu]: source \"%s\" resolved to no IP addresses", ti,
+                            t->src);
+    if (!rc && !t->naccept && !t->ndeny && !t->ncheck)
+      rc = tc_policy_err_at(err, "test(s) failed: sshTests[%zu]: no accept, deny, or check assertions specified", ti);
+    bool *dsel = tc_xcalloc(ct->nn + 1, sizeof(bool));
+    for (size_t d = 0; !rc && d < t->ndst; d++) {
+      bool matched = false;
+      struct alias da;
+      if (parse_alias_text(t->dst[d], &da, why, sizeof(why))) {
+        rc = tc_policy_err_at(err, "test(s) failed: sshTests[%zu]: %s", ti, why);
+        free(da.s);
+        break;
+      }
+      if (da.kind == AL_AUTOGROUP && da.ag == AG_SELF) {
+        for (size_t i = 0; src_user >= 0 && i < ct->nn; i++)
+          if (!ct->n[i].tagged && ct->n[i].user == src_user)
+            dsel[i] = matched = true;
+      } else {
+        struct ipset ds;
+        ipset_init(&ds);
+        resolve_alias(pol, ct, &da, &ds);
+        for (size_t i = 0; i < ct->nn; i++)
+          if (node_in_set(&ct->n[i], &ds))
+            dsel[i] = matched = true;
+        ipset_free(&ds);
+      }
+      if (!matched)
+        rc = tc_policy_err_at(err, "test(s) failed: sshTests[%zu]: dst alias \"%s\" resolved to no nodes", ti,
+                              t->dst[d]);
+      free(da.s);
+    }
+    for (size_t i = 0; !rc && i < ct->nn; i++) {
+      if (!dsel[i])
+        continue;
+      if (!cache[i])
+        cache[i] = pol->has_ssh ? ssh_for_node(pol, ct, &ct->n[i]) : json_pack("{s:[]}", "rules");
+      char **lists[] = {t->accept, t->deny, t->check};
+      size_t ns[] = {t->naccept, t->ndeny, t->ncheck};
+      for (int kind = 0; !rc && kind < 3; kind++) {
+        for (size_t u = 0; !rc && u < ns[kind]; u++) {
+          for (size_t r = 0; !rc && r < src.n; r++) {
+            for (tc_u128 x = src.r[r].lo;; x++) {
+              char ip[64];
+              bool acc, chk;
+              ip_format_addr(src.r[r].v6, x, ip, sizeof(ip));
+              ssh_reach(cache[i], ip, lists[kind][u], &acc, &chk);
+              bool ok = kind == 0 ? acc : kind == 1 ? !acc : chk;
+              if (!ok) {
+                rc = tc_policy_err_at(err, "test(s) failed: %s/%s -> %s: expected %s", t->src, lists[kind][u],
+                                      ct->n[i].src->hostname ? ct->n[i].src->hostname : "?",
+                                      kind == 0 ? "ALLOWED, got DENIED"
+                                      : kind == 1 ? "DENIED, got ALLOWED"
+                                                  : "ALLOWED via check");
+                break;
+              }
+              if (x == src.r[r].hi || src.r[r].hi - src.r[r].lo > 65536)
+                break;
+            }
+          }
+        }
+      }
+    }
+    free(dsel);
+    ipset_free(&src);
+  }
+  for (size_t i = 0; i < ct->nn; i++)
+    json_decref(cache[i]);
+  free(cache);
+  return rc;
+}
+
+int tc_policy_run_tests(const struct tc_policy *pol, const struct tc_policy_topo *topo, struct tc_policy_err *err)
+{
+  if (!pol->ntests && !pol->nssh_tests)
+    return 0;
+  struct ctopo ct;
+  int rc = ctopo_build(topo, &ct, err);
+  if (rc)
+    return rc;
+  if (pol->ntests) {
+    struct compiled *cp = compiled_build(pol, &ct);
+    rc = run_acl_tests(pol, &ct, cp, err);
+    compiled_free(cp);
+  }
+  if (!rc && pol->nssh_tests)
+    rc = run_ssh_tests(pol, &ct, err);
+  ctopo_free(&ct);
+  return rc;
+}
+
+int tc_policy_check(const char *text, size_t len, const struct tc_policy_topo *topo, struct tc_policy_err *err)
+{
+  struct tc_policy *pol;
+  int rc = tc_policy_parse(text, len, &pol, err);
+  if (rc)
+    return rc;
+  rc = tc_policy_run_tests(pol, topo, err);
+  tc_policy_free(pol);
+  return rc;
+}
