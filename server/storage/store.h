@@ -23,9 +23,11 @@
  *   TC_EAGAIN    transient (lost connection, lock timeout); retry the whole tx
  *   TC_ESCHEMA   the database schema is newer than this binary
  *   TC_EDB       anything else from the database
- * After any error other than TC_ENOENT from a get, the transaction is failed:
- * further calls return TC_EDB/TC_EAGAIN and commit fails; roll it back. This
- * is PostgreSQL's rule, applied to SQLite too so both behave the same.
+ * After an error the database itself raised (TC_EEXIST, a foreign-key
+ * TC_ECONFLICT, TC_EAGAIN, TC_EDB) the transaction is failed: further calls
+ * return TC_EDB and commit fails; roll it back. This is PostgreSQL's rule,
+ * applied to SQLite too so both behave the same. TC_ENOENT from a get/update/
+ * delete and TC_ECONFLICT from tc_store_preauth_consume leave it usable.
  *
  * Ownership: get/list functions fill caller-provided records whose insides
  * become owned by the caller (free with tc_*_free from model/types.h, or the

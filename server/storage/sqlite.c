@@ -1,0 +1,236 @@
+/* sqlite: the embedded backend. One connection, guarded by a mutex that a
+ * transaction holds from begin to commit/rollback, so in-process
+ * transactions are serialised and never see SQLITE_BUSY from each other.
+ * Other processes (the CLI, a second server by mistake) are handled by
+ * BEGIN IMMEDIATE (take the write lock up front: no deadlocking upgrades)
+ * and busy_timeout. Prepared statements are cached per SQL text pointer. */
+#include <sqlite3.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "storage/store_int.h"
+
+#define STMT_CACHE 128
+
+struct sq {
+  sqlite3 *db;
+  pthread_mutex_t mu;
+  bool wal;
+  struct {
+    const char *sql; /* static SQL text from store.c: the pointer is the key */
+    sqlite3_stmt *stmt;
+  } cache[STMT_CACHE];
+};
+
+static int sq_err(sqlite3 *db, int rc, struct tc_err *err, const char *what) {
+  int xrc = sqlite3_extended_errcode(db);
+  const char *msg = sqlite3_errmsg(db);
+  if (xrc == SQLITE_CONSTRAINT_UNIQUE || xrc == SQLITE_CONSTRAINT_PRIMARYKEY) {
+    /* "UNIQUE constraint failed: users.name" */
+    const char *f = strstr(msg, "failed: ");
+    return tc_err_set(err, TC_EEXIST, "%s already exists (unique)", f ? f + 8 : msg);
+  }
+  if (xrc == SQLITE_CONSTRAINT_FOREIGNKEY)
+    return tc_err_set(err, TC_ECONFLICT, "foreign key constraint failed");
+  if (xrc == SQLITE_CONSTRAINT_NOTNULL) return tc_err_set(err, TC_EINVAL, "%s", msg);
+  if ((rc & 0xff) == SQLITE_BUSY || (rc & 0xff) == SQLITE_LOCKED)
+    return tc_err_set(err, TC_EAGAIN, "sqlite: %s: database is locked (%s)", what, msg);
+  return tc_err_set(err, TC_EDB, "sqlite: %s: %s", what, msg);
+}
+
+static int sq_simple(sqlite3 *db, const char *sql, struct tc_err *err) {
+  char *em = NULL;
+  int rc = sqlite3_exec(db, sql, NULL, NULL, &em);
+  if (rc != SQLITE_OK) {
+    int code = sq_err(db, rc, err, sql);
+    sqlite3_free(em);
+    return code;
+  }
+  return 0;
+}
+
+static int sq_open(struct tc_store *st, struct tc_err *err) {
+  const struct tc_store_config *cfg = &st->cfg;
+  if (!cfg->sqlite_path || !*cfg->sqlite_path)
+    return tc_err_set(err, TC_EINVAL, "sqlite: no database path configured");
+  struct sq *s = tc_xcalloc(1, sizeof *s);
+  pthread_mutex_init(&s->mu, NULL);
+  s->wal = cfg->sqlite_wal;
+  int rc = sqlite3_open_v2(cfg->sqlite_path, &s->db,
+                           SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_FULLMUTEX, NULL);
+  int code = 0;
+  if (rc != SQLITE_OK) {
+    code = tc_err_set(err, TC_EDB, "sqlite: open %s: %s", cfg->sqlite_path,
+                      s->db ? sqlite3_errmsg(s->db) : sqlite3_errstr(rc));
+    goto out;
+  }
+  sqlite3_extended_result_codes(s->db, 1);
+  sqlite3_busy_timeout(s->db, cfg->busy_timeout_ms > 0 ? cfg->busy_timeout_ms : 5000);
+  if ((code = sq_simple(s->db, "PRAGMA foreign_keys=ON", err))) goto out;
+  if (s->wal) {
+    if ((code = sq_simple(s->db, "PRAGMA journal_mode=WAL", err))) goto out;
+    /* NORMAL under WAL: a commit survives a process crash; durable
+     * transactions switch to FULL for themselves. */
+    if ((code = sq_simple(s->db, "PRAGMA synchronous=NORMAL", err))) goto out;
+  } else {
+    if ((code = sq_simple(s->db, "PRAGMA synchronous=FULL", err))) goto out;
+  }
+  st->be = s;
+  return 0;
+out:
+  sqlite3_close(s->db);
+  pthread_mutex_destroy(&s->mu);
+  free(s);
+  return code;
+}
+
+static void sq_close(struct tc_store *st) {
+  struct sq *s = st->be;
+  if (!s) return;
+  for (int i = 0; i < STMT_CACHE; i++) sqlite3_finalize(s->cache[i].stmt);
+  sqlite3_close(s->db);
+  pthread_mutex_destroy(&s->mu);
+  free(s);
+  st->be = NULL;
+}
+
+static int sq_begin(struct tc_store *st, struct tc_tx *tx, struct tc_err *err) {
+  struct sq *s = st->be;
+  pthread_mutex_lock(&s->mu);
+  int code;
+  if (s->wal && (tx->flags & TC_TX_DURABLE) &&
+      (code = sq_simple(s->db, "PRAGMA synchronous=FULL", err)))
+    goto fail;
+  /* Reads may start deferred (a snapshot); everything else takes the write
+   * lock now so two processes never deadlock upgrading read locks. */
+  code = sq_simple(s->db, (tx->flags & TX_SNAPSHOT) ? "BEGIN DEFERRED" : "BEGIN IMMEDIATE", err);
+  if (code) goto fail;
+  tx->conn = s;
+  return 0;
+fail:
+  if (s->wal && (tx->flags & TC_TX_DURABLE)) sqlite3_exec(s->db, "PRAGMA synchronous=NORMAL", NULL, NULL, NULL);
+  pthread_mutex_unlock(&s->mu);
+  return code;
+}
+
+static void sq_end(struct tc_tx *tx) {
+  struct sq *s = tx->conn;
+  if (s->wal && (tx->flags & TC_TX_DURABLE))
+    sqlite3_exec(s->db, "PRAGMA synchronous=NORMAL", NULL, NULL, NULL);
+  pthread_mutex_unlock(&s->mu);
+}
+
+static int sq_commit(struct tc_tx *tx, struct tc_err *err) {
+  struct sq *s = tx->conn;
+  int code = sq_simple(s->db, "COMMIT", err);
+  if (code) sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL);
+  sq_end(tx);
+  return code;
+}
+
+static void sq_rollback(struct tc_tx *tx) {
+  struct sq *s = tx->conn;
+  if (!sqlite3_get_autocommit(s->db)) sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL);
+  sq_end(tx);
+}
+
+static sqlite3_stmt *sq_prepare(struct sq *s, const char *sql, struct tc_err *err, int *code) {
+  size_t h = ((uintptr_t)sql >> 3) % STMT_CACHE;
+  for (int i = 0; i < STMT_CACHE; i++) {
+    size_t j = (h + (size_t)i) % STMT_CACHE;
+    if (s->cache[j].sql == sql) return s->cache[j].stmt;
+    if (!s->cache[j].sql) {
+      sqlite3_stmt *stmt = NULL;
+      int rc = sqlite3_prepare_v3(s->db, sql, -1, SQLITE_PREPARE_PERSISTENT, &stmt, NULL);
+      if (rc != SQLITE_OK) {
+        *code = sq_err(s->db, rc, err, "prepare");
+        return NULL;
+      }
+      s->cache[j].sql = sql;
+      s->cache[j].stmt = stmt;
+      return stmt;
+    }
+  }
+  /* Cache full (cannot happen with store.c's fixed statement set): a
+   * one-off statement would leak here, so refuse loudly instead. */
+  *code = tc_err_set(err, TC_EINTERNAL, "sqlite: statement cache full");
+  return NULL;
+}
+
+static int sq_exec(struct tc_tx *tx, const char *sql, const struct db_param *p, int np,
+                   struct db_result *res, struct tc_err *err) {
+  struct sq *s = tx->conn;
+  int code = 0;
+  sqlite3_stmt *stmt = sq_prepare(s, sql, err, &code);
+  if (!stmt) return code;
+  for (int i = 0; i < np; i++) {
+    int rc;
+    switch (p[i].type) {
+    case DBP_INT: rc = sqlite3_bind_int64(stmt, i + 1, p[i].i); break;
+    case DBP_BOOL: rc = sqlite3_bind_int(stmt, i + 1, p[i].i ? 1 : 0); break;
+    case DBP_TEXT:
+      rc = p[i].s ? sqlite3_bind_text(stmt, i + 1, p[i].s, -1, SQLITE_STATIC) : sqlite3_bind_null(stmt, i + 1);
+      break;
+    default: rc = sqlite3_bind_null(stmt, i + 1); break;
+    }
+    if (rc != SQLITE_OK) {
+      code = sq_err(s->db, rc, err, "bind");
+      goto out;
+    }
+  }
+  int ncols = sqlite3_column_count(stmt);
+  size_t cap = 0;
+  if (res) {
+    memset(res, 0, sizeof *res);
+    res->ncols = ncols;
+  }
+  for (;;) {
+    int rc = sqlite3_step(stmt);
+    if (rc == SQLITE_DONE) break;
+    if (rc != SQLITE_ROW) {
+      code = sq_err(s->db, rc, err, "step");
+      goto out;
+    }
+    if (!res) continue;
+    if ((size_t)(res->nrows + 1) * (size_t)ncols > cap) {
+      cap = cap ? cap * 2 : (size_t)ncols * 16;
+      res->cells = tc_xrealloc(res->cells, cap * sizeof *res->cells);
+    }
+    for (int c = 0; c < ncols; c++) {
+      const unsigned char *t = sqlite3_column_text(stmt, c);
+      res->cells[(size_t)res->nrows * (size_t)ncols + (size_t)c] =
+          t ? tc_xstrndup((const char *)t, (size_t)sqlite3_column_bytes(stmt, c)) : NULL;
+    }
+    res->nrows++;
+  }
+  if (res) res->changes = sqlite3_changes64(s->db);
+out:
+  if (code && res) db_result_free(res);
+  sqlite3_reset(stmt);
+  sqlite3_clear_bindings(stmt);
+  return code;
+}
+
+static int sq_script(struct tc_tx *tx, const char *sql, struct tc_err *err) {
+  struct sq *s = tx->conn;
+  return sq_simple(s->db, sql, err);
+}
+
+static int sq_ping(struct tc_store *st, struct tc_err *err) {
+  struct sq *s = st->be;
+  pthread_mutex_lock(&s->mu);
+  int code = sq_simple(s->db, "SELECT 1", err);
+  pthread_mutex_unlock(&s->mu);
+  return code;
+}
+
+const struct backend_ops tc_sqlite_ops = {
+    .open = sq_open,
+    .close = sq_close,
+    .begin = sq_begin,
+    .commit = sq_commit,
+    .rollback = sq_rollback,
+    .exec = sq_exec,
+    .script = sq_script,
+    .ping = sq_ping,
+};
