@@ -23,7 +23,11 @@ static int user_index(const struct tc_policy_topo *t, int64_t id)
   return -1;
 }
 
-int ctopo_build(const struct tc_policy_topo *t, struct ctopo *ct, struct tc_policy_err *err)
+static bool route_auto_approved(const struct tc_policy *pol, const struct ctopo *ct, const struct cnode *n,
+                                struct ip_range r);
+
+int ctopo_build(const struct tc_policy *pol, const struct tc_policy_topo *t, struct ctopo *ct,
+                struct tc_policy_err *err)
 {
   memset(ct, 0, sizeof(*ct));
   ct->t = t;
@@ -64,6 +68,9 @@ int ctopo_build(const struct tc_policy_topo *t, struct ctopo *ct, struct tc_poli
         struct ip_range a;
         approved = !ip_parse_prefix(s->approved[k], &a, NULL) && a.v6 == r.v6 && a.lo == r.lo && a.hi == r.hi;
       }
+      /* Routes autoApprovers approve count as approved. */
+      if (!approved && pol)
+        approved = route_auto_approved(pol, ct, n, r);
       if (!approved)
         continue;
       if (ip_range_is_exit(r)) {
@@ -623,8 +630,9 @@ static void merge_into(json_t *out, json_t *rule)
     json_array_foreach(out, i, o) {
       if (json_object_get(o, "CapGrant"))
         continue;
+      json_t *p1 = json_object_get(o, "IPProto"), *p2 = json_object_get(rule, "IPProto");
       if (json_equal(json_object_get(o, "SrcIPs"), json_object_get(rule, "SrcIPs")) &&
-          json_equal(json_object_get(o, "IPProto"), json_object_get(rule, "IPProto"))) {
+          ((!p1 && !p2) || (p1 && p2 && json_equal(p1, p2)))) {
         json_array_extend(json_object_get(o, "DstPorts"), json_object_get(rule, "DstPorts"));
         json_decref(rule);
         return;
@@ -972,28 +980,33 @@ static bool approver_matches(const struct tc_policy *pol, const struct ctopo *ct
   return n->user >= 0 && find_user(ct, ap) == n->user;
 }
 
+static bool route_auto_approved(const struct tc_policy *pol, const struct ctopo *ct, const struct cnode *n,
+                                struct ip_range r)
+{
+  if (ip_range_is_exit(r)) {
+    for (size_t a = 0; a < pol->nexit; a++)
+      if (approver_matches(pol, ct, n, pol->exit_approvers[a]))
+        return true;
+    return false;
+  }
+  for (size_t k = 0; k < pol->nroutes; k++) {
+    const struct auto_route *ar = &pol->routes[k];
+    /* An approver of a prefix approves it and everything inside it. */
+    if (ar->pfx.v6 != r.v6 || r.lo < ar->pfx.lo || r.hi > ar->pfx.hi)
+      continue;
+    for (size_t a = 0; a < ar->n; a++)
+      if (approver_matches(pol, ct, n, ar->approvers[a]))
+        return true;
+  }
+  return false;
+}
+
 static json_t *auto_approve_node(const struct tc_policy *pol, const struct ctopo *ct, const struct cnode *n)
 {
   json_t *out = json_array();
   for (size_t i = 0; i < n->src->nannounced; i++) {
     struct ip_range r;
-    if (ip_parse_prefix(n->src->announced[i], &r, NULL))
-      continue;
-    bool ok = false;
-    if (ip_range_is_exit(r)) {
-      for (size_t a = 0; a < pol->nexit && !ok; a++)
-        ok = approver_matches(pol, ct, n, pol->exit_approvers[a]);
-    } else {
-      for (size_t k = 0; k < pol->nroutes && !ok; k++) {
-        const struct auto_route *ar = &pol->routes[k];
-        /* An approver of a prefix approves it and everything inside it. */
-        if (ar->pfx.v6 != r.v6 || r.lo < ar->pfx.lo || r.hi > ar->pfx.hi)
-          continue;
-        for (size_t a = 0; a < ar->n && !ok; a++)
-          ok = approver_matches(pol, ct, n, ar->approvers[a]);
-      }
-    }
-    if (ok)
+    if (!ip_parse_prefix(n->src->announced[i], &r, NULL) && route_auto_approved(pol, ct, n, r))
       json_array_append_new(out, json_string(n->src->announced[i]));
   }
   return out;
@@ -1003,7 +1016,7 @@ json_t *tc_policy_auto_approve(const struct tc_policy *pol, const struct tc_poli
                                const struct tc_policy_node *node)
 {
   struct ctopo ct;
-  if (ctopo_build(topo, &ct, NULL))
+  if (ctopo_build(pol, topo, &ct, NULL))
     return json_array();
   json_t *out = json_array();
   for (size_t i = 0; i < ct.nn; i++)
@@ -1086,34 +1099,76 @@ bool compiled_reach(const struct compiled *cp, const struct tc_policy *pol, stru
   return false;
 }
 
-/* Parsed per-node reachability: the sources of every rule in the node's filter. */
+/* Parsed per-node reachability: for every network rule in the node's
+ * filter, who may send (sources) and to what (destinations). */
+struct reach_rule {
+  struct ipset src, dst;
+  bool src_all, dst_all;
+};
+
 struct reach {
-  struct ipset src;
+  struct reach_rule *r;
+  size_t n;
   bool all;
 };
 
-static void build_reach(json_t *filter, struct reach *r)
+static void build_reach(json_t *filter, struct reach *rc)
 {
-  ipset_init(&r->src);
-  r->all = false;
+  memset(rc, 0, sizeof(*rc));
   size_t i, k;
   json_t *o, *v;
+  rc->r = tc_xcalloc(json_array_size(filter) + 1, sizeof(*rc->r));
   json_array_foreach(filter, i, o) {
-    if (!json_object_get(o, "DstPorts"))
+    json_t *dp = json_object_get(o, "DstPorts");
+    if (!dp)
       continue;
-    json_array_foreach(json_object_get(o, "SrcIPs"), k, v) add_src_string(&r->src, json_string_value(v), &r->all);
+    struct reach_rule *rr = &rc->r[rc->n++];
+    ipset_init(&rr->src);
+    ipset_init(&rr->dst);
+    json_array_foreach(json_object_get(o, "SrcIPs"), k, v) add_src_string(&rr->src, json_string_value(v), &rr->src_all);
+    json_array_foreach(dp, k, v) add_src_string(&rr->dst, json_string_value(json_object_get(v, "IP")), &rr->dst_all);
+    ipset_norm(&rr->src);
+    ipset_norm(&rr->dst);
   }
-  ipset_norm(&r->src);
 }
 
-static bool reach_from(const struct reach *r, const struct cnode *a)
+static void free_reach(struct reach *rc)
 {
-  if (r->all)
-    return true;
-  if (node_in_set(a, &r->src))
+  for (size_t i = 0; i < rc->n; i++) {
+    ipset_free(&rc->r[i].src);
+    ipset_free(&rc->r[i].dst);
+  }
+  free(rc->r);
+}
+
+static bool rr_src_has(const struct reach_rule *rr, const struct cnode *a)
+{
+  if (rr->src_all || node_in_set(a, &rr->src))
     return true;
   for (size_t i = 0; i < a->nsubnets; i++)
-    if (ipset_overlaps(&r->src, a->subnets[i]))
+    if (ipset_overlaps(&rr->src, a->subnets[i]))
+      return true;
+  return false;
+}
+
+/* Whether a may send to the owner of rc at all. */
+static bool reach_from(const struct reach *rc, const struct cnode *a)
+{
+  if (rc->all)
+    return true;
+  for (size_t i = 0; i < rc->n; i++)
+    if (rr_src_has(&rc->r[i], a))
+      return true;
+  return false;
+}
+
+/* Whether a may send into route (served by the owner of rc). */
+static bool reach_route(const struct reach *rc, const struct cnode *a, struct ip_range route)
+{
+  if (rc->all)
+    return true;
+  for (size_t i = 0; i < rc->n; i++)
+    if (rr_src_has(&rc->r[i], a) && (rc->r[i].dst_all || ipset_overlaps(&rc->r[i].dst, route)))
       return true;
   return false;
 }
@@ -1160,7 +1215,10 @@ static bool is_primary(const struct ctopo *ct, const struct cnode *n, struct ip_
   return true;
 }
 
-static json_t *allowed_ips(const struct ctopo *ct, const struct cnode *n, json_t **primary)
+/* AllowedIPs of n as seen by viewer (NULL: n itself): its addresses, the
+ * primary subnet routes the viewer may use, and approved exit routes. */
+static json_t *allowed_ips(const struct ctopo *ct, const struct cnode *n, const struct cnode *viewer,
+                           const struct reach *nreach, json_t **primary)
 {
   json_t *a = json_array();
   char t[160];
@@ -1177,8 +1235,10 @@ static json_t *allowed_ips(const struct ctopo *ct, const struct cnode *n, json_t
     if (!is_primary(ct, n, n->subnets[i]))
       continue;
     ip_range_prefix(n->subnets[i], t, sizeof(t));
-    json_array_append_new(a, json_string(t));
     json_array_append_new(*primary, json_string(t));
+    if (viewer && !reach_route(nreach, viewer, n->subnets[i]))
+      continue;
+    json_array_append_new(a, json_string(t));
   }
   if (n->exit4)
     json_array_append_new(a, json_string("0.0.0.0/0"));
@@ -1209,7 +1269,7 @@ int tc_policy_compile(const struct tc_policy *pol, const struct tc_policy_topo *
 {
   *out = NULL;
   struct ctopo ct;
-  int rc = ctopo_build(topo, &ct, err);
+  int rc = ctopo_build(pol, topo, &ct, err);
   if (rc)
     return rc;
   struct compiled cp = {0};
@@ -1245,7 +1305,7 @@ int tc_policy_compile(const struct tc_policy *pol, const struct tc_policy_topo *
     nr->self_allowed_ips = json_array();
     ipset_append_prefixes(&n->ips, nr->self_allowed_ips, false);
     json_t *prim;
-    json_decref(allowed_ips(&ct, n, &prim));
+    json_decref(allowed_ips(&ct, n, NULL, NULL, &prim));
     nr->primary_routes = prim;
     nr->auto_approved = auto_approve_node(pol, &ct, n);
   }
@@ -1261,13 +1321,13 @@ int tc_policy_compile(const struct tc_policy *pol, const struct tc_policy_topo *
         continue;
       json_t *prim;
       nr->peer_ids[nr->npeers] = ct.n[j].id;
-      nr->peer_allowed_ips[nr->npeers] = allowed_ips(&ct, &ct.n[j], &prim);
+      nr->peer_allowed_ips[nr->npeers] = allowed_ips(&ct, &ct.n[j], &ct.n[i], &reach[j], &prim);
       json_decref(prim);
       nr->npeers++;
     }
   }
   for (size_t i = 0; i < ct.nn; i++) {
-    ipset_free(&reach[i].src);
+    free_reach(&reach[i]);
     free(keys[i]);
   }
   free(reach);

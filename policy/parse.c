@@ -1676,6 +1676,24 @@ int tc_policy_parse(const char *text, size_t len, struct tc_policy **out, struct
     p->randomize_client_port = json_is_true(rcp);
   }
   p->has_acls_or_grants = json_object_get(doc, "acls") || json_object_get(doc, "grants");
+  if (!p->has_acls_or_grants) {
+    /* A policy without acls or grants allows everything, as the
+     * coordination service's default rule {src:*, dst:*:*} does. */
+    p->grants = tc_xcalloc(1, sizeof(*p->grants));
+    struct grant *g = &p->grants[p->ngrants++];
+    char why[64];
+    g->src = tc_xcalloc(1, sizeof(struct alias));
+    parse_alias_text("*", &g->src[0], why, sizeof(why));
+    g->nsrc = 1;
+    g->dst = tc_xcalloc(1, sizeof(struct alias));
+    parse_alias_text("*", &g->dst[0], why, sizeof(why));
+    g->ndst = 1;
+    g->ip = tc_xcalloc(1, sizeof(struct proto_ports));
+    g->ip[0].proto = -1;
+    parse_ports("*", &g->ip[0].ports, &g->ip[0].nports, why, sizeof(why));
+    g->nip = 1;
+    p->has_acls_or_grants = true;
+  }
 done:
   free(std);
   if (rc) {

@@ -190,7 +190,7 @@ struct ctopo {
   size_t nn;
 };
 
-int ctopo_build(const struct tc_policy_topo *t, struct ctopo *ct, struct tc_policy_err *err);
+int ctopo_build(const struct tc_policy *pol, const struct tc_policy_topo *t, struct ctopo *ct, struct tc_policy_err *err);
 void ctopo_free(struct ctopo *ct);
 /* Resolves an alias into addresses. self_user >= 0 restricts autogroup:self. */
 void resolve_alias(const struct tc_policy *pol, const struct ctopo *ct, const struct alias *a,

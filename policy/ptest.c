@@ -249,7 +249,7 @@ int tc_policy_run_tests(const struct tc_policy *pol, const struct tc_policy_topo
   if (!pol->ntests && !pol->nssh_tests)
     return 0;
   struct ctopo ct;
-  int rc = ctopo_build(topo, &ct, err);
+  int rc = ctopo_build(pol, topo, &ct, err);
   if (rc)
     return rc;
   if (pol->ntests) {
