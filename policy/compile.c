@@ -989,6 +989,8 @@ static bool route_auto_approved(const struct tc_policy *pol, const struct ctopo 
         return true;
     return false;
   }
+  /* Exit routes are approved by autoApprovers.exitNode only; a routes entry
+   * for 0.0.0.0/0 approves subnet routes, not exit nodes. */
   for (size_t k = 0; k < pol->nroutes; k++) {
     const struct auto_route *ar = &pol->routes[k];
     /* An approver of a prefix approves it and everything inside it. */
@@ -1173,6 +1175,17 @@ static bool reach_route(const struct reach *rc, const struct cnode *a, struct ip
   return false;
 }
 
+/* Whether traffic from inside route may reach the owner of rc. */
+static bool route_reaches(const struct reach *rc, struct ip_range route)
+{
+  if (rc->all)
+    return true;
+  for (size_t i = 0; i < rc->n; i++)
+    if (rc->r[i].src_all || ipset_overlaps(&rc->r[i].src, route))
+      return true;
+  return false;
+}
+
 static json_t *node_filter(const struct tc_policy *pol, const struct ctopo *ct, const struct compiled *cp,
                            const struct cnode *n)
 {
@@ -1218,7 +1231,7 @@ static bool is_primary(const struct ctopo *ct, const struct cnode *n, struct ip_
 /* AllowedIPs of n as seen by viewer (NULL: n itself): its addresses, the
  * primary subnet routes the viewer may use, and approved exit routes. */
 static json_t *allowed_ips(const struct ctopo *ct, const struct cnode *n, const struct cnode *viewer,
-                           const struct reach *nreach, json_t **primary)
+                           const struct reach *nreach, const struct reach *vreach, json_t **primary)
 {
   json_t *a = json_array();
   char t[160];
@@ -1236,7 +1249,7 @@ static json_t *allowed_ips(const struct ctopo *ct, const struct cnode *n, const 
       continue;
     ip_range_prefix(n->subnets[i], t, sizeof(t));
     json_array_append_new(*primary, json_string(t));
-    if (viewer && !reach_route(nreach, viewer, n->subnets[i]))
+    if (viewer && !reach_route(nreach, viewer, n->subnets[i]) && !route_reaches(vreach, n->subnets[i]))
       continue;
     json_array_append_new(a, json_string(t));
   }
@@ -1305,7 +1318,7 @@ int tc_policy_compile(const struct tc_policy *pol, const struct tc_policy_topo *
     nr->self_allowed_ips = json_array();
     ipset_append_prefixes(&n->ips, nr->self_allowed_ips, false);
     json_t *prim;
-    json_decref(allowed_ips(&ct, n, NULL, NULL, &prim));
+    json_decref(allowed_ips(&ct, n, NULL, NULL, NULL, &prim));
     nr->primary_routes = prim;
     nr->auto_approved = auto_approve_node(pol, &ct, n);
   }
@@ -1321,7 +1334,7 @@ int tc_policy_compile(const struct tc_policy *pol, const struct tc_policy_topo *
         continue;
       json_t *prim;
       nr->peer_ids[nr->npeers] = ct.n[j].id;
-      nr->peer_allowed_ips[nr->npeers] = allowed_ips(&ct, &ct.n[j], &ct.n[i], &reach[j], &prim);
+      nr->peer_allowed_ips[nr->npeers] = allowed_ips(&ct, &ct.n[j], &ct.n[i], &reach[j], &reach[i], &prim);
       json_decref(prim);
       nr->npeers++;
     }
