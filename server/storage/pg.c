@@ -47,7 +47,12 @@ static int set_conn_err(PGconn *c, struct tc_err *err, int code, const char *wha
 }
 
 static int pg_connect(struct pgpool *p, PGconn **out, struct tc_err *err) {
-  PGconn *c = PQconnectdb(p->conninfo);
+  /* Defaults first; the operator's conninfo (expanded from "dbname")
+   * overrides them. Without a connect_timeout a dead TCP host in a
+   * multi-host list would stall for the kernel's SYN timeout. */
+  static const char *const keys[] = {"connect_timeout", "application_name", "dbname", NULL};
+  const char *vals[] = {"10", "tailcoat", p->conninfo, NULL};
+  PGconn *c = PQconnectdbParams(keys, vals, 1);
   if (!c || PQstatus(c) != CONNECTION_OK) {
     int code = set_conn_err(c, err, TC_EAGAIN, "connect");
     PQfinish(c);

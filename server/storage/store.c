@@ -90,10 +90,43 @@ static void params_free(struct params *p) {
   p->n = 0;
 }
 
+/* Strict UTF-8 (no overlongs, surrogates or code points past U+10FFFF).
+ * PostgreSQL rejects anything else mid-transaction while SQLite would store
+ * it; checking before sending keeps both backends alike and the tx usable. */
+static bool utf8_valid(const unsigned char *s) {
+  while (*s) {
+    unsigned c = *s;
+    int n;
+    unsigned min;
+    if (c < 0x80) {
+      s++;
+      continue;
+    } else if ((c & 0xe0) == 0xc0) {
+      n = 1, min = 0x80, c &= 0x1f;
+    } else if ((c & 0xf0) == 0xe0) {
+      n = 2, min = 0x800, c &= 0x0f;
+    } else if ((c & 0xf8) == 0xf0) {
+      n = 3, min = 0x10000, c &= 0x07;
+    } else {
+      return false;
+    }
+    for (int i = 1; i <= n; i++) {
+      if ((s[i] & 0xc0) != 0x80) return false;
+      c = (c << 6) | (s[i] & 0x3f);
+    }
+    if (c < min || c > 0x10ffff || (c >= 0xd800 && c <= 0xdfff)) return false;
+    s += n + 1;
+  }
+  return true;
+}
+
 static int run(struct tc_tx *tx, const char *sql, struct params *p, struct db_result *res,
                struct tc_err *err) {
   if (res) memset(res, 0, sizeof *res);
   if (!tx) return tc_err_set(err, TC_EINVAL, "storage: no transaction");
+  for (int i = 0; p && i < p->n; i++)
+    if (p->v[i].type == DBP_TEXT && !utf8_valid((const unsigned char *)p->v[i].s))
+      return tc_err_set(err, TC_EINVAL, "storage: text value %d is not valid UTF-8", i + 1);
   if (tx->failed)
     return tc_err_set(err, TC_EDB, "storage: transaction already failed (%s); roll it back",
                       tc_strerror(tx->fail_code));
@@ -502,6 +535,15 @@ int tc_store_user_get_by_name(struct tc_tx *tx, const char *name, struct tc_user
   p_text(&p, name ? name : "");
   return fetch_one(tx, "SELECT " USER_COLS " FROM users WHERE name = ?", &p, dec_user, out, "user",
                    err);
+}
+
+int tc_store_user_get_by_provider_id(struct tc_tx *tx, const char *provider_id,
+                                     struct tc_user *out, struct tc_err *err) {
+  if (!provider_id || !*provider_id) return tc_err_set(err, TC_ENOENT, "user not found");
+  struct params p = {0};
+  p_text(&p, provider_id);
+  return fetch_one(tx, "SELECT " USER_COLS " FROM users WHERE provider_id = ?", &p, dec_user, out,
+                   "user with this provider id", err);
 }
 
 int tc_store_user_list(struct tc_tx *tx, struct tc_user **out, size_t *n, struct tc_err *err) {

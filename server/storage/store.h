@@ -89,7 +89,10 @@ int tc_store_type(const struct tc_store *st);
  * last commits, never half of one). */
 #define TC_TX_DURABLE 0x1u
 
-/* Begins a transaction; *out is owned until commit/rollback. */
+/* Begins a transaction; *out is owned until commit/rollback. A thread must
+ * not begin a second transaction while it holds one (SQLite: it would wait
+ * for itself; PostgreSQL: it would hold two pool connections). Text values
+ * must be valid UTF-8 (else TC_EINVAL, and the transaction stays usable). */
 int tc_store_begin(struct tc_store *st, unsigned flags, struct tc_tx **out, struct tc_err *err);
 /* Commits and frees tx, also on failure (then nothing was committed). */
 int tc_tx_commit(struct tc_tx *tx, struct tc_err *err);
@@ -107,6 +110,9 @@ int tc_store_user_delete(struct tc_tx *tx, int64_t id, struct tc_err *err);
 int tc_store_user_get(struct tc_tx *tx, int64_t id, struct tc_user *out, struct tc_err *err);
 int tc_store_user_get_by_name(struct tc_tx *tx, const char *name, struct tc_user *out,
                               struct tc_err *err);
+/* The user whose provider_id (OIDC subject) equals provider_id. */
+int tc_store_user_get_by_provider_id(struct tc_tx *tx, const char *provider_id,
+                                     struct tc_user *out, struct tc_err *err);
 /* All users ordered by id; *out owned array (tc_store_free_users). */
 int tc_store_user_list(struct tc_tx *tx, struct tc_user **out, size_t *n, struct tc_err *err);
 

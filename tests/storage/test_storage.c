@@ -303,6 +303,11 @@ TC_TEST(user_roundtrip) {
   check_user_eq(&g, &bare); /* NULL optional fields come back NULL */
   TC_CHECK(g.email == NULL && g.provider_id == NULL);
   tc_user_free(&g);
+  OK(tc_store_user_get_by_provider_id(tx, "https://idp.example.com/alice", &g, &err));
+  check_user_eq(&g, &u);
+  tc_user_free(&g);
+  TC_CHECK_INT(tc_store_user_get_by_provider_id(tx, "https://idp.example.com/x", &g, &err), TC_ENOENT);
+  TC_CHECK_INT(tc_store_user_get_by_provider_id(tx, "", &g, &err), TC_ENOENT);
   TC_CHECK_INT(tc_store_user_get(tx, 999999, &g, &err), TC_ENOENT);
   TC_CHECK_INT(tc_store_user_get_by_name(tx, "nobody", &g, &err), TC_ENOENT);
 
@@ -977,6 +982,7 @@ struct race {
 };
 struct racer {
   struct race *r;
+  struct tc_store *st;
   int idx;
 };
 
@@ -986,7 +992,7 @@ static void *race_thread(void *arg) {
   struct tc_err err = {0};
   struct tc_tx *tx = NULL;
   pthread_barrier_wait(&r->go);
-  int rc = tc_store_begin(r->st, TC_TX_DURABLE, &tx, &err);
+  int rc = tc_store_begin(me->st, TC_TX_DURABLE, &tx, &err);
   if (!rc) rc = tc_store_preauth_consume(tx, r->key_id, &err);
   if (!rc) {
     struct tc_node n;
@@ -1014,9 +1020,20 @@ static void *race_thread(void *arg) {
   return NULL;
 }
 
-static void run_race(bool reusable, int *ok, int *conflict, int *other, size_t *nodes) {
+struct racer_store {
+  struct tc_store *st;
+};
+
+static void run_race(bool reusable, int nstores, int *ok, int *conflict, int *other, size_t *nodes) {
   struct tc_store_config cfg;
   struct tc_store *st = open_fresh(&cfg);
+  /* Extra stores are separate connections (SQLite) or pools (PostgreSQL)
+   * on the same database: the race must hold across them too. */
+  struct tc_store *extra[4] = {0};
+  for (int i = 1; st && i < nstores && i <= 4; i++) {
+    struct tc_err e = {0};
+    if (tc_store_open(&cfg, &extra[i - 1], &e)) fprintf(stderr, "race open: %s\n", e.msg);
+  }
   *ok = *conflict = *other = -1;
   *nodes = 0;
   if (!st) return;
@@ -1038,7 +1055,8 @@ static void run_race(bool reusable, int *ok, int *conflict, int *other, size_t *
   pthread_t th[RACERS];
   struct racer me[RACERS];
   for (int i = 0; i < RACERS; i++) {
-    me[i] = (struct racer){&r, i};
+    me[i] = (struct racer){&r, st, i};
+    if (nstores > 1 && i % nstores && extra[i % nstores - 1]) me[i].st = extra[i % nstores - 1];
     pthread_create(&th[i], NULL, race_thread, &me[i]);
   }
   for (int i = 0; i < RACERS; i++) pthread_join(th[i], NULL);
@@ -1054,13 +1072,24 @@ static void run_race(bool reusable, int *ok, int *conflict, int *other, size_t *
   pthread_mutex_destroy(&r.mu);
   tc_user_free(&u);
   tc_preauth_key_free(&k);
+  for (int i = 0; i < 4; i++) tc_store_close(extra[i]);
   tc_store_close(st);
 }
 
 TC_TEST(single_use_key_race) {
   int ok, conflict, other;
   size_t nodes;
-  run_race(false, &ok, &conflict, &other, &nodes);
+  run_race(false, 1, &ok, &conflict, &other, &nodes);
+  TC_CHECK_INT(ok, 1);
+  TC_CHECK_INT(conflict, RACERS - 1);
+  TC_CHECK_INT(other, 0);
+  TC_CHECK_INT(nodes, 1);
+}
+
+TC_TEST(single_use_key_race_across_stores) {
+  int ok, conflict, other;
+  size_t nodes;
+  run_race(false, 4, &ok, &conflict, &other, &nodes);
   TC_CHECK_INT(ok, 1);
   TC_CHECK_INT(conflict, RACERS - 1);
   TC_CHECK_INT(other, 0);
@@ -1070,7 +1099,7 @@ TC_TEST(single_use_key_race) {
 TC_TEST(reusable_key_race) {
   int ok, conflict, other;
   size_t nodes;
-  run_race(true, &ok, &conflict, &other, &nodes);
+  run_race(true, 4, &ok, &conflict, &other, &nodes);
   TC_CHECK_INT(ok, RACERS);
   TC_CHECK_INT(conflict, 0);
   TC_CHECK_INT(other, 0);
@@ -1232,6 +1261,129 @@ TC_TEST(bad_config) {
   TC_CHECK(st == NULL);
 }
 
+TC_TEST(invalid_utf8_refused) {
+  struct tc_store_config cfg;
+  struct tc_store *st = open_fresh(&cfg);
+  TC_REQUIRE(st);
+  struct tc_err err = {0};
+  struct tc_tx *tx;
+  BEGIN(st, 0, tx);
+  const char *bad[] = {"\xff", "a\xc3", "\xc0\xaf", "\xed\xa0\x80", "\xf4\x90\x80\x80"};
+  for (size_t i = 0; i < TC_ARRAY_LEN(bad); i++) {
+    struct tc_user u = {0};
+    u.name = (char *)bad[i];
+    TC_CHECK_INT(tc_store_user_insert(tx, &u, &err), TC_EINVAL);
+  }
+  /* Refused before reaching the database: the transaction goes on. */
+  struct tc_user ok;
+  make_user(&ok, "h\xc3\xa9llo \xf0\x9f\x90\x88");
+  OK(tc_store_user_insert(tx, &ok, &err));
+  OK(tc_tx_commit(tx, &err));
+  BEGIN(st, 0, tx);
+  struct tc_user g;
+  OK(tc_store_user_get(tx, ok.id, &g, &err));
+  TC_CHECK_STR(g.name, ok.name);
+  tc_user_free(&g);
+  tc_tx_rollback(tx);
+  tc_user_free(&ok);
+  tc_store_close(st);
+}
+
+/* A migration step that fails leaves the database at the previous version
+ * and names the step; fixing the cause lets the next open finish. */
+TC_TEST(migration_failure_is_atomic) {
+  struct tc_store_config cfg;
+  fresh_db(&cfg);
+  struct tc_err err = {0};
+  struct tc_store *st = NULL;
+  cfg.migrate_to = 2;
+  TC_REQUIRE(tc_store_open(&cfg, &st, &err) == 0);
+  tc_store_close(st);
+  /* Occupy the index name migration 3 creates. */
+  TC_REQUIRE(raw_exec(&cfg, "CREATE TABLE squatter (x INTEGER);"
+                            "CREATE INDEX ix_preauth_keys__user_id ON squatter(x)") == 0);
+  cfg.migrate_to = 0;
+  st = NULL;
+  int rc = tc_store_open(&cfg, &st, &err);
+  TC_CHECK_INT(rc, TC_EDB);
+  TC_CHECK(st == NULL);
+  TC_CHECK(strstr(err.msg, "migration 3") != NULL);
+  cfg.migrate_to = 2;
+  TC_REQUIRE(tc_store_open(&cfg, &st, &err) == 0);
+  TC_CHECK_INT(tc_store_schema_version(st), 2);
+  tc_store_close(st);
+  TC_REQUIRE(raw_exec(&cfg, "DROP TABLE squatter") == 0);
+  cfg.migrate_to = 0;
+  TC_REQUIRE(tc_store_open(&cfg, &st, &err) == 0);
+  TC_CHECK_INT(tc_store_schema_version(st), tc_store_latest_version());
+  tc_store_close(st);
+}
+
+/* Several servers opening an empty database at once: one migrates, the
+ * others wait and find it done. */
+struct opener {
+  const struct tc_store_config *cfg;
+  int rc;
+  int version;
+  pthread_barrier_t *go;
+};
+static void *open_thread(void *arg) {
+  struct opener *o = arg;
+  struct tc_store *st = NULL;
+  struct tc_err err = {0};
+  pthread_barrier_wait(o->go);
+  o->rc = tc_store_open(o->cfg, &st, &err);
+  if (o->rc) fprintf(stderr, "  concurrent open: %s\n", err.msg);
+  if (st) o->version = tc_store_schema_version(st);
+  tc_store_close(st);
+  return NULL;
+}
+
+TC_TEST(concurrent_open_migrates_once) {
+  struct tc_store_config cfg;
+  fresh_db(&cfg);
+  enum { N = 6 };
+  pthread_barrier_t go;
+  pthread_barrier_init(&go, NULL, N);
+  pthread_t th[N];
+  struct opener o[N];
+  for (int i = 0; i < N; i++) {
+    o[i] = (struct opener){&cfg, -1, 0, &go};
+    pthread_create(&th[i], NULL, open_thread, &o[i]);
+  }
+  for (int i = 0; i < N; i++) pthread_join(th[i], NULL);
+  for (int i = 0; i < N; i++) {
+    TC_CHECK_INT(o[i].rc, 0);
+    TC_CHECK_INT(o[i].version, tc_store_latest_version());
+  }
+  pthread_barrier_destroy(&go);
+}
+
+#ifndef SUITE_PG
+/* Another process (here: another connection) holding the write lock makes
+ * begin wait busy_timeout, then report TC_EAGAIN; afterwards it works. */
+TC_TEST(sqlite_busy_is_eagain) {
+  struct tc_store_config cfg;
+  struct tc_store *a = open_fresh(&cfg);
+  TC_REQUIRE(a);
+  cfg.busy_timeout_ms = 100;
+  struct tc_store *b = NULL;
+  struct tc_err err = {0};
+  TC_REQUIRE(tc_store_open(&cfg, &b, &err) == 0);
+  struct tc_tx *ta, *tb = NULL;
+  BEGIN(a, 0, ta);
+  int64_t t0 = tc_mono_ms();
+  TC_CHECK_INT(tc_store_begin(b, 0, &tb, &err), TC_EAGAIN);
+  TC_CHECK(tc_mono_ms() - t0 >= 90);
+  TC_CHECK(tb == NULL);
+  tc_tx_rollback(ta);
+  BEGIN(b, 0, tb);
+  OK(tc_tx_commit(tb, &err));
+  tc_store_close(b);
+  tc_store_close(a);
+}
+#endif
+
 /* ---- PostgreSQL only ----------------------------------------------------------------------- */
 #ifdef SUITE_PG
 static const char *dbname_of(const struct tc_store_config *cfg) {
@@ -1295,6 +1447,26 @@ TC_TEST(pg_reconnect) {
   OK(tc_store_load_all(st, &d, &err));
   TC_CHECK_INT(d.n_users, 6); /* mid1 was never committed */
   tc_store_data_free(&d);
+  tc_store_close(st);
+}
+
+TC_TEST(pg_pool_exhaustion_is_eagain) {
+  struct tc_store_config cfg;
+  fresh_db(&cfg);
+  cfg.pg_max_conns = 1;
+  cfg.pg_acquire_timeout_ms = 150;
+  struct tc_store *st = NULL;
+  struct tc_err err = {0};
+  TC_REQUIRE(tc_store_open(&cfg, &st, &err) == 0);
+  struct tc_tx *a, *b = NULL;
+  BEGIN(st, 0, a);
+  int64_t t0 = tc_mono_ms();
+  TC_CHECK_INT(tc_store_begin(st, 0, &b, &err), TC_EAGAIN);
+  TC_CHECK(tc_mono_ms() - t0 >= 140);
+  TC_CHECK(strstr(err.msg, "busy") != NULL);
+  OK(tc_tx_commit(a, &err));
+  BEGIN(st, 0, b);
+  tc_tx_rollback(b);
   tc_store_close(st);
 }
 
