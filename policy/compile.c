@@ -1121,14 +1121,17 @@ static void build_reach(json_t *filter, struct reach *rc)
   json_t *o, *v;
   rc->r = tc_xcalloc(json_array_size(filter) + 1, sizeof(*rc->r));
   json_array_foreach(filter, i, o) {
-    json_t *dp = json_object_get(o, "DstPorts");
-    if (!dp)
-      continue;
+    /* App grants (CapGrant) make peers visible just as network rules do. */
+    json_t *dp = json_object_get(o, "DstPorts"), *cg = json_object_get(o, "CapGrant");
     struct reach_rule *rr = &rc->r[rc->n++];
     ipset_init(&rr->src);
     ipset_init(&rr->dst);
     json_array_foreach(json_object_get(o, "SrcIPs"), k, v) add_src_string(&rr->src, json_string_value(v), &rr->src_all);
     json_array_foreach(dp, k, v) add_src_string(&rr->dst, json_string_value(json_object_get(v, "IP")), &rr->dst_all);
+    size_t c;
+    json_t *g;
+    json_array_foreach(cg, c, g) json_array_foreach(json_object_get(g, "Dsts"), k, v)
+        add_src_string(&rr->dst, json_string_value(v), &rr->dst_all);
     ipset_norm(&rr->src);
     ipset_norm(&rr->dst);
   }
