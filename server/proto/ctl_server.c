@@ -1,0 +1,1026 @@
+/* ctl_server: the /ts2021 event loop. One epoll thread owns every Noise
+ * connection (non-blocking sockets), decrypts records, feeds nghttp2, and
+ * seals what nghttp2 emits into records of at most 4096 bytes. Complete
+ * requests go to a worker pool; workers answer through tc_ctl_stream, whose
+ * queue the loop drains with a deferred data provider.
+ *
+ * Locks: st->mu (stream shared state) may be held while taking srv->mu (the
+ * hand-off lists); never the other way round. srv->wmu guards the job queue
+ * and is never held with either. Fields marked "loop" are touched only by
+ * the loop thread. */
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <nghttp2/nghttp2.h>
+#include <pthread.h>
+#include <sodium.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "crypto/crypto.h"
+#include "proto/proto.h"
+
+#define OUT_HIGH (256u * 1024)    /* stop pulling from nghttp2 above this */
+#define READ_CHUNK 16384
+#define READ_BUDGET (256u * 1024) /* bytes per readiness event, for fairness */
+#define CLOSING_GRACE_MS 5000     /* a refused connection gets this long to drain */
+#define PREFACE_TIMEOUT_MS 30000  /* established but no HTTP/2 request yet */
+#define STREAM_OBJECTS_MAX (4 * TC_CTL_MAX_STREAMS)
+
+struct conn;
+
+struct tc_ctl_stream {
+  atomic_int refs;
+  struct conn *conn; /* counted reference, stable for the stream's life */
+  struct tc_ctl_server *srv;
+  int32_t id;
+  /* loop: request assembly */
+  char *method, *path, *authority;
+  struct tc_ctl_header *headers;
+  size_t nheaders, header_bytes;
+  struct tc_buf body;
+  bool too_big, dispatched, direct, h2_closed, submitted;
+  struct tc_ctl_stream *cprev, *cnext; /* conn's stream list (loop) */
+  struct tc_ctl_request req;
+  /* shared, under mu */
+  pthread_mutex_t mu;
+  int status;
+  char *ctype;
+  bool begun, ended, cancelled, notified, reset_req;
+  struct tc_buf q;
+  size_t qoff;
+  void (*cancel_fn)(void *);
+  void *cancel_arg;
+  struct tc_ctl_stream *notify_next, *job_next;
+};
+
+struct conn {
+  atomic_int refs;
+  atomic_size_t queued;  /* response bytes waiting in stream queues */
+  atomic_size_t inbound; /* request body bytes held by live streams */
+  atomic_int objects;    /* stream objects alive (incl. handler-held) */
+  struct tc_ctl_server *srv;
+  int fd;
+  uint64_t id;
+  char peer[64];
+  struct tc_ts_session sess;
+  nghttp2_session *h2;
+  struct tc_buf in, out, stage;
+  bool established, closing, dead, want_out, got_request;
+  int64_t deadline_ms;
+  struct tc_ctl_stream *streams;
+  struct conn *prev, *next;
+};
+
+struct incoming {
+  int fd;
+  size_t init_len;
+  uint8_t init[TC_TS_INIT_LEN];
+  char peer[64];
+  struct incoming *next;
+};
+
+struct tc_ctl_server {
+  tc_ctl_handler_fn handler;
+  void *ctx;
+  uint8_t priv[TC_KEY_LEN];
+  struct tc_ctl_server_opts opts;
+  int epfd, evfd;
+  pthread_t loop;
+  bool loop_started;
+  pthread_mutex_t mu;
+  struct incoming *incoming;
+  struct tc_ctl_stream *notify;
+  bool stopping;
+  pthread_mutex_t wmu;
+  pthread_cond_t wcond;
+  struct tc_ctl_stream *jobs, *jobs_tail;
+  bool wstop;
+  int nworkers;
+  pthread_t *workers;
+  struct conn *conns; /* loop */
+  struct conn *dead;  /* loop: freed at the end of an iteration */
+  uint64_t next_id;
+  nghttp2_session_callbacks *cbs;
+  nghttp2_option *h2opt;
+  atomic_uint_fast64_t st_conns_open, st_conns_total, st_hs_failed, st_streams_open, st_requests;
+};
+
+/* ---- reference counting ---------------------------------------------------- */
+static void conn_unref(struct conn *c) {
+  if (!c || atomic_fetch_sub(&c->refs, 1) != 1) return;
+  tc_wipe(&c->sess, sizeof c->sess);
+  tc_buf_free(&c->in);
+  tc_buf_free(&c->out);
+  tc_buf_free(&c->stage);
+  free(c);
+}
+
+void tc_ctl_stream_ref(struct tc_ctl_stream *st) {
+  if (st) atomic_fetch_add(&st->refs, 1);
+}
+
+void tc_ctl_stream_unref(struct tc_ctl_stream *st) {
+  if (!st || atomic_fetch_sub(&st->refs, 1) != 1) return;
+  struct conn *c = st->conn;
+  atomic_fetch_sub(&c->queued, st->q.len - st->qoff);
+  atomic_fetch_sub(&c->inbound, st->body.len);
+  atomic_fetch_sub(&c->objects, 1);
+  free(st->method);
+  free(st->path);
+  free(st->authority);
+  for (size_t i = 0; i < st->nheaders; i++) {
+    free(st->headers[i].name);
+    free(st->headers[i].value);
+  }
+  free(st->headers);
+  tc_buf_free(&st->body);
+  tc_buf_free(&st->q);
+  free(st->ctype);
+  pthread_mutex_destroy(&st->mu);
+  free(st);
+  conn_unref(c);
+}
+
+static void wake_loop(struct tc_ctl_server *srv) {
+  uint64_t one = 1;
+  ssize_t r = write(srv->evfd, &one, sizeof one);
+  (void)r; /* EAGAIN means a wake-up is pending already */
+}
+
+/* With st->mu held: queues st for the loop unless already queued. */
+static void notify_locked(struct tc_ctl_stream *st) {
+  if (st->notified || st->cancelled) return;
+  st->notified = true;
+  atomic_fetch_add(&st->refs, 1);
+  struct tc_ctl_server *srv = st->srv;
+  pthread_mutex_lock(&srv->mu);
+  st->notify_next = srv->notify;
+  srv->notify = st;
+  wake_loop(srv);
+  pthread_mutex_unlock(&srv->mu);
+}
+
+/* ---- stream API (any thread) -------------------------------------------------- */
+const struct tc_ctl_request *tc_ctl_stream_request(struct tc_ctl_stream *st) { return &st->req; }
+
+const char *tc_ctl_request_header(const struct tc_ctl_request *req, const char *name) {
+  for (size_t i = 0; i < req->nheaders; i++)
+    if (tc_strieq(req->headers[i].name, name)) return req->headers[i].value;
+  return NULL;
+}
+
+static bool valid_ctype(const char *ct) {
+  if (!ct) return true;
+  if (strlen(ct) > 200) return false;
+  for (const char *p = ct; *p; p++)
+    if ((unsigned char)*p < 0x20 || *p == 0x7f) return false;
+  return true;
+}
+
+static int begin_locked(struct tc_ctl_stream *st, int status, const char *content_type) {
+  if (st->begun || st->ended) return TC_EINVAL;
+  if (status < 200 || status > 599 || !valid_ctype(content_type)) return TC_EINVAL;
+  st->begun = true;
+  st->status = status;
+  st->ctype = content_type ? tc_xstrdup(content_type) : NULL;
+  return 0;
+}
+
+/* With st->mu held: accounts and queues len bytes. */
+static int queue_locked(struct tc_ctl_stream *st, const void *data, size_t len) {
+  if (!len) return 0;
+  size_t prev = atomic_fetch_add(&st->conn->queued, len);
+  if (prev + len > TC_CTL_CONN_BUFFER_MAX) {
+    atomic_fetch_sub(&st->conn->queued, len);
+    st->reset_req = true; /* a peer that does not read is cut off */
+    return TC_ETOOBIG;
+  }
+  if (st->qoff && st->qoff == st->q.len) {
+    tc_buf_reset(&st->q);
+    st->qoff = 0;
+  }
+  tc_buf_append(&st->q, data, len);
+  return 0;
+}
+
+int tc_ctl_stream_respond(struct tc_ctl_stream *st, int status, const char *content_type, const void *body,
+                          size_t len) {
+  pthread_mutex_lock(&st->mu);
+  if (st->begun || st->ended) {
+    pthread_mutex_unlock(&st->mu);
+    return TC_EINVAL;
+  }
+  int rc;
+  if (st->cancelled) {
+    rc = TC_EIO;
+  } else if ((rc = begin_locked(st, status, content_type)) == 0) {
+    rc = queue_locked(st, body, len);
+  }
+  st->begun = true;
+  st->ended = true;
+  if (rc == TC_EINVAL) st->status = 500;
+  notify_locked(st);
+  pthread_mutex_unlock(&st->mu);
+  tc_ctl_stream_unref(st);
+  return rc;
+}
+
+int tc_ctl_stream_begin(struct tc_ctl_stream *st, int status, const char *content_type) {
+  pthread_mutex_lock(&st->mu);
+  int rc = st->cancelled ? TC_EIO : begin_locked(st, status, content_type);
+  if (rc == 0) notify_locked(st);
+  pthread_mutex_unlock(&st->mu);
+  return rc;
+}
+
+int tc_ctl_stream_write(struct tc_ctl_stream *st, const void *data, size_t len) {
+  pthread_mutex_lock(&st->mu);
+  int rc;
+  if (st->cancelled || st->reset_req)
+    rc = TC_EIO;
+  else if (!st->begun || st->ended)
+    rc = TC_EINVAL;
+  else
+    rc = queue_locked(st, data, len);
+  if (rc == 0 || rc == TC_ETOOBIG) notify_locked(st);
+  pthread_mutex_unlock(&st->mu);
+  return rc;
+}
+
+void tc_ctl_stream_end(struct tc_ctl_stream *st) {
+  pthread_mutex_lock(&st->mu);
+  if (!st->ended) {
+    if (!st->begun) {
+      st->begun = true;
+      st->status = 500;
+    }
+    st->ended = true;
+    notify_locked(st);
+  }
+  pthread_mutex_unlock(&st->mu);
+  tc_ctl_stream_unref(st);
+}
+
+void tc_ctl_stream_on_cancel(struct tc_ctl_stream *st, void (*fn)(void *arg), void *arg) {
+  pthread_mutex_lock(&st->mu);
+  bool now = st->cancelled;
+  if (!now) {
+    st->cancel_fn = fn;
+    st->cancel_arg = arg;
+  }
+  pthread_mutex_unlock(&st->mu);
+  if (now && fn) fn(arg);
+}
+
+bool tc_ctl_stream_cancelled(struct tc_ctl_stream *st) {
+  pthread_mutex_lock(&st->mu);
+  bool c = st->cancelled;
+  pthread_mutex_unlock(&st->mu);
+  return c;
+}
+
+/* Marks the stream dead for writers and runs the cancel callback if the
+ * response was still open. Any thread; idempotent. */
+static void stream_cancel(struct tc_ctl_stream *st) {
+  pthread_mutex_lock(&st->mu);
+  if (st->cancelled) {
+    pthread_mutex_unlock(&st->mu);
+    return;
+  }
+  st->cancelled = true;
+  void (*fn)(void *) = st->ended ? NULL : st->cancel_fn;
+  void *arg = st->cancel_arg;
+  st->cancel_fn = NULL;
+  atomic_fetch_sub(&st->conn->queued, st->q.len - st->qoff);
+  tc_buf_reset(&st->q);
+  st->qoff = 0;
+  pthread_mutex_unlock(&st->mu);
+  if (fn) fn(arg);
+}
+
+/* ---- workers --------------------------------------------------------------- */
+static void push_job(struct tc_ctl_server *srv, struct tc_ctl_stream *st) {
+  pthread_mutex_lock(&srv->wmu);
+  st->job_next = NULL;
+  if (srv->jobs_tail)
+    srv->jobs_tail->job_next = st;
+  else
+    srv->jobs = st;
+  srv->jobs_tail = st;
+  pthread_cond_signal(&srv->wcond);
+  pthread_mutex_unlock(&srv->wmu);
+}
+
+static void *worker_main(void *arg) {
+  struct tc_ctl_server *srv = arg;
+  for (;;) {
+    pthread_mutex_lock(&srv->wmu);
+    while (!srv->jobs && !srv->wstop) pthread_cond_wait(&srv->wcond, &srv->wmu);
+    struct tc_ctl_stream *st = srv->jobs;
+    bool stopping = srv->wstop;
+    if (st) {
+      srv->jobs = st->job_next;
+      if (!srv->jobs) srv->jobs_tail = NULL;
+    }
+    pthread_mutex_unlock(&srv->wmu);
+    if (!st) break;
+    /* The job holds the handler's reference. A request whose stream is gone
+     * already (client reset, connection lost, shutdown) is not run. */
+    if (stopping || tc_ctl_stream_cancelled(st)) {
+      tc_ctl_stream_end(st);
+      continue;
+    }
+    tc_ctl_stream_ref(st);
+    srv->handler(srv->ctx, &st->req, st);
+    pthread_mutex_lock(&st->mu);
+    bool begun = st->begun;
+    pthread_mutex_unlock(&st->mu);
+    if (!begun) tc_ctl_stream_respond(st, 500, "text/plain; charset=utf-8", "internal error\n", 15);
+    tc_ctl_stream_unref(st);
+  }
+  return NULL;
+}
+
+/* ---- connection output (loop) --------------------------------------------------- */
+static void conn_kill(struct conn *c);
+
+static void seal_stage(struct conn *c, size_t n) {
+  uint8_t rec[TC_TS_MAX_MSG];
+  int len = tc_ts_seal_record(&c->sess.tx, c->stage.data, n, rec);
+  if (len < 0) {
+    conn_kill(c);
+    return;
+  }
+  tc_buf_append(&c->out, rec, (size_t)len);
+  tc_buf_consume(&c->stage, n);
+}
+
+/* Seals arbitrary plaintext into as many records as needed. */
+static void conn_send_plain(struct conn *c, const void *p, size_t n) {
+  tc_buf_append(&c->stage, p, n);
+  while (!c->dead && c->stage.len > 0) seal_stage(c, TC_MIN(c->stage.len, (size_t)TC_TS_MAX_PLAINTEXT));
+}
+
+static void set_epollout(struct conn *c, bool on) {
+  if (c->want_out == on) return;
+  struct epoll_event ev = {.events = EPOLLIN | (on ? EPOLLOUT : 0), .data.ptr = c};
+  epoll_ctl(c->srv->epfd, EPOLL_CTL_MOD, c->fd, &ev);
+  c->want_out = on;
+}
+
+static void conn_flush(struct conn *c) {
+  if (c->dead) return;
+  for (;;) {
+    bool drained_h2 = true;
+    if (c->h2) {
+      while (c->out.len < OUT_HIGH) {
+        const uint8_t *data;
+        ssize_t n = nghttp2_session_mem_send(c->h2, &data);
+        if (n < 0) {
+          conn_kill(c);
+          return;
+        }
+        if (n == 0) break;
+        tc_buf_append(&c->stage, data, (size_t)n);
+        while (!c->dead && c->stage.len >= TC_TS_MAX_PLAINTEXT) seal_stage(c, TC_TS_MAX_PLAINTEXT);
+        if (c->dead) return;
+      }
+      drained_h2 = c->out.len < OUT_HIGH;
+      if (c->stage.len) seal_stage(c, c->stage.len);
+      if (c->dead) return;
+    }
+    while (c->out.len) {
+      ssize_t w = send(c->fd, c->out.data, c->out.len, MSG_NOSIGNAL);
+      if (w > 0) {
+        tc_buf_consume(&c->out, (size_t)w);
+        continue;
+      }
+      if (w < 0 && errno == EINTR) continue;
+      if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
+      conn_kill(c);
+      return;
+    }
+    /* Stopped pulling at OUT_HIGH and the socket took it all: pull more. */
+    if (c->out.len == 0 && !drained_h2) continue;
+    break;
+  }
+  set_epollout(c, c->out.len > 0);
+  if (c->out.len == 0) {
+    if (c->closing) {
+      conn_kill(c);
+    } else if (c->h2 && !nghttp2_session_want_read(c->h2) && !nghttp2_session_want_write(c->h2)) {
+      conn_kill(c); /* GOAWAY exchanged or fatal protocol error sent */
+    }
+  }
+}
+
+/* ---- nghttp2 callbacks (loop) ------------------------------------------------------ */
+static void stream_detach(struct conn *c, struct tc_ctl_stream *st) {
+  if (st->h2_closed) return;
+  st->h2_closed = true;
+  if (st->cprev)
+    st->cprev->cnext = st->cnext;
+  else
+    c->streams = st->cnext;
+  if (st->cnext) st->cnext->cprev = st->cprev;
+  st->cprev = st->cnext = NULL;
+  atomic_fetch_sub(&c->srv->st_streams_open, 1);
+  stream_cancel(st);
+  tc_ctl_stream_unref(st); /* the loop's reference */
+}
+
+static ssize_t data_read_cb(nghttp2_session *s, int32_t id, uint8_t *buf, size_t length, uint32_t *flags,
+                            nghttp2_data_source *src, void *user) {
+  struct tc_ctl_stream *st = src->ptr;
+  pthread_mutex_lock(&st->mu);
+  size_t avail = st->q.len - st->qoff, n = TC_MIN(avail, length);
+  if (n) memcpy(buf, st->q.data + st->qoff, n);
+  st->qoff += n;
+  atomic_fetch_sub(&st->conn->queued, n);
+  if (st->qoff == st->q.len) {
+    tc_buf_reset(&st->q);
+    st->qoff = 0;
+  }
+  bool eof = st->ended && st->q.len == 0;
+  pthread_mutex_unlock(&st->mu);
+  if (eof) *flags |= NGHTTP2_DATA_FLAG_EOF;
+  if (n == 0 && !eof) return NGHTTP2_ERR_DEFERRED;
+  return (ssize_t)n;
+}
+
+static void submit_response(struct conn *c, struct tc_ctl_stream *st) {
+  char status[4];
+  pthread_mutex_lock(&st->mu);
+  snprintf(status, sizeof status, "%03d", st->status);
+  char *ctype = st->ctype ? tc_xstrdup(st->ctype) : NULL;
+  pthread_mutex_unlock(&st->mu);
+  nghttp2_nv nva[2] = {
+      {(uint8_t *)":status", (uint8_t *)status, 7, 3, NGHTTP2_NV_FLAG_NONE},
+      {(uint8_t *)"content-type", (uint8_t *)ctype, 12, ctype ? strlen(ctype) : 0, NGHTTP2_NV_FLAG_NONE},
+  };
+  nghttp2_data_provider prd = {.source.ptr = st, .read_callback = data_read_cb};
+  if (nghttp2_submit_response(c->h2, st->id, nva, ctype ? 2 : 1, &prd) == 0) st->submitted = true;
+  free(ctype);
+}
+
+/* Answers from the loop itself (413 and friends); no handler involved. */
+static void respond_direct(struct conn *c, struct tc_ctl_stream *st, int status, const char *text) {
+  pthread_mutex_lock(&st->mu);
+  bool ok = begin_locked(st, status, "text/plain; charset=utf-8") == 0;
+  if (ok) queue_locked(st, text, strlen(text));
+  st->ended = true;
+  pthread_mutex_unlock(&st->mu);
+  st->direct = true;
+  if (ok) submit_response(c, st);
+}
+
+static struct tc_ctl_stream *stream_of(nghttp2_session *s, int32_t id) {
+  return nghttp2_session_get_stream_user_data(s, id);
+}
+
+static int on_begin_headers(nghttp2_session *s, const nghttp2_frame *f, void *user) {
+  struct conn *c = user;
+  if (f->hd.type != NGHTTP2_HEADERS || f->headers.cat != NGHTTP2_HCAT_REQUEST) return 0;
+  /* Streams reset by the client may still be held by handlers; bound them
+   * so a reset flood cannot pile up work. */
+  if (atomic_load(&c->objects) >= STREAM_OBJECTS_MAX) return NGHTTP2_ERR_CALLBACK_FAILURE;
+  struct tc_ctl_stream *st = tc_xcalloc(1, sizeof *st);
+  atomic_init(&st->refs, 1);
+  pthread_mutex_init(&st->mu, NULL);
+  st->conn = c;
+  atomic_fetch_add(&c->refs, 1);
+  atomic_fetch_add(&c->objects, 1);
+  st->srv = c->srv;
+  st->id = f->hd.stream_id;
+  st->cnext = c->streams;
+  if (c->streams) c->streams->cprev = st;
+  c->streams = st;
+  atomic_fetch_add(&c->srv->st_streams_open, 1);
+  c->got_request = true;
+  nghttp2_session_set_stream_user_data(s, st->id, st);
+  return 0;
+}
+
+static int on_header(nghttp2_session *s, const nghttp2_frame *f, const uint8_t *name, size_t namelen,
+                     const uint8_t *value, size_t valuelen, uint8_t flags, void *user) {
+  if (f->hd.type != NGHTTP2_HEADERS) return 0;
+  struct tc_ctl_stream *st = stream_of(s, f->hd.stream_id);
+  if (!st || st->dispatched) return 0;
+  /* Go's client sends a handful of short headers; anything huge is hostile
+   * and costs us memory, so the whole connection goes. */
+  st->header_bytes += namelen + valuelen + 32;
+  if (st->header_bytes > TC_CTL_HEADER_BYTES_MAX) return NGHTTP2_ERR_CALLBACK_FAILURE;
+  char **slot = NULL;
+  if (namelen == 7 && !memcmp(name, ":method", 7))
+    slot = &st->method;
+  else if (namelen == 5 && !memcmp(name, ":path", 5))
+    slot = &st->path;
+  else if (namelen == 10 && !memcmp(name, ":authority", 10))
+    slot = &st->authority;
+  if (slot) {
+    free(*slot);
+    *slot = tc_xstrndup((const char *)value, valuelen);
+    return 0;
+  }
+  if (namelen && name[0] == ':') return 0; /* :scheme */
+  if (st->nheaders >= TC_CTL_HEADERS_MAX) return NGHTTP2_ERR_CALLBACK_FAILURE;
+  if (namelen == 14 && !memcmp(name, "content-length", 14)) {
+    /* nghttp2 has validated the digits; refuse early instead of buffering. */
+    char tmp[16];
+    size_t n = TC_MIN(valuelen, sizeof tmp - 1);
+    memcpy(tmp, value, n);
+    tmp[n] = 0;
+    if (valuelen > 9 || strtoul(tmp, NULL, 10) > TC_CTL_BODY_MAX) st->too_big = true;
+  }
+  st->headers = tc_xrealloc(st->headers, (st->nheaders + 1) * sizeof *st->headers);
+  st->headers[st->nheaders].name = tc_xstrndup((const char *)name, namelen);
+  st->headers[st->nheaders].value = tc_xstrndup((const char *)value, valuelen);
+  st->nheaders++;
+  return 0;
+}
+
+static int on_data_chunk(nghttp2_session *s, uint8_t flags, int32_t id, const uint8_t *data, size_t len,
+                         void *user) {
+  struct conn *c = user;
+  struct tc_ctl_stream *st = stream_of(s, id);
+  if (!st || st->too_big || st->dispatched) return 0; /* discarded; nghttp2 still credits the window */
+  if (st->body.len + len > TC_CTL_BODY_MAX) {
+    st->too_big = true;
+    atomic_fetch_sub(&c->inbound, st->body.len);
+    tc_buf_free(&st->body);
+    return 0;
+  }
+  if (atomic_fetch_add(&c->inbound, len) + len > TC_CTL_CONN_BUFFER_MAX) {
+    atomic_fetch_sub(&c->inbound, len);
+    return NGHTTP2_ERR_CALLBACK_FAILURE;
+  }
+  tc_buf_append(&st->body, data, len);
+  return 0;
+}
+
+static void dispatch(struct conn *c, struct tc_ctl_stream *st) {
+  st->dispatched = true;
+  struct tc_ctl_request *r = &st->req;
+  r->method = st->method ? st->method : "";
+  r->path = st->path ? st->path : "";
+  r->authority = st->authority ? st->authority : "";
+  r->headers = st->headers;
+  r->nheaders = st->nheaders;
+  if (!st->body.data) tc_buf_reserve(&st->body, 1);
+  r->body = (const uint8_t *)st->body.data;
+  r->body_len = st->body.len;
+  memcpy(r->machine_key, c->sess.peer, 32);
+  r->version = c->sess.version;
+  r->conn_id = c->id;
+  r->stream_id = st->id;
+  snprintf(r->peer, sizeof r->peer, "%s", c->peer);
+  atomic_fetch_add(&c->srv->st_requests, 1);
+  tc_ctl_stream_ref(st); /* the handler's reference, carried by the job */
+  push_job(c->srv, st);
+}
+
+static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *f, void *user) {
+  struct conn *c = user;
+  if (f->hd.type != NGHTTP2_HEADERS && f->hd.type != NGHTTP2_DATA) return 0;
+  struct tc_ctl_stream *st = stream_of(s, f->hd.stream_id);
+  if (!st || st->dispatched || st->direct) return 0;
+  if (st->too_big) {
+    /* Answer now; the rest of the body is read and dropped. */
+    respond_direct(c, st, 413, "request body too large\n");
+    return 0;
+  }
+  if (f->hd.flags & NGHTTP2_FLAG_END_STREAM) dispatch(c, st);
+  return 0;
+}
+
+static int on_stream_close(nghttp2_session *s, int32_t id, uint32_t code, void *user) {
+  struct conn *c = user;
+  struct tc_ctl_stream *st = stream_of(s, id);
+  if (st) stream_detach(c, st);
+  return 0;
+}
+
+/* ---- connection lifecycle (loop) ------------------------------------------------------ */
+static void conn_kill(struct conn *c) {
+  if (c->dead) return;
+  c->dead = true;
+  struct tc_ctl_server *srv = c->srv;
+  /* nghttp2_session_del does not report stream closure: cancel here. */
+  while (c->streams) stream_detach(c, c->streams);
+  if (c->h2) nghttp2_session_del(c->h2);
+  c->h2 = NULL;
+  close(c->fd);
+  c->fd = -1;
+  if (c->prev)
+    c->prev->next = c->next;
+  else
+    srv->conns = c->next;
+  if (c->next) c->next->prev = c->prev;
+  c->prev = NULL;
+  c->next = srv->dead;
+  srv->dead = c;
+  atomic_fetch_sub(&srv->st_conns_open, 1);
+}
+
+static void conn_process_records(struct conn *c) {
+  size_t off = 0;
+  uint8_t pt[TC_TS_MAX_MSG];
+  while (!c->dead) {
+    const uint8_t *p = (const uint8_t *)c->in.data + off;
+    size_t avail = c->in.len - off;
+    int rl = tc_ts_record_len(p, avail);
+    if (rl < 0) {
+      conn_kill(c);
+      return;
+    }
+    if (rl == 0 || avail < (size_t)rl) break;
+    size_t ptlen;
+    if (tc_ts_open_record(&c->sess.rx, p, (size_t)rl, pt, &ptlen)) {
+      conn_kill(c);
+      return;
+    }
+    off += (size_t)rl;
+    if (ptlen == 0) continue; /* empty records are legal */
+    ssize_t r = nghttp2_session_mem_recv(c->h2, pt, ptlen);
+    if (r < 0 || (size_t)r != ptlen) {
+      conn_kill(c);
+      return;
+    }
+  }
+  if (!c->dead) tc_buf_consume(&c->in, off);
+}
+
+static void conn_read(struct conn *c) {
+  size_t budget = READ_BUDGET;
+  while (!c->dead && budget) {
+    tc_buf_reserve(&c->in, READ_CHUNK);
+    ssize_t n = recv(c->fd, c->in.data + c->in.len, READ_CHUNK, 0);
+    if (n > 0) {
+      budget = (size_t)n >= budget ? 0 : budget - (size_t)n;
+      if (!c->established) continue; /* refused: drain and ignore */
+      c->in.len += (size_t)n;
+      conn_process_records(c);
+      continue;
+    }
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
+    conn_kill(c); /* EOF or error */
+    return;
+  }
+}
+
+static const char resp101[] =
+    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: tailscale-control-protocol\r\nConnection: upgrade\r\n\r\n";
+
+static void conn_start(struct tc_ctl_server *srv, struct incoming *in) {
+  struct conn *c = tc_xcalloc(1, sizeof *c);
+  atomic_init(&c->refs, 1);
+  c->srv = srv;
+  c->fd = in->fd;
+  c->id = ++srv->next_id;
+  memcpy(c->peer, in->peer, sizeof c->peer);
+  int fl = fcntl(c->fd, F_GETFL);
+  fcntl(c->fd, F_SETFL, fl | O_NONBLOCK);
+  int one = 1;
+  setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one); /* fails harmlessly on AF_UNIX */
+  c->next = srv->conns;
+  if (srv->conns) srv->conns->prev = c;
+  srv->conns = c;
+  atomic_fetch_add(&srv->st_conns_open, 1);
+  atomic_fetch_add(&srv->st_conns_total, 1);
+  struct epoll_event ev = {.events = EPOLLIN, .data.ptr = c};
+  if (epoll_ctl(srv->epfd, EPOLL_CTL_ADD, c->fd, &ev) < 0) {
+    conn_kill(c);
+    return;
+  }
+  tc_buf_append(&c->out, resp101, sizeof resp101 - 1);
+  uint8_t resp[TC_TS_RESP_LEN];
+  const char *emsg = NULL;
+  int rc = tc_ts_server_accept(srv->priv, in->init, in->init_len, NULL, resp, &c->sess, &emsg);
+  if (rc) {
+    atomic_fetch_add(&srv->st_hs_failed, 1);
+    if (emsg) {
+      uint8_t ef[256];
+      tc_buf_append(&c->out, ef, tc_ts_error_frame(emsg, ef));
+    }
+    c->closing = true;
+    c->deadline_ms = tc_mono_ms() + CLOSING_GRACE_MS;
+    conn_flush(c);
+    return;
+  }
+  c->established = true;
+  c->deadline_ms = tc_mono_ms() + PREFACE_TIMEOUT_MS;
+  tc_buf_append(&c->out, resp, sizeof resp);
+  if (srv->opts.early_payload) {
+    char *json = srv->opts.early_payload(srv->opts.early_ctx, c->sess.peer, c->sess.version);
+    if (json) {
+      size_t n = strlen(json);
+      uint8_t hdr[9] = {0xff, 0xff, 0xff, 'T', 'S', (uint8_t)(n >> 24), (uint8_t)(n >> 16), (uint8_t)(n >> 8),
+                        (uint8_t)n};
+      tc_buf_append(&c->stage, hdr, sizeof hdr);
+      conn_send_plain(c, json, n);
+      free(json);
+      if (c->dead) return;
+    }
+  }
+  if (nghttp2_session_server_new2(&c->h2, srv->cbs, c, srv->h2opt) != 0) {
+    c->h2 = NULL;
+    conn_kill(c);
+    return;
+  }
+  nghttp2_settings_entry iv[] = {
+      {NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, TC_CTL_MAX_STREAMS},
+      {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, TC_CTL_WINDOW},
+      {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, TC_CTL_HEADER_BYTES_MAX},
+  };
+  nghttp2_submit_settings(c->h2, NGHTTP2_FLAG_NONE, iv, TC_ARRAY_LEN(iv));
+  /* Room for several concurrent request bodies before WINDOW_UPDATEs. */
+  nghttp2_session_set_local_window_size(c->h2, NGHTTP2_FLAG_NONE, 0, 4 * TC_CTL_WINDOW);
+  conn_flush(c);
+}
+
+static void handle_wakeup(struct tc_ctl_server *srv) {
+  uint64_t v;
+  ssize_t r = read(srv->evfd, &v, sizeof v);
+  (void)r;
+  pthread_mutex_lock(&srv->mu);
+  struct incoming *inc = srv->incoming;
+  srv->incoming = NULL;
+  struct tc_ctl_stream *list = srv->notify;
+  srv->notify = NULL;
+  pthread_mutex_unlock(&srv->mu);
+  while (inc) {
+    struct incoming *next = inc->next;
+    conn_start(srv, inc);
+    tc_wipe(inc, sizeof *inc);
+    free(inc);
+    inc = next;
+  }
+  /* Reverse to restore submission order (the list is LIFO). */
+  struct tc_ctl_stream *rev = NULL;
+  while (list) {
+    struct tc_ctl_stream *next = list->notify_next;
+    list->notify_next = rev;
+    rev = list;
+    list = next;
+  }
+  struct conn *touched[64];
+  size_t ntouched = 0;
+  for (struct tc_ctl_stream *st = rev, *next; st; st = next) {
+    next = st->notify_next;
+    pthread_mutex_lock(&st->mu);
+    st->notified = false;
+    bool begun = st->begun, reset = st->reset_req;
+    pthread_mutex_unlock(&st->mu);
+    struct conn *c = st->conn;
+    if (!c->dead && !st->h2_closed && c->h2) {
+      if (reset)
+        nghttp2_submit_rst_stream(c->h2, NGHTTP2_FLAG_NONE, st->id, NGHTTP2_ENHANCE_YOUR_CALM);
+      else if (begun && !st->submitted)
+        submit_response(c, st);
+      else if (st->submitted)
+        nghttp2_session_resume_data(c->h2, st->id);
+      bool seen = false;
+      for (size_t i = 0; i < ntouched; i++) seen |= touched[i] == c;
+      if (!seen && ntouched < TC_ARRAY_LEN(touched)) {
+        touched[ntouched++] = c;
+        atomic_fetch_add(&c->refs, 1);
+      } else if (!seen) {
+        conn_flush(c);
+      }
+    }
+    tc_ctl_stream_unref(st);
+  }
+  for (size_t i = 0; i < ntouched; i++) {
+    conn_flush(touched[i]);
+    conn_unref(touched[i]);
+  }
+}
+
+static void check_deadlines(struct tc_ctl_server *srv) {
+  int64_t now = tc_mono_ms();
+  for (struct conn *c = srv->conns, *next; c; c = next) {
+    next = c->next;
+    if (c->deadline_ms && now > c->deadline_ms && (c->closing || !c->got_request)) conn_kill(c);
+  }
+}
+
+static void *loop_main(void *arg) {
+  struct tc_ctl_server *srv = arg;
+  struct epoll_event evs[64];
+  int64_t last_check = tc_mono_ms();
+  for (;;) {
+    int n = epoll_wait(srv->epfd, evs, TC_ARRAY_LEN(evs), 1000);
+    for (int i = 0; i < n; i++) {
+      struct conn *c = evs[i].data.ptr;
+      if (!c) {
+        handle_wakeup(srv);
+        continue;
+      }
+      if (c->dead) continue;
+      if (evs[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR)) conn_read(c);
+      if (!c->dead) conn_flush(c);
+    }
+    int64_t now = tc_mono_ms();
+    if (now - last_check >= 1000) {
+      check_deadlines(srv);
+      last_check = now;
+    }
+    while (srv->dead) {
+      struct conn *c = srv->dead;
+      srv->dead = c->next;
+      conn_unref(c);
+    }
+    pthread_mutex_lock(&srv->mu);
+    bool stop = srv->stopping;
+    pthread_mutex_unlock(&srv->mu);
+    if (stop) break;
+  }
+  while (srv->conns) conn_kill(srv->conns);
+  while (srv->dead) {
+    struct conn *c = srv->dead;
+    srv->dead = c->next;
+    conn_unref(c);
+  }
+  return NULL;
+}
+
+/* ---- upgrade (listener thread) ------------------------------------------------------- */
+static const char *head_get(const struct tc_http_head *h, const char *name) {
+  for (size_t i = 0; i < h->nheaders && i < TC_HTTP_HEADERS_MAX; i++)
+    if (h->headers[i].name && tc_strieq(h->headers[i].name, name)) return h->headers[i].value;
+  return NULL;
+}
+
+static void refuse(int fd, int status, const char *reason, const char *body) {
+  char buf[512];
+  int n = snprintf(buf, sizeof buf,
+                   "HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n"
+                   "Content-Length: %zu\r\n\r\n%s\n",
+                   status, reason, strlen(body) + 1, body);
+  ssize_t w = send(fd, buf, (size_t)n, MSG_NOSIGNAL | MSG_DONTWAIT);
+  (void)w;
+  shutdown(fd, SHUT_WR);
+  close(fd);
+}
+
+/* Discards the request head, which the front door left unread. */
+static int discard_head(int fd, size_t n) {
+  struct timeval tv = {.tv_sec = 2};
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  char buf[4096];
+  while (n) {
+    ssize_t r = recv(fd, buf, TC_MIN(n, sizeof buf), 0);
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) return TC_EIO;
+    n -= (size_t)r;
+  }
+  tv.tv_sec = 0;
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  return 0;
+}
+
+void tc_ctl_upgrade(void *ctx, int fd, const struct tc_http_head *head) {
+  struct tc_ctl_server *srv = ctx;
+  if (discard_head(fd, head->head_len)) {
+    close(fd);
+    return;
+  }
+  const char *up = head_get(head, "Upgrade");
+  if (!up || !*up) return refuse(fd, 400, "Bad Request", "missing next protocol");
+  if (tc_strieq(up, "websocket"))
+    return refuse(fd, 400, "Bad Request", "websocket transport not supported");
+  if (!tc_strieq(up, "tailscale-control-protocol")) return refuse(fd, 400, "Bad Request", "unknown next protocol");
+  const char *hs = head_get(head, "X-Tailscale-Handshake");
+  if (!hs || !*hs) return refuse(fd, 400, "Bad Request", "missing Tailscale handshake header");
+  /* The head is bounded (TC_HTTP_HEAD_MAX), so the decoded size is too. */
+  size_t hslen = strlen(hs);
+  uint8_t *dec = tc_xmalloc(hslen / 4 * 3 + 3);
+  size_t declen = 0;
+  const char *end = NULL;
+  int brc = sodium_base642bin(dec, hslen / 4 * 3 + 3, hs, hslen, NULL, &declen, &end,
+                              sodium_base64_VARIANT_ORIGINAL);
+  if (brc != 0 || end != hs + hslen) {
+    free(dec);
+    return refuse(fd, 400, "Bad Request", "invalid tailscale handshake header");
+  }
+  struct incoming *in = tc_xcalloc(1, sizeof *in);
+  in->fd = fd;
+  in->init_len = declen;
+  memcpy(in->init, dec, TC_MIN(declen, sizeof in->init));
+  snprintf(in->peer, sizeof in->peer, "%s", head->peer);
+  free(dec);
+  pthread_mutex_lock(&srv->mu);
+  bool stopping = srv->stopping;
+  if (!stopping) {
+    in->next = srv->incoming;
+    srv->incoming = in;
+    wake_loop(srv);
+  }
+  pthread_mutex_unlock(&srv->mu);
+  if (stopping) {
+    close(fd);
+    free(in);
+  }
+}
+
+/* ---- server lifecycle ------------------------------------------------------------------ */
+int tc_ctl_server_new(tc_ctl_handler_fn handler, void *ctx, const uint8_t server_priv[32],
+                      const struct tc_ctl_server_opts *opts, struct tc_ctl_server **out, struct tc_err *err) {
+  *out = NULL;
+  if (tc_crypto_init()) return tc_err_set(err, TC_EINTERNAL, "libsodium init failed");
+  struct tc_ctl_server *srv = tc_xcalloc(1, sizeof *srv);
+  srv->epfd = srv->evfd = -1;
+  srv->handler = handler;
+  srv->ctx = ctx;
+  memcpy(srv->priv, server_priv, 32);
+  if (opts) srv->opts = *opts;
+  if (srv->opts.workers <= 0) srv->opts.workers = 8;
+  pthread_mutex_init(&srv->mu, NULL);
+  pthread_mutex_init(&srv->wmu, NULL);
+  pthread_cond_init(&srv->wcond, NULL);
+  srv->epfd = epoll_create1(EPOLL_CLOEXEC);
+  srv->evfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  if (srv->epfd < 0 || srv->evfd < 0) {
+    tc_ctl_server_stop(srv);
+    return tc_err_set(err, TC_EIO, "epoll/eventfd: %s", strerror(errno));
+  }
+  struct epoll_event ev = {.events = EPOLLIN, .data.ptr = NULL};
+  epoll_ctl(srv->epfd, EPOLL_CTL_ADD, srv->evfd, &ev);
+
+  nghttp2_session_callbacks_new(&srv->cbs);
+  nghttp2_session_callbacks_set_on_begin_headers_callback(srv->cbs, on_begin_headers);
+  nghttp2_session_callbacks_set_on_header_callback(srv->cbs, on_header);
+  nghttp2_session_callbacks_set_on_data_chunk_recv_callback(srv->cbs, on_data_chunk);
+  nghttp2_session_callbacks_set_on_frame_recv_callback(srv->cbs, on_frame_recv);
+  nghttp2_session_callbacks_set_on_stream_close_callback(srv->cbs, on_stream_close);
+  nghttp2_option_new(&srv->h2opt);
+  /* A SETTINGS frame carries a handful of entries; more is a flood. */
+  nghttp2_option_set_max_settings(srv->h2opt, 32);
+
+  srv->workers = tc_xcalloc((size_t)srv->opts.workers, sizeof *srv->workers);
+  for (int i = 0; i < srv->opts.workers; i++) {
+    if (pthread_create(&srv->workers[i], NULL, worker_main, srv)) break;
+    srv->nworkers++;
+  }
+  if (srv->nworkers == 0 || pthread_create(&srv->loop, NULL, loop_main, srv)) {
+    tc_ctl_server_stop(srv);
+    return tc_err_set(err, TC_EINTERNAL, "cannot start threads");
+  }
+  srv->loop_started = true;
+  *out = srv;
+  return 0;
+}
+
+void tc_ctl_server_stop(struct tc_ctl_server *srv) {
+  if (!srv) return;
+  pthread_mutex_lock(&srv->mu);
+  srv->stopping = true;
+  if (srv->evfd >= 0) wake_loop(srv);
+  pthread_mutex_unlock(&srv->mu);
+  if (srv->loop_started) pthread_join(srv->loop, NULL);
+  /* Every connection is gone and every stream cancelled: handlers see
+   * failing writes and return; queued jobs are dropped unrun. */
+  pthread_mutex_lock(&srv->wmu);
+  srv->wstop = true;
+  pthread_cond_broadcast(&srv->wcond);
+  pthread_mutex_unlock(&srv->wmu);
+  for (int i = 0; i < srv->nworkers; i++) pthread_join(srv->workers[i], NULL);
+  free(srv->workers);
+  /* Leftovers the loop never picked up. */
+  while (srv->incoming) {
+    struct incoming *in = srv->incoming;
+    srv->incoming = in->next;
+    close(in->fd);
+    free(in);
+  }
+  while (srv->notify) {
+    struct tc_ctl_stream *st = srv->notify;
+    srv->notify = st->notify_next;
+    tc_ctl_stream_unref(st);
+  }
+  if (srv->cbs) nghttp2_session_callbacks_del(srv->cbs);
+  if (srv->h2opt) nghttp2_option_del(srv->h2opt);
+  if (srv->epfd >= 0) close(srv->epfd);
+  if (srv->evfd >= 0) close(srv->evfd);
+  pthread_mutex_destroy(&srv->mu);
+  pthread_mutex_destroy(&srv->wmu);
+  pthread_cond_destroy(&srv->wcond);
+  tc_wipe(srv->priv, sizeof srv->priv);
+  free(srv);
+}
+
+void tc_ctl_server_stats(struct tc_ctl_server *srv, struct tc_ctl_stats *out) {
+  out->conns_open = atomic_load(&srv->st_conns_open);
+  out->conns_total = atomic_load(&srv->st_conns_total);
+  out->handshakes_failed = atomic_load(&srv->st_hs_failed);
+  out->streams_open = atomic_load(&srv->st_streams_open);
+  out->requests_total = atomic_load(&srv->st_requests);
+}
