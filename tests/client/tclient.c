@@ -1,0 +1,556 @@
+/* tclient: the tailscaled-like test client (see tclient.h). Single-threaded
+ * per client: every call pumps the socket itself. */
+#include "tclient.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <jansson.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <nghttp2/nghttp2.h>
+#include <poll.h>
+#include <sodium.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "crypto/crypto.h"
+#include "proto/proto.h"
+
+struct tstream {
+  int32_t id;
+  int status;
+  bool headers_done, closed;
+  uint32_t error_code;
+  struct tc_buf body;
+  size_t map_off;
+  uint8_t *req;
+  size_t req_len, req_off;
+};
+
+struct tc_tclient {
+  int fd;
+  struct tc_ts_session sess;
+  uint8_t machine_pub[32];
+  nghttp2_session *h2;
+  struct tc_buf in, pre;
+  bool pre_done, first_settings, closed;
+  char *early_json;
+  size_t max_record, records;
+  struct tstream **streams;
+  size_t nstreams;
+};
+
+static int dial(const char *host, int port) {
+  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return -1;
+  struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+  if (inet_pton(AF_INET, host, &sa.sin_addr) != 1 || connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
+    close(fd);
+    return -1;
+  }
+  int one = 1;
+  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  return fd;
+}
+
+static int send_all(int fd, const void *p, size_t n) {
+  const char *b = p;
+  while (n) {
+    ssize_t w = send(fd, b, n, MSG_NOSIGNAL);
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) return TC_EIO;
+    b += w;
+    n -= (size_t)w;
+  }
+  return 0;
+}
+
+/* Reads exactly n bytes within the deadline. */
+static int recv_exact(int fd, void *p, size_t n, int64_t deadline) {
+  char *b = p;
+  while (n) {
+    int left = (int)(deadline - tc_mono_ms());
+    if (left <= 0) return TC_EAGAIN;
+    struct pollfd pfd = {.fd = fd, .events = POLLIN};
+    if (poll(&pfd, 1, left) <= 0) continue;
+    ssize_t r = recv(fd, b, n, 0);
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) return TC_EIO;
+    b += r;
+    n -= (size_t)r;
+  }
+  return 0;
+}
+
+char *tc_traw_exchange(int port, const void *req, size_t len, int timeout_ms, size_t *outlen) {
+  struct tc_buf out = TC_BUF_INIT;
+  tc_buf_reserve(&out, 1);
+  int fd = dial("127.0.0.1", port);
+  if (fd >= 0 && send_all(fd, req, len) == 0) {
+    int64_t deadline = tc_mono_ms() + timeout_ms;
+    for (;;) {
+      int left = (int)(deadline - tc_mono_ms());
+      if (left <= 0) break;
+      struct pollfd pfd = {.fd = fd, .events = POLLIN};
+      if (poll(&pfd, 1, left) <= 0) continue;
+      char buf[4096];
+      ssize_t r = recv(fd, buf, sizeof buf, 0);
+      if (r <= 0) break;
+      tc_buf_append(&out, buf, (size_t)r);
+    }
+  }
+  if (fd >= 0) close(fd);
+  return tc_buf_steal(&out, outlen);
+}
+
+int tc_tclient_fetch_key(const char *host, int port, uint16_t version, uint8_t server_pub[32], int *status,
+                         struct tc_err *err) {
+  char req[256];
+  int n = snprintf(req, sizeof req, "GET /key?v=%u HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n",
+                   (unsigned)version, host);
+  size_t len;
+  char *resp = tc_traw_exchange(port, req, (size_t)n, 5000, &len);
+  int rc = TC_EPROTO;
+  *status = 0;
+  if (sscanf(resp, "HTTP/1.1 %d", status) != 1) {
+    tc_err_set(err, TC_EPROTO, "no HTTP status from /key");
+    goto out;
+  }
+  char *body = strstr(resp, "\r\n\r\n");
+  if (*status != 200 || !body) {
+    rc = tc_err_set(err, TC_EPROTO, "/key status %d", *status);
+    goto out;
+  }
+  json_error_t jerr;
+  json_t *j = json_loads(body + 4, 0, &jerr);
+  const char *pk = j ? json_string_value(json_object_get(j, "publicKey")) : NULL;
+  if (pk && tc_key_parse(TC_KEY_MACHINE, pk, strlen(pk), server_pub) == 0)
+    rc = 0;
+  else
+    tc_err_set(err, TC_EPROTO, "bad /key body");
+  json_decref(j);
+out:
+  free(resp);
+  return rc;
+}
+
+/* ---- stream bookkeeping ------------------------------------------------------ */
+static struct tstream *find(struct tc_tclient *c, int32_t id) {
+  for (size_t i = 0; i < c->nstreams; i++)
+    if (c->streams[i]->id == id) return c->streams[i];
+  return NULL;
+}
+
+static int on_header(nghttp2_session *s, const nghttp2_frame *f, const uint8_t *name, size_t namelen,
+                     const uint8_t *value, size_t valuelen, uint8_t flags, void *user) {
+  struct tstream *st = find(user, f->hd.stream_id);
+  if (st && namelen == 7 && !memcmp(name, ":status", 7)) {
+    char tmp[8] = {0};
+    memcpy(tmp, value, TC_MIN(valuelen, sizeof tmp - 1));
+    st->status = atoi(tmp);
+  }
+  return 0;
+}
+
+static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *f, void *user) {
+  struct tstream *st = find(user, f->hd.stream_id);
+  if (st && f->hd.type == NGHTTP2_HEADERS) st->headers_done = true;
+  return 0;
+}
+
+static int on_data(nghttp2_session *s, uint8_t flags, int32_t id, const uint8_t *data, size_t len, void *user) {
+  struct tstream *st = find(user, id);
+  if (st) tc_buf_append(&st->body, data, len);
+  return 0;
+}
+
+static int on_close(nghttp2_session *s, int32_t id, uint32_t code, void *user) {
+  struct tstream *st = find(user, id);
+  if (st) {
+    st->closed = true;
+    st->error_code = code;
+  }
+  return 0;
+}
+
+static ssize_t req_read(nghttp2_session *s, int32_t id, uint8_t *buf, size_t length, uint32_t *flags,
+                        nghttp2_data_source *src, void *user) {
+  struct tstream *st = src->ptr;
+  size_t n = TC_MIN(length, st->req_len - st->req_off);
+  if (n) memcpy(buf, st->req + st->req_off, n);
+  st->req_off += n;
+  if (st->req_off == st->req_len) *flags |= NGHTTP2_DATA_FLAG_EOF;
+  return (ssize_t)n;
+}
+
+/* ---- Noise records ---------------------------------------------------------------- */
+int tc_tclient_send_raw(struct tc_tclient *c, const void *p, size_t n) { return send_all(c->fd, p, n); }
+
+int tc_tclient_send_record(struct tc_tclient *c, const void *pt, size_t n) {
+  uint8_t rec[TC_TS_MAX_MSG];
+  int len = tc_ts_seal_record(&c->sess.tx, pt, n, rec);
+  if (len < 0) return len;
+  return send_all(c->fd, rec, (size_t)len);
+}
+
+int tc_tclient_send_plain(struct tc_tclient *c, const void *pt, size_t n) {
+  const uint8_t *p = pt;
+  while (n) {
+    size_t k = TC_MIN(n, (size_t)TC_TS_MAX_PLAINTEXT);
+    int rc = tc_tclient_send_record(c, p, k);
+    if (rc) return rc;
+    p += k;
+    n -= k;
+  }
+  return 0;
+}
+
+static int flush(struct tc_tclient *c) {
+  struct tc_buf out = TC_BUF_INIT;
+  for (;;) {
+    const uint8_t *data;
+    ssize_t n = nghttp2_session_mem_send(c->h2, &data);
+    if (n < 0) {
+      tc_buf_free(&out);
+      return TC_EPROTO;
+    }
+    if (n == 0) break;
+    tc_buf_append(&out, data, (size_t)n);
+  }
+  int rc = out.len ? tc_tclient_send_plain(c, out.data, out.len) : 0;
+  tc_buf_free(&out);
+  return rc;
+}
+
+/* Plaintext from the server: the EarlyNoise check, then HTTP/2. */
+static int feed(struct tc_tclient *c, const uint8_t *p, size_t n) {
+  if (!c->pre_done) {
+    tc_buf_append(&c->pre, p, n);
+    if (c->pre.len < 9) return 0;
+    const uint8_t *b = (const uint8_t *)c->pre.data;
+    if (!memcmp(b, "\xff\xff\xffTS", 5)) {
+      size_t jl = (size_t)b[5] << 24 | (size_t)b[6] << 16 | (size_t)b[7] << 8 | b[8];
+      if (jl > (10u << 20)) return TC_ETOOBIG;
+      if (c->pre.len < 9 + jl) return 0;
+      free(c->early_json);
+      c->early_json = tc_xstrndup(c->pre.data + 9, jl);
+      tc_buf_consume(&c->pre, 9 + jl);
+      if (c->pre.len < 9) return 0;
+      b = (const uint8_t *)c->pre.data;
+    }
+    /* A frame header: length(3) type(1) flags(1) stream(4). */
+    c->first_settings = b[3] == NGHTTP2_SETTINGS && !(b[5] | b[6] | b[7] | b[8]);
+    c->pre_done = true;
+    ssize_t r = nghttp2_session_mem_recv(c->h2, (const uint8_t *)c->pre.data, c->pre.len);
+    tc_buf_free(&c->pre);
+    return r < 0 ? TC_EPROTO : 0;
+  }
+  ssize_t r = nghttp2_session_mem_recv(c->h2, p, n);
+  return r < 0 ? TC_EPROTO : 0;
+}
+
+static int process_in(struct tc_tclient *c) {
+  size_t off = 0;
+  uint8_t pt[TC_TS_MAX_MSG];
+  for (;;) {
+    const uint8_t *p = (const uint8_t *)c->in.data + off;
+    size_t avail = c->in.len - off;
+    if (avail >= 3) {
+      size_t wire = 3 + ((size_t)p[1] << 8 | p[2]);
+      if (wire > c->max_record) c->max_record = wire;
+    }
+    int rl = tc_ts_record_len(p, avail);
+    if (rl < 0) return TC_EPROTO;
+    if (rl == 0 || avail < (size_t)rl) break;
+    size_t ptlen;
+    if (tc_ts_open_record(&c->sess.rx, p, (size_t)rl, pt, &ptlen)) return TC_EPROTO;
+    c->records++;
+    off += (size_t)rl;
+    if (ptlen && feed(c, pt, ptlen)) return TC_EPROTO;
+  }
+  tc_buf_consume(&c->in, off);
+  return 0;
+}
+
+int tc_tclient_pump(struct tc_tclient *c, int timeout_ms) {
+  if (c->closed) return TC_EIO;
+  if (flush(c)) goto dead;
+  struct pollfd pfd = {.fd = c->fd, .events = POLLIN};
+  int pr = poll(&pfd, 1, timeout_ms);
+  if (pr <= 0) return 0;
+  for (;;) {
+    tc_buf_reserve(&c->in, 16384);
+    ssize_t r = recv(c->fd, c->in.data + c->in.len, 16384, MSG_DONTWAIT);
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
+    if (r <= 0) goto dead;
+    c->in.len += (size_t)r;
+    if (process_in(c)) goto dead;
+  }
+  if (flush(c)) goto dead;
+  return 0;
+dead:
+  c->closed = true;
+  for (size_t i = 0; i < c->nstreams; i++) c->streams[i]->closed = true;
+  return TC_EIO;
+}
+
+bool tc_tclient_closed(struct tc_tclient *c) { return c->closed; }
+
+/* ---- connect ------------------------------------------------------------------------ */
+int tc_tclient_connect(const char *host, int port, const struct tc_tclient_opts *opts, struct tc_tclient **out,
+                       struct tc_err *err) {
+  *out = NULL;
+  tc_crypto_init();
+  uint16_t version = opts && opts->version ? opts->version : 138;
+  int timeout = opts && opts->timeout_ms ? opts->timeout_ms : 5000;
+  uint8_t mpriv[32], spub[32];
+  if (opts && opts->machine_priv)
+    memcpy(mpriv, opts->machine_priv, 32);
+  else
+    tc_random(mpriv, 32);
+  if (opts && opts->server_pub) {
+    memcpy(spub, opts->server_pub, 32);
+  } else {
+    int status, rc = tc_tclient_fetch_key(host, port, version, spub, &status, err);
+    if (rc) return rc;
+  }
+  struct tc_tclient *c = tc_xcalloc(1, sizeof *c);
+  c->fd = -1;
+  tc_x25519_public(mpriv, c->machine_pub);
+  struct tc_noise_hs hs;
+  uint8_t init[TC_TS_INIT_LEN];
+  int rc = tc_ts_client_initiate(&hs, version, mpriv, spub, NULL, init);
+  tc_wipe(mpriv, sizeof mpriv);
+  if (rc) {
+    tc_err_set(err, rc, "initiate failed");
+    goto fail;
+  }
+  char b64[200];
+  sodium_bin2base64(b64, sizeof b64, init, sizeof init, sodium_base64_VARIANT_ORIGINAL);
+  char req[512];
+  int n = snprintf(req, sizeof req,
+                   "POST /ts2021 HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: tailscale-control-protocol\r\n"
+                   "Connection: upgrade\r\nX-Tailscale-Handshake: %s\r\nContent-Length: 0\r\n\r\n",
+                   host, port, b64);
+  c->fd = dial(host, port);
+  if (c->fd < 0 || send_all(c->fd, req, (size_t)n)) {
+    rc = tc_err_set(err, TC_EIO, "dial/send failed");
+    goto fail;
+  }
+  int64_t deadline = tc_mono_ms() + timeout;
+  /* Read the response head byte by byte so no Noise byte is swallowed. */
+  char head[2048];
+  size_t hl = 0;
+  while (hl < sizeof head - 1) {
+    if ((rc = recv_exact(c->fd, head + hl, 1, deadline))) {
+      tc_err_set(err, rc, "reading upgrade response");
+      goto fail;
+    }
+    hl++;
+    if (hl >= 4 && !memcmp(head + hl - 4, "\r\n\r\n", 4)) break;
+  }
+  head[hl] = 0;
+  if (strncmp(head, "HTTP/1.1 101 ", 13) != 0 || !strstr(head, "\r\nUpgrade: tailscale-control-protocol\r\n")) {
+    rc = tc_err_set(err, TC_EPROTO, "upgrade refused: %.80s", head);
+    goto fail;
+  }
+  uint8_t resp[TC_TS_RESP_LEN];
+  if ((rc = recv_exact(c->fd, resp, 3, deadline))) {
+    tc_err_set(err, rc, "reading handshake response");
+    goto fail;
+  }
+  if (resp[0] == TC_TS_MSG_ERROR) {
+    char msg[1024];
+    size_t ml = TC_MIN((size_t)(resp[1] << 8 | resp[2]), sizeof msg - 1);
+    if (recv_exact(c->fd, msg, ml, deadline)) ml = 0;
+    msg[ml] = 0;
+    rc = tc_err_set(err, TC_EPROTO, "server error: %s", msg);
+    goto fail;
+  }
+  if ((rc = recv_exact(c->fd, resp + 3, sizeof resp - 3, deadline)) ||
+      (rc = tc_ts_client_finish(&hs, resp, &c->sess))) {
+    tc_err_set(err, rc, "handshake failed");
+    goto fail;
+  }
+  nghttp2_session_callbacks *cbs;
+  nghttp2_session_callbacks_new(&cbs);
+  nghttp2_session_callbacks_set_on_header_callback(cbs, on_header);
+  nghttp2_session_callbacks_set_on_frame_recv_callback(cbs, on_frame_recv);
+  nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cbs, on_data);
+  nghttp2_session_callbacks_set_on_stream_close_callback(cbs, on_close);
+  nghttp2_option *opt;
+  nghttp2_option_new(&opt);
+  if (opts && opts->ignore_stream_limit) nghttp2_option_set_peer_max_concurrent_streams(opt, 100000);
+  rc = nghttp2_session_client_new2(&c->h2, cbs, c, opt);
+  nghttp2_option_del(opt);
+  nghttp2_session_callbacks_del(cbs);
+  if (rc) {
+    c->h2 = NULL;
+    rc = tc_err_set(err, TC_EINTERNAL, "nghttp2 client");
+    goto fail;
+  }
+  /* What Go's transport advertises: 4 MiB stream window, 1 GiB connection. */
+  nghttp2_settings_entry iv[] = {{NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, 4u << 20},
+                                 {NGHTTP2_SETTINGS_ENABLE_PUSH, 0}};
+  nghttp2_submit_settings(c->h2, NGHTTP2_FLAG_NONE, iv, 2);
+  nghttp2_session_set_local_window_size(c->h2, NGHTTP2_FLAG_NONE, 0, 1 << 30);
+  if (flush(c)) {
+    rc = tc_err_set(err, TC_EIO, "sending preface");
+    goto fail;
+  }
+  *out = c;
+  return 0;
+fail:
+  tc_noise_hs_wipe(&hs);
+  tc_tclient_free(c);
+  return rc ? rc : TC_EPROTO;
+}
+
+void tc_tclient_free(struct tc_tclient *c) {
+  if (!c) return;
+  if (c->h2) nghttp2_session_del(c->h2);
+  if (c->fd >= 0) close(c->fd);
+  for (size_t i = 0; i < c->nstreams; i++) {
+    tc_buf_free(&c->streams[i]->body);
+    free(c->streams[i]->req);
+    free(c->streams[i]);
+  }
+  free(c->streams);
+  tc_buf_free(&c->in);
+  tc_buf_free(&c->pre);
+  free(c->early_json);
+  tc_wipe(&c->sess, sizeof c->sess);
+  free(c);
+}
+
+/* ---- requests ------------------------------------------------------------------------ */
+int32_t tc_tclient_submit_hdrs(struct tc_tclient *c, const char *method, const char *path,
+                               const char *const *extra, const void *body, size_t len) {
+  if (c->closed) return TC_EIO;
+  struct tstream *st = tc_xcalloc(1, sizeof *st);
+  if (len) {
+    st->req = tc_xmalloc(len);
+    memcpy(st->req, body, len);
+  }
+  st->req_len = len;
+  char clen[24];
+  snprintf(clen, sizeof clen, "%zu", len);
+  nghttp2_nv nva[64];
+  size_t n = 0;
+#define NV(nm, v) nva[n++] = (nghttp2_nv){(uint8_t *)(nm), (uint8_t *)(v), strlen(nm), strlen(v), NGHTTP2_NV_FLAG_NONE}
+  NV(":method", method);
+  NV(":scheme", "https");
+  NV(":authority", "tailcoat.test");
+  NV(":path", path);
+  NV("content-length", clen);
+  for (size_t i = 0; extra && extra[i] && extra[i + 1] && n < TC_ARRAY_LEN(nva); i += 2) NV(extra[i], extra[i + 1]);
+#undef NV
+  nghttp2_data_provider prd = {.source.ptr = st, .read_callback = req_read};
+  int32_t id = nghttp2_submit_request(c->h2, NULL, nva, n, len ? &prd : NULL, st);
+  if (id < 0) {
+    free(st->req);
+    free(st);
+    return TC_EPROTO;
+  }
+  st->id = id;
+  c->streams = tc_xrealloc(c->streams, (c->nstreams + 1) * sizeof *c->streams);
+  c->streams[c->nstreams++] = st;
+  if (flush(c)) return TC_EIO;
+  return id;
+}
+
+int32_t tc_tclient_submit(struct tc_tclient *c, const char *method, const char *path, const char *content_type,
+                          const void *body, size_t len) {
+  const char *extra[] = {"content-type", content_type ? content_type : "application/json", NULL};
+  return tc_tclient_submit_hdrs(c, method, path, extra, body, len);
+}
+
+int tc_tclient_wait_headers(struct tc_tclient *c, int32_t sid, int timeout_ms) {
+  struct tstream *st = find(c, sid);
+  if (!st) return TC_ENOENT;
+  int64_t deadline = tc_mono_ms() + timeout_ms;
+  while (!st->headers_done || !st->status) {
+    if (st->closed) return TC_EIO;
+    int left = (int)(deadline - tc_mono_ms());
+    if (left <= 0) return TC_EAGAIN;
+    tc_tclient_pump(c, left);
+  }
+  return st->status;
+}
+
+int tc_tclient_wait_closed(struct tc_tclient *c, int32_t sid, int timeout_ms) {
+  struct tstream *st = find(c, sid);
+  if (!st) return TC_ENOENT;
+  int64_t deadline = tc_mono_ms() + timeout_ms;
+  while (!st->closed) {
+    int left = (int)(deadline - tc_mono_ms());
+    if (left <= 0) return TC_EAGAIN;
+    tc_tclient_pump(c, left);
+  }
+  return st->error_code || !st->status ? TC_EIO : 0;
+}
+
+const char *tc_tclient_body(struct tc_tclient *c, int32_t sid, size_t *len) {
+  struct tstream *st = find(c, sid);
+  *len = st ? st->body.len : 0;
+  return st && st->body.data ? st->body.data : "";
+}
+
+uint32_t tc_tclient_stream_error(struct tc_tclient *c, int32_t sid) {
+  struct tstream *st = find(c, sid);
+  return st ? st->error_code : 0;
+}
+
+int tc_tclient_request(struct tc_tclient *c, const char *method, const char *path, const void *body, size_t len,
+                       int timeout_ms, int *status, char **resp, size_t *resp_len) {
+  *status = 0;
+  if (resp) *resp = NULL;
+  int32_t sid = tc_tclient_submit(c, method, path, NULL, body, len);
+  if (sid < 0) return sid;
+  int rc = tc_tclient_wait_closed(c, sid, timeout_ms);
+  struct tstream *st = find(c, sid);
+  *status = st->status;
+  if (resp) {
+    size_t n;
+    const char *b = tc_tclient_body(c, sid, &n);
+    *resp = tc_xstrndup(b, n);
+    if (resp_len) *resp_len = n;
+  }
+  return rc;
+}
+
+int tc_tclient_map_next(struct tc_tclient *c, int32_t sid, int timeout_ms, char **json, size_t *len) {
+  struct tstream *st = find(c, sid);
+  if (!st) return TC_ENOENT;
+  int64_t deadline = tc_mono_ms() + timeout_ms;
+  for (;;) {
+    size_t consumed;
+    int rc = tc_map_unframe((const uint8_t *)st->body.data + st->map_off, st->body.len - st->map_off, 64u << 20,
+                            &consumed, json, len);
+    if (rc == 0) {
+      st->map_off += consumed;
+      return 0;
+    }
+    if (rc != TC_EAGAIN) return rc;
+    if (st->closed) return TC_EIO;
+    int left = (int)(deadline - tc_mono_ms());
+    if (left <= 0) return TC_EAGAIN;
+    tc_tclient_pump(c, left);
+  }
+}
+
+int tc_tclient_reset(struct tc_tclient *c, int32_t sid) {
+  if (nghttp2_submit_rst_stream(c->h2, NGHTTP2_FLAG_NONE, sid, NGHTTP2_CANCEL)) return TC_EINVAL;
+  return flush(c) ? TC_EIO : 0;
+}
+
+size_t tc_tclient_max_record(struct tc_tclient *c) { return c->max_record; }
+size_t tc_tclient_records(struct tc_tclient *c) { return c->records; }
+bool tc_tclient_first_frame_settings(struct tc_tclient *c) { return c->first_settings; }
+const char *tc_tclient_early_json(struct tc_tclient *c) { return c->early_json; }
+const uint8_t *tc_tclient_machine_pub(struct tc_tclient *c) { return c->machine_pub; }
+int tc_tclient_fd(struct tc_tclient *c) { return c->fd; }

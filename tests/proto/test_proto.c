@@ -1,0 +1,682 @@
+/* Transport tests for server/proto on real loopback sockets: the /ts2021
+ * upgrade through a stand-in front door (tests/client/tlistener.c), Noise
+ * records, HTTP/2 streams and the worker hand-off, and hostile input. After
+ * every hostile case a well-behaved client must still get through, and the
+ * whole binary runs under ASan/LSan. */
+#include <pthread.h>
+#include <sodium.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "crypto/crypto.h"
+#include "proto/proto.h"
+#include "tc_test.h"
+#include "tclient.h"
+
+/* ---- the test handler -------------------------------------------------------- */
+static struct {
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+  int released;      /* /block handlers return when this is set */
+  int blocked;       /* /block handlers currently waiting */
+  int cancels;       /* cancel callbacks seen */
+  int flood_rc;      /* last tc_ctl_stream_write result in /flood */
+  bool flood_done;
+  struct tc_ctl_stream *held; /* /hold keeps its stream here */
+} g = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
+
+static void on_cancel(void *arg) {
+  pthread_mutex_lock(&g.mu);
+  g.cancels++;
+  pthread_cond_broadcast(&g.cv);
+  pthread_mutex_unlock(&g.mu);
+}
+
+static long query_num(const char *path, const char *key) {
+  const char *p = strstr(path, key);
+  return p ? strtol(p + strlen(key), NULL, 10) : 0;
+}
+
+static void handler(void *ctx, const struct tc_ctl_request *req, struct tc_ctl_stream *st) {
+  const char *path = req->path;
+  if (!strcmp(path, "/echo")) {
+    tc_ctl_stream_respond(st, 200, "application/octet-stream", req->body, req->body_len);
+  } else if (!strcmp(path, "/whoami")) {
+    char mk[TC_KEY_TEXT_MAX];
+    tc_key_format(TC_KEY_MACHINE, req->machine_key, mk);
+    const char *ct = tc_ctl_request_header(req, "Content-Type");
+    char *body = tc_xasprintf("%s %u %s %s %llu", mk, req->version, req->method, ct ? ct : "-",
+                              (unsigned long long)req->conn_id);
+    tc_ctl_stream_respond(st, 200, "text/plain", body, strlen(body));
+    free(body);
+  } else if (tc_str_has_prefix(path, "/stream")) {
+    long n = query_num(path, "n=");
+    tc_ctl_stream_begin(st, 200, "application/json");
+    for (long i = 0; i < n; i++) {
+      char json[64];
+      int len = snprintf(json, sizeof json, "{\"Seq\":%ld,\"KeepAlive\":%s}", i, i % 2 ? "true" : "false");
+      struct tc_buf fr = TC_BUF_INIT;
+      tc_map_frame(json, (size_t)len, &fr);
+      tc_ctl_stream_write(st, fr.data, fr.len);
+      tc_buf_free(&fr);
+      usleep(2000);
+    }
+    tc_ctl_stream_end(st);
+  } else if (!strcmp(path, "/block")) {
+    tc_ctl_stream_on_cancel(st, on_cancel, NULL);
+    pthread_mutex_lock(&g.mu);
+    g.blocked++;
+    pthread_cond_broadcast(&g.cv);
+    while (!g.released && !tc_ctl_stream_cancelled(st)) pthread_cond_wait(&g.cv, &g.mu);
+    g.blocked--;
+    pthread_mutex_unlock(&g.mu);
+    tc_ctl_stream_respond(st, 200, "text/plain", "unblocked", 9);
+  } else if (!strcmp(path, "/hold")) {
+    tc_ctl_stream_begin(st, 200, "application/json");
+    tc_ctl_stream_on_cancel(st, on_cancel, NULL);
+    pthread_mutex_lock(&g.mu);
+    g.held = st; /* the handler's reference moves to the test */
+    pthread_cond_broadcast(&g.cv);
+    pthread_mutex_unlock(&g.mu);
+  } else if (tc_str_has_prefix(path, "/big")) {
+    size_t n = (size_t)query_num(path, "n=");
+    char *b = tc_xmalloc(n + 1);
+    for (size_t i = 0; i < n; i++) b[i] = (char)('a' + i % 26);
+    tc_ctl_stream_respond(st, 200, "application/octet-stream", b, n);
+    free(b);
+  } else if (tc_str_has_prefix(path, "/sleep")) {
+    usleep((useconds_t)query_num(path, "ms=") * 1000);
+    tc_ctl_stream_respond(st, 204, NULL, NULL, 0);
+  } else if (!strcmp(path, "/flood")) {
+    /* Writes until the per-connection cap trips (the client is not reading). */
+    tc_ctl_stream_begin(st, 200, "application/octet-stream");
+    char *chunk = tc_xcalloc(1, 1 << 20);
+    int rc = 0;
+    for (int i = 0; i < 64 && rc == 0; i++) rc = tc_ctl_stream_write(st, chunk, 1 << 20);
+    free(chunk);
+    pthread_mutex_lock(&g.mu);
+    g.flood_rc = rc;
+    g.flood_done = true;
+    pthread_cond_broadcast(&g.cv);
+    pthread_mutex_unlock(&g.mu);
+    tc_ctl_stream_end(st);
+  } else if (!strcmp(path, "/noreply")) {
+    /* returns without answering: the server must send 500 */
+  } else {
+    tc_ctl_stream_respond(st, 404, "text/plain", "no\n", 3);
+  }
+}
+
+/* ---- fixture ------------------------------------------------------------------- */
+struct fx {
+  uint8_t priv[32], pub[32];
+  struct tc_ctl_server *srv;
+  struct tc_tlistener *lis;
+  int port;
+};
+
+static int fx_start(struct fx *f) {
+  memset(f, 0, sizeof *f);
+  pthread_mutex_lock(&g.mu);
+  g.released = g.blocked = g.cancels = 0;
+  g.flood_done = false;
+  g.held = NULL;
+  pthread_mutex_unlock(&g.mu);
+  tc_x25519_keygen(f->priv, f->pub);
+  struct tc_ctl_server_opts o = {.workers = 4};
+  if (tc_ctl_server_new(handler, NULL, f->priv, &o, &f->srv, NULL)) return -1;
+  if (tc_tlistener_start(f->pub, tc_ctl_upgrade, f->srv, &f->lis)) return -1;
+  f->port = tc_tlistener_port(f->lis);
+  return 0;
+}
+
+static void fx_stop(struct fx *f) {
+  pthread_mutex_lock(&g.mu);
+  g.released = 1;
+  pthread_cond_broadcast(&g.cv);
+  pthread_mutex_unlock(&g.mu);
+  tc_tlistener_stop(f->lis);
+  tc_ctl_server_stop(f->srv);
+}
+
+static struct tc_tclient *client(struct fx *f, uint16_t version) {
+  struct tc_tclient_opts o = {.version = version, .server_pub = f->pub};
+  struct tc_tclient *c = NULL;
+  struct tc_err err = {0};
+  if (tc_tclient_connect("127.0.0.1", f->port, &o, &c, &err)) fprintf(stderr, "  connect: %s\n", err.msg);
+  return c;
+}
+
+/* A fresh, well-behaved client gets a correct answer. */
+static bool healthy(struct fx *f) {
+  struct tc_tclient *c = client(f, 138);
+  if (!c) return false;
+  int status = 0;
+  char *body = NULL;
+  int rc = tc_tclient_request(c, "POST", "/echo", "ping", 4, 5000, &status, &body, NULL);
+  bool ok = rc == 0 && status == 200 && body && !strcmp(body, "ping");
+  free(body);
+  tc_tclient_free(c);
+  return ok;
+}
+
+/* Pumps until the server closes the connection. */
+static bool closed_within(struct tc_tclient *c, int ms) {
+  int64_t deadline = tc_mono_ms() + ms;
+  while (tc_mono_ms() < deadline)
+    if (tc_tclient_pump(c, 100) == TC_EIO) return true;
+  return false;
+}
+
+static void wait_for(int *field, int want, int ms) {
+  int64_t deadline = tc_mono_ms() + ms;
+  pthread_mutex_lock(&g.mu);
+  while (*field < want && tc_mono_ms() < deadline) {
+    pthread_mutex_unlock(&g.mu);
+    usleep(2000);
+    pthread_mutex_lock(&g.mu);
+  }
+  pthread_mutex_unlock(&g.mu);
+}
+
+/* ---- tests ------------------------------------------------------------------------- */
+TC_TEST(map_frame_round_trip) {
+  struct tc_buf b = TC_BUF_INIT;
+  const char *js = "{\"KeepAlive\":true}";
+  TC_REQUIRE(tc_map_frame(js, strlen(js), &b) == 0);
+  size_t n = (size_t)(uint8_t)b.data[0] | (size_t)(uint8_t)b.data[1] << 8 | (size_t)(uint8_t)b.data[2] << 16 |
+             (size_t)(uint8_t)b.data[3] << 24;
+  TC_CHECK_INT(n + 4, b.len);
+  TC_CHECK(!memcmp(b.data + 4, "\x28\xb5\x2f\xfd", 4)); /* zstd magic */
+  TC_REQUIRE(tc_map_frame(js, strlen(js), &b) == 0); /* a second frame appended */
+  size_t used;
+  char *out;
+  size_t olen;
+  TC_CHECK_INT(tc_map_unframe((uint8_t *)b.data, 3, 1024, &used, &out, &olen), TC_EAGAIN);
+  TC_CHECK_INT(tc_map_unframe((uint8_t *)b.data, n + 3, 1024, &used, &out, &olen), TC_EAGAIN);
+  TC_REQUIRE(tc_map_unframe((uint8_t *)b.data, b.len, 1024, &used, &out, &olen) == 0);
+  TC_CHECK_INT(used, n + 4);
+  TC_CHECK_STR(out, js);
+  free(out);
+  TC_REQUIRE(tc_map_unframe((uint8_t *)b.data + used, b.len - used, 1024, &used, &out, &olen) == 0);
+  TC_CHECK_STR(out, js);
+  free(out);
+  TC_CHECK_INT(tc_map_unframe((uint8_t *)b.data, b.len, 4, &used, &out, &olen), TC_ETOOBIG);
+  b.data[5] ^= 0x40; /* break the magic */
+  TC_CHECK_INT(tc_map_unframe((uint8_t *)b.data, b.len, 1024, &used, &out, &olen), TC_EPROTO);
+  tc_buf_free(&b);
+}
+
+TC_TEST(key_response_logic) {
+  uint8_t pub[32];
+  for (int i = 0; i < 32; i++) pub[i] = (uint8_t)(0xf0 ^ i);
+  int status;
+  char *body;
+  tc_ctl_key_response(pub, "v=87", &status, &body);
+  TC_CHECK_INT(status, 200);
+  char want[256], mk[TC_KEY_TEXT_MAX];
+  snprintf(want, sizeof want,
+           "{\"legacyPublicKey\":\"mkey:0000000000000000000000000000000000000000000000000000000000000000\","
+           "\"publicKey\":\"%s\"}",
+           tc_key_format(TC_KEY_MACHINE, pub, mk));
+  TC_CHECK_STR(body, want);
+  free(body);
+  tc_ctl_key_response(pub, "", &status, &body);
+  TC_CHECK_INT(status, 400);
+  free(body);
+  tc_ctl_key_response(pub, "x=1&v=", &status, &body);
+  TC_CHECK_INT(status, 400);
+  free(body);
+  tc_ctl_key_response(pub, "a=b&v=138", &status, &body);
+  TC_CHECK_INT(status, 200);
+  free(body);
+  tc_ctl_key_response(pub, "v=1x", &status, &body);
+  TC_CHECK_INT(status, 400);
+  free(body);
+}
+
+TC_TEST(handshake_identity_and_echo) {
+  struct fx f;
+  TC_REQUIRE(fx_start(&f) == 0);
+  uint8_t fetched[32];
+  int status = 0;
+  TC_CHECK_INT(tc_tclient_fetch_key("127.0.0.1", f.port, 87, fetched, &status, NULL), 0);
+  TC_CHECK_INT(status, 200);
+  TC_CHECK(memcmp(fetched, f.pub, 32) == 0);
+
+  uint8_t mpriv[32], mpub[32];
+  tc_x25519_keygen(mpriv, mpub);
+  struct tc_tclient_opts o = {.version = 87, .machine_priv = mpriv}; /* fetches /key itself */
+  struct tc_tclient *c = NULL;
+  struct tc_err err = {0};
+  TC_REQUIRE(tc_tclient_connect("127.0.0.1", f.port, &o, &c, &err) == 0);
+  char *body = NULL;
+  TC_CHECK_INT(tc_tclient_request(c, "POST", "/whoami", "{}", 2, 5000, &status, &body, NULL), 0);
+  TC_CHECK_INT(status, 200);
+  char mk[TC_KEY_TEXT_MAX], want[200];
+  tc_key_format(TC_KEY_MACHINE, mpub, mk);
+  snprintf(want, sizeof want, "%s 87 POST application/json", mk);
+  TC_CHECK(body && tc_str_has_prefix(body, want));
+  free(body);
+  TC_CHECK(tc_tclient_first_frame_settings(c));
+  TC_CHECK(tc_tclient_early_json(c) == NULL);
+  TC_CHECK_INT(tc_tclient_request(c, "POST", "/echo", "hello", 5, 5000, &status, &body, NULL), 0);
+  TC_CHECK_INT(status, 200);
+  TC_CHECK_STR(body, "hello");
+  free(body);
+  TC_CHECK_INT(tc_tclient_request(c, "GET", "/nothing", NULL, 0, 5000, &status, &body, NULL), 0);
+  TC_CHECK_INT(status, 404);
+  free(body);
+  TC_CHECK_INT(tc_tclient_request(c, "POST", "/noreply", NULL, 0, 5000, &status, &body, NULL), 0);
+  TC_CHECK_INT(status, 500);
+  free(body);
+  TC_CHECK(tc_tclient_max_record(c) <= TC_TS_MAX_MSG);
+  tc_tclient_free(c);
+  struct tc_ctl_stats s;
+  tc_ctl_server_stats(f.srv, &s);
+  TC_CHECK(s.requests_total >= 4);
+  fx_stop(&f);
+}
+
+TC_TEST(streaming_map_messages) {
+  struct fx f;
+  TC_REQUIRE(fx_start(&f) == 0);
+  struct tc_tclient *c = client(&f, 138);
+  TC_REQUIRE(c);
+  int32_t sid = tc_tclient_submit(c, "POST", "/stream?n=6", NULL, "{}", 2);
+  TC_REQUIRE(sid > 0);
+  TC_CHECK_INT(tc_tclient_wait_headers(c, sid, 5000), 200);
+  for (int i = 0; i < 6; i++) {
+    char *js = NULL;
+    size_t len;
+    TC_REQUIRE(tc_tclient_map_next(c, sid, 5000, &js, &len) == 0);
+    char want[64];
+    snprintf(want, sizeof want, "{\"Seq\":%d,\"KeepAlive\":%s}", i, i % 2 ? "true" : "false");
+    TC_CHECK_STR(js, want);
+    free(js);
+  }
+  char *js = NULL;
+  size_t len;
+  TC_CHECK_INT(tc_tclient_map_next(c, sid, 5000, &js, &len), TC_EIO); /* ended cleanly */
+  TC_CHECK_INT(tc_tclient_stream_error(c, sid), 0);
+  tc_tclient_free(c);
+  fx_stop(&f);
+}
+
+TC_TEST(concurrent_streams_one_blocks) {
+  struct fx f;
+  TC_REQUIRE(fx_start(&f) == 0);
+  struct tc_tclient *c = client(&f, 138);
+  TC_REQUIRE(c);
+  int32_t blk = tc_tclient_submit(c, "POST", "/block", NULL, "{}", 2);
+  int32_t hold = tc_tclient_submit(c, "POST", "/hold", NULL, "{}", 2);
+  TC_REQUIRE(blk > 0 && hold > 0);
+  TC_CHECK_INT(tc_tclient_wait_headers(c, hold, 5000), 200);
+  wait_for(&g.blocked, 1, 5000);
+  /* The held stream (a map-poll stand-in) keeps flowing, as do others. */
+  pthread_mutex_lock(&g.mu);
+  struct tc_ctl_stream *held = g.held;
+  pthread_mutex_unlock(&g.mu);
+  TC_REQUIRE(held != NULL);
+  struct tc_buf fr = TC_BUF_INIT;
+  tc_map_frame("{\"KeepAlive\":true}", 18, &fr);
+  TC_CHECK_INT(tc_ctl_stream_write(held, fr.data, fr.len), 0);
+  tc_buf_free(&fr);
+  char *js = NULL;
+  size_t len;
+  TC_CHECK_INT(tc_tclient_map_next(c, hold, 5000, &js, &len), 0);
+  TC_CHECK_STR(js, "{\"KeepAlive\":true}");
+  free(js);
+  int32_t s1 = tc_tclient_submit(c, "POST", "/stream?n=3", NULL, "{}", 2);
+  int32_t s2 = tc_tclient_submit(c, "POST", "/echo", NULL, "abc", 3);
+  TC_CHECK_INT(tc_tclient_wait_closed(c, s1, 5000), 0);
+  TC_CHECK_INT(tc_tclient_wait_closed(c, s2, 5000), 0);
+  size_t n;
+  TC_CHECK(!strcmp(tc_tclient_body(c, s2, &n), "abc"));
+  TC_CHECK_INT(tc_tclient_wait_headers(c, blk, 50), TC_EAGAIN); /* still blocked */
+  pthread_mutex_lock(&g.mu);
+  g.released = 1;
+  pthread_cond_broadcast(&g.cv);
+  pthread_mutex_unlock(&g.mu);
+  TC_CHECK_INT(tc_tclient_wait_closed(c, blk, 5000), 0);
+  TC_CHECK(!strcmp(tc_tclient_body(c, blk, &n), "unblocked"));
+  /* The client resets the held stream: the cancel callback fires and
+   * writes fail; the holder still ends it. */
+  TC_CHECK_INT(tc_tclient_reset(c, hold), 0);
+  wait_for(&g.cancels, 1, 5000);
+  TC_CHECK_INT(g.cancels, 1);
+  TC_CHECK(tc_ctl_stream_cancelled(held));
+  TC_CHECK_INT(tc_ctl_stream_write(held, "x", 1), TC_EIO);
+  tc_ctl_stream_end(held);
+  tc_tclient_free(c);
+  fx_stop(&f);
+}
+
+TC_TEST(cancel_on_connection_death) {
+  struct fx f;
+  TC_REQUIRE(fx_start(&f) == 0);
+  struct tc_tclient *c = client(&f, 138);
+  TC_REQUIRE(c);
+  int32_t hold = tc_tclient_submit(c, "POST", "/hold", NULL, "{}", 2);
+  int32_t blk = tc_tclient_submit(c, "POST", "/block", NULL, "{}", 2);
+  TC_CHECK_INT(tc_tclient_wait_headers(c, hold, 5000), 200);
+  TC_CHECK(blk > 0);
+  wait_for(&g.blocked, 1, 5000);
+  tc_tclient_free(c); /* connection drops */
+  wait_for(&g.cancels, 2, 5000);
+  TC_CHECK_INT(g.cancels, 2); /* the held stream and the blocked handler */
+  pthread_mutex_lock(&g.mu);
+  struct tc_ctl_stream *held = g.held;
+  pthread_mutex_unlock(&g.mu);
+  TC_REQUIRE(held);
+  TC_CHECK_INT(tc_ctl_stream_write(held, "x", 1), TC_EIO);
+  tc_ctl_stream_end(held);
+  TC_CHECK(healthy(&f));
+  fx_stop(&f);
+}
+
+TC_TEST(large_bodies_split_into_records) {
+  struct fx f;
+  TC_REQUIRE(fx_start(&f) == 0);
+  struct tc_tclient *c = client(&f, 138);
+  TC_REQUIRE(c);
+  size_t n = 300000;
+  char *big = tc_xmalloc(n);
+  for (size_t i = 0; i < n; i++) big[i] = (char)(i * 7);
+  int status;
+  char *body = NULL;
+  size_t blen = 0;
+  TC_CHECK_INT(tc_tclient_request(c, "POST", "/echo", big, n, 10000, &status, &body, &blen), 0);
+  TC_CHECK_INT(status, 200);
+  TC_CHECK_INT(blen, n);
+  TC_CHECK(body && memcmp(body, big, n) == 0);
+  free(body);
+  /* 3 MB response: above the initial windows, many full records. */
+  TC_CHECK_INT(tc_tclient_request(c, "GET", "/big?n=3000000", NULL, 0, 20000, &status, &body, &blen), 0);
+  TC_CHECK_INT(blen, 3000000);
+  TC_CHECK(body && body[2999999] == (char)('a' + 2999999 % 26));
+  free(body);
+  TC_CHECK_INT(tc_tclient_max_record(c), TC_TS_MAX_MSG); /* full records, never more */
+  TC_CHECK(tc_tclient_records(c) > 3000000 / TC_TS_MAX_PLAINTEXT);
+  tc_tclient_free(c);
+  free(big);
+  fx_stop(&f);
+}
+
+TC_TEST(empty_records_are_skipped) {
+  struct fx f;
+  TC_REQUIRE(fx_start(&f) == 0);
+  struct tc_tclient *c = client(&f, 138);
+  TC_REQUIRE(c);
+  TC_CHECK_INT(tc_tclient_send_record(c, "", 0), 0);
+  TC_CHECK_INT(tc_tclient_send_record(c, "", 0), 0);
+  int status;
+  char *body = NULL;
+  TC_CHECK_INT(tc_tclient_request(c, "POST", "/echo", "after-empty", 11, 5000, &status, &body, NULL), 0);
+  TC_CHECK_STR(body, "after-empty");
+  free(body);
+  tc_tclient_free(c);
+  fx_stop(&f);
+}
+
+/* ---- hostile upgrades --------------------------------------------------------------- */
+static char *upgrade_raw(struct fx *f, const char *upgrade, const char *hs, size_t *outlen) {
+  struct tc_buf req = TC_BUF_INIT;
+  tc_buf_puts(&req, "POST /ts2021 HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\n");
+  if (upgrade) tc_buf_printf(&req, "Upgrade: %s\r\n", upgrade);
+  if (hs) tc_buf_printf(&req, "X-Tailscale-Handshake: %s\r\n", hs);
+  tc_buf_puts(&req, "Content-Length: 0\r\n\r\n");
+  char *out = tc_traw_exchange(f->port, req.data, req.len, 3000, outlen);
+  tc_buf_free(&req);
+  return out;
+}
+
+static char *b64(const uint8_t *p, size_t n) {
+  size_t cap = sodium_base64_encoded_len(n, sodium_base64_VARIANT_ORIGINAL);
+  char *s = tc_xmalloc(cap);
+  sodium_bin2base64(s, cap, p, n, sodium_base64_VARIANT_ORIGINAL);
+  return s;
+}
+
+TC_TEST(hostile_upgrade_requests) {
+  struct fx f;
+  TC_REQUIRE(fx_start(&f) == 0);
+  uint8_t mpriv[32], init[TC_TS_INIT_LEN];
+  tc_random(mpriv, 32);
+  struct tc_noise_hs hs;
+  TC_REQUIRE(tc_ts_client_initiate(&hs, 138, mpriv, f.pub, NULL, init) == 0);
+  tc_noise_hs_wipe(&hs);
+  char *good = b64(init, sizeof init);
+  size_t len;
+  char *r;
+
+  r = upgrade_raw(&f, NULL, good, &len);
+  TC_CHECK(tc_str_has_prefix(r, "HTTP/1.1 400 "));
+  TC_CHECK(strstr(r, "missing next protocol") != NULL);
+  free(r);
+  TC_CHECK(healthy(&f));
+
+  r = upgrade_raw(&f, "h2c", good, &len);
+  TC_CHECK(tc_str_has_prefix(r, "HTTP/1.1 400 "));
+  TC_CHECK(strstr(r, "unknown next protocol") != NULL);
+  free(r);
+
+  r = upgrade_raw(&f, "Tailscale-Control-Protocol", NULL, &len);
+  TC_CHECK(tc_str_has_prefix(r, "HTTP/1.1 400 "));
+  TC_CHECK(strstr(r, "missing Tailscale handshake header") != NULL);
+  free(r);
+
+  r = upgrade_raw(&f, "tailscale-control-protocol", "AFcB!!!notbase64", &len);
+  TC_CHECK(tc_str_has_prefix(r, "HTTP/1.1 400 "));
+  TC_CHECK(strstr(r, "invalid tailscale handshake header") != NULL);
+  free(r);
+  TC_CHECK(healthy(&f));
+
+  /* 100 bytes: 101, then a Noise error frame, then close. */
+  char *short100 = b64(init, 100);
+  r = upgrade_raw(&f, "tailscale-control-protocol", short100, &len);
+  TC_CHECK(tc_str_has_prefix(r, "HTTP/1.1 101 "));
+  char *end = strstr(r, "\r\n\r\n");
+  TC_REQUIRE(end);
+  const uint8_t *ef = (const uint8_t *)end + 4;
+  size_t eflen = len - (size_t)((const char *)ef - r);
+  TC_CHECK(eflen == 3 + 31);
+  TC_CHECK(ef[0] == TC_TS_MSG_ERROR && ef[1] == 0 && ef[2] == 31);
+  TC_CHECK(eflen >= 34 && !memcmp(ef + 3, "wrong handshake initiation size", 31));
+  free(r);
+  free(short100);
+
+  /* Corrupted tag: 101, no Noise response, closed. */
+  init[100] ^= 1;
+  char *badtag = b64(init, sizeof init);
+  init[100] ^= 1;
+  r = upgrade_raw(&f, "tailscale-control-protocol", badtag, &len);
+  TC_CHECK(tc_str_has_prefix(r, "HTTP/1.1 101 "));
+  end = strstr(r, "\r\n\r\n");
+  TC_CHECK(end && (size_t)(end + 4 - r) == len); /* nothing after the head */
+  free(r);
+  free(badtag);
+
+  /* The good one works raw, too: 101 + exactly 51 bytes of response. */
+  r = upgrade_raw(&f, "tailscale-control-protocol", good, &len);
+  end = strstr(r, "\r\n\r\n");
+  TC_CHECK(tc_str_has_prefix(r, "HTTP/1.1 101 Switching Protocols\r\n"));
+  TC_CHECK(strstr(r, "\r\nUpgrade: tailscale-control-protocol\r\n") != NULL);
+  TC_CHECK(end && (uint8_t)end[4] == TC_TS_MSG_RESPONSE && (uint8_t)end[6] == 48);
+  free(r);
+  free(good);
+  TC_CHECK(healthy(&f));
+  struct tc_ctl_stats s;
+  tc_ctl_server_stats(f.srv, &s);
+  TC_CHECK_INT(s.handshakes_failed, 2);
+  fx_stop(&f);
+}
+
+TC_TEST(hostile_records) {
+  struct fx f;
+  TC_REQUIRE(fx_start(&f) == 0);
+  struct tc_tclient *c;
+
+  /* Wrong record type. */
+  c = client(&f, 138);
+  TC_REQUIRE(c);
+  TC_CHECK_INT(tc_tclient_send_raw(c, "\x02\x00\x10xxxxxxxxxxxxxxxx", 19), 0);
+  TC_CHECK(closed_within(c, 3000));
+  tc_tclient_free(c);
+  TC_CHECK(healthy(&f));
+
+  /* Oversized length field (4094 bytes of ciphertext). */
+  c = client(&f, 138);
+  TC_REQUIRE(c);
+  TC_CHECK_INT(tc_tclient_send_raw(c, "\x04\x0f\xfe", 3), 0);
+  TC_CHECK(closed_within(c, 3000));
+  tc_tclient_free(c);
+
+  /* Garbled ciphertext: authentication fails. */
+  c = client(&f, 138);
+  TC_REQUIRE(c);
+  uint8_t junk[3 + 40] = {4, 0, 40};
+  for (int i = 3; i < 43; i++) junk[i] = (uint8_t)i;
+  TC_CHECK_INT(tc_tclient_send_raw(c, junk, sizeof junk), 0);
+  TC_CHECK(closed_within(c, 3000));
+  tc_tclient_free(c);
+  TC_CHECK(healthy(&f));
+
+  /* HTTP/2 garbage inside valid records: DATA on stream 0. */
+  c = client(&f, 138);
+  TC_REQUIRE(c);
+  TC_CHECK_INT(tc_tclient_send_plain(c, "\x00\x00\x04\x00\x00\x00\x00\x00\x00" "abcd", 13), 0);
+  TC_CHECK(closed_within(c, 3000));
+  tc_tclient_free(c);
+  TC_CHECK(healthy(&f));
+  fx_stop(&f);
+}
+
+TC_TEST(hostile_http2_limits) {
+  struct fx f;
+  TC_REQUIRE(fx_start(&f) == 0);
+  struct tc_tclient *c = client(&f, 138);
+  TC_REQUIRE(c);
+  /* Body over 1 MiB: 413, connection survives. */
+  size_t n = TC_CTL_BODY_MAX + 1000;
+  char *big = tc_xcalloc(1, n);
+  int status;
+  char *body = NULL;
+  tc_tclient_request(c, "POST", "/echo", big, n, 10000, &status, &body, NULL);
+  TC_CHECK_INT(status, 413);
+  free(body);
+  body = NULL;
+  TC_CHECK_INT(tc_tclient_request(c, "POST", "/echo", "still", 5, 5000, &status, &body, NULL), 0);
+  TC_CHECK_STR(body, "still");
+  free(body);
+  free(big);
+
+  /* Huge headers: the connection is dropped. */
+  char *huge = tc_xmalloc(20001);
+  memset(huge, 'h', 20000);
+  huge[20000] = 0;
+  const char *extra[] = {"x-huge", huge, NULL};
+  int32_t sid = tc_tclient_submit_hdrs(c, "POST", "/echo", extra, "a", 1);
+  TC_CHECK(sid > 0);
+  TC_CHECK(closed_within(c, 3000));
+  free(huge);
+  tc_tclient_free(c);
+  TC_CHECK(healthy(&f));
+
+  /* Many small headers beyond the count limit. */
+  c = client(&f, 138);
+  TC_REQUIRE(c);
+  const char *many[2 * 60 + 1];
+  char names[60][16];
+  for (int i = 0; i < 60; i++) {
+    snprintf(names[i], sizeof names[i], "x-h%d", i);
+    many[2 * i] = names[i];
+    many[2 * i + 1] = "v";
+  }
+  many[120] = NULL;
+  sid = tc_tclient_submit_hdrs(c, "POST", "/echo", many, "a", 1);
+  TC_CHECK(sid > 0);
+  TC_CHECK_INT(tc_tclient_wait_closed(c, sid, 5000), 0); /* 60 + content-length is within 64 */
+  tc_tclient_free(c);
+
+  /* Stream flood beyond MAX_CONCURRENT_STREAMS, sent before the client has
+   * seen the server's SETTINGS. */
+  struct tc_tclient_opts o = {.version = 138, .server_pub = f.pub, .ignore_stream_limit = true};
+  struct tc_err err;
+  TC_REQUIRE(tc_tclient_connect("127.0.0.1", f.port, &o, &c, &err) == 0);
+  int32_t ids[250];
+  int sent = 0;
+  for (int i = 0; i < 250; i++) {
+    ids[i] = tc_tclient_submit(c, "POST", "/sleep?ms=20", NULL, NULL, 0);
+    if (ids[i] > 0) sent++;
+  }
+  TC_CHECK_INT(sent, 250);
+  int ok = 0, refused = 0;
+  for (int i = 0; i < 250; i++) {
+    int rc = tc_tclient_wait_closed(c, ids[i], 20000);
+    if (rc == 0)
+      ok++;
+    else
+      refused++;
+  }
+  TC_CHECK(ok <= TC_CTL_MAX_STREAMS);
+  TC_CHECK(refused >= 250 - TC_CTL_MAX_STREAMS);
+  tc_tclient_free(c);
+  TC_CHECK(healthy(&f));
+  fx_stop(&f);
+}
+
+TC_TEST(slow_reader_is_cut_off) {
+  struct fx f;
+  TC_REQUIRE(fx_start(&f) == 0);
+  struct tc_tclient *c = client(&f, 138);
+  TC_REQUIRE(c);
+  int32_t sid = tc_tclient_submit(c, "POST", "/flood", NULL, NULL, 0);
+  TC_REQUIRE(sid > 0);
+  /* Do not read: the server's queue for this connection fills up. */
+  int64_t deadline = tc_mono_ms() + 20000;
+  pthread_mutex_lock(&g.mu);
+  while (!g.flood_done && tc_mono_ms() < deadline) {
+    pthread_mutex_unlock(&g.mu);
+    usleep(5000);
+    pthread_mutex_lock(&g.mu);
+  }
+  bool done = g.flood_done;
+  int rc = g.flood_rc;
+  pthread_mutex_unlock(&g.mu);
+  TC_CHECK(done);
+  TC_CHECK_INT(rc, TC_ETOOBIG);
+  /* Now reading: the stream was reset, the connection still works. */
+  tc_tclient_wait_closed(c, sid, 20000);
+  TC_CHECK(tc_tclient_stream_error(c, sid) != 0);
+  int status;
+  char *body = NULL;
+  TC_CHECK_INT(tc_tclient_request(c, "POST", "/echo", "alive", 5, 10000, &status, &body, NULL), 0);
+  TC_CHECK_STR(body, "alive");
+  free(body);
+  tc_tclient_free(c);
+  fx_stop(&f);
+}
+
+TC_TEST(stop_with_open_streams) {
+  struct fx f;
+  TC_REQUIRE(fx_start(&f) == 0);
+  struct tc_tclient *c = client(&f, 138);
+  TC_REQUIRE(c);
+  int32_t blk = tc_tclient_submit(c, "POST", "/block", NULL, "{}", 2);
+  int32_t hold = tc_tclient_submit(c, "POST", "/hold", NULL, "{}", 2);
+  TC_CHECK(blk > 0);
+  TC_CHECK_INT(tc_tclient_wait_headers(c, hold, 5000), 200);
+  wait_for(&g.blocked, 1, 5000);
+  tc_tlistener_stop(f.lis);
+  tc_ctl_server_stop(f.srv); /* cancels both; the blocked handler returns */
+  TC_CHECK_INT(g.cancels, 2);
+  TC_CHECK(closed_within(c, 3000));
+  TC_CHECK(g.held && tc_ctl_stream_cancelled(g.held));
+  tc_ctl_stream_end(g.held); /* outlives the server as memory */
+  tc_tclient_free(c);
+}
+
+__attribute__((constructor)) static void init_crypto(void) {
+  if (tc_crypto_init()) abort();
+}
