@@ -4,9 +4,12 @@
  * Other processes (the CLI, a second server by mistake) are handled by
  * BEGIN IMMEDIATE (take the write lock up front: no deadlocking upgrades)
  * and busy_timeout. Prepared statements are cached per SQL text pointer. */
+#include <errno.h>
+#include <fcntl.h>
 #include <sqlite3.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "storage/store_int.h"
 
@@ -53,6 +56,14 @@ static int sq_open(struct tc_store *st, struct tc_err *err) {
   const struct tc_store_config *cfg = &st->cfg;
   if (!cfg->sqlite_path || !*cfg->sqlite_path)
     return tc_err_set(err, TC_EINVAL, "sqlite: no database path configured");
+  /* The database holds key hashes and the audit trail: create it private
+   * (SQLite gives its -wal/-shm files the database file's mode). */
+  if (strcmp(cfg->sqlite_path, ":memory:") != 0) {
+    int fd = open(cfg->sqlite_path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (fd < 0)
+      return tc_err_set(err, TC_EDB, "sqlite: open %s: %s", cfg->sqlite_path, strerror(errno));
+    close(fd);
+  }
   struct sq *s = tc_xcalloc(1, sizeof *s);
   pthread_mutex_init(&s->mu, NULL);
   s->wal = cfg->sqlite_wal;

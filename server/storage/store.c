@@ -870,7 +870,10 @@ int tc_store_load_all(struct tc_store *st, struct tc_store_data *out, struct tc_
   code = tc_tx_commit(tx, err);
   tx = NULL;
   if (code) goto fail;
-  if (err) err->code = 0;
+  if (err) {
+    err->code = 0;
+    err->msg[0] = 0;
+  }
   return 0;
 fail:
   tc_tx_rollback(tx);

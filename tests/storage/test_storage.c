@@ -9,6 +9,7 @@
 #include <signal.h>
 #include <sqlite3.h>
 #include <stdint.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -1360,6 +1361,28 @@ TC_TEST(concurrent_open_migrates_once) {
 }
 
 #ifndef SUITE_PG
+TC_TEST(sqlite_file_is_private) {
+  struct tc_store_config cfg;
+  struct tc_store *st = open_fresh(&cfg);
+  TC_REQUIRE(st);
+  struct stat sb;
+  TC_REQUIRE(stat(cfg.sqlite_path, &sb) == 0);
+  TC_CHECK_INT(sb.st_mode & 077, 0);
+  tc_store_close(st);
+  /* An in-memory database works too (tests of other modules use it). */
+  struct tc_store_config mem = {.type = TC_DB_SQLITE, .sqlite_path = ":memory:"};
+  struct tc_err err = {0};
+  TC_REQUIRE(tc_store_open(&mem, &st, &err) == 0);
+  struct tc_tx *tx;
+  BEGIN(st, TC_TX_DURABLE, tx);
+  struct tc_user u;
+  make_user(&u, "m");
+  OK(tc_store_user_insert(tx, &u, &err));
+  OK(tc_tx_commit(tx, &err));
+  tc_user_free(&u);
+  tc_store_close(st);
+}
+
 /* Another process (here: another connection) holding the write lock makes
  * begin wait busy_timeout, then report TC_EAGAIN; afterwards it works. */
 TC_TEST(sqlite_busy_is_eagain) {
