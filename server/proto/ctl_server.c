@@ -30,7 +30,6 @@
 #define READ_CHUNK 16384
 #define READ_BUDGET (256u * 1024) /* bytes per readiness event, for fairness */
 #define CLOSING_GRACE_MS 5000     /* a refused connection gets this long to drain */
-#define PREFACE_TIMEOUT_MS 30000  /* established but no HTTP/2 request yet */
 #define STREAM_OBJECTS_MAX (4 * TC_CTL_MAX_STREAMS)
 
 struct conn;
@@ -716,7 +715,7 @@ static void conn_start(struct tc_ctl_server *srv, struct incoming *in) {
     return;
   }
   c->established = true;
-  c->deadline_ms = tc_mono_ms() + PREFACE_TIMEOUT_MS;
+  c->deadline_ms = tc_mono_ms() + srv->opts.first_request_timeout_ms;
   tc_buf_append(&c->out, resp, sizeof resp);
   if (srv->opts.early_payload) {
     char *json = srv->opts.early_payload(srv->opts.early_ctx, c->sess.peer, c->sess.version);
@@ -817,7 +816,7 @@ static void *loop_main(void *arg) {
   struct epoll_event evs[64];
   int64_t last_check = tc_mono_ms();
   for (;;) {
-    int n = epoll_wait(srv->epfd, evs, TC_ARRAY_LEN(evs), 1000);
+    int n = epoll_wait(srv->epfd, evs, TC_ARRAY_LEN(evs), srv->conns ? 100 : 1000);
     for (int i = 0; i < n; i++) {
       struct conn *c = evs[i].data.ptr;
       if (!c) {
@@ -829,7 +828,7 @@ static void *loop_main(void *arg) {
       if (!c->dead) conn_flush(c);
     }
     int64_t now = tc_mono_ms();
-    if (now - last_check >= 1000) {
+    if (now - last_check >= 100) {
       check_deadlines(srv);
       last_check = now;
     }
@@ -943,6 +942,7 @@ int tc_ctl_server_new(tc_ctl_handler_fn handler, void *ctx, const uint8_t server
   memcpy(srv->priv, server_priv, 32);
   if (opts) srv->opts = *opts;
   if (srv->opts.workers <= 0) srv->opts.workers = 8;
+  if (srv->opts.first_request_timeout_ms <= 0) srv->opts.first_request_timeout_ms = 30000;
   pthread_mutex_init(&srv->mu, NULL);
   pthread_mutex_init(&srv->wmu, NULL);
   pthread_cond_init(&srv->wcond, NULL);

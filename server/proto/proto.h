@@ -100,6 +100,7 @@ struct tc_ctl_server;
 
 struct tc_ctl_server_opts {
   int workers;          /* handler threads, default 8 */
+  int first_request_timeout_ms; /* close a connection that sends no request, default 30000 */
   /* Optional: bytes to send as the EarlyNoise payload (before SETTINGS);
    * called on the loop thread right after the handshake, must not block.
    * Return an owned JSON string or NULL for none. */

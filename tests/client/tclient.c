@@ -209,6 +209,7 @@ int tc_tclient_send_plain(struct tc_tclient *c, const void *pt, size_t n) {
 }
 
 static int flush(struct tc_tclient *c) {
+  if (!c->h2) return 0;
   struct tc_buf out = TC_BUF_INIT;
   for (;;) {
     const uint8_t *data;
@@ -227,6 +228,7 @@ static int flush(struct tc_tclient *c) {
 
 /* Plaintext from the server: the EarlyNoise check, then HTTP/2. */
 static int feed(struct tc_tclient *c, const uint8_t *p, size_t n) {
+  if (!c->h2) return 0;
   if (!c->pre_done) {
     tc_buf_append(&c->pre, p, n);
     if (c->pre.len < 9) return 0;
@@ -376,6 +378,10 @@ int tc_tclient_connect(const char *host, int port, const struct tc_tclient_opts 
     tc_err_set(err, rc, "handshake failed");
     goto fail;
   }
+  if (opts && opts->no_http2) {
+    *out = c;
+    return 0;
+  }
   nghttp2_session_callbacks *cbs;
   nghttp2_session_callbacks_new(&cbs);
   nghttp2_session_callbacks_set_on_header_callback(cbs, on_header);
@@ -430,7 +436,7 @@ void tc_tclient_free(struct tc_tclient *c) {
 /* ---- requests ------------------------------------------------------------------------ */
 int32_t tc_tclient_submit_hdrs(struct tc_tclient *c, const char *method, const char *path,
                                const char *const *extra, const void *body, size_t len) {
-  if (c->closed) return TC_EIO;
+  if (c->closed || !c->h2) return TC_EIO;
   struct tstream *st = tc_xcalloc(1, sizeof *st);
   if (len) {
     st->req = tc_xmalloc(len);
@@ -544,7 +550,7 @@ int tc_tclient_map_next(struct tc_tclient *c, int32_t sid, int timeout_ms, char 
 }
 
 int tc_tclient_reset(struct tc_tclient *c, int32_t sid) {
-  if (nghttp2_submit_rst_stream(c->h2, NGHTTP2_FLAG_NONE, sid, NGHTTP2_CANCEL)) return TC_EINVAL;
+  if (!c->h2 || nghttp2_submit_rst_stream(c->h2, NGHTTP2_FLAG_NONE, sid, NGHTTP2_CANCEL)) return TC_EINVAL;
   return flush(c) ? TC_EIO : 0;
 }
 

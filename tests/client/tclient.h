@@ -25,6 +25,7 @@ struct tc_tclient_opts {
   const uint8_t *server_pub;   /* 32 bytes; NULL = fetch GET /key first */
   int timeout_ms;              /* dial + handshake budget, default 5000 */
   bool ignore_stream_limit;    /* misbehave: open streams beyond the server's limit */
+  bool no_http2;               /* stop after Noise: no preface, plaintext is discarded */
 };
 
 /* GET /key?v=version over plain HTTP. *status is the HTTP status; on 200

@@ -115,7 +115,13 @@ struct fx {
   int port;
 };
 
+static int fx_start_opts(struct fx *f, struct tc_ctl_server_opts *o);
 static int fx_start(struct fx *f) {
+  struct tc_ctl_server_opts o = {.workers = 4};
+  return fx_start_opts(f, &o);
+}
+
+static int fx_start_opts(struct fx *f, struct tc_ctl_server_opts *o) {
   memset(f, 0, sizeof *f);
   pthread_mutex_lock(&g.mu);
   g.released = g.blocked = g.cancels = 0;
@@ -123,8 +129,7 @@ static int fx_start(struct fx *f) {
   g.held = NULL;
   pthread_mutex_unlock(&g.mu);
   tc_x25519_keygen(f->priv, f->pub);
-  struct tc_ctl_server_opts o = {.workers = 4};
-  if (tc_ctl_server_new(handler, NULL, f->priv, &o, &f->srv, NULL)) return -1;
+  if (tc_ctl_server_new(handler, NULL, f->priv, o, &f->srv, NULL)) return -1;
   if (tc_tlistener_start(f->pub, tc_ctl_upgrade, f->srv, &f->lis)) return -1;
   f->port = tc_tlistener_port(f->lis);
   return 0;
@@ -165,6 +170,20 @@ static bool closed_within(struct tc_tclient *c, int ms) {
   int64_t deadline = tc_mono_ms() + ms;
   while (tc_mono_ms() < deadline)
     if (tc_tclient_pump(c, 100) == TC_EIO) return true;
+  return false;
+}
+
+/* Waits until the server holds no connection and no stream. */
+static bool conns_drain(struct fx *f, int ms) {
+  int64_t deadline = tc_mono_ms() + ms;
+  struct tc_ctl_stats s;
+  do {
+    tc_ctl_server_stats(f->srv, &s);
+    if (s.conns_open == 0 && s.streams_open == 0) return true;
+    usleep(5000);
+  } while (tc_mono_ms() < deadline);
+  fprintf(stderr, "  still open: %llu conns, %llu streams\n", (unsigned long long)s.conns_open,
+          (unsigned long long)s.streams_open);
   return false;
 }
 
@@ -372,6 +391,7 @@ TC_TEST(cancel_on_connection_death) {
   TC_CHECK_INT(tc_ctl_stream_write(held, "x", 1), TC_EIO);
   tc_ctl_stream_end(held);
   TC_CHECK(healthy(&f));
+  TC_CHECK(conns_drain(&f, 3000));
   fx_stop(&f);
 }
 
@@ -509,6 +529,7 @@ TC_TEST(hostile_upgrade_requests) {
   struct tc_ctl_stats s;
   tc_ctl_server_stats(f.srv, &s);
   TC_CHECK_INT(s.handshakes_failed, 2);
+  TC_CHECK(conns_drain(&f, 3000));
   fx_stop(&f);
 }
 
@@ -549,6 +570,7 @@ TC_TEST(hostile_records) {
   TC_CHECK(closed_within(c, 3000));
   tc_tclient_free(c);
   TC_CHECK(healthy(&f));
+  TC_CHECK(conns_drain(&f, 3000));
   fx_stop(&f);
 }
 
@@ -619,10 +641,12 @@ TC_TEST(hostile_http2_limits) {
     else
       refused++;
   }
+  fprintf(stderr, "  flood: %d answered, %d refused\n", ok, refused);
   TC_CHECK(ok <= TC_CTL_MAX_STREAMS);
   TC_CHECK(refused >= 250 - TC_CTL_MAX_STREAMS);
   tc_tclient_free(c);
   TC_CHECK(healthy(&f));
+  TC_CHECK(conns_drain(&f, 3000));
   fx_stop(&f);
 }
 
@@ -675,6 +699,79 @@ TC_TEST(stop_with_open_streams) {
   TC_CHECK(g.held && tc_ctl_stream_cancelled(g.held));
   tc_ctl_stream_end(g.held); /* outlives the server as memory */
   tc_tclient_free(c);
+}
+
+static char *early(void *ctx, const uint8_t mk[32], uint16_t version) {
+  uint8_t chal[32], priv[32];
+  tc_x25519_keygen(priv, chal);
+  char txt[TC_KEY_TEXT_MAX];
+  return tc_xasprintf("{\"nodeKeyChallenge\":\"%s\",\"v\":%u}", tc_key_format(TC_KEY_CHALLENGE, chal, txt),
+                      version);
+}
+
+TC_TEST(early_payload_and_any_version) {
+  struct fx f;
+  struct tc_ctl_server_opts o = {.workers = 2, .early_payload = early};
+  TC_REQUIRE(fx_start_opts(&f, &o) == 0);
+  /* Versions are not judged at this layer: 9999 handshakes fine. */
+  struct tc_tclient *c = client(&f, 9999);
+  TC_REQUIRE(c);
+  int status;
+  char *body = NULL;
+  TC_CHECK_INT(tc_tclient_request(c, "POST", "/whoami", NULL, 0, 5000, &status, &body, NULL), 0);
+  TC_CHECK(body && strstr(body, " 9999 POST ") != NULL);
+  free(body);
+  const char *ej = tc_tclient_early_json(c);
+  TC_CHECK(ej && tc_str_has_prefix(ej, "{\"nodeKeyChallenge\":\"chalpub:"));
+  TC_CHECK(ej && strstr(ej, "\"v\":9999}") != NULL);
+  TC_CHECK(tc_tclient_first_frame_settings(c)); /* SETTINGS right after the payload */
+  tc_tclient_free(c);
+  fx_stop(&f);
+}
+
+TC_TEST(bad_preface_and_silent_clients_are_closed) {
+  struct fx f;
+  struct tc_ctl_server_opts o = {.workers = 2, .first_request_timeout_ms = 300};
+  TC_REQUIRE(fx_start_opts(&f, &o) == 0);
+  struct tc_tclient_opts co = {.version = 138, .server_pub = f.pub, .no_http2 = true};
+  struct tc_tclient *c = NULL;
+  struct tc_err err;
+  /* HTTP/1 instead of the HTTP/2 preface. */
+  TC_REQUIRE(tc_tclient_connect("127.0.0.1", f.port, &co, &c, &err) == 0);
+  TC_CHECK_INT(tc_tclient_send_plain(c, "GET / HTTP/1.1\r\nHost: x\r\n\r\n", 27), 0);
+  TC_CHECK(closed_within(c, 3000));
+  tc_tclient_free(c);
+  /* Says nothing at all after the handshake. */
+  TC_REQUIRE(tc_tclient_connect("127.0.0.1", f.port, &co, &c, &err) == 0);
+  int64_t t0 = tc_mono_ms();
+  TC_CHECK(closed_within(c, 3000));
+  TC_CHECK(tc_mono_ms() - t0 >= 200);
+  tc_tclient_free(c);
+  TC_CHECK(healthy(&f));
+  TC_CHECK(conns_drain(&f, 3000));
+  fx_stop(&f);
+}
+
+TC_TEST(rapid_reset_flood) {
+  struct fx f;
+  TC_REQUIRE(fx_start(&f) == 0);
+  struct tc_tclient *c = client(&f, 138);
+  TC_REQUIRE(c);
+  int opened = 0;
+  for (int i = 0; i < 2000; i++) {
+    int32_t sid = tc_tclient_submit(c, "POST", "/sleep?ms=5", NULL, NULL, 0);
+    if (sid < 0) break;
+    opened++;
+    if (tc_tclient_reset(c, sid)) break;
+  }
+  TC_CHECK(opened > 100);
+  /* Either the server kept up or it dropped the connection; both are fine,
+   * as long as it is still serving others. */
+  tc_tclient_pump(c, 200);
+  tc_tclient_free(c);
+  TC_CHECK(healthy(&f));
+  TC_CHECK(conns_drain(&f, 3000)); /* the flooding connection is gone, nothing leaks */
+  fx_stop(&f);
 }
 
 __attribute__((constructor)) static void init_crypto(void) {
