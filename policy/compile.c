@@ -181,7 +181,16 @@ void resolve_alias(const struct tc_policy *pol, const struct ctopo *ct, const st
     wildcard_set(out);
     break;
   case AL_USER:
-    add_user_nodes(ct, find_user(ct, a->s), out);
+    if (tc_str_has_prefix(a->s, "user:*@")) {
+      /* Every user whose email is in the domain. */
+      for (size_t i = 0; i < ct->t->nusers; i++) {
+        const char *e = ct->t->users[i].email, *at = e ? strrchr(e, '@') : NULL;
+        if (at && tc_strieq(at + 1, a->s + 7))
+          add_user_nodes(ct, (int)i, out);
+      }
+    } else {
+      add_user_nodes(ct, find_user(ct, a->s), out);
+    }
     break;
   case AL_GROUP: {
     const struct name_list *g = group_of(pol, a->s);
@@ -226,7 +235,8 @@ void resolve_alias(const struct tc_policy *pol, const struct ctopo *ct, const st
     }
     break;
   }
-  ipset_norm(out);
+  /* Keep adjacent node addresses apart: filters list them one by one. */
+  ipset_norm_overlap(out);
 }
 
 /* ---- global rules ---------------------------------------------------------------- */
@@ -380,7 +390,14 @@ static void compile_grant(const struct tc_policy *pol, const struct ctopo *ct, c
   if (danger) {
     json_array_append_new(cg->srcstr, json_string("*"));
   } else if (cg->any_src) {
-    ipset_append_strings(&cg->src, cg->srcstr);
+    /* Node addresses stay separate entries even when adjacent. */
+    struct ipset txt;
+    ipset_init(&txt);
+    for (size_t i = 0; i < g->nsrc; i++)
+      ipset_add_set(&txt, &cg->srcs[i]);
+    ipset_norm_overlap(&txt);
+    ipset_append_strings(&txt, cg->srcstr);
+    ipset_free(&txt);
     if (wild) {
       append_subnet_routes(ct, cg->srcstr);
       /* Explicit sources next to "*" keep their own entries. */
@@ -657,7 +674,7 @@ static void self_rules(const struct ctopo *ct, const struct cgrant *cg, const st
       if (!o->tagged && o->user == n->user && node_in_set(o, &cg->srcs[s]))
         ipset_add_set(&src, &o->ips);
     }
-  ipset_norm(&src);
+  ipset_norm_overlap(&src);
   if (ipset_empty(&src)) {
     ipset_free(&src);
     return;
@@ -840,7 +857,7 @@ json_t *ssh_for_node(const struct tc_policy *pol, const struct ctopo *ct, const 
         root = true;
       else if (!strcmp(u, "autogroup:nonroot"))
         nonroot = true;
-      else if (tc_str_has_prefix(u, "localpart:*@"))
+      else if (tc_str_has_prefix(u, "localpart:*@") && u[12])
         lp_domain = u + 12;
       else
         json_object_set_new(umap, u, json_string(u));
@@ -1178,6 +1195,14 @@ static bool reach_route(const struct reach *rc, const struct cnode *a, struct ip
   return false;
 }
 
+static bool serves_same(const struct cnode *v, struct ip_range r)
+{
+  for (size_t i = 0; i < v->nsubnets; i++)
+    if (v->subnets[i].v6 == r.v6 && v->subnets[i].lo == r.lo && v->subnets[i].hi == r.hi)
+      return true;
+  return false;
+}
+
 /* Whether traffic from inside route may reach the owner of rc. */
 static bool route_reaches(const struct reach *rc, struct ip_range route)
 {
@@ -1239,7 +1264,8 @@ static json_t *allowed_ips(const struct ctopo *ct, const struct cnode *n, const 
   json_t *a = json_array();
   char t[160];
   *primary = json_array();
-  if (n->has4) {
+  /* nodeAttrs disable-ipv4: no IPv4 peering to or from such a node. */
+  if (n->has4 && !(viewer && (n->no_v4 || viewer->no_v4))) {
     ip_format_addr(0, n->a4, t, sizeof(t));
     json_array_append_new(a, json_sprintf("%s/32", t));
   }
@@ -1252,7 +1278,11 @@ static json_t *allowed_ips(const struct ctopo *ct, const struct cnode *n, const 
       continue;
     ip_range_prefix(n->subnets[i], t, sizeof(t));
     json_array_append_new(*primary, json_string(t));
-    if (viewer && !reach_route(nreach, viewer, n->subnets[i]) && !route_reaches(vreach, n->subnets[i]))
+    /* A peer's route is installed when traffic may flow between the viewer
+     * and the route in either direction, or when the viewer serves an
+     * the same route itself (HA standby routers). */
+    if (viewer && !reach_route(nreach, viewer, n->subnets[i]) && !route_reaches(vreach, n->subnets[i]) &&
+        !serves_same(viewer, n->subnets[i]))
       continue;
     json_array_append_new(a, json_string(t));
   }
@@ -1318,6 +1348,7 @@ int tc_policy_compile(const struct tc_policy *pol, const struct tc_policy_topo *
       reach[i].all = true;
     nr->ssh_policy = pol->has_ssh ? ssh_for_node(pol, &ct, n) : NULL;
     nr->cap_map = capmap_for_node(pol, &ct, n);
+    ct.n[i].no_v4 = json_object_get(nr->cap_map, "disable-ipv4") != NULL;
     nr->self_allowed_ips = json_array();
     ipset_append_prefixes(&n->ips, nr->self_allowed_ips, false);
     json_t *prim;

@@ -41,7 +41,7 @@ static int range_cmp(const void *a, const void *b)
   return 0;
 }
 
-void ipset_norm(struct ipset *s)
+static void norm(struct ipset *s, bool adjacent)
 {
   if (s->n < 2)
     return;
@@ -50,7 +50,7 @@ void ipset_norm(struct ipset *s)
   for (size_t i = 1; i < s->n; i++) {
     struct ip_range *c = &s->r[w];
     struct ip_range *x = &s->r[i];
-    if (x->v6 == c->v6 && (x->lo <= c->hi || x->lo == c->hi + 1)) {
+    if (x->v6 == c->v6 && (x->lo <= c->hi || (adjacent && x->lo == c->hi + 1))) {
       if (x->hi > c->hi)
         c->hi = x->hi;
     } else {
@@ -59,6 +59,9 @@ void ipset_norm(struct ipset *s)
   }
   s->n = w + 1;
 }
+
+void ipset_norm(struct ipset *s) { norm(s, true); }
+void ipset_norm_overlap(struct ipset *s) { norm(s, false); }
 
 void ipset_remove(struct ipset *s, struct ip_range r)
 {

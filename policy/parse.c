@@ -339,6 +339,15 @@ int parse_alias_text(const char *s, struct alias *a, char *why, size_t whysz)
     a->kind = AL_TAG;
     return 0;
   }
+  if (tc_str_has_prefix(s, "user:")) {
+    /* user:*@domain: every user of an email domain. */
+    if (!tc_str_has_prefix(s, "user:*@") || !s[7] || strchr(s + 7, '@') || strchr(s + 7, '*')) {
+      snprintf(why, whysz, "%s: expected user:*@<domain>", s);
+      return -1;
+    }
+    a->kind = AL_USER;
+    return 0;
+  }
   if (strchr(s, '@')) {
     a->kind = AL_USER;
     return 0;
@@ -1098,12 +1107,14 @@ static int parse_ssh(struct pctx *c, json_t *v)
     s->check_period_ms = -1;
     json_t *act = json_object_get(r, "action");
     push_key(c, "action");
-    if (!act || !json_is_string(act) || !*json_string_value(act))
+    char *an = act && json_is_string(act) ? trim_dup(json_string_value(act)) : NULL;
+    if (!an || !*an)
       rc = perr(c, "action must be specified");
-    else if (!strcmp(json_string_value(act), "check"))
+    else if (!strcmp(an, "check"))
       s->check = true;
-    else if (strcmp(json_string_value(act), "accept"))
+    else if (strcmp(an, "accept"))
       rc = perr(c, "\"%s\" is not a valid action", json_string_value(act));
+    free(an);
     pop(c);
     if (!rc) {
       push_key(c, "src");
@@ -1125,14 +1136,11 @@ static int parse_ssh(struct pctx *c, json_t *v)
       for (size_t i = 0; !rc && i < s->nusers; i++) {
         push_idx(c, (int)i);
         const char *un = s->users[i];
-        if (tc_str_has_prefix(un, "localpart:")) {
-          const char *at = strchr(un, '@');
-          if (strncmp(un, "localpart:*@", 12) || !at || !at[1] || strchr(at + 1, '*'))
-            rc = perr(c, "%s is not associated with this Tailnet and cannot be used in user:*@<domain> expressions",
-                      at && at[1] ? at + 1 : un);
-        } else if (tc_str_has_prefix(un, "autogroup:")) {
-          if (strcmp(un, "autogroup:nonroot"))
-            rc = perr(c, "user \"%s\" is not valid", un);
+        /* Only localpart:*@<domain> maps users by email; other spellings are
+         * plain login names, as the coordination service treats them. */
+        if (tc_str_has_prefix(un, "localpart:*@") && un[12] && strchr(un + 12, '*')) {
+          rc = perr(c, "%s is not associated with this Tailnet and cannot be used in user:*@<domain> expressions",
+                    un + 12);
         } else if (!valid_ssh_user(un)) {
           rc = perr(c, "user \"%s\" is not valid", un);
         }

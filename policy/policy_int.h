@@ -26,6 +26,8 @@ void ipset_free(struct ipset *s);
 void ipset_add(struct ipset *s, struct ip_range r);
 void ipset_add_set(struct ipset *s, const struct ipset *o);
 void ipset_norm(struct ipset *s);
+/* Sorts and merges overlapping ranges only (adjacent ones stay apart). */
+void ipset_norm_overlap(struct ipset *s);
 /* Removes r (s must be normalised; stays normalised). */
 void ipset_remove(struct ipset *s, struct ip_range r);
 bool ipset_contains(const struct ipset *s, uint8_t v6, tc_u128 a);
@@ -182,6 +184,7 @@ struct cnode {
   struct ip_range *subnets; /* approved+announced non-exit */
   size_t nsubnets;
   bool exit4, exit6;   /* approved+announced exit routes */
+  bool no_v4;          /* nodeAttrs disable-ipv4 */
 };
 
 struct ctopo {

@@ -67,6 +67,11 @@ static int run_acl_tests(const struct tc_policy *pol, const struct ctopo *ct, co
         const char *d = list[di];
         const char *colon = strrchr(d, ':');
         char *al = colon ? tc_xstrndup(d, (size_t)(colon - d)) : NULL;
+        /* "[v6addr]:port" */
+        if (al && al[0] == '[' && al[strlen(al) - 1] == ']') {
+          memmove(al, al + 1, strlen(al));
+          al[strlen(al) - 1] = 0;
+        }
         struct port_range *ports = NULL;
         size_t nports = 0;
         char why[300];
@@ -81,7 +86,7 @@ static int run_acl_tests(const struct tc_policy *pol, const struct ctopo *ct, co
                                      "port", ti, d);
         else if (parse_alias_text(al, &a, why, sizeof(why)))
           rc = tc_policy_err_at(err, "test(s) failed: tests[%zu]: \"%s\": %s", ti, d, why);
-        else if (a.kind == AL_PREFIX && a.pfx.lo != a.pfx.hi)
+        else if (a.kind == AL_PREFIX && strchr(al, '/'))
           rc = tc_policy_err_at(err, "test(s) failed: tests[%zu]: \"%s\": test destination must be a single host, "
                                      "not a CIDR range", ti, d);
         else if (a.kind == AL_AUTOGROUP && a.ag == AG_INTERNET)
@@ -244,12 +249,47 @@ static int run_ssh_tests(const struct tc_policy *pol, const struct ctopo *ct, st
   return rc;
 }
 
+/* The tailnet's own email domain: the first (lowest id) user's. Domain
+ * expressions in SSH rules (user:*@d, localpart:*@d) must name it. */
+static const char *tailnet_domain(const struct tc_policy_topo *t)
+{
+  const struct tc_policy_user *first = NULL;
+  for (size_t i = 0; i < t->nusers; i++)
+    if (t->users[i].email && strchr(t->users[i].email, '@') && (!first || t->users[i].id < first->id))
+      first = &t->users[i];
+  return first ? strrchr(first->email, '@') + 1 : NULL;
+}
+
+static int check_domains(const struct tc_policy *pol, const struct tc_policy_topo *t, struct tc_policy_err *err)
+{
+  const char *dom = tailnet_domain(t);
+  for (size_t i = 0; i < pol->nssh; i++) {
+    const struct ssh_rule *r = &pol->ssh[i];
+    for (size_t j = 0; j < r->nsrc + r->ndst; j++) {
+      const struct alias *a = j < r->nsrc ? &r->src[j] : &r->dst[j - r->nsrc];
+      if (a->kind == AL_USER && tc_str_has_prefix(a->s, "user:*@") && (!dom || strcmp(a->s + 7, dom)))
+        return tc_policy_err_at(err, "ssh[%zu]: [ssh] %s is not associated with this Tailnet and cannot be used in "
+                                     "user:*@<domain> expressions", i, a->s + 7);
+    }
+    for (size_t j = 0; j < r->nusers; j++) {
+      const char *u = r->users[j];
+      if (tc_str_has_prefix(u, "localpart:*@") && u[12] && (!dom || strcmp(u + 12, dom)))
+        return tc_policy_err_at(err, "ssh[%zu]: %s is not associated with this Tailnet and cannot be used in "
+                                     "user:*@<domain> expressions", i, u + 12);
+    }
+  }
+  return 0;
+}
+
 int tc_policy_run_tests(const struct tc_policy *pol, const struct tc_policy_topo *topo, struct tc_policy_err *err)
 {
+  int rc = check_domains(pol, topo, err);
+  if (rc)
+    return rc;
   if (!pol->ntests && !pol->nssh_tests)
     return 0;
   struct ctopo ct;
-  int rc = ctopo_build(pol, topo, &ct, err);
+  rc = ctopo_build(pol, topo, &ct, err);
   if (rc)
     return rc;
   if (pol->ntests) {
