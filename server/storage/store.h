@@ -100,6 +100,9 @@ int tc_tx_commit(struct tc_tx *tx, struct tc_err *err);
 void tc_tx_rollback(struct tc_tx *tx);
 
 /* ---- users ------------------------------------------------------------------ */
+/* Ids: the id of a committed row is never handed out again, even after the
+ * row is deleted. (An id seen only inside a rolled-back transaction may be.) */
+
 /* Inserts u; fills u->id, and u->created_at/updated_at when 0 (tc_now()). */
 int tc_store_user_insert(struct tc_tx *tx, struct tc_user *u, struct tc_err *err);
 /* Rewrites every column of row u->id; sets u->updated_at = tc_now(). */

@@ -1262,6 +1262,101 @@ TC_TEST(bad_config) {
   TC_CHECK(st == NULL);
 }
 
+/* Differential test: random user inserts/renames/deletes, some rolled back,
+ * against a naive in-memory reference of what the schema promises (unique
+ * names, ids increasing and never reused, rollback leaves no trace). */
+struct ref_user {
+  int64_t id;
+  char name[8];
+  bool live;
+};
+
+static uint32_t rng_state = 12345;
+static uint32_t rng(void) {
+  rng_state = rng_state * 1103515245u + 12345u;
+  return rng_state >> 8;
+}
+
+TC_TEST(differential_users) {
+  struct tc_store_config cfg;
+  struct tc_store *st = open_fresh(&cfg);
+  TC_REQUIRE(st);
+  enum { OPS = 400, MAXU = OPS };
+  static struct ref_user ref[MAXU];
+  int nref = 0;
+  int64_t max_id = 0;
+  struct tc_err err = {0};
+  for (int op = 0; op < OPS; op++) {
+    struct tc_tx *tx;
+    BEGIN(st, (op % 7 == 0) ? TC_TX_DURABLE : 0, tx);
+    bool commit = rng() % 5 != 0;
+    int kind = (int)(rng() % 3);
+    char name[8];
+    snprintf(name, sizeof name, "n%u", rng() % 12);
+    int live_with_name = -1;
+    for (int i = 0; i < nref; i++)
+      if (ref[i].live && !strcmp(ref[i].name, name)) live_with_name = i;
+    int target = nref ? (int)(rng() % (uint32_t)nref) : -1;
+    int rc, want;
+    if (kind == 0 || target < 0) {
+      struct tc_user u;
+      make_user(&u, name);
+      rc = tc_store_user_insert(tx, &u, &err);
+      want = live_with_name >= 0 ? TC_EEXIST : 0;
+      if (rc == 0) {
+        /* Never reuses the id of a row that was committed (even if deleted
+         * since). A rolled-back insert's id may come back on SQLite, whose
+         * AUTOINCREMENT counter is transactional; PostgreSQL skips it. */
+        TC_CHECK(u.id > max_id);
+        if (commit) {
+          max_id = u.id;
+          ref[nref].id = u.id;
+          snprintf(ref[nref].name, sizeof ref[nref].name, "%s", name);
+          ref[nref].live = true;
+          nref++;
+        }
+      }
+      tc_user_free(&u);
+    } else if (kind == 1) {
+      struct tc_user u;
+      make_user(&u, name);
+      u.id = ref[target].id;
+      rc = tc_store_user_update(tx, &u, &err);
+      want = !ref[target].live ? TC_ENOENT
+             : (live_with_name >= 0 && live_with_name != target) ? TC_EEXIST
+                                                                  : 0;
+      if (rc == 0 && commit) snprintf(ref[target].name, sizeof ref[target].name, "%s", name);
+      tc_user_free(&u);
+    } else {
+      rc = tc_store_user_delete(tx, ref[target].id, &err);
+      want = ref[target].live ? 0 : TC_ENOENT;
+      if (rc == 0 && commit) ref[target].live = false;
+    }
+    if (rc != want) fprintf(stderr, "  op %d kind %d: got %d want %d (%s)\n", op, kind, rc, want, err.msg);
+    TC_CHECK_INT(rc, want);
+    if (commit && rc == 0)
+      OK(tc_tx_commit(tx, &err));
+    else
+      tc_tx_rollback(tx);
+  }
+  struct tc_store_data d;
+  OK(tc_store_load_all(st, &d, &err));
+  size_t live = 0;
+  for (int i = 0; i < nref; i++) {
+    if (!ref[i].live) continue;
+    TC_CHECK(live < d.n_users);
+    if (live < d.n_users) {
+      TC_CHECK_INT(d.users[live].id, ref[i].id);
+      TC_CHECK_STR(d.users[live].name, ref[i].name);
+    }
+    live++;
+  }
+  TC_CHECK_INT(d.n_users, live);
+  TC_CHECK(live > 3 && nref > 10); /* the walk did exercise something */
+  tc_store_data_free(&d);
+  tc_store_close(st);
+}
+
 TC_TEST(invalid_utf8_refused) {
   struct tc_store_config cfg;
   struct tc_store *st = open_fresh(&cfg);
