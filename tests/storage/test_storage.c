@@ -1588,6 +1588,23 @@ TC_TEST(pg_pool_exhaustion_is_eagain) {
   tc_store_close(st);
 }
 
+/* The operator may also give a URL; libpq expands it. */
+TC_TEST(pg_url_conninfo) {
+  struct tc_store_config cfg;
+  fresh_db(&cfg);
+  char *url = tc_xasprintf("postgresql:///%s?host=%s%s%s%s%s", dbname_of(&cfg), pg_host,
+                           *pg_user ? "&user=" : "", pg_user, *pg_port ? "&port=" : "", pg_port);
+  cfg.pg_conninfo = url;
+  struct tc_store *st = NULL;
+  struct tc_err err = {0};
+  int rc = tc_store_open(&cfg, &st, &err);
+  if (rc) fprintf(stderr, "  open %s: %s\n", url, err.msg);
+  TC_CHECK_INT(rc, 0);
+  if (st) TC_CHECK_INT(tc_store_schema_version(st), tc_store_latest_version());
+  tc_store_close(st);
+  free(url);
+}
+
 TC_TEST(pg_multi_host) {
   struct tc_store_config cfg;
   fresh_db(&cfg);
