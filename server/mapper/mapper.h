@@ -32,7 +32,7 @@ struct tc_config;
 
 /* ---- limits on client input ------------------------------------------------ */
 #define TC_MAPPER_MAX_BODY (1024 * 1024)      /* whole request body (Headscale: 1 MiB) */
-#define TC_MAPPER_MAX_HOSTINFO (256 * 1024)   /* Hostinfo object re-serialised */
+#define TC_MAPPER_MAX_HOSTINFO (64 * 1024)    /* Hostinfo object re-serialised (the model's limit) */
 #define TC_MAPPER_MAX_ENDPOINTS 64
 #define TC_MAPPER_MAX_ROUTES 1024             /* Hostinfo.RoutableIPs entries */
 #define TC_MAPPER_MAX_TAGS 64                 /* Hostinfo.RequestTags entries */
@@ -278,5 +278,89 @@ char *tc_mapper_encode_register_response(const struct tc_mapper_register_respons
 /* ---- small helpers shared with handlers and tests ------------------------------------ */
 /* Appends s as a JSON string literal (escaped; invalid UTF-8 becomes U+FFFD). NULL -> "". */
 void tc_mapper_json_str(struct tc_buf *out, const char *s);
+
+/* ---- control logic (control.c: needs the model) ------------------------------------------
+ *
+ * struct tc_mapper answers every request a client makes over Noise: it routes
+ * /machine/register and /machine/map, runs the registration decision
+ * procedure against the model, and keeps one map stream per node. A single
+ * dispatcher thread owns all streams: it receives the model's change events
+ * (in seq order, through a queue — subscribers must not block), computes each
+ * delta once, frames it once (LE uint32 + zstd) and writes the same bytes to
+ * every stream that may see it; it also sends full maps to new streams (queued
+ * behind the events before them, so nothing is missed or duplicated) and
+ * keep-alives every 50-59 s. Follow-up long polls run on their own threads.
+ *
+ * Threads: tc_mapper_serve / tc_mapper_handle may be called from any number
+ * of worker threads and may block briefly on the model. */
+struct tc_mapper;
+struct tc_model;
+struct tc_snapshot;
+
+/* The transport's stream operations (proto's tc_ctl_stream_* fit directly;
+ * tests use a fake). Same contract as proto.h: the handler owns one reference
+ * and must finish with respond() or begin()+write()*+end(). */
+struct tc_mapper_io {
+  int (*respond)(void *st, int status, const char *content_type, const void *body, size_t len);
+  int (*begin)(void *st, int status, const char *content_type);
+  int (*write)(void *st, const void *data, size_t len);
+  void (*end)(void *st);
+  void (*ref)(void *st);
+  void (*unref)(void *st);
+  void (*on_cancel)(void *st, void (*fn)(void *arg), void *arg);
+  bool (*cancelled)(void *st);
+};
+
+struct tc_mapper_opts {
+  struct tc_model *model;          /* borrowed; must outlive the mapper */
+  const struct tc_mapper_env *env; /* copied */
+  const char *server_url;          /* AuthURL base, e.g. "https://ctl.example.com" */
+  int64_t keepalive_ms;            /* 0 = 50 s; a random 0..jitter is added */
+  int64_t keepalive_jitter_ms;     /* 0 = 9 s; < 0 = none */
+  int64_t followup_timeout_ms;     /* 0 = 15 min */
+  int max_followups;               /* concurrent Followup waits; 0 = 256 */
+};
+
+int tc_mapper_new(const struct tc_mapper_opts *opts, struct tc_mapper **out, struct tc_err *err);
+/* Stops the dispatcher, ends every open stream and frees everything. Stop the
+ * transport first (its cancel callbacks may still reference sessions). NULL ok. */
+void tc_mapper_free(struct tc_mapper *mp);
+
+/* Handles one request. machine_key is the Noise-authenticated identity;
+ * path may carry a query. Always finishes the response (see tc_mapper_io). */
+void tc_mapper_serve(struct tc_mapper *mp, const uint8_t machine_key[TC_KEY_LEN], const char *method,
+                     const char *path, const void *body, size_t len, const struct tc_mapper_io *io, void *st);
+
+/* The transport's handler (proto.h tc_ctl_handler_fn), ctx = the tc_mapper:
+ * pass it to tc_ctl_server_new. Built only when server/proto is present. */
+struct tc_ctl_request;
+struct tc_ctl_stream;
+void tc_mapper_handle(void *ctx, const struct tc_ctl_request *req, struct tc_ctl_stream *st);
+
+/* Replaces the encoding environment (config reload, new DERP map, new
+ * policy output); every open stream receives DERPMap, DNSConfig, filter and
+ * SSH policy again. env is copied. */
+void tc_mapper_set_env(struct tc_mapper *mp, const struct tc_mapper_env *env);
+/* Deep copy of an env. */
+void tc_mapper_env_copy(struct tc_mapper_env *dst, const struct tc_mapper_env *src);
+
+/* Who sees whom and which filter a node gets. Allow-all for now: the policy
+ * engine replaces these two functions. */
+bool tc_mapper_visible(const struct tc_snapshot *snap, const struct tc_node *viewer, const struct tc_node *peer);
+const char *tc_mapper_filter_for(const struct tc_mapper_env *env, const struct tc_snapshot *snap,
+                                 const struct tc_node *node);
+
+struct tc_mapper_stats {
+  uint64_t streams_open;  /* currently open map streams */
+  uint64_t full_maps, deltas, keepalives, bytes_out, streams_cut, events;
+  uint64_t frag_hits, frag_encodes;
+};
+void tc_mapper_get_stats(struct tc_mapper *mp, struct tc_mapper_stats *out);
+
+/* Waits until the dispatcher has handled everything queued so far (tests). */
+void tc_mapper_sync(struct tc_mapper *mp);
+
+/* Frames one map message: LE uint32 length + one zstd frame of json. */
+void tc_mapper_frame(const char *json, size_t len, struct tc_buf *out);
 
 #endif

@@ -1,0 +1,1166 @@
+/* control: the request handler behind /ts2021 — registration (doc §6.3),
+ * map requests (§7.2) — and the map-stream dispatcher that turns the model's
+ * change events into deltas (§7.4, §7.5).
+ *
+ * Threads: tc_mapper_serve runs on the transport's workers. Everything about
+ * open streams (the session table, per-node versions, keep-alive timers) is
+ * owned by one dispatcher thread, fed through a FIFO queue by the model's
+ * change subscriber (which must not block), by the workers (stream opens) and
+ * by the transport's cancel callbacks (stream closes). Because an open is
+ * queued behind every event published before it, the full map it gets and
+ * the deltas that follow never miss or repeat a change. Follow-up long polls
+ * each get a short-lived thread so they never hold a transport worker. */
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <zstd.h>
+
+#include "mapper/mapper_int.h"
+#include "model/model.h"
+
+#define GRAVE_MS 30000 /* closed sessions outlive any in-flight cancel callback */
+
+enum item_kind { IT_EVENT, IT_OPEN, IT_CLOSE, IT_ENV };
+
+struct session {
+  struct tc_mapper *mp;
+  const struct tc_mapper_io *io;
+  void *st;
+  int64_t node_id;
+  atomic_int closed;        /* set once closed; cancel callbacks check it */
+  atomic_int pending_items; /* queue items naming this session */
+  /* dispatcher-only: */
+  int state; /* 0 queued, 1 open, 2 closed */
+  bool online_counted;
+  int64_t next_ka_ms;
+  int64_t closed_at_ms;
+  struct session *next_grave;
+};
+
+struct item {
+  struct item *next;
+  enum item_kind kind;
+  enum tc_change_kind ck;
+  int64_t node_id, user_id;
+  unsigned fields;
+  struct tc_snapshot *snap;
+  struct session *s;
+  struct tc_mapper_env *env;
+};
+
+struct prim {
+  char *prefix;
+  int64_t node_id;
+};
+
+/* node id -> version (the seq of the last event about that node). */
+struct vermap {
+  int64_t *ids;
+  uint64_t *vers;
+  size_t cap, n;
+};
+
+struct tc_mapper {
+  struct tc_model *model;
+  char *server_url;
+  int64_t ka_ms, ka_jitter_ms, followup_timeout_ms;
+  int max_followups;
+  atomic_int followups;
+
+  pthread_rwlock_t env_lock;
+  struct tc_mapper_env env;
+  struct tc_mapper_cache *cache;
+  int64_t sub_id;
+
+  pthread_mutex_t qmu;
+  pthread_cond_t qcv, donecv;
+  struct item *qhead, *qtail;
+  uint64_t enq_count, done_count;
+  bool stopping;
+  pthread_t thread;
+
+  /* dispatcher-only */
+  struct session **sess;
+  size_t n_sess, cap_sess;
+  struct vermap vers;
+  struct tc_snapshot *last_snap;
+  struct prim *prims;
+  size_t n_prims;
+  struct session *grave;
+  struct tc_buf ka_frame;
+
+  _Atomic uint64_t st_full, st_deltas, st_ka, st_bytes, st_cut, st_events, st_open;
+};
+
+/* ---- small utilities ------------------------------------------------------------ */
+
+void tc_mapper_frame(const char *json, size_t len, struct tc_buf *out) {
+  size_t bound = ZSTD_compressBound(len);
+  tc_buf_reserve(out, 4 + bound + 1);
+  uint8_t *p = (uint8_t *)out->data + out->len;
+  size_t z = ZSTD_compress(p + 4, bound, json, len, 1);
+  if (ZSTD_isError(z)) abort(); /* only possible on a bound bug or OOM */
+  p[0] = (uint8_t)z, p[1] = (uint8_t)(z >> 8), p[2] = (uint8_t)(z >> 16), p[3] = (uint8_t)(z >> 24);
+  out->len += 4 + z;
+  out->data[out->len] = 0;
+}
+
+bool tc_mapper_visible(const struct tc_snapshot *snap, const struct tc_node *viewer, const struct tc_node *peer) {
+  (void)snap, (void)viewer, (void)peer;
+  return true;
+}
+
+const char *tc_mapper_filter_for(const struct tc_mapper_env *env, const struct tc_snapshot *snap,
+                                 const struct tc_node *node) {
+  (void)snap, (void)node;
+  return env->filter_json; /* NULL = allow all, encoded by the encoder */
+}
+
+static char *dupnz(const char *s) { return s ? tc_xstrdup(s) : NULL; }
+
+void tc_mapper_env_copy(struct tc_mapper_env *dst, const struct tc_mapper_env *src) {
+  dst->base_domain = tc_xstrdup(src->base_domain ? src->base_domain : "");
+  dst->domain = tc_xstrdup(src->domain ? src->domain : "");
+  dst->dns_json = dupnz(src->dns_json);
+  dst->derp_json = dupnz(src->derp_json);
+  dst->capmap_json = dupnz(src->capmap_json);
+  dst->filter_json = dupnz(src->filter_json);
+  dst->ssh_json = dupnz(src->ssh_json);
+  dst->disable_logtail = src->disable_logtail;
+}
+
+static uint64_t ver_get(const struct vermap *m, int64_t id) {
+  if (!m->cap) return 0;
+  size_t mask = m->cap - 1;
+  for (size_t i = ((uint64_t)id * UINT64_C(0x9e3779b97f4a7c15)) >> 7 & mask;; i = (i + 1) & mask) {
+    if (m->ids[i] == id) return m->vers[i];
+    if (m->ids[i] == 0) return 0;
+  }
+}
+
+static void ver_set(struct vermap *m, int64_t id, uint64_t v) {
+  if ((m->n + 1) * 2 > m->cap) {
+    struct vermap nm = {.cap = m->cap ? m->cap * 2 : 256};
+    nm.ids = tc_xcalloc(nm.cap, sizeof *nm.ids);
+    nm.vers = tc_xcalloc(nm.cap, sizeof *nm.vers);
+    for (size_t i = 0; i < m->cap; i++)
+      if (m->ids[i]) ver_set(&nm, m->ids[i], m->vers[i]);
+    free(m->ids);
+    free(m->vers);
+    *m = nm;
+  }
+  size_t mask = m->cap - 1;
+  for (size_t i = ((uint64_t)id * UINT64_C(0x9e3779b97f4a7c15)) >> 7 & mask;; i = (i + 1) & mask) {
+    if (m->ids[i] == id) {
+      m->vers[i] = v;
+      return;
+    }
+    if (m->ids[i] == 0) {
+      m->ids[i] = id;
+      m->vers[i] = v;
+      m->n++;
+      return;
+    }
+  }
+}
+
+static int64_t ka_interval(const struct tc_mapper *mp) {
+  int64_t j = 0;
+  if (mp->ka_jitter_ms > 0) {
+    uint32_t r;
+    tc_random(&r, sizeof r);
+    j = (int64_t)(r % (uint32_t)(mp->ka_jitter_ms + 1));
+  }
+  return mp->ka_ms + j;
+}
+
+/* ---- queue ------------------------------------------------------------------------ */
+
+static void enqueue(struct tc_mapper *mp, struct item *it) {
+  if (it->s) atomic_fetch_add(&it->s->pending_items, 1);
+  pthread_mutex_lock(&mp->qmu);
+  if (mp->qtail) mp->qtail->next = it;
+  else mp->qhead = it;
+  mp->qtail = it;
+  mp->enq_count++;
+  pthread_cond_signal(&mp->qcv);
+  pthread_mutex_unlock(&mp->qmu);
+}
+
+/* Model subscriber: runs on the model's writer thread under its lock. Copy
+ * what is needed and return. */
+static void on_change(void *ctx, const struct tc_change *c) {
+  struct tc_mapper *mp = ctx;
+  switch (c->kind) {
+  case TC_CHANGE_PREAUTH_KEY:
+  case TC_CHANGE_API_KEY:
+  case TC_CHANGE_REGISTRATION:
+  case TC_CHANGE_USER_ADDED:
+    return; /* nothing a client sees */
+  default:
+    break;
+  }
+  struct item *it = tc_xcalloc(1, sizeof *it);
+  it->kind = IT_EVENT;
+  it->ck = c->kind;
+  it->node_id = c->node_id;
+  it->user_id = c->user_id;
+  it->fields = c->fields;
+  it->snap = tc_snapshot_ref(c->snap);
+  enqueue(mp, it);
+}
+
+static void on_cancel(void *arg) {
+  struct session *s = arg;
+  if (atomic_load(&s->closed)) return;
+  struct item *it = tc_xcalloc(1, sizeof *it);
+  it->kind = IT_CLOSE;
+  it->s = s;
+  enqueue(s->mp, it);
+}
+
+/* ---- sessions (dispatcher thread) ------------------------------------------------- */
+
+static struct session *sess_find(struct tc_mapper *mp, int64_t node_id) {
+  for (size_t i = 0; i < mp->n_sess; i++)
+    if (mp->sess[i]->node_id == node_id) return mp->sess[i];
+  return NULL;
+}
+
+static void sess_remove(struct tc_mapper *mp, struct session *s) {
+  for (size_t i = 0; i < mp->n_sess; i++)
+    if (mp->sess[i] == s) {
+      mp->sess[i] = mp->sess[--mp->n_sess];
+      return;
+    }
+}
+
+static void close_session(struct tc_mapper *mp, struct session *s) {
+  if (s->state == 2) return;
+  if (s->state == 1) atomic_fetch_sub(&mp->st_open, 1);
+  s->state = 2;
+  atomic_store(&s->closed, 1);
+  sess_remove(mp, s);
+  s->io->end(s->st);
+  if (s->online_counted) {
+    s->online_counted = false;
+    struct tc_err err = {0};
+    if (tc_model_node_set_online(mp->model, s->node_id, false, &err) && err.code != TC_ENOENT)
+      tc_warn("mapper: node %lld offline: %s", (long long)s->node_id, err.msg);
+  }
+  s->closed_at_ms = tc_mono_ms();
+  s->next_grave = mp->grave;
+  mp->grave = s;
+}
+
+static void sweep_grave(struct tc_mapper *mp, bool all) {
+  int64_t now = tc_mono_ms();
+  struct session **pp = &mp->grave;
+  while (*pp) {
+    struct session *s = *pp;
+    if (all || (now - s->closed_at_ms > GRAVE_MS && atomic_load(&s->pending_items) == 0)) {
+      *pp = s->next_grave;
+      free(s);
+    } else {
+      pp = &s->next_grave;
+    }
+  }
+}
+
+/* Writes framed bytes; a failed write (stream gone, or the transport's
+ * buffer cap for a client that does not read) closes the session. */
+static bool send_frame(struct tc_mapper *mp, struct session *s, const struct tc_buf *frame, bool keepalive) {
+  if (s->state != 1) return false;
+  int rc = s->io->write(s->st, frame->data, frame->len);
+  if (rc) {
+    if (rc == TC_ETOOBIG) {
+      atomic_fetch_add(&mp->st_cut, 1);
+      tc_warn("mapper: node %lld stream cut: not reading", (long long)s->node_id);
+    }
+    close_session(mp, s);
+    return false;
+  }
+  atomic_fetch_add(&mp->st_bytes, frame->len);
+  atomic_fetch_add(keepalive ? &mp->st_ka : &mp->st_deltas, 1);
+  s->next_ka_ms = tc_mono_ms() + ka_interval(mp);
+  return true;
+}
+
+/* ---- map building ------------------------------------------------------------------ */
+
+static void node_extra(const struct tc_snapshot *snap, const struct tc_node *n, struct tc_strv *prim,
+                       struct tc_mapper_node_extra *x) {
+  memset(x, 0, sizeof *x);
+  x->online_known = true;
+  x->online = tc_snapshot_is_online(snap, n->id);
+  tc_snapshot_primary_routes(snap, n->id, prim);
+  x->primary_routes = prim;
+}
+
+/* A peer fragment: from the shared cache (dispatcher) or freshly encoded (one-shot). */
+static struct tc_mapper_frag *peer_frag(struct tc_mapper *mp, const struct tc_snapshot *snap,
+                                        const struct tc_node *n, bool cached, int64_t now) {
+  struct tc_strv prim = {0};
+  struct tc_mapper_node_extra x;
+  node_extra(snap, n, &prim, &x);
+  struct tc_mapper_frag *f;
+  if (cached) {
+    f = tc_mapper_cache_peer(mp->cache, &mp->env, n, ver_get(&mp->vers, n->id), &x, now);
+  } else {
+    struct tc_buf b = TC_BUF_INIT;
+    tc_mapper_encode_node(&b, &mp->env, n, &x, TC_MAPPER_PEER, now);
+    f = tc_xmalloc(sizeof *f + b.len + 1);
+    f->node_id = n->id;
+    f->len = b.len;
+    f->refs = 1;
+    memcpy(f->data, b.data, b.len + 1);
+    tc_buf_free(&b);
+  }
+  tc_strv_free(&prim);
+  return f;
+}
+
+static void self_json(struct tc_mapper *mp, const struct tc_snapshot *snap, const struct tc_node *n, int64_t now,
+                      struct tc_buf *out) {
+  struct tc_strv prim = {0};
+  struct tc_mapper_node_extra x;
+  node_extra(snap, n, &prim, &x);
+  tc_mapper_encode_node(out, &mp->env, n, &x, TC_MAPPER_SELF, now);
+  tc_strv_free(&prim);
+}
+
+static int cmp_i64(const void *a, const void *b) {
+  int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+  return x < y ? -1 : x > y;
+}
+
+/* Users for UserProfiles: owners of the given nodes (tagged ones map to the
+ * placeholder). Returns an owned array of borrowed-then-copied records. */
+static size_t collect_users(const struct tc_snapshot *snap, const struct tc_node *const *nodes, size_t n,
+                            struct tc_user **out, bool *tagged) {
+  int64_t *ids = tc_xcalloc(n + 1, sizeof *ids);
+  size_t k = 0;
+  *tagged = false;
+  for (size_t i = 0; i < n; i++) {
+    if (nodes[i]->tags.n) *tagged = true;
+    else if (nodes[i]->user_id > 0) ids[k++] = nodes[i]->user_id;
+  }
+  qsort(ids, k, sizeof *ids, cmp_i64);
+  struct tc_user *users = tc_xcalloc(k + 1, sizeof *users);
+  size_t m = 0;
+  for (size_t i = 0; i < k; i++) {
+    if (i && ids[i] == ids[i - 1]) continue;
+    const struct tc_user *u = tc_snapshot_user(snap, ids[i]);
+    if (u) users[m++] = *u; /* shallow: strings stay owned by the snapshot */
+  }
+  free(ids);
+  *out = users;
+  return m;
+}
+
+/* Appends the complete first map for self as the viewer sees it. */
+static void build_full(struct tc_mapper *mp, const struct tc_snapshot *snap, const struct tc_node *self, bool cached,
+                       struct tc_buf *out) {
+  int64_t now = tc_now();
+  struct tc_buf sj = TC_BUF_INIT;
+  self_json(mp, snap, self, now, &sj);
+  struct tc_mapper_frag **peers = tc_xcalloc(snap->n_nodes + 1, sizeof *peers);
+  const struct tc_node **seen = tc_xcalloc(snap->n_nodes + 1, sizeof *seen);
+  size_t np = 0, ns = 0;
+  seen[ns++] = self;
+  for (size_t i = 0; i < snap->n_nodes; i++) {
+    const struct tc_node *p = snap->nodes[i];
+    if (p->id == self->id || !tc_mapper_visible(snap, self, p)) continue;
+    peers[np++] = peer_frag(mp, snap, p, cached, now);
+    seen[ns++] = p;
+  }
+  struct tc_user *users;
+  bool tagged;
+  size_t nu = collect_users(snap, seen, ns, &users, &tagged);
+  struct tc_mapper_env env = mp->env;
+  env.filter_json = (char *)tc_mapper_filter_for(&mp->env, snap, self);
+  struct tc_mapper_full m = {.self_json = sj.data, .peers = peers, .n_peers = np, .users = users, .n_users = nu,
+                             .tagged_profile = tagged, .now = now};
+  tc_mapper_encode_full(out, &env, &m);
+  for (size_t i = 0; i < np; i++) tc_mapper_frag_unref(peers[i]);
+  free(peers);
+  free(seen);
+  free(users);
+  tc_buf_free(&sj);
+}
+
+/* ---- dispatcher: items ------------------------------------------------------------- */
+
+static void do_open(struct tc_mapper *mp, struct session *s) {
+  if (s->state == 2) return; /* cancelled before it opened */
+  struct tc_snapshot *snap = mp->last_snap ? tc_snapshot_ref(mp->last_snap) : tc_model_snapshot(mp->model);
+  const struct tc_node *self = tc_snapshot_node(snap, s->node_id);
+  if (!self) {
+    close_session(mp, s);
+    tc_snapshot_release(snap);
+    return;
+  }
+  /* A newer stream for a node supersedes the older one (§7.8). */
+  struct session *old = sess_find(mp, s->node_id);
+  if (old) close_session(mp, old);
+  struct tc_buf json = TC_BUF_INIT, frame = TC_BUF_INIT;
+  pthread_rwlock_rdlock(&mp->env_lock);
+  build_full(mp, snap, self, true, &json);
+  pthread_rwlock_unlock(&mp->env_lock);
+  tc_mapper_frame(json.data, json.len, &frame);
+  s->state = 1;
+  atomic_fetch_add(&mp->st_open, 1);
+  if (mp->n_sess == mp->cap_sess) {
+    mp->cap_sess = mp->cap_sess ? mp->cap_sess * 2 : 64;
+    mp->sess = tc_xrealloc(mp->sess, mp->cap_sess * sizeof *mp->sess);
+  }
+  mp->sess[mp->n_sess++] = s;
+  if (send_frame(mp, s, &frame, false)) {
+    atomic_fetch_sub(&mp->st_deltas, 1);
+    atomic_fetch_add(&mp->st_full, 1);
+  }
+  tc_buf_free(&json);
+  tc_buf_free(&frame);
+  tc_snapshot_release(snap);
+}
+
+/* Node ids whose primary-route assignment differs between the remembered
+ * table and snap; updates the remembered table. */
+static size_t primary_changes(struct tc_mapper *mp, const struct tc_snapshot *snap, int64_t *out, size_t max) {
+  size_t k = 0;
+  bool same = snap->n_primaries == mp->n_prims;
+  for (size_t i = 0; same && i < snap->n_primaries; i++)
+    same = !strcmp(snap->primaries[i].prefix, mp->prims[i].prefix) && snap->primaries[i].node_id == mp->prims[i].node_id;
+  if (same) return 0;
+  /* Any node that held or holds a primary whose holder changed. */
+  for (size_t i = 0; i < mp->n_prims; i++) {
+    bool kept = false;
+    for (size_t j = 0; j < snap->n_primaries && !kept; j++)
+      kept = !strcmp(snap->primaries[j].prefix, mp->prims[i].prefix) && snap->primaries[j].node_id == mp->prims[i].node_id;
+    if (!kept && k < max) out[k++] = mp->prims[i].node_id;
+  }
+  for (size_t j = 0; j < snap->n_primaries; j++) {
+    bool had = false;
+    for (size_t i = 0; i < mp->n_prims && !had; i++)
+      had = !strcmp(snap->primaries[j].prefix, mp->prims[i].prefix) && snap->primaries[j].node_id == mp->prims[i].node_id;
+    if (!had && k < max) out[k++] = snap->primaries[j].node_id;
+  }
+  for (size_t i = 0; i < mp->n_prims; i++) free(mp->prims[i].prefix);
+  free(mp->prims);
+  mp->n_prims = snap->n_primaries;
+  mp->prims = tc_xcalloc(mp->n_prims + 1, sizeof *mp->prims);
+  for (size_t i = 0; i < mp->n_prims; i++) {
+    mp->prims[i].prefix = tc_xstrdup(snap->primaries[i].prefix);
+    mp->prims[i].node_id = snap->primaries[i].node_id;
+  }
+  qsort(out, k, sizeof *out, cmp_i64);
+  size_t m = 0;
+  for (size_t i = 0; i < k; i++)
+    if (!m || out[m - 1] != out[i]) out[m++] = out[i];
+  return m;
+}
+
+/* Sends d to every open session except except_id that may see subject
+ * (NULL subject: everyone). Encoded and framed once. */
+static void broadcast(struct tc_mapper *mp, const struct tc_snapshot *snap, const struct tc_mapper_delta *d,
+                      int64_t except_id, const struct tc_node *subject) {
+  struct tc_buf json = TC_BUF_INIT, frame = TC_BUF_INIT;
+  if (!tc_mapper_encode_delta(&json, &mp->env, d)) return;
+  tc_mapper_frame(json.data, json.len, &frame);
+  tc_buf_free(&json);
+  /* backwards: close_session swaps the last entry into the hole */
+  for (size_t i = mp->n_sess; i-- > 0;) {
+    if (i >= mp->n_sess) continue;
+    struct session *s = mp->sess[i];
+    if (s->node_id == except_id) continue;
+    if (subject) {
+      const struct tc_node *viewer = tc_snapshot_node(snap, s->node_id);
+      if (viewer && !tc_mapper_visible(snap, viewer, subject)) continue;
+    }
+    send_frame(mp, s, &frame, false);
+  }
+  tc_buf_free(&frame);
+}
+
+static void send_self(struct tc_mapper *mp, const struct tc_snapshot *snap, const struct tc_node *n, int64_t now) {
+  struct session *s = sess_find(mp, n->id);
+  if (!s) return;
+  struct tc_buf sj = TC_BUF_INIT, json = TC_BUF_INIT, frame = TC_BUF_INIT;
+  self_json(mp, snap, n, now, &sj);
+  struct tc_user *users;
+  bool tagged;
+  size_t nu = collect_users(snap, &n, 1, &users, &tagged);
+  struct tc_mapper_delta d = {.self_json = sj.data, .users = users, .n_users = nu, .tagged_profile = tagged, .now = now};
+  tc_mapper_encode_delta(&json, &mp->env, &d);
+  tc_mapper_frame(json.data, json.len, &frame);
+  send_frame(mp, s, &frame, false);
+  free(users);
+  tc_buf_free(&sj);
+  tc_buf_free(&json);
+  tc_buf_free(&frame);
+}
+
+static void do_event(struct tc_mapper *mp, struct item *it) {
+  atomic_fetch_add(&mp->st_events, 1);
+  tc_snapshot_release(mp->last_snap);
+  mp->last_snap = it->snap; /* adopt the item's reference */
+  it->snap = NULL;
+  const struct tc_snapshot *snap = mp->last_snap;
+  int64_t now = tc_now();
+  pthread_rwlock_rdlock(&mp->env_lock);
+  const struct tc_node *n = it->node_id ? tc_snapshot_node(snap, it->node_id) : NULL;
+  if (it->node_id) ver_set(&mp->vers, it->node_id, snap->seq);
+
+  struct tc_mapper_frag *changed[65];
+  size_t nc = 0;
+  int64_t prim_ids[64];
+  size_t npi = primary_changes(mp, snap, prim_ids, 64);
+  for (size_t i = 0; i < npi; i++) ver_set(&mp->vers, prim_ids[i], snap->seq);
+
+  struct tc_mapper_delta d = {.now = now};
+  struct tc_mapper_patch patch = {0};
+  struct tc_user *users = NULL;
+  bool tagged = false;
+  bool self_too = false;
+
+  switch (it->ck) {
+  case TC_CHANGE_NODE_REMOVED:
+    tc_mapper_cache_forget(mp->cache, it->node_id);
+    d.removed = &it->node_id;
+    d.n_removed = 1;
+    {
+      struct session *s = sess_find(mp, it->node_id);
+      if (s) close_session(mp, s);
+    }
+    break;
+  case TC_CHANGE_NODE_ONLINE:
+  case TC_CHANGE_NODE_OFFLINE:
+    if (!n) break;
+    patch.node_id = n->id;
+    patch.set = TC_PATCH_ONLINE;
+    patch.online = it->ck == TC_CHANGE_NODE_ONLINE;
+    if (!patch.online && n->last_seen) {
+      patch.set |= TC_PATCH_LASTSEEN;
+      patch.last_seen = n->last_seen;
+    }
+    d.patches = &patch;
+    d.n_patches = 1;
+    break;
+  case TC_CHANGE_NODE_ENDPOINTS:
+    if (!n) break;
+    if (it->fields & (TC_NODE_F_HOSTINFO | TC_NODE_F_HOSTNAME | TC_NODE_F_ROUTES)) {
+      /* peers read services, OS and routes from the node itself */
+      changed[nc++] = peer_frag(mp, snap, n, true, now);
+    } else {
+      patch.node_id = n->id;
+      if (it->fields & TC_NODE_F_ENDPOINTS) patch.set |= TC_PATCH_ENDPOINTS, patch.endpoints = &n->endpoints;
+      if (it->fields & TC_NODE_F_DISCO) patch.set |= TC_PATCH_DISCO, memcpy(patch.disco_key, n->disco_key, TC_KEY_LEN);
+      if (it->fields & TC_NODE_F_DERP) patch.set |= TC_PATCH_DERP, patch.derp_region = n->home_derp;
+      if (it->fields & TC_NODE_F_CAP) patch.set |= TC_PATCH_CAP, patch.cap = n->cap_version;
+      if (patch.set) {
+        d.patches = &patch;
+        d.n_patches = 1;
+      }
+    }
+    break;
+  case TC_CHANGE_NODE_ADDED:
+  case TC_CHANGE_NODE_CHANGED:
+  case TC_CHANGE_NODE_KEY_ROTATED:
+  case TC_CHANGE_NODE_EXPIRED:
+  case TC_CHANGE_NODE_ROUTES:
+  case TC_CHANGE_NODE_TAGS:
+  case TC_CHANGE_NODE_RENAMED:
+    if (!n) break;
+    changed[nc++] = peer_frag(mp, snap, n, true, now);
+    d.n_users = collect_users(snap, &n, 1, &users, &tagged);
+    d.users = users;
+    d.tagged_profile = tagged;
+    self_too = it->ck != TC_CHANGE_NODE_ADDED;
+    break;
+  case TC_CHANGE_USER_CHANGED: {
+    const struct tc_user *u = tc_snapshot_user(snap, it->user_id);
+    if (u) {
+      users = tc_xcalloc(1, sizeof *users);
+      users[0] = *u;
+      d.users = users;
+      d.n_users = 1;
+    }
+    break;
+  }
+  case TC_CHANGE_POLICY:
+    d.with_filter = true;
+    d.with_ssh = true;
+    break;
+  default:
+    break;
+  }
+  /* nodes whose primary routes moved: full entries for peers, self for them */
+  bool subject_has_frag = nc > 0;
+  for (size_t i = 0; i < npi && nc < TC_ARRAY_LEN(changed); i++) {
+    if (subject_has_frag && prim_ids[i] == it->node_id) continue;
+    const struct tc_node *pn = tc_snapshot_node(snap, prim_ids[i]);
+    if (pn) changed[nc++] = peer_frag(mp, snap, pn, true, now);
+  }
+  d.changed = changed;
+  d.n_changed = nc;
+  broadcast(mp, snap, &d, it->node_id, npi ? NULL : n);
+  if (self_too && n) send_self(mp, snap, n, now);
+  for (size_t i = 0; i < npi; i++) {
+    if (prim_ids[i] == it->node_id && self_too) continue;
+    const struct tc_node *pn = tc_snapshot_node(snap, prim_ids[i]);
+    if (pn) send_self(mp, snap, pn, now);
+  }
+  pthread_rwlock_unlock(&mp->env_lock);
+  for (size_t i = 0; i < nc; i++) tc_mapper_frag_unref(changed[i]);
+  free(users);
+}
+
+static void do_env(struct tc_mapper *mp, struct tc_mapper_env *env) {
+  pthread_rwlock_wrlock(&mp->env_lock);
+  tc_mapper_env_free(&mp->env);
+  mp->env = *env;
+  free(env);
+  /* every fragment depends on the env (names, CapMap) */
+  tc_mapper_cache_free(mp->cache);
+  mp->cache = tc_mapper_cache_new();
+  pthread_rwlock_unlock(&mp->env_lock);
+  pthread_rwlock_rdlock(&mp->env_lock);
+  struct tc_mapper_delta d = {.with_derp = true, .with_dns = true, .with_filter = true, .with_ssh = true,
+                              .now = tc_now()};
+  struct tc_snapshot *snap = mp->last_snap ? tc_snapshot_ref(mp->last_snap) : tc_model_snapshot(mp->model);
+  broadcast(mp, snap, &d, 0, NULL);
+  /* names may have changed with the base domain: resend self nodes */
+  for (size_t i = mp->n_sess; i-- > 0;) {
+    if (i >= mp->n_sess) continue;
+    const struct tc_node *n = tc_snapshot_node(snap, mp->sess[i]->node_id);
+    if (n) send_self(mp, snap, n, d.now);
+  }
+  tc_snapshot_release(snap);
+  pthread_rwlock_unlock(&mp->env_lock);
+}
+
+static void do_keepalives(struct tc_mapper *mp) {
+  int64_t now = tc_mono_ms();
+  for (size_t i = mp->n_sess; i-- > 0;) {
+    if (i >= mp->n_sess) continue;
+    struct session *s = mp->sess[i];
+    if (now >= s->next_ka_ms) send_frame(mp, s, &mp->ka_frame, true);
+  }
+}
+
+static void *dispatcher(void *arg) {
+  struct tc_mapper *mp = arg;
+  pthread_mutex_lock(&mp->qmu);
+  for (;;) {
+    while (!mp->qhead && !mp->stopping) {
+      struct timespec ts;
+      clock_gettime(CLOCK_REALTIME, &ts);
+      ts.tv_nsec += 250 * 1000000L;
+      if (ts.tv_nsec >= 1000000000L) ts.tv_sec++, ts.tv_nsec -= 1000000000L;
+      if (pthread_cond_timedwait(&mp->qcv, &mp->qmu, &ts)) break;
+    }
+    struct item *it = mp->qhead;
+    if (it) {
+      mp->qhead = it->next;
+      if (!mp->qhead) mp->qtail = NULL;
+    } else if (mp->stopping) {
+      break;
+    }
+    pthread_mutex_unlock(&mp->qmu);
+    if (it) {
+      switch (it->kind) {
+      case IT_EVENT: do_event(mp, it); break;
+      case IT_OPEN: do_open(mp, it->s); break;
+      case IT_CLOSE: close_session(mp, it->s); break;
+      case IT_ENV: do_env(mp, it->env); break;
+      }
+      if (it->s) atomic_fetch_sub(&it->s->pending_items, 1);
+      tc_snapshot_release(it->snap);
+      free(it);
+    }
+    do_keepalives(mp);
+    sweep_grave(mp, false);
+    pthread_mutex_lock(&mp->qmu);
+    if (it) {
+      mp->done_count++;
+      pthread_cond_broadcast(&mp->donecv);
+    }
+  }
+  pthread_mutex_unlock(&mp->qmu);
+  return NULL;
+}
+
+/* ---- lifecycle ------------------------------------------------------------------------ */
+
+int tc_mapper_new(const struct tc_mapper_opts *o, struct tc_mapper **out, struct tc_err *err) {
+  *out = NULL;
+  if (!o || !o->model || !o->env) return tc_err_set(err, TC_EINVAL, "mapper: model and env are required");
+  struct tc_mapper *mp = tc_xcalloc(1, sizeof *mp);
+  mp->model = o->model;
+  mp->server_url = tc_xstrdup(o->server_url ? o->server_url : "");
+  size_t ul = strlen(mp->server_url);
+  while (ul && mp->server_url[ul - 1] == '/') mp->server_url[--ul] = 0;
+  mp->ka_ms = o->keepalive_ms > 0 ? o->keepalive_ms : 50000;
+  mp->ka_jitter_ms = o->keepalive_jitter_ms == 0 ? 9000 : o->keepalive_jitter_ms;
+  mp->followup_timeout_ms = o->followup_timeout_ms > 0 ? o->followup_timeout_ms : 15 * 60 * 1000;
+  mp->max_followups = o->max_followups > 0 ? o->max_followups : 256;
+  tc_mapper_env_copy(&mp->env, o->env);
+  pthread_rwlock_init(&mp->env_lock, NULL);
+  mp->cache = tc_mapper_cache_new();
+  pthread_mutex_init(&mp->qmu, NULL);
+  pthread_cond_init(&mp->qcv, NULL);
+  pthread_cond_init(&mp->donecv, NULL);
+  struct tc_buf ka = TC_BUF_INIT;
+  tc_mapper_encode_keepalive(&ka);
+  tc_mapper_frame(ka.data, ka.len, &mp->ka_frame);
+  tc_buf_free(&ka);
+  /* remember the primaries as of now so the first event diffs against them */
+  struct tc_snapshot *snap = tc_model_snapshot(mp->model);
+  int64_t dummy[1];
+  primary_changes(mp, snap, dummy, 0);
+  tc_snapshot_release(snap);
+  mp->sub_id = tc_model_subscribe(mp->model, on_change, mp);
+  if (pthread_create(&mp->thread, NULL, dispatcher, mp)) {
+    tc_model_unsubscribe(mp->model, mp->sub_id);
+    tc_mapper_cache_free(mp->cache);
+    tc_mapper_env_free(&mp->env);
+    tc_buf_free(&mp->ka_frame);
+    free(mp->server_url);
+    free(mp);
+    return tc_err_set(err, TC_EINTERNAL, "mapper: cannot start dispatcher thread");
+  }
+  *out = mp;
+  return 0;
+}
+
+void tc_mapper_free(struct tc_mapper *mp) {
+  if (!mp) return;
+  tc_model_unsubscribe(mp->model, mp->sub_id);
+  /* follow-up threads hold the mapper: wait for them */
+  while (atomic_load(&mp->followups) > 0) {
+    struct timespec ts = {0, 10 * 1000000L};
+    nanosleep(&ts, NULL);
+  }
+  pthread_mutex_lock(&mp->qmu);
+  mp->stopping = true;
+  pthread_cond_signal(&mp->qcv);
+  pthread_mutex_unlock(&mp->qmu);
+  pthread_join(mp->thread, NULL);
+  while (mp->n_sess) close_session(mp, mp->sess[mp->n_sess - 1]);
+  sweep_grave(mp, true);
+  free(mp->sess);
+  free(mp->vers.ids);
+  free(mp->vers.vers);
+  for (size_t i = 0; i < mp->n_prims; i++) free(mp->prims[i].prefix);
+  free(mp->prims);
+  tc_snapshot_release(mp->last_snap);
+  tc_mapper_cache_free(mp->cache);
+  tc_mapper_env_free(&mp->env);
+  tc_buf_free(&mp->ka_frame);
+  pthread_rwlock_destroy(&mp->env_lock);
+  pthread_mutex_destroy(&mp->qmu);
+  pthread_cond_destroy(&mp->qcv);
+  pthread_cond_destroy(&mp->donecv);
+  free(mp->server_url);
+  free(mp);
+}
+
+void tc_mapper_set_env(struct tc_mapper *mp, const struct tc_mapper_env *env) {
+  struct item *it = tc_xcalloc(1, sizeof *it);
+  it->kind = IT_ENV;
+  it->env = tc_xcalloc(1, sizeof *it->env);
+  tc_mapper_env_copy(it->env, env);
+  enqueue(mp, it);
+}
+
+void tc_mapper_sync(struct tc_mapper *mp) {
+  pthread_mutex_lock(&mp->qmu);
+  uint64_t target = mp->enq_count;
+  while (mp->done_count < target) pthread_cond_wait(&mp->donecv, &mp->qmu);
+  pthread_mutex_unlock(&mp->qmu);
+}
+
+void tc_mapper_get_stats(struct tc_mapper *mp, struct tc_mapper_stats *o) {
+  memset(o, 0, sizeof *o);
+  o->streams_open = atomic_load(&mp->st_open);
+  o->full_maps = atomic_load(&mp->st_full);
+  o->deltas = atomic_load(&mp->st_deltas);
+  o->keepalives = atomic_load(&mp->st_ka);
+  o->bytes_out = atomic_load(&mp->st_bytes);
+  o->streams_cut = atomic_load(&mp->st_cut);
+  o->events = atomic_load(&mp->st_events);
+  pthread_rwlock_rdlock(&mp->env_lock);
+  tc_mapper_cache_stats(mp->cache, &o->frag_hits, &o->frag_encodes);
+  pthread_rwlock_unlock(&mp->env_lock);
+}
+
+/* ---- request handling (worker threads) --------------------------------------------- */
+
+static void respond_text(const struct tc_mapper_io *io, void *st, int status, const char *msg) {
+  io->respond(st, status, "text/plain; charset=utf-8", msg, strlen(msg));
+}
+
+static void respond_json(const struct tc_mapper_io *io, void *st, char *json /* freed */) {
+  io->respond(st, 200, "application/json", json, strlen(json));
+  free(json);
+}
+
+static void respond_reg(const struct tc_mapper_io *io, void *st, const struct tc_mapper_register_response *r) {
+  respond_json(io, st, tc_mapper_encode_register_response(r));
+}
+
+/* The authorised answer for node_id from a fresh snapshot. */
+static void respond_node_ok(struct tc_mapper *mp, const struct tc_mapper_io *io, void *st, int64_t node_id) {
+  struct tc_snapshot *snap = tc_model_snapshot(mp->model);
+  const struct tc_node *n = tc_snapshot_node(snap, node_id);
+  struct tc_mapper_register_response r = {.machine_authorized = true};
+  if (n) {
+    if (n->tags.n) r.tagged = true;
+    else r.user = tc_snapshot_user(snap, n->user_id);
+    r.node_key_expired = tc_node_is_expired(n, tc_now());
+    if (!r.user && !r.tagged) r.tagged = true; /* ownerless: present the placeholder */
+  }
+  respond_reg(io, st, &r);
+  tc_snapshot_release(snap);
+}
+
+static void fill_reg(struct tc_register_req *q, const uint8_t mk[TC_KEY_LEN], const struct tc_register_request *r,
+                     int64_t now) {
+  memset(q, 0, sizeof *q);
+  memcpy(q->machine_key, mk, TC_KEY_LEN);
+  memcpy(q->node_key, r->node_key, TC_KEY_LEN);
+  if (r->has_old_node_key) memcpy(q->old_node_key, r->old_node_key, TC_KEY_LEN);
+  q->hostinfo_json = r->hostinfo_json;
+  q->hostname = r->hi.hostname;
+  q->ephemeral = r->ephemeral;
+  q->expiry = r->has_expiry && r->expiry > now ? r->expiry : 0;
+  q->authkey = r->auth_key;
+  q->announced_routes = r->hostinfo_json ? &r->hi.routable_ips : NULL;
+}
+
+static void new_pending(struct tc_mapper *mp, const uint8_t mk[TC_KEY_LEN], const struct tc_register_request *r,
+                        const struct tc_mapper_io *io, void *st) {
+  struct tc_register_req q;
+  fill_reg(&q, mk, r, tc_now());
+  q.authkey = NULL;
+  char *reg_id = NULL;
+  struct tc_err err = {0};
+  if (tc_model_pending_create(mp->model, &q, &reg_id, &err)) {
+    respond_text(io, st, 500, "cannot start registration");
+    return;
+  }
+  char *url = tc_xasprintf("%s/register/%s", mp->server_url, reg_id);
+  struct tc_mapper_register_response resp = {.auth_url = url};
+  respond_reg(io, st, &resp);
+  free(url);
+  free(reg_id);
+}
+
+/* The registration id inside a Followup URL we issued: the path segment
+ * after "/register/", [a-z0-9] only. NULL if it is not one of ours. */
+static char *followup_id(const char *url) {
+  const char *p = strstr(url, "/register/");
+  if (!p) return NULL;
+  p += strlen("/register/");
+  size_t n = 0;
+  while ((p[n] >= 'a' && p[n] <= 'z') || (p[n] >= '0' && p[n] <= '9')) n++;
+  if (n == 0 || n > 64 || (p[n] && p[n] != '?' && p[n] != '#' && p[n] != '/')) return NULL;
+  return tc_xstrndup(p, n);
+}
+
+struct followup {
+  struct tc_mapper *mp;
+  const struct tc_mapper_io *io;
+  void *st;
+  uint8_t mk[TC_KEY_LEN];
+  struct tc_register_request req;
+  char *reg_id;
+};
+
+static void *followup_thread(void *arg) {
+  struct followup *f = arg;
+  struct tc_mapper *mp = f->mp;
+  int64_t deadline = tc_mono_ms() + mp->followup_timeout_ms;
+  for (;;) {
+    if (f->io->cancelled(f->st)) {
+      f->io->respond(f->st, 499, NULL, NULL, 0); /* drops our reference; nobody reads it */
+      break;
+    }
+    int64_t node_id = 0;
+    struct tc_err err = {0};
+    int rc = tc_model_pending_wait(mp->model, f->reg_id, 1000, &node_id, &err);
+    if (rc == 0) {
+      respond_node_ok(mp, f->io, f->st, node_id);
+      break;
+    }
+    if (rc == TC_EPERM) {
+      struct tc_mapper_register_response r = {.error = "registration was rejected"};
+      respond_reg(f->io, f->st, &r);
+      break;
+    }
+    if (rc != TC_EAGAIN || tc_mono_ms() >= deadline) {
+      /* unknown, expired or timed out: a fresh URL (never the same one) */
+      new_pending(mp, f->mk, &f->req, f->io, f->st);
+      break;
+    }
+  }
+  tc_register_request_free(&f->req);
+  free(f->reg_id);
+  free(f);
+  atomic_fetch_sub(&mp->followups, 1);
+  return NULL;
+}
+
+static void start_followup(struct tc_mapper *mp, const uint8_t mk[TC_KEY_LEN], struct tc_register_request *r,
+                           const struct tc_mapper_io *io, void *st) {
+  char *id = followup_id(r->followup);
+  struct tc_pending_info pi;
+  bool ours = false;
+  if (id && tc_model_pending_get(mp->model, id, &pi) == 0) {
+    /* a registration id is only good for the machine that started it */
+    ours = tc_ct_equal(pi.machine_key, mk, TC_KEY_LEN);
+    free(pi.hostname);
+  }
+  if (!ours) {
+    free(id);
+    new_pending(mp, mk, r, io, st);
+    return;
+  }
+  if (atomic_fetch_add(&mp->followups, 1) >= mp->max_followups) {
+    atomic_fetch_sub(&mp->followups, 1);
+    free(id);
+    respond_text(io, st, 503, "too many pending logins");
+    return;
+  }
+  struct followup *f = tc_xcalloc(1, sizeof *f);
+  f->mp = mp;
+  f->io = io;
+  f->st = st;
+  memcpy(f->mk, mk, TC_KEY_LEN);
+  f->req = *r; /* adopt */
+  memset(r, 0, sizeof *r);
+  f->reg_id = id;
+  pthread_t t;
+  pthread_attr_t attr;
+  pthread_attr_init(&attr);
+  pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+  pthread_attr_setstacksize(&attr, 256 * 1024);
+  if (pthread_create(&t, &attr, followup_thread, f)) {
+    *r = f->req;
+    free(f->reg_id);
+    free(f);
+    atomic_fetch_sub(&mp->followups, 1);
+    respond_text(io, st, 503, "too many pending logins");
+  }
+  pthread_attr_destroy(&attr);
+}
+
+static void handle_register(struct tc_mapper *mp, const uint8_t mk[TC_KEY_LEN], const void *body, size_t len,
+                            const struct tc_mapper_io *io, void *st) {
+  struct tc_register_request r;
+  struct tc_err err = {0};
+  if (tc_mapper_parse_register(body, len, &r, &err)) {
+    char *m = tc_xasprintf("bad register request: %s", err.msg);
+    respond_text(io, st, 400, m);
+    free(m);
+    return;
+  }
+  struct tc_snapshot *snap = NULL;
+  if (r.version < TC_MAPPER_MIN_CAPVER) {
+    char *m = tc_xasprintf("unsupported client version: %d", r.version);
+    respond_text(io, st, 400, m);
+    free(m);
+    goto out;
+  }
+  if (!r.has_node_key) {
+    respond_text(io, st, 400, "bad register request: NodeKey missing");
+    goto out;
+  }
+  int64_t now = tc_now();
+  snap = tc_model_snapshot(mp->model);
+  /* The binding rule: a node key may only be used by the machine it belongs to. */
+  struct tc_err e1 = {0}, e2 = {0};
+  const struct tc_node *node = tc_snapshot_node_for_machine(snap, r.node_key, mk, &e1);
+  if (!node && e1.code == TC_EPERM) {
+    respond_text(io, st, 401, "node key belongs to another machine");
+    goto out;
+  }
+  const struct tc_node *old = NULL;
+  if (r.has_old_node_key) {
+    old = tc_snapshot_node_for_machine(snap, r.old_node_key, mk, &e2);
+    if (!old && e2.code == TC_EPERM) {
+      respond_text(io, st, 401, "old node key belongs to another machine");
+      goto out;
+    }
+  }
+  if (tc_mapper_is_logout(&r, now)) {
+    const struct tc_node *t = node ? node : old;
+    if (t && tc_model_node_logout(mp->model, "node", t->id, &err)) {
+      respond_text(io, st, 500, "logout failed");
+      goto out;
+    }
+    struct tc_mapper_register_response resp = {.node_key_expired = true};
+    respond_reg(io, st, &resp);
+    goto out;
+  }
+  if (r.followup) {
+    start_followup(mp, mk, &r, io, st);
+    goto out;
+  }
+  if (node && !tc_node_is_expired(node, now)) {
+    /* every tailscaled restart lands here; a shorter requested expiry is
+     * honoured, a longer one is not (Headscale: no extending) */
+    if (r.has_expiry && r.expiry > now && (node->expiry == 0 || r.expiry < node->expiry))
+      tc_model_node_expire(mp->model, "node", node->id, r.expiry, &err);
+    respond_node_ok(mp, io, st, node->id);
+    goto out;
+  }
+  if (r.auth_key) {
+    struct tc_register_req q;
+    fill_reg(&q, mk, &r, now);
+    int64_t id = 0;
+    int rc = tc_model_register_authkey(mp->model, &q, &id, &err);
+    if (rc == 0) {
+      respond_node_ok(mp, io, st, id);
+    } else if (rc == TC_EPERM || rc == TC_EEXPIRED || rc == TC_EINVAL || rc == TC_EEXIST) {
+      struct tc_mapper_register_response resp = {.error = err.msg[0] ? err.msg : "invalid pre auth key"};
+      respond_reg(io, st, &resp);
+    } else if (rc == TC_ETOOBIG) {
+      respond_text(io, st, 400, "bad register request: Hostinfo too large");
+    } else {
+      tc_warn("mapper: register with auth key failed: %s", err.msg);
+      respond_text(io, st, 500, "registration failed");
+    }
+    goto out;
+  }
+  if (node) {
+    /* expired and no key offered: the client rotates its key and comes back
+     * with OldNodeKey (§6.4) */
+    struct tc_mapper_register_response resp = {.node_key_expired = true};
+    respond_reg(io, st, &resp);
+    goto out;
+  }
+  new_pending(mp, mk, &r, io, st);
+out:
+  tc_snapshot_release(snap);
+  tc_register_request_free(&r);
+}
+
+static void handle_map(struct tc_mapper *mp, const uint8_t mk[TC_KEY_LEN], const void *body, size_t len,
+                       const struct tc_mapper_io *io, void *st) {
+  struct tc_map_request r;
+  struct tc_err err = {0};
+  if (tc_mapper_parse_map(body, len, &r, &err)) {
+    char *m = tc_xasprintf("bad map request: %s", err.msg);
+    respond_text(io, st, 400, m);
+    free(m);
+    return;
+  }
+  struct tc_snapshot *snap = NULL;
+  if (r.version < TC_MAPPER_MIN_CAPVER) {
+    char *m = tc_xasprintf("unsupported client version: %d", r.version);
+    respond_text(io, st, 400, m);
+    free(m);
+    goto out;
+  }
+  if (!r.has_node_key) {
+    respond_text(io, st, 400, "bad map request: NodeKey missing");
+    goto out;
+  }
+  snap = tc_model_snapshot(mp->model);
+  const struct tc_node *node = tc_snapshot_node_for_machine(snap, r.node_key, mk, &err);
+  if (!node) {
+    if (err.code == TC_EPERM) respond_text(io, st, 401, "node key belongs to another machine");
+    else respond_text(io, st, 404, "node not found");
+    goto out;
+  }
+  int64_t node_id = node->id;
+  tc_snapshot_release(snap);
+  snap = NULL;
+
+  /* Store what the request reports. The streaming request of capver >= 68
+   * may carry stale endpoints/disco: only a lite update may clear them. */
+  bool lite = r.omit_peers && !r.stream;
+  struct tc_map_update u = {.hostinfo_json = r.hostinfo_json,
+                            .hostname = r.hi.hostname,
+                            .home_derp = r.hi.has_netinfo ? r.hi.preferred_derp : 0,
+                            .cap_version = r.version,
+                            .announced_routes = r.hostinfo_json ? &r.hi.routable_ips : NULL};
+  if (r.has_endpoints && (lite || r.endpoints.n)) u.endpoints = &r.endpoints;
+  if (r.has_disco_key) u.disco_key = r.disco_key;
+  int rc = tc_model_node_update_from_map(mp->model, node_id, &u, NULL, &err);
+  if (rc == TC_ETOOBIG || rc == TC_EINVAL) {
+    char *m = tc_xasprintf("bad map request: %s", err.msg);
+    respond_text(io, st, 400, m);
+    free(m);
+    goto out;
+  }
+  if (rc && rc != TC_ENOENT) tc_warn("mapper: node %lld update: %s", (long long)node_id, err.msg);
+  if (rc == TC_ENOENT) {
+    respond_text(io, st, 404, "node not found");
+    goto out;
+  }
+
+  if (lite) {
+    io->respond(st, 200, "application/json", "", 0);
+    goto out;
+  }
+  if (!r.stream) {
+    /* one-shot: fresh encoding from the current snapshot, no shared state */
+    snap = tc_model_snapshot(mp->model);
+    const struct tc_node *self = tc_snapshot_node(snap, node_id);
+    if (!self) {
+      respond_text(io, st, 404, "node not found");
+      goto out;
+    }
+    struct tc_buf json = TC_BUF_INIT, frame = TC_BUF_INIT;
+    pthread_rwlock_rdlock(&mp->env_lock);
+    build_full(mp, snap, self, false, &json);
+    pthread_rwlock_unlock(&mp->env_lock);
+    tc_mapper_frame(json.data, json.len, &frame);
+    io->respond(st, 200, "application/json", frame.data, frame.len);
+    tc_buf_free(&json);
+    tc_buf_free(&frame);
+    goto out;
+  }
+
+  if (io->begin(st, 200, "application/json")) {
+    io->end(st);
+    goto out;
+  }
+  struct session *s = tc_xcalloc(1, sizeof *s);
+  s->mp = mp;
+  s->io = io;
+  s->st = st;
+  s->node_id = node_id;
+  if (tc_model_node_set_online(mp->model, node_id, true, &err) == 0) s->online_counted = true;
+  /* cancel first: a stream already gone enqueues its close right here, and
+   * the open queued after it is then skipped */
+  io->on_cancel(st, on_cancel, s);
+  struct item *it = tc_xcalloc(1, sizeof *it);
+  it->kind = IT_OPEN;
+  it->s = s;
+  enqueue(mp, it);
+out:
+  tc_snapshot_release(snap);
+  tc_map_request_free(&r);
+}
+
+void tc_mapper_serve(struct tc_mapper *mp, const uint8_t machine_key[TC_KEY_LEN], const char *method,
+                     const char *path, const void *body, size_t len, const struct tc_mapper_io *io, void *st) {
+  size_t pl = strcspn(path ? path : "", "?#");
+  bool post = method && !strcmp(method, "POST");
+#define IS(p) (pl == strlen(p) && !strncmp(path, p, pl))
+  if (IS("/machine/register")) {
+    if (!post) return respond_text(io, st, 405, "method not allowed");
+    return handle_register(mp, machine_key, body, len, io, st);
+  }
+  if (IS("/machine/map")) {
+    if (!post) return respond_text(io, st, 405, "method not allowed");
+    return handle_map(mp, machine_key, body, len, io, st);
+  }
+#undef IS
+  if (path && !strncmp(path, "/machine/", 9)) return respond_text(io, st, 501, "not implemented");
+  respond_text(io, st, 404, "not found");
+}

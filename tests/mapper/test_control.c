@@ -1,0 +1,816 @@
+/* Control-logic tests of server/mapper against the real model (SQLite in a
+ * temp dir) with an in-memory fake transport stream: registration paths,
+ * map streams with full maps and deltas, supersede, keep-alives, slow-stream
+ * cut-off, and hostile requests. The loopback tests over real Noise/HTTP/2
+ * live in test_loopback.c. */
+#include <jansson.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <zstd.h>
+
+#include "mapper/mapper.h"
+#include "model/model.h"
+#include "storage/store.h"
+#include "tc_test.h"
+
+/* ---- fake stream ------------------------------------------------------------ */
+struct fake {
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+  int status;
+  bool responded, begun, ended, cancelled;
+  struct tc_buf body;
+  size_t consumed;
+  void (*cancel_fn)(void *);
+  void *cancel_arg;
+  int fail_writes; /* non-zero: write returns this */
+};
+
+static struct fake *fake_new(void) {
+  struct fake *f = calloc(1, sizeof *f);
+  pthread_mutex_init(&f->mu, NULL);
+  pthread_cond_init(&f->cv, NULL);
+  return f;
+}
+
+static void fake_free(struct fake *f) {
+  if (!f) return;
+  tc_buf_free(&f->body);
+  pthread_mutex_destroy(&f->mu);
+  pthread_cond_destroy(&f->cv);
+  free(f);
+}
+
+static int f_respond(void *st, int status, const char *ct, const void *body, size_t len) {
+  struct fake *f = st;
+  pthread_mutex_lock(&f->mu);
+  f->status = status;
+  f->responded = f->ended = true;
+  if (len) tc_buf_append(&f->body, body, len);
+  pthread_cond_broadcast(&f->cv);
+  pthread_mutex_unlock(&f->mu);
+  return 0;
+}
+static int f_begin(void *st, int status, const char *ct) {
+  struct fake *f = st;
+  pthread_mutex_lock(&f->mu);
+  f->status = status;
+  f->begun = true;
+  pthread_mutex_unlock(&f->mu);
+  return 0;
+}
+static int f_write(void *st, const void *data, size_t len) {
+  struct fake *f = st;
+  pthread_mutex_lock(&f->mu);
+  int rc = f->fail_writes;
+  if (!rc) tc_buf_append(&f->body, data, len);
+  pthread_cond_broadcast(&f->cv);
+  pthread_mutex_unlock(&f->mu);
+  return rc;
+}
+static void f_end(void *st) {
+  struct fake *f = st;
+  pthread_mutex_lock(&f->mu);
+  f->ended = true;
+  pthread_cond_broadcast(&f->cv);
+  pthread_mutex_unlock(&f->mu);
+}
+static void f_ref(void *st) {}
+static void f_unref(void *st) {}
+static void f_on_cancel(void *st, void (*fn)(void *), void *arg) {
+  struct fake *f = st;
+  pthread_mutex_lock(&f->mu);
+  bool now = f->cancelled;
+  f->cancel_fn = fn;
+  f->cancel_arg = arg;
+  pthread_mutex_unlock(&f->mu);
+  if (now) fn(arg);
+}
+static bool f_cancelled(void *st) {
+  struct fake *f = st;
+  pthread_mutex_lock(&f->mu);
+  bool c = f->cancelled;
+  pthread_mutex_unlock(&f->mu);
+  return c;
+}
+static const struct tc_mapper_io fio = {f_respond, f_begin, f_write, f_end, f_ref, f_unref, f_on_cancel, f_cancelled};
+
+/* The client goes away. */
+static void fake_cancel(struct fake *f) {
+  pthread_mutex_lock(&f->mu);
+  f->cancelled = true;
+  void (*fn)(void *) = f->ended ? NULL : f->cancel_fn;
+  void *arg = f->cancel_arg;
+  pthread_mutex_unlock(&f->mu);
+  if (fn) fn(arg);
+}
+
+static bool wait_done(struct fake *f, int ms) {
+  int64_t deadline = tc_mono_ms() + ms;
+  pthread_mutex_lock(&f->mu);
+  while (!f->responded && !f->ended && tc_mono_ms() < deadline) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ts.tv_nsec += 20000000;
+    if (ts.tv_nsec >= 1000000000) ts.tv_sec++, ts.tv_nsec -= 1000000000;
+    pthread_cond_timedwait(&f->cv, &f->mu, &ts);
+  }
+  bool ok = f->responded || f->ended;
+  pthread_mutex_unlock(&f->mu);
+  return ok;
+}
+
+/* Next framed map message (LE uint32 + zstd) as JSON; NULL on timeout. */
+static json_t *next_msg(struct fake *f, int ms, bool skip_keepalive) {
+  int64_t deadline = tc_mono_ms() + ms;
+  pthread_mutex_lock(&f->mu);
+  for (;;) {
+    size_t avail = f->body.len - f->consumed;
+    if (avail >= 4) {
+      const uint8_t *p = (const uint8_t *)f->body.data + f->consumed;
+      size_t n = p[0] | p[1] << 8 | p[2] << 16 | (size_t)p[3] << 24;
+      if (avail >= 4 + n) {
+        unsigned long long sz = ZSTD_getFrameContentSize(p + 4, n);
+        char *out = malloc(sz + 1);
+        size_t got = ZSTD_decompress(out, sz, p + 4, n);
+        f->consumed += 4 + n;
+        json_t *j = ZSTD_isError(got) ? NULL : json_loadb(out, got, 0, NULL);
+        free(out);
+        if (j && skip_keepalive && json_is_true(json_object_get(j, "KeepAlive"))) {
+          json_decref(j);
+          continue;
+        }
+        pthread_mutex_unlock(&f->mu);
+        return j;
+      }
+    }
+    if (tc_mono_ms() >= deadline) break;
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ts.tv_nsec += 20000000;
+    if (ts.tv_nsec >= 1000000000) ts.tv_sec++, ts.tv_nsec -= 1000000000;
+    pthread_cond_timedwait(&f->cv, &f->mu, &ts);
+  }
+  pthread_mutex_unlock(&f->mu);
+  return NULL;
+}
+
+static json_t *body_json(struct fake *f) {
+  pthread_mutex_lock(&f->mu);
+  json_t *j = json_loadb(f->body.data ? f->body.data : "", f->body.len, 0, NULL);
+  pthread_mutex_unlock(&f->mu);
+  return j;
+}
+
+/* ---- fixture ------------------------------------------------------------------- */
+struct fx {
+  char *dir;
+  struct tc_store *store;
+  struct tc_model *model;
+  struct tc_mapper *mp;
+  int64_t user_id;
+  char *authkey;      /* reusable */
+  char *ephkey;       /* reusable, ephemeral */
+};
+
+static bool fx_open(struct fx *x, int64_t ka_ms) {
+  memset(x, 0, sizeof *x);
+  struct tc_err err = {0};
+  x->dir = tc_test_tmpdir();
+  char *db = tc_xasprintf("%s/db.sqlite", x->dir);
+  struct tc_store_config sc = {.type = TC_DB_SQLITE, .sqlite_path = db, .sqlite_wal = true};
+  int rc = tc_store_open(&sc, &x->store, &err);
+  free(db);
+  if (rc) {
+    fprintf(stderr, "store: %s\n", err.msg);
+    return false;
+  }
+  struct tc_model_config mc = {.base_domain = "tail.example.com"};
+  if (tc_model_open(&mc, x->store, &x->model, &err)) {
+    fprintf(stderr, "model: %s\n", err.msg);
+    return false;
+  }
+  if (tc_model_user_create(x->model, "cli", "alice", "Alice", "alice@example.com", &x->user_id, &err)) return false;
+  struct tc_preauth_opts po = {.user_id = x->user_id, .reusable = true};
+  if (tc_model_preauth_create(x->model, "cli", &po, NULL, &x->authkey, &err)) return false;
+  po.ephemeral = true;
+  if (tc_model_preauth_create(x->model, "cli", &po, NULL, &x->ephkey, &err)) return false;
+  struct tc_mapper_env env = {.base_domain = "tail.example.com", .domain = "example.com",
+                              .derp_json = "{\"Regions\":{\"999\":{\"RegionID\":999,\"Nodes\":[]}}}",
+                              .disable_logtail = true};
+  struct tc_mapper_opts mo = {.model = x->model, .env = &env, .server_url = "https://ctl.example.com/",
+                              .keepalive_ms = ka_ms, .keepalive_jitter_ms = -1};
+  if (tc_mapper_new(&mo, &x->mp, &err)) return false;
+  return true;
+}
+
+static void fx_close(struct fx *x) {
+  tc_mapper_free(x->mp);
+  tc_model_close(x->model);
+  tc_store_close(x->store);
+  if (x->authkey) tc_free_secret(x->authkey, strlen(x->authkey));
+  if (x->ephkey) tc_free_secret(x->ephkey, strlen(x->ephkey));
+  free(x->dir);
+}
+
+static void key_of(uint8_t out[32], int seed) {
+  for (int i = 0; i < 32; i++) out[i] = (uint8_t)(seed * 31 + i + 1);
+}
+
+static char *key_text(enum tc_key_kind k, int seed) {
+  uint8_t b[32];
+  key_of(b, seed);
+  char t[TC_MAPPER_KEY_TEXT];
+  tc_mapper_key_format(k, b, t);
+  return strdup(t);
+}
+
+/* Sends one request and waits for its (non-streamed) answer. */
+static struct fake *call(struct fx *x, int mk_seed, const char *path, const char *body) {
+  uint8_t mk[32];
+  key_of(mk, mk_seed);
+  struct fake *f = fake_new();
+  tc_mapper_serve(x->mp, mk, "POST", path, body, strlen(body), &fio, f);
+  return f;
+}
+
+static char *reg_body(int nk_seed, int old_seed, const char *authkey, const char *host, const char *extra) {
+  char *nk = key_text(TC_KEY_NODE, nk_seed);
+  char *ok = old_seed ? key_text(TC_KEY_NODE, old_seed) : strdup("nodekey:0000000000000000000000000000000000000000000000000000000000000000");
+  char *auth = authkey ? tc_xasprintf("{\"AuthKey\":\"%s\"}", authkey)
+                       : strdup("{\"Provider\":\"\",\"LoginName\":\"\",\"Oauth2Token\":null,\"AuthKey\":\"\"}");
+  char *b = tc_xasprintf("{\"Version\":87,\"NodeKey\":\"%s\",\"OldNodeKey\":\"%s\",\"Auth\":%s,"
+                         "\"Expiry\":\"0001-01-01T00:00:00Z\",\"Hostinfo\":{\"Hostname\":\"%s\",\"OS\":\"linux\"}%s}",
+                         nk, ok, auth, host, extra ? extra : "");
+  free(nk);
+  free(ok);
+  free(auth);
+  return b;
+}
+
+/* Registers machine mk_seed with node key nk_seed via the auth key; returns the node id. */
+static int64_t reg_node(struct fx *x, int mk_seed, int nk_seed, const char *key, const char *host) {
+  char *b = reg_body(nk_seed, 0, key, host, NULL);
+  struct fake *f = call(x, mk_seed, "/machine/register", b);
+  free(b);
+  int64_t id = 0;
+  if (wait_done(f, 5000) && f->status == 200) {
+    json_t *j = body_json(f);
+    if (j && json_is_true(json_object_get(j, "MachineAuthorized")) && !json_object_get(j, "Error")) {
+      uint8_t nk[32];
+      key_of(nk, nk_seed);
+      struct tc_snapshot *s = tc_model_snapshot(x->model);
+      const struct tc_node *n = tc_snapshot_node_by_node_key(s, nk);
+      if (n) id = n->id;
+      tc_snapshot_release(s);
+    }
+    json_decref(j);
+  }
+  fake_free(f);
+  return id;
+}
+
+static struct fake *open_stream(struct fx *x, int mk_seed, int nk_seed) {
+  char *nk = key_text(TC_KEY_NODE, nk_seed);
+  char *b = tc_xasprintf("{\"Version\":138,\"Compress\":\"zstd\",\"KeepAlive\":true,\"NodeKey\":\"%s\","
+                         "\"DiscoKey\":\"discokey:0000000000000000000000000000000000000000000000000000000000000000\","
+                         "\"Stream\":true,\"Hostinfo\":{\"Hostname\":\"h%d\",\"OS\":\"linux\"}}",
+                         nk, nk_seed);
+  struct fake *f = call(x, mk_seed, "/machine/map", b);
+  free(nk);
+  free(b);
+  return f;
+}
+
+static json_t *find_peer(json_t *arr, int64_t id) {
+  size_t i;
+  json_t *p;
+  json_array_foreach(arr, i, p) if (json_integer_value(json_object_get(p, "ID")) == id) return p;
+  return NULL;
+}
+
+static bool id_in(json_t *arr, int64_t id) {
+  size_t i;
+  json_t *p;
+  json_array_foreach(arr, i, p) if (json_integer_value(p) == id) return true;
+  return false;
+}
+
+
+/* The first message carrying `key` about node id (PeersChangedPatch: NodeID;
+ * PeersChanged: ID; PeersRemoved: the id; Node: any), skipping others. */
+static json_t *wait_for(struct fake *f, const char *key, int64_t id) {
+  int64_t deadline = tc_mono_ms() + 5000;
+  while (tc_mono_ms() < deadline) {
+    json_t *m = next_msg(f, (int)(deadline - tc_mono_ms()), true);
+    if (!m) return NULL;
+    json_t *v = json_object_get(m, key);
+    bool hit = false;
+    if (v && !strcmp(key, "Node")) hit = true;
+    else if (v && !strcmp(key, "PeersRemoved")) hit = id_in(v, id);
+    else if (v && !strcmp(key, "PeersChanged")) hit = find_peer(v, id) != NULL;
+    else if (v && !strcmp(key, "PeersChangedPatch")) {
+      size_t i;
+      json_t *p;
+      json_array_foreach(v, i, p) if (json_integer_value(json_object_get(p, "NodeID")) == id) hit = true;
+    }
+    if (hit) return m;
+    json_decref(m);
+  }
+  return NULL;
+}
+
+static json_t *patch_for(json_t *m, int64_t id) {
+  size_t i;
+  json_t *p;
+  json_array_foreach(json_object_get(m, "PeersChangedPatch"), i, p) if (json_integer_value(json_object_get(p, "NodeID")) == id) return p;
+  return NULL;
+}
+
+/* Discards everything queued so far. */
+static void drain(struct fx *x, struct fake *f) {
+  tc_mapper_sync(x->mp);
+  json_t *m;
+  while ((m = next_msg(f, 50, true))) json_decref(m);
+}
+
+/* ---- tests ----------------------------------------------------------------------- */
+
+TC_TEST(two_nodes_see_each_other_and_a_third_joins) {
+  struct fx x;
+  TC_REQUIRE(fx_open(&x, 0));
+  int64_t a = reg_node(&x, 1, 101, x.authkey, "alpha");
+  int64_t b = reg_node(&x, 2, 102, x.authkey, "beta");
+  TC_REQUIRE(a > 0 && b > 0 && a != b);
+
+  struct fake *sa = open_stream(&x, 1, 101);
+  json_t *m = next_msg(sa, 5000, true);
+  TC_REQUIRE(m != NULL);
+  json_t *self = json_object_get(m, "Node");
+  TC_CHECK_INT(json_integer_value(json_object_get(self, "ID")), a);
+  TC_CHECK(json_is_true(json_object_get(self, "MachineAuthorized")));
+  TC_CHECK_STR(json_string_value(json_object_get(self, "Name")), "alpha.tail.example.com.");
+  TC_CHECK(json_object_get(m, "DERPMap") != NULL);
+  TC_CHECK(json_is_array(json_object_get(m, "PacketFilter")));
+  json_t *pb = find_peer(json_object_get(m, "Peers"), b);
+  TC_CHECK(pb != NULL);
+  TC_CHECK(json_is_false(json_object_get(pb, "Online")));
+  TC_CHECK_STR(json_string_value(json_object_get(json_array_get(json_object_get(m, "UserProfiles"), 0), "LoginName")),
+               "alice@example.com");
+  json_decref(m);
+
+  struct fake *sb = open_stream(&x, 2, 102);
+  m = next_msg(sb, 5000, true);
+  TC_REQUIRE(m != NULL);
+  json_t *pa = find_peer(json_object_get(m, "Peers"), a);
+  TC_CHECK(pa != NULL && json_is_true(json_object_get(pa, "Online")));
+  json_decref(m);
+  /* a learns that b came online */
+  m = wait_for(sa, "PeersChangedPatch", b);
+  TC_REQUIRE(m != NULL);
+  json_t *patch = patch_for(m, b);
+  TC_CHECK(json_is_true(json_object_get(patch, "Online")));
+  json_decref(m);
+
+  /* a third node joins: both get it as a delta */
+  int64_t c = reg_node(&x, 3, 103, x.authkey, "gamma");
+  TC_REQUIRE(c > 0);
+  struct fake *both[] = {sa, sb};
+  for (int i = 0; i < 2; i++) {
+    m = wait_for(both[i], "PeersChanged", c);
+    TC_REQUIRE(m != NULL);
+    json_t *pc = find_peer(json_object_get(m, "PeersChanged"), c);
+    TC_CHECK(pc != NULL);
+    TC_CHECK_STR(json_string_value(json_object_get(pc, "Name")), "gamma.tail.example.com.");
+    TC_CHECK(json_object_get(m, "Peers") == NULL);
+    json_decref(m);
+  }
+  struct tc_mapper_stats st;
+  tc_mapper_get_stats(x.mp, &st);
+  TC_CHECK_INT(st.streams_open, 2);
+  TC_CHECK_INT(st.full_maps, 2);
+
+  /* deleting a node: PeersRemoved for the others, its own stream ends */
+  struct tc_err err = {0};
+  TC_CHECK_INT(tc_model_node_delete(x.model, "cli", b, &err), 0);
+  m = wait_for(sa, "PeersRemoved", b);
+  TC_REQUIRE(m != NULL);
+  TC_CHECK(id_in(json_object_get(m, "PeersRemoved"), b));
+  json_decref(m);
+  TC_CHECK(wait_done(sb, 5000));
+  TC_CHECK(sb->ended);
+
+  fx_close(&x);
+  fake_free(sa);
+  fake_free(sb);
+}
+
+TC_TEST(expiry_rename_and_offline_reach_streams) {
+  struct fx x;
+  TC_REQUIRE(fx_open(&x, 0));
+  int64_t a = reg_node(&x, 1, 101, x.authkey, "alpha");
+  int64_t b = reg_node(&x, 2, 102, x.authkey, "beta");
+  TC_REQUIRE(a > 0 && b > 0);
+  struct fake *sa = open_stream(&x, 1, 101), *sb = open_stream(&x, 2, 102);
+  json_decref(next_msg(sa, 5000, true));
+  json_decref(next_msg(sb, 5000, true));
+  drain(&x, sa);
+  drain(&x, sb);
+  struct tc_err err = {0};
+
+  /* admin expires b: b gets its self node with a past expiry, a sees Expired */
+  int64_t past = tc_now() - 60;
+  TC_REQUIRE(tc_model_node_expire(x.model, "cli", b, past, &err) == 0);
+  json_t *m = wait_for(sb, "Node", 0);
+  TC_REQUIRE(m != NULL);
+  json_t *self = json_object_get(m, "Node");
+  TC_REQUIRE(self != NULL);
+  int64_t t = 0;
+  TC_CHECK(tc_time_parse(json_string_value(json_object_get(self, "KeyExpiry")), &t) == 0 && t <= tc_now());
+  json_decref(m);
+  m = wait_for(sa, "PeersChanged", b);
+  TC_REQUIRE(m != NULL);
+  json_t *pb = find_peer(json_object_get(m, "PeersChanged"), b);
+  TC_CHECK(pb && json_is_true(json_object_get(pb, "Expired")));
+  json_decref(m);
+
+  /* rename a: a gets its new self name, b the new peer name */
+  TC_REQUIRE(tc_model_node_rename(x.model, "cli", a, "renamed", &err) == 0);
+  m = wait_for(sa, "Node", 0);
+  TC_REQUIRE(m != NULL);
+  TC_CHECK_STR(json_string_value(json_object_get(json_object_get(m, "Node"), "Name")), "renamed.tail.example.com.");
+  json_decref(m);
+  m = wait_for(sb, "PeersChanged", a);
+  TC_REQUIRE(m != NULL);
+  json_t *pa = find_peer(json_object_get(m, "PeersChanged"), a);
+  TC_CHECK(pa && !strcmp(json_string_value(json_object_get(pa, "Name")), "renamed.tail.example.com."));
+  json_decref(m);
+
+  /* b's client goes away: a sees it offline; b's node is offline in the model */
+  fake_cancel(sb);
+  m = wait_for(sa, "PeersChangedPatch", b);
+  TC_REQUIRE(m != NULL);
+  json_t *patch = patch_for(m, b);
+  TC_CHECK(json_is_false(json_object_get(patch, "Online")));
+  TC_CHECK(json_object_get(patch, "LastSeen") != NULL);
+  json_decref(m);
+  TC_CHECK(sb->ended);
+  struct tc_snapshot *s = tc_model_snapshot(x.model);
+  TC_CHECK(!tc_snapshot_is_online(s, b));
+  TC_CHECK(tc_snapshot_is_online(s, a));
+  tc_snapshot_release(s);
+
+  fx_close(&x);
+  fake_free(sa);
+  fake_free(sb);
+}
+
+TC_TEST(lite_update_patches_peers_and_keeps_stream) {
+  struct fx x;
+  TC_REQUIRE(fx_open(&x, 0));
+  int64_t a = reg_node(&x, 1, 101, x.authkey, "alpha");
+  int64_t b = reg_node(&x, 2, 102, x.authkey, "beta");
+  TC_REQUIRE(a > 0 && b > 0);
+  struct fake *sa = open_stream(&x, 1, 101), *sb = open_stream(&x, 2, 102);
+  json_decref(next_msg(sa, 5000, true));
+  json_decref(next_msg(sb, 5000, true));
+  drain(&x, sa);
+  char *nk = key_text(TC_KEY_NODE, 102), *dk = key_text(TC_KEY_DISCO, 77);
+  char *body = tc_xasprintf("{\"Version\":138,\"Compress\":\"zstd\",\"KeepAlive\":true,\"NodeKey\":\"%s\","
+                            "\"DiscoKey\":\"%s\",\"OmitPeers\":true,\"Endpoints\":[\"198.51.100.7:41641\","
+                            "\"[fe80::1]:41641\"],\"EndpointTypes\":[2,1]}",
+                            nk, dk);
+  struct fake *lf = call(&x, 2, "/machine/map", body);
+  TC_CHECK(wait_done(lf, 5000));
+  TC_CHECK_INT(lf->status, 200);
+  json_t *m = wait_for(sa, "PeersChangedPatch", b);
+  TC_REQUIRE(m != NULL);
+  json_t *p = patch_for(m, b);
+  TC_CHECK_STR(json_string_value(json_array_get(json_object_get(p, "Endpoints"), 0)), "198.51.100.7:41641");
+  TC_CHECK_INT(json_array_size(json_object_get(p, "Endpoints")), 1);
+  TC_CHECK_STR(json_string_value(json_object_get(p, "DiscoKey")), dk);
+  json_decref(m);
+  TC_CHECK(!sb->ended); /* the lite update did not disturb b's stream */
+  /* the same update again changes nothing and sends nothing */
+  struct fake *lf2 = call(&x, 2, "/machine/map", body);
+  TC_CHECK(wait_done(lf2, 5000));
+  tc_mapper_sync(x.mp);
+  m = next_msg(sa, 300, true);
+  TC_CHECK(m == NULL);
+  json_decref(m);
+  /* a one-shot fetch (Stream false, OmitPeers false) gets exactly one full map */
+  char *one = tc_xasprintf("{\"Version\":138,\"NodeKey\":\"%s\",\"Compress\":\"zstd\"}", nk);
+  struct fake *of = call(&x, 2, "/machine/map", one);
+  TC_CHECK(wait_done(of, 5000));
+  TC_CHECK_INT(of->status, 200);
+  m = next_msg(of, 100, false);
+  TC_REQUIRE(m != NULL);
+  TC_CHECK_INT(json_integer_value(json_object_get(json_object_get(m, "Node"), "ID")), b);
+  json_t *pa = find_peer(json_object_get(m, "Peers"), a);
+  TC_CHECK(pa != NULL && json_is_true(json_object_get(pa, "Online")));
+  json_decref(m);
+
+  /* a second stream for b supersedes the first */
+  struct fake *sb2 = open_stream(&x, 2, 102);
+  m = next_msg(sb2, 5000, true);
+  TC_CHECK(m != NULL);
+  json_decref(m);
+  TC_CHECK(wait_done(sb, 5000));
+  TC_CHECK(sb->ended);
+  struct tc_snapshot *s = tc_model_snapshot(x.model);
+  TC_CHECK(tc_snapshot_is_online(s, b)); /* counted: still online */
+  tc_snapshot_release(s);
+
+  free(one);
+  free(body);
+  free(nk);
+  free(dk);
+  fx_close(&x);
+  fake_free(lf);
+  fake_free(lf2);
+  fake_free(of);
+  fake_free(sa);
+  fake_free(sb);
+  fake_free(sb2);
+}
+
+TC_TEST(logout_rotation_and_ephemeral) {
+  struct fx x;
+  TC_REQUIRE(fx_open(&x, 0));
+  int64_t a = reg_node(&x, 1, 101, x.authkey, "alpha");
+  int64_t e = reg_node(&x, 5, 105, x.ephkey, "eph");
+  TC_REQUIRE(a > 0 && e > 0);
+  struct tc_snapshot *s = tc_model_snapshot(x.model);
+  const struct tc_node *na = tc_snapshot_node(s, a);
+  TC_REQUIRE(na != NULL);
+  uint8_t ip4[4];
+  memcpy(ip4, na->ipv4, 4);
+  tc_snapshot_release(s);
+  struct fake *sa = open_stream(&x, 1, 101);
+  json_decref(next_msg(sa, 5000, true));
+
+  /* re-register with the same key (a tailscaled restart): authorised, same node */
+  char *b = reg_body(101, 0, NULL, "alpha", NULL);
+  struct fake *f = call(&x, 1, "/machine/register", b);
+  free(b);
+  TC_REQUIRE(wait_done(f, 5000));
+  json_t *j = body_json(f);
+  TC_CHECK(j && json_is_true(json_object_get(j, "MachineAuthorized")));
+  TC_CHECK_STR(json_string_value(json_object_get(j, "AuthURL")), "");
+  TC_CHECK_INT(json_integer_value(json_object_get(json_object_get(j, "User"), "ID")), x.user_id);
+  json_decref(j);
+  fake_free(f);
+
+  /* key rotation with the auth key: same ID and IPs, new key; peers told */
+  b = reg_body(201, 101, x.authkey, "alpha", NULL);
+  f = call(&x, 1, "/machine/register", b);
+  free(b);
+  TC_REQUIRE(wait_done(f, 5000));
+  j = body_json(f);
+  TC_CHECK(j && json_is_true(json_object_get(j, "MachineAuthorized")));
+  json_decref(j);
+  fake_free(f);
+  uint8_t nk201[32];
+  key_of(nk201, 201);
+  s = tc_model_snapshot(x.model);
+  const struct tc_node *nr = tc_snapshot_node_by_node_key(s, nk201);
+  TC_CHECK(nr != NULL && nr->id == a && !memcmp(nr->ipv4, ip4, 4));
+  tc_snapshot_release(s);
+
+  /* logout of the ephemeral node deletes it; a's stream hears PeersRemoved */
+  b = reg_body(105, 0, NULL, "eph", "");
+  char *lb = tc_xasprintf("%.*s,\"Expiry\":\"1970-01-01T00:02:03Z\"}", (int)strlen(b) - 1, b);
+  free(b);
+  f = call(&x, 5, "/machine/register", lb);
+  free(lb);
+  TC_REQUIRE(wait_done(f, 5000));
+  j = body_json(f);
+  TC_CHECK(j && json_is_true(json_object_get(j, "NodeKeyExpired")));
+  json_decref(j);
+  fake_free(f);
+  s = tc_model_snapshot(x.model);
+  TC_CHECK(tc_snapshot_node(s, e) == NULL);
+  tc_snapshot_release(s);
+  bool removed = false;
+  for (int i = 0; i < 5 && !removed; i++) {
+    json_t *m = next_msg(sa, 3000, true);
+    if (!m) break;
+    removed = id_in(json_object_get(m, "PeersRemoved"), e);
+    json_decref(m);
+  }
+  TC_CHECK(removed);
+
+  /* logout of a normal node marks it expired; a later register says NodeKeyExpired */
+  b = reg_body(201, 0, NULL, "alpha", "");
+  lb = tc_xasprintf("%.*s,\"Expiry\":\"1970-01-01T00:02:03Z\"}", (int)strlen(b) - 1, b);
+  f = call(&x, 1, "/machine/register", lb);
+  free(lb);
+  TC_REQUIRE(wait_done(f, 5000));
+  fake_free(f);
+  s = tc_model_snapshot(x.model);
+  nr = tc_snapshot_node(s, a);
+  TC_CHECK(nr != NULL && tc_node_is_expired(nr, tc_now() + 1));
+  tc_snapshot_release(s);
+  f = call(&x, 1, "/machine/register", b);
+  free(b);
+  TC_REQUIRE(wait_done(f, 5000));
+  j = body_json(f);
+  TC_CHECK(j && json_is_true(json_object_get(j, "NodeKeyExpired")));
+  json_decref(j);
+  fake_free(f);
+
+  fx_close(&x);
+  fake_free(sa);
+}
+
+struct approver {
+  struct fx *x;
+  char reg_id[64];
+};
+
+static void *approve_later(void *arg) {
+  struct approver *ap = arg;
+  struct timespec ts = {0, 300 * 1000000L};
+  nanosleep(&ts, NULL);
+  struct tc_err err = {0};
+  tc_model_pending_approve(ap->x->model, "cli", ap->reg_id, ap->x->user_id, NULL, &err);
+  return NULL;
+}
+
+TC_TEST(interactive_registration_followup) {
+  struct fx x;
+  TC_REQUIRE(fx_open(&x, 0));
+  char *b = reg_body(301, 0, NULL, "laptop", NULL);
+  struct fake *f = call(&x, 9, "/machine/register", b);
+  free(b);
+  TC_REQUIRE(wait_done(f, 5000));
+  json_t *j = body_json(f);
+  TC_REQUIRE(j != NULL);
+  const char *url = json_string_value(json_object_get(j, "AuthURL"));
+  TC_REQUIRE(url && !strncmp(url, "https://ctl.example.com/register/", 33));
+  TC_CHECK(!json_is_true(json_object_get(j, "MachineAuthorized")));
+  struct approver ap = {.x = &x};
+  snprintf(ap.reg_id, sizeof ap.reg_id, "%s", url + 33);
+  char *furl = strdup(url);
+  json_decref(j);
+  fake_free(f);
+
+  /* another machine cannot ride on this registration id */
+  b = reg_body(302, 0, NULL, "thief", "");
+  char *fb = tc_xasprintf("%.*s,\"Followup\":\"%s\"}", (int)strlen(b) - 1, b, furl);
+  free(b);
+  f = call(&x, 10, "/machine/register", fb);
+  free(fb);
+  TC_REQUIRE(wait_done(f, 5000));
+  j = body_json(f);
+  TC_CHECK(j != NULL);
+  const char *u2 = json_string_value(json_object_get(j, "AuthURL"));
+  TC_CHECK(u2 && strcmp(u2, furl) != 0); /* a new, different URL */
+  json_decref(j);
+  fake_free(f);
+
+  /* the real follow-up blocks until the admin approves */
+  b = reg_body(301, 0, NULL, "laptop", "");
+  fb = tc_xasprintf("%.*s,\"Followup\":\"%s\"}", (int)strlen(b) - 1, b, furl);
+  free(b);
+  f = call(&x, 9, "/machine/register", fb);
+  free(fb);
+  TC_CHECK(!wait_done(f, 100)); /* still pending */
+  pthread_t t;
+  pthread_create(&t, NULL, approve_later, &ap);
+  TC_REQUIRE(wait_done(f, 8000));
+  pthread_join(t, NULL);
+  j = body_json(f);
+  TC_REQUIRE(j != NULL);
+  TC_CHECK(json_is_true(json_object_get(j, "MachineAuthorized")));
+  TC_CHECK_STR(json_string_value(json_object_get(j, "AuthURL")), "");
+  TC_CHECK_INT(json_integer_value(json_object_get(json_object_get(j, "User"), "ID")), x.user_id);
+  json_decref(j);
+  fake_free(f);
+  uint8_t nk[32];
+  key_of(nk, 301);
+  struct tc_snapshot *s = tc_model_snapshot(x.model);
+  TC_CHECK(tc_snapshot_node_by_node_key(s, nk) != NULL);
+  tc_snapshot_release(s);
+  free(furl);
+  fx_close(&x);
+}
+
+TC_TEST(hostile_requests_are_refused_without_changes) {
+  struct fx x;
+  TC_REQUIRE(fx_open(&x, 0));
+  int64_t a = reg_node(&x, 1, 101, x.authkey, "alpha");
+  TC_REQUIRE(a > 0);
+  struct tc_snapshot *s0 = tc_model_snapshot(x.model);
+  uint64_t seq0 = s0->seq;
+  tc_snapshot_release(s0);
+
+  /* machine 66 claims node key 101 (owned by machine 1): register and map */
+  char *b = reg_body(101, 0, x.authkey, "evil", NULL);
+  struct fake *f = call(&x, 66, "/machine/register", b);
+  free(b);
+  TC_REQUIRE(wait_done(f, 5000));
+  TC_CHECK_INT(f->status, 401);
+  fake_free(f);
+  f = open_stream(&x, 66, 101);
+  TC_REQUIRE(wait_done(f, 5000));
+  TC_CHECK_INT(f->status, 401);
+  TC_CHECK(!f->begun);
+  fake_free(f);
+  /* rotation away from someone else's key */
+  b = reg_body(401, 101, x.authkey, "evil", NULL);
+  f = call(&x, 66, "/machine/register", b);
+  free(b);
+  TC_REQUIRE(wait_done(f, 5000));
+  TC_CHECK_INT(f->status, 401);
+  fake_free(f);
+  s0 = tc_model_snapshot(x.model);
+  TC_CHECK_INT(s0->seq, seq0); /* nothing was written */
+  TC_CHECK_INT(s0->n_nodes, 1);
+  tc_snapshot_release(s0);
+
+  /* unknown node key on map: 404 */
+  f = open_stream(&x, 1, 999);
+  TC_REQUIRE(wait_done(f, 5000));
+  TC_CHECK_INT(f->status, 404);
+  fake_free(f);
+
+  struct {
+    const char *path, *body;
+    int status;
+  } cases[] = {
+      {"/machine/register", "{not json", 400},
+      {"/machine/register", "[]", 400},
+      {"/machine/register", "{\"Version\":86,\"NodeKey\":\"nodekey:0101010101010101010101010101010101010101010101010101010101010101\"}", 400},
+      {"/machine/register", "{\"Version\":87}", 400},
+      {"/machine/map", "{\"Version\":138,\"NodeKey\":7}", 400},
+      {"/machine/map", "{\"Version\":50,\"NodeKey\":\"nodekey:0101010101010101010101010101010101010101010101010101010101010101\"}", 400},
+      {"/machine/set-dns", "{}", 501},
+      {"/machine/update-health", "{}", 501},
+      {"/nope", "{}", 404},
+  };
+  for (size_t i = 0; i < TC_ARRAY_LEN(cases); i++) {
+    f = call(&x, 1, cases[i].path, cases[i].body);
+    TC_REQUIRE(wait_done(f, 5000));
+    if (f->status != cases[i].status) fprintf(stderr, "  case %zu: status %d\n", i, f->status);
+    TC_CHECK_INT(f->status, cases[i].status);
+    fake_free(f);
+  }
+  uint8_t mk[32];
+  key_of(mk, 1);
+  f = fake_new();
+  tc_mapper_serve(x.mp, mk, "GET", "/machine/map?x=1", "", 0, &fio, f);
+  TC_CHECK(wait_done(f, 1000) && f->status == 405);
+  fake_free(f);
+  /* bad auth key: 200 with an Error for the user */
+  b = reg_body(501, 0, "hskey-auth-nope-0000", "x", NULL);
+  f = call(&x, 7, "/machine/register", b);
+  free(b);
+  TC_REQUIRE(wait_done(f, 5000));
+  TC_CHECK_INT(f->status, 200);
+  json_t *j = body_json(f);
+  TC_CHECK(j && json_string_length(json_object_get(j, "Error")) > 0);
+  json_decref(j);
+  fake_free(f);
+  s0 = tc_model_snapshot(x.model);
+  TC_CHECK_INT(s0->n_nodes, 1);
+  tc_snapshot_release(s0);
+  fx_close(&x);
+}
+
+TC_TEST(keepalives_and_slow_stream_cutoff) {
+  struct fx x;
+  TC_REQUIRE(fx_open(&x, 300));
+  int64_t a = reg_node(&x, 1, 101, x.authkey, "alpha");
+  int64_t b = reg_node(&x, 2, 102, x.authkey, "beta");
+  TC_REQUIRE(a > 0 && b > 0);
+  struct fake *sa = open_stream(&x, 1, 101);
+  json_t *m = next_msg(sa, 5000, true);
+  TC_REQUIRE(m != NULL);
+  json_decref(m);
+  m = next_msg(sa, 3000, false);
+  TC_REQUIRE(m != NULL);
+  TC_CHECK(json_is_true(json_object_get(m, "KeepAlive")));
+  json_decref(m);
+
+  /* b stops reading: the transport refuses its writes with TC_ETOOBIG */
+  struct fake *sb = open_stream(&x, 2, 102);
+  json_decref(next_msg(sb, 5000, true));
+  pthread_mutex_lock(&sb->mu);
+  sb->fail_writes = TC_ETOOBIG;
+  pthread_mutex_unlock(&sb->mu);
+  struct tc_err err = {0};
+  TC_REQUIRE(tc_model_node_rename(x.model, "cli", a, "alpha2", &err) == 0);
+  TC_CHECK(wait_done(sb, 5000));
+  TC_CHECK(sb->ended);
+  tc_mapper_sync(x.mp);
+  struct tc_mapper_stats st;
+  tc_mapper_get_stats(x.mp, &st);
+  TC_CHECK_INT(st.streams_cut, 1);
+  TC_CHECK_INT(st.streams_open, 1);
+  TC_CHECK(st.keepalives >= 1);
+  fx_close(&x);
+  fake_free(sa);
+  fake_free(sb);
+}
