@@ -20,7 +20,9 @@
  *   TC_ECONFLICT a foreign key forbids the change (e.g. deleting a user who
  *                still owns nodes or keys), or a single-use key was already
  *                consumed
- *   TC_EAGAIN    transient (lost connection, lock timeout); retry the whole tx
+ *   TC_EAGAIN    transient (lost connection, SQLite busy_timeout elapsed,
+ *                no free pool connection); retry the whole transaction
+ *   TC_EINVAL    a required field missing, or text that is not UTF-8
  *   TC_ESCHEMA   the database schema is newer than this binary
  *   TC_EDB       anything else from the database
  * After an error the database itself raised (TC_EEXIST, a foreign-key
@@ -50,7 +52,7 @@ enum tc_db_type {
 struct tc_store_config {
   int type; /* TC_DB_SQLITE or TC_DB_POSTGRES */
   /* SQLite */
-  const char *sqlite_path; /* file path; created if missing */
+  const char *sqlite_path; /* file path; created 0600 if missing; ":memory:" ok */
   bool sqlite_wal;         /* journal_mode=WAL (synchronous=NORMAL unless durable tx) */
   int busy_timeout_ms;     /* 0 = 5000 */
   /* PostgreSQL */
