@@ -213,7 +213,7 @@ int tc_derpmap_refresh_now(struct tc_derpmap *dm, struct tc_err *err);
 char *tc_derpmap_json(struct tc_derpmap *dm);
 /* The current map as a jansson object (new reference). */
 json_t *tc_derpmap_get(struct tc_derpmap *dm);
-/* How many times the merged map changed since creation. */
+/* How many times the merged map changed (the first build counts as 1). */
 uint64_t tc_derpmap_generation(struct tc_derpmap *dm);
 void tc_derpmap_free(struct tc_derpmap *dm);
 
