@@ -10,6 +10,7 @@
  * the loop thread. */
 #include <errno.h>
 #include <fcntl.h>
+#include <mbedtls/sha1.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <nghttp2/nghttp2.h>
@@ -18,6 +19,7 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
@@ -31,6 +33,7 @@
 #define READ_BUDGET (256u * 1024) /* bytes per readiness event, for fairness */
 #define CLOSING_GRACE_MS 5000     /* a refused connection gets this long to drain */
 #define STREAM_OBJECTS_MAX (4 * TC_CTL_MAX_STREAMS)
+#define WS_FRAME_MAX 65536u       /* browsers send one Noise record per message */
 
 struct conn;
 
@@ -71,6 +74,8 @@ struct conn {
   struct tc_ts_session sess;
   nghttp2_session *h2;
   struct tc_buf in, out, stage;
+  struct tc_buf wsin, wsout; /* WebSocket variant: framed bytes on the socket */
+  bool ws;
   bool established, closing, dead, want_out, got_request;
   int64_t deadline_ms;
   struct tc_ctl_stream *streams;
@@ -79,6 +84,9 @@ struct conn {
 
 struct incoming {
   int fd;
+  bool ws;
+  char ws_accept[32];      /* Sec-WebSocket-Accept value */
+  const char *ws_refusal;  /* static: close with 1008 and this reason */
   size_t init_len;
   uint8_t init[TC_TS_INIT_LEN];
   char peer[64];
@@ -118,6 +126,8 @@ static void conn_unref(struct conn *c) {
   tc_buf_free(&c->in);
   tc_buf_free(&c->out);
   tc_buf_free(&c->stage);
+  tc_buf_free(&c->wsin);
+  tc_buf_free(&c->wsout);
   free(c);
 }
 
@@ -374,12 +384,37 @@ static void set_epollout(struct conn *c, bool on) {
   c->want_out = on;
 }
 
+/* WebSocket framing (RFC 6455), server side: frames we send are unmasked. */
+static void ws_frame(struct tc_buf *b, uint8_t opcode, const void *p, size_t n) {
+  uint8_t h[10];
+  size_t hl = 2;
+  h[0] = (uint8_t)(0x80 | opcode);
+  if (n < 126) {
+    h[1] = (uint8_t)n;
+  } else if (n <= 0xffff) {
+    h[1] = 126;
+    h[2] = (uint8_t)(n >> 8);
+    h[3] = (uint8_t)n;
+    hl = 4;
+  } else {
+    h[1] = 127;
+    for (int i = 0; i < 8; i++) h[2 + i] = (uint8_t)((uint64_t)n >> (56 - 8 * i));
+    hl = 10;
+  }
+  tc_buf_append(b, h, hl);
+  if (n) tc_buf_append(b, p, n);
+}
+
+/* The bytes that go on the socket as they are. */
+static struct tc_buf *wire_of(struct conn *c) { return c->ws ? &c->wsout : &c->out; }
+
 static void conn_flush(struct conn *c) {
   if (c->dead) return;
+  struct tc_buf *wire = wire_of(c);
   for (;;) {
     bool drained_h2 = true;
     if (c->h2) {
-      while (c->out.len < OUT_HIGH) {
+      while (c->out.len + c->wsout.len < OUT_HIGH) {
         const uint8_t *data;
         ssize_t n = nghttp2_session_mem_send(c->h2, &data);
         if (n < 0) {
@@ -391,14 +426,18 @@ static void conn_flush(struct conn *c) {
         while (!c->dead && c->stage.len >= TC_TS_MAX_PLAINTEXT) seal_stage(c, TC_TS_MAX_PLAINTEXT);
         if (c->dead) return;
       }
-      drained_h2 = c->out.len < OUT_HIGH;
+      drained_h2 = c->out.len + c->wsout.len < OUT_HIGH;
       if (c->stage.len) seal_stage(c, c->stage.len);
       if (c->dead) return;
     }
-    while (c->out.len) {
-      ssize_t w = send(c->fd, c->out.data, c->out.len, MSG_NOSIGNAL);
+    if (c->ws && c->out.len) {
+      ws_frame(&c->wsout, 0x2, c->out.data, c->out.len);
+      tc_buf_reset(&c->out);
+    }
+    while (wire->len) {
+      ssize_t w = send(c->fd, wire->data, wire->len, MSG_NOSIGNAL);
       if (w > 0) {
-        tc_buf_consume(&c->out, (size_t)w);
+        tc_buf_consume(wire, (size_t)w);
         continue;
       }
       if (w < 0 && errno == EINTR) continue;
@@ -407,11 +446,11 @@ static void conn_flush(struct conn *c) {
       return;
     }
     /* Stopped pulling at OUT_HIGH and the socket took it all: pull more. */
-    if (c->out.len == 0 && !drained_h2) continue;
+    if (wire->len == 0 && !drained_h2) continue;
     break;
   }
-  set_epollout(c, c->out.len > 0);
-  if (c->out.len == 0) {
+  set_epollout(c, wire->len > 0);
+  if (wire->len == 0) {
     if (c->closing) {
       conn_kill(c);
     } else if (c->h2 && !nghttp2_session_want_read(c->h2) && !nghttp2_session_want_write(c->h2)) {
@@ -656,15 +695,75 @@ static void conn_process_records(struct conn *c) {
   if (!c->dead) tc_buf_consume(&c->in, off);
 }
 
+/* Unwraps client WebSocket frames from wsin into the Noise byte stream in
+ * c->in. Message boundaries mean nothing here. Returns false if the
+ * connection must go. */
+static bool ws_decode(struct conn *c) {
+  for (;;) {
+    const uint8_t *p = (const uint8_t *)c->wsin.data;
+    size_t avail = c->wsin.len;
+    if (avail < 2) return true;
+    uint8_t op = p[0] & 0x0f;
+    bool fin = p[0] & 0x80;
+    if ((p[0] & 0x70) || !(p[1] & 0x80)) return false; /* no extensions; clients must mask */
+    size_t len = p[1] & 0x7f, hl = 2;
+    if (len == 126) {
+      if (avail < 4) return true;
+      len = (size_t)p[2] << 8 | p[3];
+      hl = 4;
+    } else if (len == 127) {
+      if (avail < 10) return true;
+      uint64_t l = 0;
+      for (int i = 0; i < 8; i++) l = l << 8 | p[2 + i];
+      if (l > WS_FRAME_MAX) return false;
+      len = (size_t)l;
+      hl = 10;
+    }
+    if (len > WS_FRAME_MAX || (op >= 8 && (len > 125 || !fin))) return false;
+    if (avail < hl + 4 + len) return true;
+    const uint8_t *mask = p + hl;
+    uint8_t *payload = (uint8_t *)c->wsin.data + hl + 4;
+    for (size_t i = 0; i < len; i++) payload[i] ^= mask[i & 3];
+    switch (op) {
+    case 0x0: /* continuation */
+    case 0x2: /* binary */
+      tc_buf_append(&c->in, payload, len);
+      break;
+    case 0x8: /* close: answer and go */
+      ws_frame(&c->wsout, 0x8, payload, len >= 2 ? 2 : 0);
+      c->closing = true;
+      c->deadline_ms = tc_mono_ms() + CLOSING_GRACE_MS;
+      tc_buf_reset(&c->wsin);
+      return true;
+    case 0x9: /* ping */
+      ws_frame(&c->wsout, 0xA, payload, len);
+      break;
+    case 0xA: /* pong */
+      break;
+    default: /* text frames and reserved opcodes */
+      return false;
+    }
+    tc_buf_consume(&c->wsin, hl + 4 + len);
+  }
+}
+
 static void conn_read(struct conn *c) {
   size_t budget = READ_BUDGET;
-  while (!c->dead && budget) {
-    tc_buf_reserve(&c->in, READ_CHUNK);
-    ssize_t n = recv(c->fd, c->in.data + c->in.len, READ_CHUNK, 0);
+  char buf[READ_CHUNK];
+  while (!c->dead && budget && !c->closing) {
+    ssize_t n = recv(c->fd, buf, sizeof buf, 0);
     if (n > 0) {
       budget = (size_t)n >= budget ? 0 : budget - (size_t)n;
       if (!c->established) continue; /* refused: drain and ignore */
-      c->in.len += (size_t)n;
+      if (c->ws) {
+        tc_buf_append(&c->wsin, buf, (size_t)n);
+        if (!ws_decode(c)) {
+          conn_kill(c);
+          return;
+        }
+      } else {
+        tc_buf_append(&c->in, buf, (size_t)n);
+      }
       conn_process_records(c);
       continue;
     }
@@ -673,7 +772,18 @@ static void conn_read(struct conn *c) {
     conn_kill(c); /* EOF or error */
     return;
   }
+  /* A closing connection ignores input but must notice the peer leaving. */
+  while (!c->dead && c->closing) {
+    ssize_t n = recv(c->fd, buf, sizeof buf, 0);
+    if (n > 0) continue;
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
+    conn_kill(c);
+    return;
+  }
 }
+
+static const char ws_no_subprotocol[] = "client must speak the control subprotocol";
 
 static const char resp101[] =
     "HTTP/1.1 101 Switching Protocols\r\nUpgrade: tailscale-control-protocol\r\nConnection: upgrade\r\n\r\n";
@@ -699,7 +809,30 @@ static void conn_start(struct tc_ctl_server *srv, struct incoming *in) {
     conn_kill(c);
     return;
   }
-  tc_buf_append(&c->out, resp101, sizeof resp101 - 1);
+  c->ws = in->ws;
+  if (c->ws) {
+    tc_buf_printf(&c->wsout,
+                  "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  "Sec-WebSocket-Accept: %s\r\n%s\r\n",
+                  in->ws_accept,
+                  in->ws_refusal && !strcmp(in->ws_refusal, ws_no_subprotocol)
+                      ? ""
+                      : "Sec-WebSocket-Protocol: tailscale-control-protocol\r\n");
+    if (in->ws_refusal) {
+      /* Close with 1008 (policy violation), as the reference server does. */
+      size_t rl = strlen(in->ws_refusal);
+      uint8_t cl[128] = {0x03, 0xf0};
+      memcpy(cl + 2, in->ws_refusal, TC_MIN(rl, sizeof cl - 2));
+      ws_frame(&c->wsout, 0x8, cl, 2 + TC_MIN(rl, sizeof cl - 2));
+      atomic_fetch_add(&srv->st_hs_failed, 1);
+      c->closing = true;
+      c->deadline_ms = tc_mono_ms() + CLOSING_GRACE_MS;
+      conn_flush(c);
+      return;
+    }
+  } else {
+    tc_buf_append(&c->out, resp101, sizeof resp101 - 1);
+  }
   uint8_t resp[TC_TS_RESP_LEN];
   const char *emsg = NULL;
   int rc = tc_ts_server_accept(srv->priv, in->init, in->init_len, NULL, resp, &c->sess, &emsg);
@@ -717,7 +850,8 @@ static void conn_start(struct tc_ctl_server *srv, struct incoming *in) {
   c->established = true;
   c->deadline_ms = tc_mono_ms() + srv->opts.first_request_timeout_ms;
   tc_buf_append(&c->out, resp, sizeof resp);
-  if (srv->opts.early_payload) {
+  /* Go's server sends no early payload on the WebSocket path. */
+  if (srv->opts.early_payload && !c->ws) {
     char *json = srv->opts.early_payload(srv->opts.early_ctx, c->sess.peer, c->sess.version);
     if (json) {
       size_t n = strlen(json);
@@ -886,36 +1020,7 @@ static int discard_head(int fd, size_t n) {
   return 0;
 }
 
-void tc_ctl_upgrade(void *ctx, int fd, const struct tc_http_head *head) {
-  struct tc_ctl_server *srv = ctx;
-  if (discard_head(fd, head->head_len)) {
-    close(fd);
-    return;
-  }
-  const char *up = head_get(head, "Upgrade");
-  if (!up || !*up) return refuse(fd, 400, "Bad Request", "missing next protocol");
-  if (tc_strieq(up, "websocket"))
-    return refuse(fd, 400, "Bad Request", "websocket transport not supported");
-  if (!tc_strieq(up, "tailscale-control-protocol")) return refuse(fd, 400, "Bad Request", "unknown next protocol");
-  const char *hs = head_get(head, "X-Tailscale-Handshake");
-  if (!hs || !*hs) return refuse(fd, 400, "Bad Request", "missing Tailscale handshake header");
-  /* The head is bounded (TC_HTTP_HEAD_MAX), so the decoded size is too. */
-  size_t hslen = strlen(hs);
-  uint8_t *dec = tc_xmalloc(hslen / 4 * 3 + 3);
-  size_t declen = 0;
-  const char *end = NULL;
-  int brc = sodium_base642bin(dec, hslen / 4 * 3 + 3, hs, hslen, NULL, &declen, &end,
-                              sodium_base64_VARIANT_ORIGINAL);
-  if (brc != 0 || end != hs + hslen) {
-    free(dec);
-    return refuse(fd, 400, "Bad Request", "invalid tailscale handshake header");
-  }
-  struct incoming *in = tc_xcalloc(1, sizeof *in);
-  in->fd = fd;
-  in->init_len = declen;
-  memcpy(in->init, dec, TC_MIN(declen, sizeof in->init));
-  snprintf(in->peer, sizeof in->peer, "%s", head->peer);
-  free(dec);
+static void enqueue(struct tc_ctl_server *srv, struct incoming *in) {
   pthread_mutex_lock(&srv->mu);
   bool stopping = srv->stopping;
   if (!stopping) {
@@ -925,9 +1030,128 @@ void tc_ctl_upgrade(void *ctx, int fd, const struct tc_http_head *head) {
   }
   pthread_mutex_unlock(&srv->mu);
   if (stopping) {
-    close(fd);
+    close(in->fd);
     free(in);
   }
+}
+
+/* Standard base64 of the whole string into out (cap bytes). 0 or TC_EINVAL. */
+static int b64_decode(const char *s, size_t slen, uint8_t *out, size_t cap, size_t *outlen) {
+  const char *end = NULL;
+  if (sodium_base642bin(out, cap, s, slen, NULL, outlen, &end, sodium_base64_VARIANT_ORIGINAL) != 0 ||
+      end != s + slen)
+    return TC_EINVAL;
+  return 0;
+}
+
+/* Finds key in a raw query and percent-decodes its value into out, with
+ * Go's url.ParseQuery rules ('+' is a space). Length or -1. */
+static int query_param(const char *q, const char *key, char *out, size_t cap) {
+  size_t klen = strlen(key);
+  for (const char *p = q; p && *p;) {
+    const char *amp = strchr(p, '&');
+    size_t n = amp ? (size_t)(amp - p) : strlen(p);
+    if (n > klen && p[klen] == '=' && !strncmp(p, key, klen)) {
+      size_t o = 0;
+      for (size_t i = klen + 1; i < n; i++) {
+        int ch = (unsigned char)p[i];
+        if (ch == '%') {
+          uint8_t b;
+          if (i + 2 >= n || tc_hex_decode(p + i + 1, 2, &b, 1)) return -1;
+          ch = b;
+          i += 2;
+        } else if (ch == '+') {
+          ch = ' ';
+        }
+        if (o + 1 >= cap) return -1;
+        out[o++] = (char)ch;
+      }
+      out[o] = 0;
+      return (int)o;
+    }
+    p = amp ? amp + 1 : NULL;
+  }
+  return -1;
+}
+
+static bool has_token(const char *list, const char *tok) {
+  size_t tl = strlen(tok);
+  for (const char *p = list; p && *p;) {
+    while (*p == ' ' || *p == '\t' || *p == ',') p++;
+    const char *e = p;
+    while (*e && *e != ',' && *e != ' ' && *e != '\t') e++;
+    if ((size_t)(e - p) == tl && !strncasecmp(p, tok, tl)) return true;
+    p = e;
+  }
+  return false;
+}
+
+/* The WebSocket variant (browser clients): GET with the initiation in the
+ * query; afterwards the Noise stream travels in binary messages. */
+static void upgrade_ws(struct tc_ctl_server *srv, int fd, const struct tc_http_head *head) {
+  static const char guid[] = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+  const char *key = head_get(head, "Sec-WebSocket-Key");
+  const char *ver = head_get(head, "Sec-WebSocket-Version");
+  const char *conn = head_get(head, "Connection");
+  uint8_t kbin[32];
+  size_t klen = 0;
+  if (!head->method || strcmp(head->method, "GET") || !conn || !has_token(conn, "upgrade") || !ver || strcmp(ver, "13") || !key ||
+      strlen(key) > 40 || b64_decode(key, strlen(key), kbin, sizeof kbin, &klen) || klen != 16)
+    return refuse(fd, 400, "Bad Request", "bad websocket handshake");
+  struct incoming *in = tc_xcalloc(1, sizeof *in);
+  in->fd = fd;
+  in->ws = true;
+  snprintf(in->peer, sizeof in->peer, "%s", head->peer);
+  char cat[80];
+  snprintf(cat, sizeof cat, "%s%s", key, guid);
+  uint8_t sha[20];
+  mbedtls_sha1_ret((const unsigned char *)cat, strlen(cat), sha);
+  sodium_bin2base64(in->ws_accept, sizeof in->ws_accept, sha, sizeof sha, sodium_base64_VARIANT_ORIGINAL);
+  const char *proto = head_get(head, "Sec-WebSocket-Protocol");
+  char hs[512];
+  int hl;
+  if (!proto || !has_token(proto, "tailscale-control-protocol")) {
+    in->ws_refusal = ws_no_subprotocol;
+  } else if ((hl = query_param(head->query ? head->query : "", "X-Tailscale-Handshake", hs, sizeof hs)) <= 0) {
+    in->ws_refusal = "missing Tailscale handshake parameter";
+  } else {
+    uint8_t dec[400];
+    if (b64_decode(hs, (size_t)hl, dec, sizeof dec, &in->init_len)) {
+      in->ws_refusal = "invalid tailscale handshake parameter";
+    } else {
+      memcpy(in->init, dec, TC_MIN(in->init_len, sizeof in->init));
+    }
+  }
+  enqueue(srv, in);
+}
+
+void tc_ctl_upgrade(void *ctx, int fd, const struct tc_http_head *head) {
+  struct tc_ctl_server *srv = ctx;
+  if (discard_head(fd, head->head_len)) {
+    close(fd);
+    return;
+  }
+  const char *up = head_get(head, "Upgrade");
+  if (!up || !*up) return refuse(fd, 400, "Bad Request", "missing next protocol");
+  if (tc_strieq(up, "websocket")) return upgrade_ws(srv, fd, head);
+  if (!tc_strieq(up, "tailscale-control-protocol")) return refuse(fd, 400, "Bad Request", "unknown next protocol");
+  const char *hs = head_get(head, "X-Tailscale-Handshake");
+  if (!hs || !*hs) return refuse(fd, 400, "Bad Request", "missing Tailscale handshake header");
+  /* The head is bounded (TC_HTTP_HEAD_MAX), so the decoded size is too. */
+  size_t hslen = strlen(hs);
+  uint8_t *dec = tc_xmalloc(hslen / 4 * 3 + 3);
+  size_t declen = 0;
+  if (b64_decode(hs, hslen, dec, hslen / 4 * 3 + 3, &declen)) {
+    free(dec);
+    return refuse(fd, 400, "Bad Request", "invalid tailscale handshake header");
+  }
+  struct incoming *in = tc_xcalloc(1, sizeof *in);
+  in->fd = fd;
+  in->init_len = declen;
+  memcpy(in->init, dec, TC_MIN(declen, sizeof in->init));
+  snprintf(in->peer, sizeof in->peer, "%s", head->peer);
+  free(dec);
+  enqueue(srv, in);
 }
 
 /* ---- server lifecycle ------------------------------------------------------------------ */

@@ -5,6 +5,7 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <jansson.h>
+#include <mbedtls/sha1.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <nghttp2/nghttp2.h>
@@ -32,6 +33,8 @@ struct tstream {
 
 struct tc_tclient {
   int fd;
+  bool ws;
+  struct tc_buf wsin;
   struct tc_ts_session sess;
   uint8_t machine_pub[32];
   nghttp2_session *h2;
@@ -187,13 +190,109 @@ static ssize_t req_read(nghttp2_session *s, int32_t id, uint8_t *buf, size_t len
 }
 
 /* ---- Noise records ---------------------------------------------------------------- */
-int tc_tclient_send_raw(struct tc_tclient *c, const void *p, size_t n) { return send_all(c->fd, p, n); }
+/* Client WebSocket frames are masked (RFC 6455 §5.3). */
+static int ws_send(struct tc_tclient *c, uint8_t opcode, const void *p, size_t n) {
+  struct tc_buf f = TC_BUF_INIT;
+  uint8_t h[14];
+  size_t hl = 2;
+  h[0] = (uint8_t)(0x80 | opcode);
+  if (n < 126) {
+    h[1] = (uint8_t)(0x80 | n);
+  } else if (n <= 0xffff) {
+    h[1] = 0x80 | 126;
+    h[2] = (uint8_t)(n >> 8);
+    h[3] = (uint8_t)n;
+    hl = 4;
+  } else {
+    h[1] = 0x80 | 127;
+    for (int i = 0; i < 8; i++) h[2 + i] = (uint8_t)((uint64_t)n >> (56 - 8 * i));
+    hl = 10;
+  }
+  uint8_t mask[4];
+  tc_random(mask, 4);
+  memcpy(h + hl, mask, 4);
+  hl += 4;
+  tc_buf_append(&f, h, hl);
+  tc_buf_reserve(&f, n);
+  for (size_t i = 0; i < n; i++) f.data[hl + i] = (char)(((const uint8_t *)p)[i] ^ mask[i & 3]);
+  f.len += n;
+  int rc = send_all(c->fd, f.data, f.len);
+  tc_buf_free(&f);
+  return rc;
+}
+
+int tc_tclient_send_wire(struct tc_tclient *c, const void *p, size_t n) { return send_all(c->fd, p, n); }
+
+int tc_tclient_send_raw(struct tc_tclient *c, const void *p, size_t n) {
+  return c->ws ? ws_send(c, 0x2, p, n) : send_all(c->fd, p, n);
+}
 
 int tc_tclient_send_record(struct tc_tclient *c, const void *pt, size_t n) {
   uint8_t rec[TC_TS_MAX_MSG];
   int len = tc_ts_seal_record(&c->sess.tx, pt, n, rec);
   if (len < 0) return len;
-  return send_all(c->fd, rec, (size_t)len);
+  return tc_tclient_send_raw(c, rec, (size_t)len);
+}
+
+/* Server frames (unmasked) from wsin into the Noise stream in c->in. */
+static int ws_decode(struct tc_tclient *c) {
+  for (;;) {
+    const uint8_t *p = (const uint8_t *)c->wsin.data;
+    size_t avail = c->wsin.len;
+    if (avail < 2) return 0;
+    if (p[1] & 0x80) return TC_EPROTO; /* servers must not mask */
+    size_t len = p[1] & 0x7f, hl = 2;
+    if (len == 126) {
+      if (avail < 4) return 0;
+      len = (size_t)p[2] << 8 | p[3];
+      hl = 4;
+    } else if (len == 127) {
+      if (avail < 10) return 0;
+      uint64_t l = 0;
+      for (int i = 0; i < 8; i++) l = l << 8 | p[2 + i];
+      if (l > (64u << 20)) return TC_ETOOBIG;
+      len = (size_t)l;
+      hl = 10;
+    }
+    if (avail < hl + len) return 0;
+    uint8_t op = p[0] & 0x0f;
+    if (op == 0x0 || op == 0x2)
+      tc_buf_append(&c->in, p + hl, len);
+    else if (op == 0x8)
+      return TC_EIO;
+    else if (op == 0x9)
+      ws_send(c, 0xA, p + hl, len);
+    else if (op != 0xA)
+      return TC_EPROTO;
+    tc_buf_consume(&c->wsin, hl + len);
+  }
+}
+
+/* Takes n received socket bytes in buf into the Noise stream. */
+static int take_wire(struct tc_tclient *c, const char *buf, size_t n) {
+  if (!c->ws) {
+    tc_buf_append(&c->in, buf, n);
+    return 0;
+  }
+  tc_buf_append(&c->wsin, buf, n);
+  return ws_decode(c);
+}
+
+/* Reads until c->in holds at least need bytes of the Noise stream. */
+static int fill_in(struct tc_tclient *c, size_t need, int64_t deadline) {
+  while (c->in.len < need) {
+    int left = (int)(deadline - tc_mono_ms());
+    if (left <= 0) return TC_EAGAIN;
+    struct pollfd pfd = {.fd = c->fd, .events = POLLIN};
+    if (poll(&pfd, 1, left) <= 0) continue;
+    char buf[4096];
+    ssize_t r = recv(c->fd, buf, sizeof buf, 0);
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) return TC_EIO;
+    int rc = take_wire(c, buf, (size_t)r);
+    if (rc) return rc;
+  }
+  return 0;
 }
 
 int tc_tclient_send_plain(struct tc_tclient *c, const void *pt, size_t n) {
@@ -284,13 +383,12 @@ int tc_tclient_pump(struct tc_tclient *c, int timeout_ms) {
   int pr = poll(&pfd, 1, timeout_ms);
   if (pr <= 0) return 0;
   for (;;) {
-    tc_buf_reserve(&c->in, 16384);
-    ssize_t r = recv(c->fd, c->in.data + c->in.len, 16384, MSG_DONTWAIT);
+    char buf[16384];
+    ssize_t r = recv(c->fd, buf, sizeof buf, MSG_DONTWAIT);
     if (r < 0 && errno == EINTR) continue;
     if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
     if (r <= 0) goto dead;
-    c->in.len += (size_t)r;
-    if (process_in(c)) goto dead;
+    if (take_wire(c, buf, (size_t)r) || process_in(c)) goto dead;
   }
   if (flush(c)) goto dead;
   return 0;
@@ -333,11 +431,33 @@ int tc_tclient_connect(const char *host, int port, const struct tc_tclient_opts 
   }
   char b64[200];
   sodium_bin2base64(b64, sizeof b64, init, sizeof init, sodium_base64_VARIANT_ORIGINAL);
-  char req[512];
-  int n = snprintf(req, sizeof req,
-                   "POST /ts2021 HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: tailscale-control-protocol\r\n"
-                   "Connection: upgrade\r\nX-Tailscale-Handshake: %s\r\nContent-Length: 0\r\n\r\n",
-                   host, port, b64);
+  char req[1024], wskey[32] = "";
+  int n;
+  c->ws = opts && opts->websocket;
+  if (c->ws) {
+    char esc[400];
+    size_t o = 0;
+    for (const char *p = b64; *p; p++) {
+      if (*p == '+' || *p == '/' || *p == '=')
+        o += (size_t)snprintf(esc + o, sizeof esc - o, "%%%02X", (unsigned char)*p);
+      else
+        esc[o++] = *p;
+    }
+    esc[o] = 0;
+    uint8_t k[16];
+    tc_random(k, sizeof k);
+    sodium_bin2base64(wskey, sizeof wskey, k, sizeof k, sodium_base64_VARIANT_ORIGINAL);
+    const char *proto = opts->ws_protocol ? opts->ws_protocol : "tailscale-control-protocol";
+    n = snprintf(req, sizeof req,
+                 "GET /ts2021?X-Tailscale-Handshake=%s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\n"
+                 "Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n%s%s%s\r\n",
+                 esc, host, port, wskey, *proto ? "Sec-WebSocket-Protocol: " : "", proto, *proto ? "\r\n" : "");
+  } else {
+    n = snprintf(req, sizeof req,
+                 "POST /ts2021 HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: tailscale-control-protocol\r\n"
+                 "Connection: upgrade\r\nX-Tailscale-Handshake: %s\r\nContent-Length: 0\r\n\r\n",
+                 host, port, b64);
+  }
   c->fd = dial(host, port);
   if (c->fd < 0 || send_all(c->fd, req, (size_t)n)) {
     rc = tc_err_set(err, TC_EIO, "dial/send failed");
@@ -356,25 +476,41 @@ int tc_tclient_connect(const char *host, int port, const struct tc_tclient_opts 
     if (hl >= 4 && !memcmp(head + hl - 4, "\r\n\r\n", 4)) break;
   }
   head[hl] = 0;
-  if (strncmp(head, "HTTP/1.1 101 ", 13) != 0 || !strstr(head, "\r\nUpgrade: tailscale-control-protocol\r\n")) {
+  if (c->ws) {
+    char cat[100], want[64], line[128];
+    uint8_t sha[20];
+    snprintf(cat, sizeof cat, "%s258EAFA5-E914-47DA-95CA-C5AB0DC85B11", wskey);
+    mbedtls_sha1_ret((const unsigned char *)cat, strlen(cat), sha);
+    sodium_bin2base64(want, sizeof want, sha, sizeof sha, sodium_base64_VARIANT_ORIGINAL);
+    snprintf(line, sizeof line, "\r\nSec-WebSocket-Accept: %s\r\n", want);
+    if (strncmp(head, "HTTP/1.1 101 ", 13) != 0 || !strstr(head, line)) {
+      rc = tc_err_set(err, TC_EPROTO, "websocket upgrade refused: %.80s", head);
+      goto fail;
+    }
+  } else if (strncmp(head, "HTTP/1.1 101 ", 13) != 0 ||
+             !strstr(head, "\r\nUpgrade: tailscale-control-protocol\r\n")) {
     rc = tc_err_set(err, TC_EPROTO, "upgrade refused: %.80s", head);
     goto fail;
   }
   uint8_t resp[TC_TS_RESP_LEN];
-  if ((rc = recv_exact(c->fd, resp, 3, deadline))) {
+  if ((rc = fill_in(c, 3, deadline))) {
     tc_err_set(err, rc, "reading handshake response");
     goto fail;
   }
+  memcpy(resp, c->in.data, 3);
   if (resp[0] == TC_TS_MSG_ERROR) {
-    char msg[1024];
-    size_t ml = TC_MIN((size_t)(resp[1] << 8 | resp[2]), sizeof msg - 1);
-    if (recv_exact(c->fd, msg, ml, deadline)) ml = 0;
-    msg[ml] = 0;
-    rc = tc_err_set(err, TC_EPROTO, "server error: %s", msg);
+    size_t ml = TC_MIN((size_t)(resp[1] << 8 | resp[2]), 1000);
+    if (fill_in(c, 3 + ml, deadline)) ml = 0;
+    rc = tc_err_set(err, TC_EPROTO, "server error: %.*s", (int)ml, c->in.data + 3);
     goto fail;
   }
-  if ((rc = recv_exact(c->fd, resp + 3, sizeof resp - 3, deadline)) ||
-      (rc = tc_ts_client_finish(&hs, resp, &c->sess))) {
+  if ((rc = fill_in(c, sizeof resp, deadline))) {
+    tc_err_set(err, rc, "reading handshake response");
+    goto fail;
+  }
+  memcpy(resp, c->in.data, sizeof resp);
+  tc_buf_consume(&c->in, sizeof resp);
+  if ((rc = tc_ts_client_finish(&hs, resp, &c->sess))) {
     tc_err_set(err, rc, "handshake failed");
     goto fail;
   }
@@ -404,7 +540,8 @@ int tc_tclient_connect(const char *host, int port, const struct tc_tclient_opts 
                                  {NGHTTP2_SETTINGS_ENABLE_PUSH, 0}};
   nghttp2_submit_settings(c->h2, NGHTTP2_FLAG_NONE, iv, 2);
   nghttp2_session_set_local_window_size(c->h2, NGHTTP2_FLAG_NONE, 0, 1 << 30);
-  if (flush(c)) {
+  /* Records that arrived together with the handshake response. */
+  if (flush(c) || (!(opts && opts->ignore_stream_limit) && process_in(c))) {
     rc = tc_err_set(err, TC_EIO, "sending preface");
     goto fail;
   }
@@ -427,6 +564,7 @@ void tc_tclient_free(struct tc_tclient *c) {
   }
   free(c->streams);
   tc_buf_free(&c->in);
+  tc_buf_free(&c->wsin);
   tc_buf_free(&c->pre);
   free(c->early_json);
   tc_wipe(&c->sess, sizeof c->sess);

@@ -26,6 +26,8 @@ struct tc_tclient_opts {
   int timeout_ms;              /* dial + handshake budget, default 5000 */
   bool ignore_stream_limit;    /* misbehave: open streams beyond the server's limit */
   bool no_http2;               /* stop after Noise: no preface, plaintext is discarded */
+  bool websocket;              /* the browser variant: GET + WebSocket binary messages */
+  const char *ws_protocol;     /* Sec-WebSocket-Protocol to offer, default the control one; "" = none */
 };
 
 /* GET /key?v=version over plain HTTP. *status is the HTTP status; on 200
@@ -72,7 +74,8 @@ int tc_tclient_pump(struct tc_tclient *c, int timeout_ms);
 bool tc_tclient_closed(struct tc_tclient *c);
 
 /* Misbehaviour and inspection. */
-int tc_tclient_send_raw(struct tc_tclient *c, const void *p, size_t n);      /* bytes on the socket */
+int tc_tclient_send_raw(struct tc_tclient *c, const void *p, size_t n);      /* bytes on the Noise stream */
+int tc_tclient_send_wire(struct tc_tclient *c, const void *p, size_t n);     /* bytes on the socket (no WS framing) */
 int tc_tclient_send_record(struct tc_tclient *c, const void *pt, size_t n);  /* one sealed record, n <= 4077 */
 int tc_tclient_send_plain(struct tc_tclient *c, const void *pt, size_t n);   /* plaintext, split into records */
 size_t tc_tclient_max_record(struct tc_tclient *c);  /* largest server record seen, bytes on the wire */

@@ -774,6 +774,118 @@ TC_TEST(rapid_reset_flood) {
   fx_stop(&f);
 }
 
+/* ---- the WebSocket variant ---------------------------------------------------------- */
+static struct tc_tclient *ws_client(struct fx *f, const char *proto, struct tc_err *err) {
+  struct tc_tclient_opts o = {.version = 138, .server_pub = f->pub, .websocket = true, .ws_protocol = proto};
+  struct tc_tclient *c = NULL;
+  if (tc_tclient_connect("127.0.0.1", f->port, &o, &c, err)) return NULL;
+  return c;
+}
+
+TC_TEST(websocket_variant) {
+  struct fx f;
+  struct tc_ctl_server_opts o = {.workers = 2, .early_payload = early};
+  TC_REQUIRE(fx_start_opts(&f, &o) == 0);
+  struct tc_err err = {0};
+  struct tc_tclient *c = ws_client(&f, NULL, &err);
+  if (!c) fprintf(stderr, "  ws connect: %s\n", err.msg);
+  TC_REQUIRE(c);
+  int status;
+  char *body = NULL;
+  TC_CHECK_INT(tc_tclient_request(c, "POST", "/echo", "over-ws", 7, 5000, &status, &body, NULL), 0);
+  TC_CHECK_STR(body, "over-ws");
+  free(body);
+  TC_CHECK(tc_tclient_early_json(c) == NULL); /* none on this path */
+  TC_CHECK(tc_tclient_first_frame_settings(c));
+  int32_t sid = tc_tclient_submit(c, "POST", "/stream?n=3", NULL, "{}", 2);
+  for (int i = 0; i < 3; i++) {
+    char *js = NULL;
+    size_t len;
+    TC_CHECK_INT(tc_tclient_map_next(c, sid, 5000, &js, &len), 0);
+    free(js);
+  }
+  size_t blen = 0;
+  TC_CHECK_INT(tc_tclient_request(c, "GET", "/big?n=500000", NULL, 0, 10000, &status, &body, &blen), 0);
+  TC_CHECK_INT(blen, 500000);
+  free(body);
+  TC_CHECK(tc_tclient_max_record(c) <= TC_TS_MAX_MSG);
+  /* An empty record and a client ping frame in between are fine. */
+  TC_CHECK_INT(tc_tclient_send_record(c, "", 0), 0);
+  TC_CHECK_INT(tc_tclient_send_wire(c, "\x89\x80\x00\x00\x00\x00", 6), 0); /* masked empty ping */
+  TC_CHECK_INT(tc_tclient_request(c, "POST", "/echo", "again", 5, 5000, &status, &body, NULL), 0);
+  TC_CHECK_STR(body, "again");
+  free(body);
+  /* An unmasked client frame is a protocol violation. */
+  TC_CHECK_INT(tc_tclient_send_wire(c, "\x82\x03" "abc", 5), 0);
+  TC_CHECK(closed_within(c, 3000));
+  tc_tclient_free(c);
+
+  /* A close frame from the client is answered and the connection ends. */
+  c = ws_client(&f, NULL, &err);
+  TC_REQUIRE(c);
+  TC_CHECK_INT(tc_tclient_send_wire(c, "\x88\x82\x00\x00\x00\x00\x03\xe8", 8), 0);
+  TC_CHECK(closed_within(c, 3000));
+  tc_tclient_free(c);
+
+  /* No subprotocol: upgraded, then closed with 1008 before any Noise byte. */
+  c = ws_client(&f, "", &err);
+  TC_CHECK(c == NULL);
+  tc_tclient_free(c);
+  TC_CHECK(healthy(&f));
+  TC_CHECK(conns_drain(&f, 3000));
+  fx_stop(&f);
+}
+
+TC_TEST(websocket_refusals_raw) {
+  struct fx f;
+  TC_REQUIRE(fx_start(&f) == 0);
+  size_t len;
+  /* No subprotocol offered: 101 without Sec-WebSocket-Protocol, close 1008. */
+  const char *req1 = "GET /ts2021?X-Tailscale-Handshake=AAAA HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                     "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                     "Sec-WebSocket-Version: 13\r\n\r\n";
+  char *r = tc_traw_exchange(f.port, req1, strlen(req1), 3000, &len);
+  TC_CHECK(tc_str_has_prefix(r, "HTTP/1.1 101 "));
+  TC_CHECK(strstr(r, "Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n") != NULL); /* RFC 6455 example */
+  TC_CHECK(strstr(r, "Sec-WebSocket-Protocol") == NULL);
+  char *end = strstr(r, "\r\n\r\n");
+  TC_REQUIRE(end);
+  const uint8_t *fr = (const uint8_t *)end + 4;
+  TC_CHECK(fr[0] == 0x88 && fr[2] == 0x03 && fr[3] == 0xf0);
+  TC_CHECK(memmem(fr, len - (size_t)((const char *)fr - r), "control subprotocol", 19) != NULL);
+  free(r);
+  /* Subprotocol but no handshake parameter. */
+  const char *req2 = "GET /ts2021 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                     "Sec-WebSocket-Protocol: tailscale-control-protocol\r\n\r\n";
+  r = tc_traw_exchange(f.port, req2, strlen(req2), 3000, &len);
+  TC_CHECK(strstr(r, "Sec-WebSocket-Protocol: tailscale-control-protocol\r\n") != NULL);
+  TC_CHECK(memmem(r, len, "missing Tailscale handshake parameter", 37) != NULL);
+  free(r);
+  /* Broken base64 in the parameter. */
+  const char *req3 = "GET /ts2021?X-Tailscale-Handshake=%%%zz HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                     "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                     "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: tailscale-control-protocol\r\n\r\n";
+  r = tc_traw_exchange(f.port, req3, strlen(req3), 3000, &len);
+  TC_CHECK(memmem(r, len, "missing Tailscale handshake parameter", 37) != NULL);
+  free(r);
+  const char *req4 = "GET /ts2021?X-Tailscale-Handshake=AB!C HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                     "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                     "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: tailscale-control-protocol\r\n\r\n";
+  r = tc_traw_exchange(f.port, req4, strlen(req4), 3000, &len);
+  TC_CHECK(memmem(r, len, "invalid tailscale handshake parameter", 37) != NULL);
+  free(r);
+  /* Not a valid WebSocket request at all. */
+  const char *req5 = "GET /ts2021 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     "Sec-WebSocket-Version: 13\r\n\r\n";
+  r = tc_traw_exchange(f.port, req5, strlen(req5), 3000, &len);
+  TC_CHECK(tc_str_has_prefix(r, "HTTP/1.1 400 "));
+  free(r);
+  TC_CHECK(healthy(&f));
+  TC_CHECK(conns_drain(&f, 3000));
+  fx_stop(&f);
+}
+
 __attribute__((constructor)) static void init_crypto(void) {
   if (tc_crypto_init()) abort();
 }
