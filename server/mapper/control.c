@@ -878,30 +878,40 @@ struct followup {
   char *reg_id;
 };
 
+/* A Follow-up's response is begun (200) when the wait starts, so the
+ * transport does not answer for us; this io finishes it with the body. */
+static int dfr_respond(void *p, int status, const char *ct, const void *body, size_t len) {
+  struct followup *f = p;
+  int rc = len ? f->io->write(f->st, body, len) : 0;
+  f->io->end(f->st);
+  return rc;
+}
+static const struct tc_mapper_io deferred_io = {.respond = dfr_respond};
+
 static void *followup_thread(void *arg) {
   struct followup *f = arg;
   struct tc_mapper *mp = f->mp;
   int64_t deadline = tc_mono_ms() + mp->followup_timeout_ms;
   for (;;) {
     if (f->io->cancelled(f->st)) {
-      f->io->respond(f->st, 499, NULL, NULL, 0); /* drops our reference; nobody reads it */
+      f->io->end(f->st); /* nobody is listening; just release the stream */
       break;
     }
     int64_t node_id = 0;
     struct tc_err err = {0};
     int rc = tc_model_pending_wait(mp->model, f->reg_id, 1000, &node_id, &err);
     if (rc == 0) {
-      respond_node_ok(mp, f->io, f->st, node_id);
+      respond_node_ok(mp, &deferred_io, f, node_id);
       break;
     }
     if (rc == TC_EPERM) {
       struct tc_mapper_register_response r = {.error = "registration was rejected"};
-      respond_reg(f->io, f->st, &r);
+      respond_reg(&deferred_io, f, &r);
       break;
     }
     if (rc != TC_EAGAIN || tc_mono_ms() >= deadline) {
       /* unknown, expired or timed out: a fresh URL (never the same one) */
-      new_pending(mp, f->mk, &f->req, f->io, f->st);
+      new_pending(mp, f->mk, &f->req, &deferred_io, f);
       break;
     }
   }
@@ -941,17 +951,26 @@ static void start_followup(struct tc_mapper *mp, const uint8_t mk[TC_KEY_LEN], s
   f->req = *r; /* adopt */
   memset(r, 0, sizeof *r);
   f->reg_id = id;
+  if (io->begin(st, 200, "application/json")) {
+    io->end(st);
+    tc_register_request_free(&f->req);
+    free(f->reg_id);
+    free(f);
+    atomic_fetch_sub(&mp->followups, 1);
+    return;
+  }
   pthread_t t;
   pthread_attr_t attr;
   pthread_attr_init(&attr);
   pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
   pthread_attr_setstacksize(&attr, 256 * 1024);
   if (pthread_create(&t, &attr, followup_thread, f)) {
+    struct tc_mapper_register_response er = {.error = "server busy, try again"};
+    respond_reg(&deferred_io, f, &er);
     *r = f->req;
     free(f->reg_id);
     free(f);
     atomic_fetch_sub(&mp->followups, 1);
-    respond_text(io, st, 503, "too many pending logins");
   }
   pthread_attr_destroy(&attr);
 }

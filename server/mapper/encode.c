@@ -178,16 +178,16 @@ void tc_mapper_encode_node(struct tc_buf *b, const struct tc_mapper_env *env, co
   tc_mapper_key(b, &first, "User");
   tc_buf_printf(b, "%lld", (long long)(n->tags.n ? TC_MAPPER_TAGGED_USER_ID : n->user_id));
   tc_mapper_key(b, &first, "Key");
-  tc_mapper_key_format(TC_KEY_NODE, n->node_key, key);
+  tc_mapper_key_format(TC_MKEY_NODE, n->node_key, key);
   tc_mapper_json_str(b, key);
   tc_mapper_key(b, &first, "KeyExpiry");
   tc_mapper_json_time(b, n->expiry);
   tc_mapper_key(b, &first, "Machine");
-  tc_mapper_key_format(TC_KEY_MACHINE, n->machine_key, key);
+  tc_mapper_key_format(TC_MKEY_MACHINE, n->machine_key, key);
   tc_mapper_json_str(b, key);
   if (!tc_mapper_key_is_zero(n->disco_key)) {
     tc_mapper_key(b, &first, "DiscoKey");
-    tc_mapper_key_format(TC_KEY_DISCO, n->disco_key, key);
+    tc_mapper_key_format(TC_MKEY_DISCO, n->disco_key, key);
     tc_mapper_json_str(b, key);
   }
   tc_mapper_key(b, &first, "Addresses");
@@ -369,13 +369,13 @@ static void put_patch(struct tc_buf *b, const struct tc_mapper_patch *p) {
     tc_mapper_json_strv(b, p->endpoints);
   }
   if (p->set & TC_PATCH_KEY) {
-    tc_mapper_key_format(TC_KEY_NODE, p->key, key);
+    tc_mapper_key_format(TC_MKEY_NODE, p->key, key);
     tc_buf_puts(b, ",\"Key\":");
     tc_mapper_json_str(b, key);
   }
   /* A zero disco key must not travel as text the client might adopt. */
   if ((p->set & TC_PATCH_DISCO) && !tc_mapper_key_is_zero(p->disco_key)) {
-    tc_mapper_key_format(TC_KEY_DISCO, p->disco_key, key);
+    tc_mapper_key_format(TC_MKEY_DISCO, p->disco_key, key);
     tc_buf_puts(b, ",\"DiscoKey\":");
     tc_mapper_json_str(b, key);
   }

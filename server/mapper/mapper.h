@@ -46,16 +46,16 @@ struct tc_config;
 #define TC_MAPPER_TAGGED_USER_ID INT64_C(2147455555)
 
 /* ---- key text ("nodekey:<64 hex>") ---------------------------------------------- */
-enum tc_key_kind { TC_KEY_MACHINE, TC_KEY_NODE, TC_KEY_DISCO };
+enum tc_mapper_key_kind { TC_MKEY_MACHINE, TC_MKEY_NODE, TC_MKEY_DISCO };
 #define TC_MAPPER_KEY_TEXT 80 /* enough for "discokey:" + 64 hex + NUL */
 
 /* Parses prefix + 64 hex digits (either case) of exactly len bytes. The empty
  * string and the all-zero key both yield zero bytes and *present=false (Go's
  * encoding treats them as absent). TC_EINVAL on anything else malformed. */
-int tc_mapper_key_parse(enum tc_key_kind kind, const char *s, size_t len, uint8_t out[TC_KEY_LEN],
+int tc_mapper_key_parse(enum tc_mapper_key_kind kind, const char *s, size_t len, uint8_t out[TC_KEY_LEN],
                         bool *present);
 /* Writes the lowercase text form into out. */
-void tc_mapper_key_format(enum tc_key_kind kind, const uint8_t key[TC_KEY_LEN],
+void tc_mapper_key_format(enum tc_mapper_key_kind kind, const uint8_t key[TC_KEY_LEN],
                           char out[TC_MAPPER_KEY_TEXT]);
 bool tc_mapper_key_is_zero(const uint8_t key[TC_KEY_LEN]);
 

@@ -56,7 +56,7 @@ static int get_str(json_t *obj, const char *name, size_t max, const char **out, 
   return 0;
 }
 
-static int get_key(json_t *obj, const char *name, enum tc_key_kind kind, uint8_t out[TC_KEY_LEN],
+static int get_key(json_t *obj, const char *name, enum tc_mapper_key_kind kind, uint8_t out[TC_KEY_LEN],
                    bool *present, struct tc_err *err) {
   const char *s;
   size_t l;
@@ -182,8 +182,8 @@ int tc_mapper_parse_register(const char *body, size_t len, struct tc_register_re
   size_t sl;
   if ((rc = get_int(root, "Version", 0, 1000000, &ver, err))) goto out;
   out->version = (int)ver;
-  if ((rc = get_key(root, "NodeKey", TC_KEY_NODE, out->node_key, &out->has_node_key, err))) goto out;
-  if ((rc = get_key(root, "OldNodeKey", TC_KEY_NODE, out->old_node_key, &out->has_old_node_key, err)))
+  if ((rc = get_key(root, "NodeKey", TC_MKEY_NODE, out->node_key, &out->has_node_key, err))) goto out;
+  if ((rc = get_key(root, "OldNodeKey", TC_MKEY_NODE, out->old_node_key, &out->has_old_node_key, err)))
     goto out;
   /* v1.60-v1.64 always send an Auth object with an empty AuthKey; v1.66+
    * omit it. Only a non-empty AuthKey means "register with this key". */
@@ -230,8 +230,8 @@ int tc_mapper_parse_map(const char *body, size_t len, struct tc_map_request *out
   if ((rc = get_bool(root, "Stream", &out->stream, err))) goto out;
   if ((rc = get_bool(root, "OmitPeers", &out->omit_peers, err))) goto out;
   if ((rc = get_bool(root, "ReadOnly", &out->read_only, err))) goto out;
-  if ((rc = get_key(root, "NodeKey", TC_KEY_NODE, out->node_key, &out->has_node_key, err))) goto out;
-  if ((rc = get_key(root, "DiscoKey", TC_KEY_DISCO, out->disco_key, &out->has_disco_key, err))) goto out;
+  if ((rc = get_key(root, "NodeKey", TC_MKEY_NODE, out->node_key, &out->has_node_key, err))) goto out;
+  if ((rc = get_key(root, "DiscoKey", TC_MKEY_DISCO, out->disco_key, &out->has_disco_key, err))) goto out;
   json_t *hi = field(root, "Hostinfo");
   if (hi && (rc = parse_hostinfo(hi, &out->hostinfo_json, &out->hi, err))) goto out;
   json_t *eps = field(root, "Endpoints");

@@ -7,11 +7,11 @@
 
 #include "mapper/mapper_int.h"
 
-static const char *key_prefix(enum tc_key_kind kind) {
+static const char *key_prefix(enum tc_mapper_key_kind kind) {
   switch (kind) {
-  case TC_KEY_MACHINE: return "mkey:";
-  case TC_KEY_NODE: return "nodekey:";
-  case TC_KEY_DISCO: return "discokey:";
+  case TC_MKEY_MACHINE: return "mkey:";
+  case TC_MKEY_NODE: return "nodekey:";
+  case TC_MKEY_DISCO: return "discokey:";
   }
   return "?:";
 }
@@ -22,7 +22,7 @@ bool tc_mapper_key_is_zero(const uint8_t key[TC_KEY_LEN]) {
   return acc == 0;
 }
 
-int tc_mapper_key_parse(enum tc_key_kind kind, const char *s, size_t len, uint8_t out[TC_KEY_LEN],
+int tc_mapper_key_parse(enum tc_mapper_key_kind kind, const char *s, size_t len, uint8_t out[TC_KEY_LEN],
                         bool *present) {
   memset(out, 0, TC_KEY_LEN);
   if (present) *present = false;
@@ -38,7 +38,7 @@ int tc_mapper_key_parse(enum tc_key_kind kind, const char *s, size_t len, uint8_
   return 0;
 }
 
-void tc_mapper_key_format(enum tc_key_kind kind, const uint8_t key[TC_KEY_LEN],
+void tc_mapper_key_format(enum tc_mapper_key_kind kind, const uint8_t key[TC_KEY_LEN],
                           char out[TC_MAPPER_KEY_TEXT]) {
   const char *pfx = key_prefix(kind);
   size_t pl = strlen(pfx);

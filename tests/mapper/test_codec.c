@@ -28,26 +28,26 @@ TC_TEST(keys_parse_strictly) {
   uint8_t k[32];
   bool present;
   const char *good = "nodekey:" HEX64A;
-  TC_CHECK_INT(tc_mapper_key_parse(TC_KEY_NODE, good, strlen(good), k, &present), 0);
+  TC_CHECK_INT(tc_mapper_key_parse(TC_MKEY_NODE, good, strlen(good), k, &present), 0);
   TC_CHECK(present);
   TC_CHECK_INT(k[0], 0x3f);
   TC_CHECK_INT(k[31], 0x7e);
   char out[TC_MAPPER_KEY_TEXT];
-  tc_mapper_key_format(TC_KEY_NODE, k, out);
+  tc_mapper_key_format(TC_MKEY_NODE, k, out);
   TC_CHECK_STR(out, good);
   const char *zero = "nodekey:" ZERO64;
-  TC_CHECK_INT(tc_mapper_key_parse(TC_KEY_NODE, zero, strlen(zero), k, &present), 0);
+  TC_CHECK_INT(tc_mapper_key_parse(TC_MKEY_NODE, zero, strlen(zero), k, &present), 0);
   TC_CHECK(!present);
-  TC_CHECK_INT(tc_mapper_key_parse(TC_KEY_NODE, "", 0, k, &present), 0);
+  TC_CHECK_INT(tc_mapper_key_parse(TC_MKEY_NODE, "", 0, k, &present), 0);
   TC_CHECK(!present);
   const char *upper = "discokey:3F64A1B2C3D4E5F60718293A4B5C6D7E8F90A1B2C3D4E5F60718293A4B5C6D7E";
-  TC_CHECK_INT(tc_mapper_key_parse(TC_KEY_DISCO, upper, strlen(upper), k, &present), 0);
+  TC_CHECK_INT(tc_mapper_key_parse(TC_MKEY_DISCO, upper, strlen(upper), k, &present), 0);
   TC_CHECK(present);
   /* wrong prefix, short, long, non-hex, bare hex */
   const char *bad[] = {"mkey:" HEX64A, "nodekey:" HEX64A "0", "nodekey:3f64", "nodekey:zz64a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e",
                        HEX64A, "nodekey:"};
   for (size_t i = 0; i < TC_ARRAY_LEN(bad); i++) {
-    TC_CHECK_INT(tc_mapper_key_parse(TC_KEY_NODE, bad[i], strlen(bad[i]), k, &present), TC_EINVAL);
+    TC_CHECK_INT(tc_mapper_key_parse(TC_MKEY_NODE, bad[i], strlen(bad[i]), k, &present), TC_EINVAL);
     TC_CHECK(tc_mapper_key_is_zero(k));
   }
 }
@@ -350,7 +350,7 @@ TC_TEST(encode_self_and_peer_node) {
   TC_CHECK_STR(jstr(j, "Name"), "host-5.tail.example.com.");
   TC_CHECK_INT(json_integer_value(json_object_get(j, "User")), 10);
   char key[TC_MAPPER_KEY_TEXT];
-  tc_mapper_key_format(TC_KEY_NODE, n.node_key, key);
+  tc_mapper_key_format(TC_MKEY_NODE, n.node_key, key);
   TC_CHECK_STR(jstr(j, "Key"), key);
   TC_CHECK(strncmp(jstr(j, "Machine"), "mkey:202122", 11) == 0);
   TC_CHECK(json_object_get(j, "DiscoKey") == NULL); /* zero disco key is omitted, never "" */

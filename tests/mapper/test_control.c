@@ -218,7 +218,7 @@ static void key_of(uint8_t out[32], int seed) {
   for (int i = 0; i < 32; i++) out[i] = (uint8_t)(seed * 31 + i + 1);
 }
 
-static char *key_text(enum tc_key_kind k, int seed) {
+static char *key_text(enum tc_mapper_key_kind k, int seed) {
   uint8_t b[32];
   key_of(b, seed);
   char t[TC_MAPPER_KEY_TEXT];
@@ -236,8 +236,8 @@ static struct fake *call(struct fx *x, int mk_seed, const char *path, const char
 }
 
 static char *reg_body(int nk_seed, int old_seed, const char *authkey, const char *host, const char *extra) {
-  char *nk = key_text(TC_KEY_NODE, nk_seed);
-  char *ok = old_seed ? key_text(TC_KEY_NODE, old_seed) : strdup("nodekey:0000000000000000000000000000000000000000000000000000000000000000");
+  char *nk = key_text(TC_MKEY_NODE, nk_seed);
+  char *ok = old_seed ? key_text(TC_MKEY_NODE, old_seed) : strdup("nodekey:0000000000000000000000000000000000000000000000000000000000000000");
   char *auth = authkey ? tc_xasprintf("{\"AuthKey\":\"%s\"}", authkey)
                        : strdup("{\"Provider\":\"\",\"LoginName\":\"\",\"Oauth2Token\":null,\"AuthKey\":\"\"}");
   char *b = tc_xasprintf("{\"Version\":87,\"NodeKey\":\"%s\",\"OldNodeKey\":\"%s\",\"Auth\":%s,"
@@ -272,7 +272,7 @@ static int64_t reg_node(struct fx *x, int mk_seed, int nk_seed, const char *key,
 }
 
 static struct fake *open_stream(struct fx *x, int mk_seed, int nk_seed) {
-  char *nk = key_text(TC_KEY_NODE, nk_seed);
+  char *nk = key_text(TC_MKEY_NODE, nk_seed);
   char *b = tc_xasprintf("{\"Version\":138,\"Compress\":\"zstd\",\"KeepAlive\":true,\"NodeKey\":\"%s\","
                          "\"DiscoKey\":\"discokey:0000000000000000000000000000000000000000000000000000000000000000\","
                          "\"Stream\":true,\"Hostinfo\":{\"Hostname\":\"h%d\",\"OS\":\"linux\"}}",
@@ -476,7 +476,7 @@ TC_TEST(lite_update_patches_peers_and_keeps_stream) {
   json_decref(next_msg(sa, 5000, true));
   json_decref(next_msg(sb, 5000, true));
   drain(&x, sa);
-  char *nk = key_text(TC_KEY_NODE, 102), *dk = key_text(TC_KEY_DISCO, 77);
+  char *nk = key_text(TC_MKEY_NODE, 102), *dk = key_text(TC_MKEY_DISCO, 77);
   char *body = tc_xasprintf("{\"Version\":138,\"Compress\":\"zstd\",\"KeepAlive\":true,\"NodeKey\":\"%s\","
                             "\"DiscoKey\":\"%s\",\"OmitPeers\":true,\"Endpoints\":[\"198.51.100.7:41641\","
                             "\"[fe80::1]:41641\"],\"EndpointTypes\":[2,1]}",
