@@ -485,6 +485,11 @@ static ssize_t data_read_cb(nghttp2_session *s, int32_t id, uint8_t *buf, size_t
   if (st->qoff == st->q.len) {
     tc_buf_reset(&st->q);
     st->qoff = 0;
+  } else if (st->qoff >= 65536 && st->qoff >= st->q.len / 2) {
+    /* A writer that keeps pace with the reader never lets the queue run
+     * empty: reclaim the consumed prefix. */
+    tc_buf_consume(&st->q, st->qoff);
+    st->qoff = 0;
   }
   bool eof = st->ended && st->q.len == 0;
   pthread_mutex_unlock(&st->mu);

@@ -339,11 +339,14 @@ TC_TEST(concurrent_streams_one_blocks) {
   TC_REQUIRE(held != NULL);
   struct tc_buf fr = TC_BUF_INIT;
   tc_map_frame("{\"KeepAlive\":true}", 18, &fr);
+  int64_t t0 = tc_mono_ns();
   TC_CHECK_INT(tc_ctl_stream_write(held, fr.data, fr.len), 0);
   tc_buf_free(&fr);
   char *js = NULL;
   size_t len;
   TC_CHECK_INT(tc_tclient_map_next(c, hold, 5000, &js, &len), 0);
+  int64_t lat_us = (tc_mono_ns() - t0) / 1000;
+  TC_CHECK(lat_us < 200000); /* flushed promptly, not on a timer (generous for ASan) */
   TC_CHECK_STR(js, "{\"KeepAlive\":true}");
   free(js);
   int32_t s1 = tc_tclient_submit(c, "POST", "/stream?n=3", NULL, "{}", 2);
@@ -771,6 +774,59 @@ TC_TEST(rapid_reset_flood) {
   tc_tclient_free(c);
   TC_CHECK(healthy(&f));
   TC_CHECK(conns_drain(&f, 3000)); /* the flooding connection is gone, nothing leaks */
+  fx_stop(&f);
+}
+
+/* Many clients in parallel, each mixing requests and streams. */
+struct par_arg {
+  struct fx *f;
+  int ok;
+};
+
+static void *par_main(void *arg) {
+  struct par_arg *a = arg;
+  struct tc_tclient *c = client(a->f, 138);
+  if (!c) return NULL;
+  for (int i = 0; i < 30; i++) {
+    char msg[32];
+    int n = snprintf(msg, sizeof msg, "msg-%d", i);
+    int32_t e = tc_tclient_submit(c, "POST", "/echo", NULL, msg, (size_t)n);
+    int32_t s = tc_tclient_submit(c, "POST", "/stream?n=2", NULL, "{}", 2);
+    size_t len;
+    char *js = NULL;
+    bool good = tc_tclient_wait_closed(c, e, 10000) == 0;
+    const char *b = tc_tclient_body(c, e, &len);
+    good = good && len == (size_t)n && !memcmp(b, msg, len);
+    for (int k = 0; k < 2 && good; k++) {
+      good = tc_tclient_map_next(c, s, 10000, &js, &len) == 0;
+      free(js);
+      js = NULL;
+    }
+    if (good) a->ok++;
+  }
+  tc_tclient_free(c);
+  return NULL;
+}
+
+TC_TEST(parallel_clients) {
+  struct fx f;
+  TC_REQUIRE(fx_start(&f) == 0);
+  pthread_t th[8];
+  struct par_arg args[8];
+  for (int i = 0; i < 8; i++) {
+    args[i] = (struct par_arg){&f, 0};
+    pthread_create(&th[i], NULL, par_main, &args[i]);
+  }
+  int total = 0;
+  for (int i = 0; i < 8; i++) {
+    pthread_join(th[i], NULL);
+    total += args[i].ok;
+  }
+  TC_CHECK_INT(total, 8 * 30);
+  struct tc_ctl_stats s;
+  tc_ctl_server_stats(f.srv, &s);
+  TC_CHECK_INT(s.conns_total, 8);
+  TC_CHECK(conns_drain(&f, 3000));
   fx_stop(&f);
 }
 
