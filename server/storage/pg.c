@@ -50,8 +50,11 @@ static int pg_connect(struct pgpool *p, PGconn **out, struct tc_err *err) {
   /* Defaults first; the operator's conninfo (expanded from "dbname")
    * overrides them. Without a connect_timeout a dead TCP host in a
    * multi-host list would stall for the kernel's SYN timeout. */
-  static const char *const keys[] = {"connect_timeout", "application_name", "dbname", NULL};
-  const char *vals[] = {"10", "tailcoat", p->conninfo, NULL};
+  static const char *const keys[] = {"connect_timeout", "application_name", "keepalives_idle",
+                                     "keepalives_interval", "keepalives_count", "dbname", NULL};
+  /* Keepalives (TCP only) notice a vanished server in ~a minute instead of
+   * the kernel's two hours, so a hung statement becomes TC_EAGAIN. */
+  const char *vals[] = {"10", "tailcoat", "30", "10", "3", p->conninfo, NULL};
   PGconn *c = PQconnectdbParams(keys, vals, 1);
   if (!c || PQstatus(c) != CONNECTION_OK) {
     int code = set_conn_err(c, err, TC_EAGAIN, "connect");

@@ -372,6 +372,7 @@ static int migrate(struct tc_store *st, struct tc_err *err) {
   if ((code = run(tx, "SELECT COALESCE(MAX(version), 0) FROM schema_migrations", NULL, &r, err)))
     goto out;
   int cur = r.nrows ? (int)c_int(db_cell(&r, 0, 0)) : 0;
+  int from = cur;
   db_result_free(&r);
   if (cur > latest) {
     code = tc_err_set(err, TC_ESCHEMA,
@@ -393,12 +394,14 @@ static int migrate(struct tc_store *st, struct tc_err *err) {
     code = run(tx, "INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)", &p, NULL, err);
     params_free(&p);
     if (code) goto out;
-    tc_info("storage: applied schema migration %d", m->version);
     cur = m->version;
   }
   code = tc_tx_commit(tx, err);
   tx = NULL;
-  if (!code) st->schema_version = cur;
+  if (!code) {
+    if (cur != from) tc_info("storage: database schema migrated from version %d to %d", from, cur);
+    st->schema_version = cur;
+  }
 out:
   tc_tx_rollback(tx);
   return code;
