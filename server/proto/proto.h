@@ -66,8 +66,10 @@ struct tc_ctl_stream;
 typedef void (*tc_ctl_handler_fn)(void *ctx, const struct tc_ctl_request *req, struct tc_ctl_stream *st);
 
 /* Sends a complete response. content_type may be NULL (no header). Copies
- * body. Drops the handler's reference. 0, TC_EINVAL (already begun), or
- * TC_EIO when the stream is gone (the reference is dropped anyway). */
+ * body. Drops the handler's reference, except on TC_EINVAL for a stream
+ * already begun (a caller bug: end() is still owed). Otherwise 0, TC_EINVAL
+ * (bad status/content type: a 500 goes out instead), TC_EIO (stream gone) or
+ * TC_ETOOBIG (connection buffer full; the stream is reset). */
 int tc_ctl_stream_respond(struct tc_ctl_stream *st, int status, const char *content_type, const void *body,
                           size_t len);
 /* Starts a streamed response (headers go out promptly). 0 / TC_EINVAL / TC_EIO. */
@@ -116,9 +118,15 @@ int tc_ctl_server_new(tc_ctl_handler_fn handler, void *ctx, const uint8_t server
  * the workers to finish (handlers must return), frees the server. NULL ok.
  * Streams still referenced by holders stay valid memory; writes fail. */
 void tc_ctl_server_stop(struct tc_ctl_server *srv);
-/* The tc_upgrade_fn for "/ts2021"; ctx is the tc_ctl_server. Validates the
- * upgrade request (refusing with 400 as the reference server does) and hands
- * the connection to the loop. */
+/* The tc_upgrade_fn for "/ts2021"; ctx is the tc_ctl_server. Checks, in the
+ * reference server's order: Upgrade present (400 "missing next protocol"),
+ * "websocket" -> the WebSocket variant (GET, handshake in the query,
+ * subprotocol tailscale-control-protocol, else 101 + close 1008), otherwise
+ * it must be tailscale-control-protocol (400), X-Tailscale-Handshake present
+ * and base64 (400); a decoded length other than 101 gets 101 + a Noise error
+ * frame. Then the connection moves to the loop. Note: the front door only
+ * calls this when an Upgrade header is present; a plain POST /ts2021 should
+ * get 400 "missing next protocol" from the HTTP router. */
 void tc_ctl_upgrade(void *ctx, int fd, const struct tc_http_head *head);
 
 /* Counters for tests and metrics (approximate, lock-free reads). */

@@ -577,6 +577,50 @@ TC_TEST(hostile_records) {
   fx_stop(&f);
 }
 
+/* Random bytes in every position a peer controls: after the handshake (raw
+ * and inside valid records), and as the initiation itself. */
+TC_TEST(hostile_random_input) {
+  struct fx f;
+  TC_REQUIRE(fx_start(&f) == 0);
+  uint8_t junk[3000];
+  for (int round = 0; round < 20; round++) {
+    tc_random(junk, sizeof junk);
+    struct tc_tclient *c = client(&f, 138);
+    TC_REQUIRE(c);
+    if (round % 3 == 0) {
+      tc_tclient_send_raw(c, junk, sizeof junk);
+    } else if (round % 3 == 1) {
+      junk[0] = 4; /* plausible record header, random rest */
+      tc_tclient_send_raw(c, junk, sizeof junk);
+    } else {
+      tc_tclient_send_plain(c, junk, sizeof junk); /* authentic records, garbage HTTP/2 */
+    }
+    TC_CHECK(closed_within(c, 3000));
+    tc_tclient_free(c);
+  }
+  for (int round = 0; round < 10; round++) {
+    uint8_t init[TC_TS_INIT_LEN];
+    tc_random(init, sizeof init);
+    if (round % 2) {
+      init[2] = 1; /* right type and length, random keys and tags */
+      init[3] = 0;
+      init[4] = 96;
+    }
+    char *hs = b64(init, sizeof init);
+    size_t len;
+    char *r = upgrade_raw(&f, "tailscale-control-protocol", hs, &len);
+    TC_CHECK(tc_str_has_prefix(r, "HTTP/1.1 101 "));
+    char *end = strstr(r, "\r\n\r\n");
+    /* Either an error frame (bad header) or nothing (bad crypto); never a response. */
+    TC_CHECK(end && (end + 4 == r + len || (uint8_t)end[4] == TC_TS_MSG_ERROR));
+    free(r);
+    free(hs);
+  }
+  TC_CHECK(healthy(&f));
+  TC_CHECK(conns_drain(&f, 3000));
+  fx_stop(&f);
+}
+
 TC_TEST(hostile_http2_limits) {
   struct fx f;
   TC_REQUIRE(fx_start(&f) == 0);
