@@ -469,7 +469,7 @@ json_t *tc_derpmap_embedded_region(const struct tc_derpmap_params *p, struct tc_
     return NULL;
   }
   char host[256];
-  int port;
+  int port = 0;
   if (!p->server_url || url_host_port(p->server_url, host, sizeof host, &port, err)) {
     if (!p->server_url) tc_err_set(err, TC_EINVAL, "derpmap: server_url is required for the embedded region");
     return NULL;

@@ -24,6 +24,7 @@
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <mbedtls/ctr_drbg.h>
@@ -96,6 +97,7 @@ struct tc_tls {
   struct conn *conns;       /* thread-only */
   size_t nconns;            /* thread-only */
   pthread_t thr;
+  clockid_t thr_clock;
   bool stop;                /* guarded by mu */
   bool started;
 };
@@ -546,6 +548,7 @@ int tc_tls_new(const struct tc_tls_params *p, struct tc_tls **out, struct tc_err
     rc = tc_err_set(err, TC_EINTERNAL, "tls: cannot start thread");
     goto fail;
   }
+  pthread_getcpuclockid(t->thr, &t->thr_clock);
   t->started = true;
   *out = t;
   return 0;
@@ -618,6 +621,12 @@ void tc_tls_get_stats(struct tc_tls *t, struct tc_tls_stats *out) {
   pthread_mutex_lock(&t->mu);
   *out = t->st;
   pthread_mutex_unlock(&t->mu);
+}
+
+int64_t tc_tls_thread_cpu_ns(struct tc_tls *t) {
+  struct timespec ts;
+  if (!t->started || clock_gettime(t->thr_clock, &ts) != 0) return -1;
+  return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
 void tc_tls_free(struct tc_tls *t) {

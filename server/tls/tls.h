@@ -73,6 +73,8 @@ int tc_tls_add_listener(struct tc_tls *t, int listen_fd, struct tc_err *err);
 int tc_tls_handoff(struct tc_tls *t, int fd, const char *peer);
 
 void tc_tls_get_stats(struct tc_tls *t, struct tc_tls_stats *out);
+/* CPU time consumed by the TLS thread so far, in nanoseconds (-1 if unknown). */
+int64_t tc_tls_thread_cpu_ns(struct tc_tls *t);
 
 /* Stops the thread and closes every connection and listener. NULL ok. */
 void tc_tls_free(struct tc_tls *t);
