@@ -104,7 +104,9 @@ static void fresh_db(struct tc_store_config *cfg) {
   char *dir = tc_test_tmpdir();
   cfg->type = TC_DB_SQLITE;
   cfg->sqlite_path = tc_xasprintf("%s/tailcoat.db", dir);
-  cfg->sqlite_wal = true;
+  /* test_storage_sqlite_nowal runs the suite in rollback-journal mode. */
+  const char *wal = getenv("TC_TEST_SQLITE_WAL");
+  cfg->sqlite_wal = !(wal && !strcmp(wal, "0"));
   created[ncreated++] = dir;
   created[ncreated++] = (char *)cfg->sqlite_path;
 #endif
