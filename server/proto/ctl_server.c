@@ -802,8 +802,15 @@ static void conn_start(struct tc_ctl_server *srv, struct incoming *in) {
   memcpy(c->peer, in->peer, sizeof c->peer);
   int fl = fcntl(c->fd, F_GETFL);
   fcntl(c->fd, F_SETFL, fl | O_NONBLOCK);
-  int one = 1;
-  setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one); /* fails harmlessly on AF_UNIX */
+  /* Latency over batching; and notice vanished peers (a map poll to a dead
+   * laptop would otherwise sit until TCP's retransmissions give up). These
+   * fail harmlessly on the AF_UNIX pairs that carry TLS connections. */
+  int one = 1, idle = 30, intvl = 15, cnt = 4;
+  setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  setsockopt(c->fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one);
+  setsockopt(c->fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof idle);
+  setsockopt(c->fd, IPPROTO_TCP, TCP_KEEPINTVL, &intvl, sizeof intvl);
+  setsockopt(c->fd, IPPROTO_TCP, TCP_KEEPCNT, &cnt, sizeof cnt);
   c->next = srv->conns;
   if (srv->conns) srv->conns->prev = c;
   srv->conns = c;
