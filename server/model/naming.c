@@ -83,18 +83,27 @@ int tc_model_validate_given_name(const char *name, struct tc_err *err) {
 char *tc_model_unique_name(const char *hostname, tc_name_taken_fn taken, void *ctx) {
   char *base = tc_model_sanitize_hostname(hostname);
   if (!taken || !taken(ctx, base)) return base;
+  /* Many nodes may share one hostname, so this loop runs often: format into
+   * a stack buffer rather than allocating per candidate. */
+  char cand[NAME_MAX_LEN + 1];
+  size_t base_len = strlen(base);
   for (unsigned i = 1;; i++) {
-    char suffix[16];
-    int sl = snprintf(suffix, sizeof suffix, "-%u", i);
-    size_t bl = strlen(base);
+    char suffix[16], digits[12];
+    int nd = 0;
+    for (unsigned v = i; v; v /= 10) digits[nd++] = (char)('0' + v % 10);
+    int sl = 0;
+    suffix[sl++] = '-';
+    while (nd) suffix[sl++] = digits[--nd];
+    suffix[sl] = 0;
+    size_t bl = base_len;
     if (bl + (size_t)sl > NAME_MAX_LEN) bl = NAME_MAX_LEN - (size_t)sl;
     while (bl > 0 && base[bl - 1] == '-') bl--; /* truncation may expose a '-' */
-    char *cand = tc_xasprintf("%.*s%s", (int)bl, base, suffix);
+    memcpy(cand, base, bl);
+    memcpy(cand + bl, suffix, (size_t)sl + 1);
     if (!taken(ctx, cand)) {
       free(base);
-      return cand;
+      return tc_xstrdup(cand);
     }
-    free(cand);
   }
 }
 

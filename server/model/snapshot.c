@@ -98,20 +98,49 @@ static uint64_t hash_bytes(const void *p, size_t n) {
   return h;
 }
 
+static void hidx_put(struct tc_hidx *h, const void *rec, size_t i, tc_hkey_fn f) {
+  const void *k;
+  size_t len;
+  if (!f(rec, &k, &len)) return;
+  uint32_t s = (uint32_t)hash_bytes(k, len) & h->mask;
+  while (h->slots[s]) s = (s + 1) & h->mask;
+  h->slots[s] = (uint32_t)i + 1;
+}
+
+/* Slot arrays are boxes so that tables which keep every key at the same
+ * position (the common "replace one record" edit) share them. */
 void tc_hidx_build(struct tc_hidx *h, const void *const *recs, size_t n, tc_hkey_fn f) {
   pthread_once(&seed_once, seed_init);
   uint32_t cap = 8;
   while (cap < n * 2 + 1) cap <<= 1;
   h->mask = cap - 1;
-  h->slots = tc_xcalloc(cap, sizeof *h->slots);
-  for (size_t i = 0; i < n; i++) {
-    const void *k;
-    size_t len;
-    if (!f(recs[i], &k, &len)) continue;
-    uint32_t s = (uint32_t)hash_bytes(k, len) & h->mask;
-    while (h->slots[s]) s = (s + 1) & h->mask;
-    h->slots[s] = (uint32_t)i + 1;
-  }
+  h->slots = tc_box_new((size_t)cap * sizeof *h->slots, NULL);
+  for (size_t i = 0; i < n; i++) hidx_put(h, recs[i], i, f);
+}
+
+static void hidx_share(struct tc_hidx *dst, const struct tc_hidx *src) {
+  dst->mask = src->mask;
+  dst->slots = tc_box_ref(src->slots);
+}
+
+/* dst = src plus rec at index i, when the load factor allows; else false. */
+static bool hidx_append(struct tc_hidx *dst, const struct tc_hidx *src, size_t n_after,
+                        const void *rec, size_t i, tc_hkey_fn f) {
+  size_t cap = (size_t)src->mask + 1;
+  if (cap < n_after * 2 + 1) return false;
+  dst->mask = src->mask;
+  dst->slots = tc_box_new(cap * sizeof *dst->slots, NULL);
+  memcpy(dst->slots, src->slots, cap * sizeof *dst->slots);
+  hidx_put(dst, rec, i, f);
+  return true;
+}
+
+static bool same_key(const void *a, const void *b, tc_hkey_fn f) {
+  const void *ka, *kb;
+  size_t la, lb;
+  bool ha = f(a, &ka, &la), hb = f(b, &kb, &lb);
+  if (ha != hb) return false;
+  return !ha || (la == lb && memcmp(ka, kb, la) == 0);
 }
 
 long tc_hidx_find(const struct tc_hidx *h, const void *const *recs, tc_hkey_fn f,
@@ -129,7 +158,7 @@ long tc_hidx_find(const struct tc_hidx *h, const void *const *recs, tc_hkey_fn f
 }
 
 void tc_hidx_free(struct tc_hidx *h) {
-  free(h->slots);
+  tc_box_unref(h->slots);
   h->slots = NULL;
 }
 
@@ -273,10 +302,37 @@ struct tc_utab *tc_utab_edit(const struct tc_utab *t, struct tc_user *rec, int64
   return tc_utab_new((struct tc_user **)v, n);
 }
 
+static long find_id(const void *const *v, size_t n, int64_t id);
+
+/* Node tables are rebuilt on every node write, so the indexes are reused
+ * where possible: a replaced record whose key did not change keeps its
+ * index; an appended record (new ids are the largest) copies the slots and
+ * adds one entry. Only removals and key changes rehash. */
 struct tc_ntab *tc_ntab_edit(const struct tc_ntab *t, struct tc_node *rec, int64_t remove_id) {
   size_t n;
+  long pos = rec && !remove_id ? find_id((const void *const *)t->v, t->n, rec->id) : -1;
+  bool append = rec && !remove_id && pos < 0 && (t->n == 0 || t->v[t->n - 1]->id < rec->id);
   void **v = edit_array((void *const *)t->v, t->n, rec, remove_id, &n);
-  return tc_ntab_new((struct tc_node **)v, n);
+  if (pos < 0 && !append) return tc_ntab_new((struct tc_node **)v, n);
+  struct tc_ntab *nt = tc_box_new(sizeof *nt, ntab_dtor);
+  nt->v = (struct tc_node **)v;
+  nt->n = n;
+  const void *const *r = (const void *const *)v;
+  struct {
+    struct tc_hidx *dst;
+    const struct tc_hidx *src;
+    tc_hkey_fn f;
+  } ix[] = {
+      {&nt->by_nk, &t->by_nk, key_nk},       {&nt->by_mk, &t->by_mk, key_mk},
+      {&nt->by_name, &t->by_name, key_gname}, {&nt->by_ip4, &t->by_ip4, key_ip4},
+      {&nt->by_ip6, &t->by_ip6, key_ip6},
+  };
+  for (size_t i = 0; i < TC_ARRAY_LEN(ix); i++) {
+    if (pos >= 0 && same_key(t->v[pos], rec, ix[i].f)) hidx_share(ix[i].dst, ix[i].src);
+    else if (!append || !hidx_append(ix[i].dst, ix[i].src, n, rec, n - 1, ix[i].f))
+      tc_hidx_build(ix[i].dst, r, n, ix[i].f);
+  }
+  return nt;
 }
 
 struct tc_ktab *tc_ktab_edit_pre(const struct tc_ktab *t, struct tc_preauth_key *rec,

@@ -1216,3 +1216,60 @@ TC_TEST(snapshot_consistency_under_writes) {
   tc_snapshot_release(s);
   env_close(&e);
 }
+
+/* ---- scale ------------------------------------------------------------------------------------------ */
+/* Registers N nodes (TC_MODEL_SCALE_NODES, default 300), then one lite map
+ * update and one online/offline cycle per node, and prints the write rates.
+ * Asserts the end state so it doubles as a larger consistency check. */
+TC_TEST(scale_register_and_update) {
+  const char *env_n = getenv("TC_MODEL_SCALE_NODES");
+  int n = env_n ? atoi(env_n) : 300;
+  if (n < 10) n = 10;
+  struct env e;
+  TC_REQUIRE(env_open(&e, NULL, NULL) == 0);
+  struct tc_err err = {0};
+  int64_t u = mkuser(e.m, "alice");
+  char *key = mkkey(e.m, u, true, false, NULL, NULL);
+  int64_t *ids = tc_xcalloc((size_t)n, sizeof *ids);
+  int64_t t0 = tc_mono_ms();
+  int fails = 0;
+  for (int i = 0; i < n; i++) {
+    struct tc_register_req r;
+    req_init(&r, "scale", key);
+    if (tc_model_register_authkey(e.m, &r, &ids[i], &err)) fails++;
+  }
+  int64_t t1 = tc_mono_ms();
+  for (int i = 0; i < n; i++) {
+    char ep[64];
+    snprintf(ep, sizeof ep, "203.0.113.%d:%d", i % 250 + 1, 40000 + i);
+    struct tc_strv eps = {0};
+    tc_strv_push(&eps, ep);
+    struct tc_map_update mu = {.endpoints = &eps, .home_derp = 1};
+    unsigned ch = 0;
+    if (tc_model_node_update_from_map(e.m, ids[i], &mu, &ch, &err) || !(ch & TC_NODE_F_ENDPOINTS))
+      fails++;
+    tc_strv_free(&eps);
+  }
+  int64_t t2 = tc_mono_ms();
+  for (int i = 0; i < n; i++) tc_model_node_set_online(e.m, ids[i], true, &err);
+  for (int i = 0; i < n; i++) tc_model_node_set_online(e.m, ids[i], false, &err);
+  int64_t t3 = tc_mono_ms();
+  fprintf(stderr, "  scale n=%d: register %lld ms, map update %lld ms, online+offline %lld ms\n", n,
+          (long long)(t1 - t0), (long long)(t2 - t1), (long long)(t3 - t2));
+  TC_CHECK_INT(fails, 0);
+  struct tc_snapshot *s = tc_model_snapshot(e.m);
+  TC_CHECK_INT(s->n_nodes, n);
+  TC_CHECK_INT(s->n_online, 0);
+  for (int i = 0; i < n; i++) {
+    const struct tc_node *nd = tc_snapshot_node(s, ids[i]);
+    TC_REQUIRE(nd != NULL);
+    TC_CHECK(tc_snapshot_node_by_node_key(s, nd->node_key) == nd);
+    TC_CHECK(tc_snapshot_node_by_ip(s, nd->ipv4, 4) == nd);
+    TC_CHECK(tc_snapshot_node_by_given_name(s, nd->given_name) == nd);
+    TC_CHECK(nd->endpoints.n == 1 && nd->last_seen > 0);
+  }
+  tc_snapshot_release(s);
+  free(ids);
+  free_secret(key);
+  env_close(&e);
+}
