@@ -1359,6 +1359,78 @@ TC_TEST(differential_users) {
   tc_store_close(st);
 }
 
+/* Appends the UTF-8 encoding of code point c. */
+static void put_utf8(struct tc_buf *b, uint32_t c) {
+  if (c < 0x80) {
+    tc_buf_putc(b, (char)c);
+  } else if (c < 0x800) {
+    tc_buf_putc(b, (char)(0xc0 | (c >> 6)));
+    tc_buf_putc(b, (char)(0x80 | (c & 0x3f)));
+  } else if (c < 0x10000) {
+    tc_buf_putc(b, (char)(0xe0 | (c >> 12)));
+    tc_buf_putc(b, (char)(0x80 | ((c >> 6) & 0x3f)));
+    tc_buf_putc(b, (char)(0x80 | (c & 0x3f)));
+  } else {
+    tc_buf_putc(b, (char)(0xf0 | (c >> 18)));
+    tc_buf_putc(b, (char)(0x80 | ((c >> 12) & 0x3f)));
+    tc_buf_putc(b, (char)(0x80 | ((c >> 6) & 0x3f)));
+    tc_buf_putc(b, (char)(0x80 | (c & 0x3f)));
+  }
+}
+
+/* Arbitrary valid text (control characters, quotes, backslashes, '?', '$1',
+ * astral code points, long values) comes back byte for byte. */
+TC_TEST(text_roundtrip_random) {
+  struct tc_store_config cfg;
+  struct tc_store *st = open_fresh(&cfg);
+  TC_REQUIRE(st);
+  struct tc_err err = {0};
+  struct tc_tx *tx;
+  BEGIN(st, 0, tx);
+  enum { N = 150 };
+  static const uint32_t specials[] = {'\'', '"', '\\', '?', '$', '%', '\n', '\r', '\t', 1, 0x7f,
+                                      0xe9, 0x2028, 0xfeff, 0xfffd, 0x1f408, 0x10ffff};
+  char *texts[N];
+  int64_t ids[N];
+  for (int i = 0; i < N; i++) {
+    struct tc_buf b = TC_BUF_INIT;
+    tc_buf_printf(&b, "%d:", i); /* unique */
+    int len = (int)(rng() % (i % 10 == 0 ? 5000 : 40));
+    for (int j = 0; j < len; j++) {
+      uint32_t c;
+      switch (rng() % 4) {
+      case 0: c = specials[rng() % TC_ARRAY_LEN(specials)]; break;
+      case 1: c = 0x20 + rng() % 0x5f; break;
+      case 2: c = 0x80 + rng() % 0xd780; break; /* below the surrogates */
+      default: c = 0xe000 + rng() % (0x110000 - 0xe000); break;
+      }
+      put_utf8(&b, c);
+    }
+    texts[i] = tc_buf_steal(&b, NULL);
+    struct tc_audit a = {0};
+    a.action = texts[i];
+    a.detail = texts[i];
+    OK(tc_store_audit_insert(tx, &a, &err));
+    ids[i] = a.id;
+  }
+  OK(tc_tx_commit(tx, &err));
+  BEGIN(st, 0, tx);
+  struct tc_audit *al;
+  size_t n;
+  OK(tc_store_audit_list(tx, 0, &al, &n, &err));
+  TC_CHECK_INT(n, N);
+  for (size_t i = 0; i < n && i < N; i++) {
+    size_t k = N - 1 - i; /* newest first */
+    TC_CHECK_INT(al[i].id, ids[k]);
+    TC_CHECK(al[i].action && !strcmp(al[i].action, texts[k]));
+    TC_CHECK(al[i].detail && !strcmp(al[i].detail, texts[k]));
+  }
+  tc_store_free_audits(al, n);
+  tc_tx_rollback(tx);
+  for (int i = 0; i < N; i++) free(texts[i]);
+  tc_store_close(st);
+}
+
 TC_TEST(invalid_utf8_refused) {
   struct tc_store_config cfg;
   struct tc_store *st = open_fresh(&cfg);
