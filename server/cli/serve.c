@@ -21,6 +21,7 @@
 #include "http/api.h"
 #include "http/http.h"
 #include "http/metrics.h"
+#include "mapper/mapper.h"
 #include "model/model.h"
 #include "proto/proto.h"
 
@@ -142,6 +143,10 @@ int tc_cli_serve(const struct tc_config *cfg) {
   struct tc_backend *be = NULL;
   struct tc_frontdoor *fdr = NULL;
   struct tc_metrics_server *ms = NULL;
+  struct tc_mapper *mapper = NULL;
+  struct tc_ctl_server *ctl = NULL;
+  struct tc_mapper_env env;
+  memset(&env, 0, sizeof env);
   struct key_ctx keyctx;
   uint8_t noise_priv[32];
   memset(noise_priv, 0, sizeof noise_priv);
@@ -182,18 +187,32 @@ int tc_cli_serve(const struct tc_config *cfg) {
   tc_http_route(be->router, "GET", "/key", h_key, &keyctx);
 
   /* ======================= WIRING ==========================================
-   * Protocol modules plug in here, before the front door starts:
-   *   - control protocol: tc_ctl_server_new(handler, ctx, noise_priv, ...)
-   *     then tc_frontdoor_register_upgrade(fdr, "/ts2021", tc_ctl_upgrade, srv)
-   *     (handler = the mapper's register/map dispatcher);
-   *   - DERP: tc_derp_server_new(...) then register "/derp" with
-   *     tc_derp_upgrade, plus plain routes /derp/probe, /derp/latency-check
-   *     via tc_http_route(be->router, ...);
-   *   - TLS: tc_tls_new + tc_tls_add_listener, delivering plaintext fds to
+   * Protocol modules plug in here, before the front door starts. Stop them
+   * in the shutdown block below (transport first, then its handlers), before
+   * the model closes.
+   *   - DERP: tc_derp_server_new(...), register "/derp" with tc_derp_upgrade,
+   *     plain routes /derp/probe, /derp/latency-check via tc_http_route, and
+   *     fill env.derp_json before tc_mapper_new;
+   *   - TLS: tc_tls_new + tc_tls_add_listener delivering plaintext fds to
    *     tc_frontdoor_add_connection(fdr, fd, peer, len, true);
-   *   - reload hooks: tc_cli_on_reload(fn, ctx) (e.g. TLS certificate).
-   * Stop them in the shutdown block below, before the model closes.
-   * ========================================================================= */
+   *   - reload hooks: tc_cli_on_reload(fn, ctx) (e.g. TLS certificate). */
+
+  /* Control protocol: /ts2021 (Noise + HTTP/2) -> mapper -> model. */
+  tc_mapper_env_from_config(&env, cfg);
+  struct tc_mapper_opts mo = {.model = be->model, .env = &env, .server_url = cfg->server_url};
+  if (tc_mapper_new(&mo, &mapper, &err)) {
+    fprintf(stderr, "Error: mapper: %s\n", err.msg);
+    goto out;
+  }
+  if (tc_ctl_server_new(tc_mapper_handle, mapper, noise_priv, NULL, &ctl, &err)) {
+    fprintf(stderr, "Error: control server: %s\n", err.msg);
+    goto out;
+  }
+  if (tc_frontdoor_register_upgrade(fdr, "/ts2021", tc_ctl_upgrade, ctl)) {
+    fprintf(stderr, "Error: could not register /ts2021\n");
+    goto out;
+  }
+  /* ========================================================================= */
   if (cfg->tls_cert_path && *cfg->tls_cert_path)
     tc_warn("tls_cert_path is set but TLS is not wired into serve yet; serving plain HTTP");
 
@@ -235,6 +254,9 @@ out:
   /* Shutdown order: stop accepting, then protocol modules, then the model. */
   tc_metrics_server_stop(ms);
   tc_frontdoor_free(fdr);
+  tc_ctl_server_stop(ctl);
+  tc_mapper_free(mapper);
+  tc_mapper_env_free(&env);
   pthread_mutex_lock(&reload_mu);
   nreloads = 0;
   pthread_mutex_unlock(&reload_mu);
