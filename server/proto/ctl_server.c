@@ -740,8 +740,8 @@ static bool ws_decode(struct conn *c) {
       c->deadline_ms = tc_mono_ms() + CLOSING_GRACE_MS;
       tc_buf_reset(&c->wsin);
       return true;
-    case 0x9: /* ping */
-      ws_frame(&c->wsout, 0xA, payload, len);
+    case 0x9: /* ping; a peer that pings without reading gets no more pongs (RFC 6455 §5.5.3) */
+      if (c->wsout.len < OUT_HIGH) ws_frame(&c->wsout, 0xA, payload, len);
       break;
     case 0xA: /* pong */
       break;

@@ -664,7 +664,29 @@ int tc_tclient_request(struct tc_tclient *c, const char *method, const char *pat
     *resp = tc_xstrndup(b, n);
     if (resp_len) *resp_len = n;
   }
+  if (st->closed) tc_tclient_forget(c, sid);
   return rc;
+}
+
+void tc_tclient_forget(struct tc_tclient *c, int32_t sid) {
+  for (size_t i = 0; i < c->nstreams; i++) {
+    struct tstream *st = c->streams[i];
+    if (st->id != sid) continue;
+    if (!st->closed && c->h2 && !c->closed) {
+      /* Still open: reset it. nghttp2 may still hold st as the source of
+       * the request body, so the record stays (anonymous) until free. */
+      nghttp2_submit_rst_stream(c->h2, NGHTTP2_FLAG_NONE, sid, NGHTTP2_CANCEL);
+      flush(c);
+      st->id = -1;
+      tc_buf_free(&st->body);
+      return;
+    }
+    tc_buf_free(&st->body);
+    free(st->req);
+    free(st);
+    c->streams[i] = c->streams[--c->nstreams];
+    return;
+  }
 }
 
 int tc_tclient_map_next(struct tc_tclient *c, int32_t sid, int timeout_ms, char **json, size_t *len) {
@@ -677,6 +699,10 @@ int tc_tclient_map_next(struct tc_tclient *c, int32_t sid, int timeout_ms, char 
                             &consumed, json, len);
     if (rc == 0) {
       st->map_off += consumed;
+      if (st->map_off >= 65536) { /* long polls: drop what was read */
+        tc_buf_consume(&st->body, st->map_off);
+        st->map_off = 0;
+      }
       return 0;
     }
     if (rc != TC_EAGAIN) return rc;

@@ -54,11 +54,16 @@ int32_t tc_tclient_submit_hdrs(struct tc_tclient *c, const char *method, const c
 int tc_tclient_wait_headers(struct tc_tclient *c, int32_t sid, int timeout_ms);
 /* Waits until the stream is closed. 0, TC_EAGAIN (timeout) or TC_EIO. */
 int tc_tclient_wait_closed(struct tc_tclient *c, int32_t sid, int timeout_ms);
-/* Body bytes received so far (borrowed; valid until the next call). */
+/* Body bytes received so far (borrowed; valid until the next call). For a
+ * stream read with map_next, bytes already returned may have been dropped. */
 const char *tc_tclient_body(struct tc_tclient *c, int32_t sid, size_t *len);
 /* RST_STREAM code received for the stream (0 if none). */
 uint32_t tc_tclient_stream_error(struct tc_tclient *c, int32_t sid);
-/* submit + wait_closed: *status and an owned body. 0 or TC_E*. */
+/* Frees the client's record of a stream (resetting it if still open); the
+ * id is unknown afterwards. Long-running clients call this to bound memory. */
+void tc_tclient_forget(struct tc_tclient *c, int32_t sid);
+/* submit + wait_closed: *status and an owned body; the stream is forgotten
+ * afterwards. 0 or TC_E*. */
 int tc_tclient_request(struct tc_tclient *c, const char *method, const char *path, const void *body, size_t len,
                        int timeout_ms, int *status, char **resp, size_t *resp_len);
 /* Next map message of a streaming response, decoded (owned JSON). 0,

@@ -847,6 +847,8 @@ static void *par_main(void *arg) {
       js = NULL;
     }
     if (good) a->ok++;
+    tc_tclient_forget(c, e);
+    tc_tclient_forget(c, s); /* closed, or reset if the server were slow */
   }
   tc_tclient_free(c);
   return NULL;
