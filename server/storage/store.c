@@ -124,6 +124,8 @@ static int run(struct tc_tx *tx, const char *sql, struct params *p, struct db_re
                struct tc_err *err) {
   if (res) memset(res, 0, sizeof *res);
   if (!tx) return tc_err_set(err, TC_EINVAL, "storage: no transaction");
+  if ((tx->flags & TC_TX_READONLY) && strncmp(sql, "SELECT ", 7) != 0)
+    return tc_err_set(err, TC_EINVAL, "storage: write in a read-only transaction");
   for (int i = 0; p && i < p->n; i++)
     if (p->v[i].type == DBP_TEXT && !utf8_valid((const unsigned char *)p->v[i].s))
       return tc_err_set(err, TC_EINVAL, "storage: text value %d is not valid UTF-8", i + 1);

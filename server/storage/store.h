@@ -90,6 +90,11 @@ int tc_store_type(const struct tc_store *st);
  * PostgreSQL with synchronous_commit=off (a crash of the machine may lose the
  * last commits, never half of one). */
 #define TC_TX_DURABLE 0x1u
+/* TC_TX_READONLY: only gets and lists (anything else fails TC_EINVAL and
+ * leaves the transaction usable); all reads see one consistent snapshot and
+ * do not take the write lock (SQLite BEGIN DEFERRED, PostgreSQL REPEATABLE
+ * READ READ ONLY), so readers in other processes do not hold up writers. */
+#define TC_TX_READONLY 0x2u
 
 /* Begins a transaction; *out is owned until commit/rollback. A thread must
  * not begin a second transaction while it holds one (SQLite: it would wait

@@ -31,7 +31,7 @@ static inline const char *db_cell(const struct db_result *r, int row, int col) {
 }
 
 /* Internal begin flags beyond the public ones. */
-#define TX_SNAPSHOT 0x100u /* read-only, one consistent snapshot (load_all) */
+#define TX_SNAPSHOT TC_TX_READONLY /* read-only, one consistent snapshot */
 #define TX_MIGRATE 0x200u  /* schema migration: exclusive */
 
 struct tc_tx {

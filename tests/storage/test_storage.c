@@ -1359,6 +1359,51 @@ TC_TEST(differential_users) {
   tc_store_close(st);
 }
 
+TC_TEST(readonly_transactions) {
+  struct tc_store_config cfg;
+  struct tc_store *st = open_fresh(&cfg);
+  TC_REQUIRE(st);
+  struct tc_err err = {0};
+  struct tc_tx *tx;
+  BEGIN(st, 0, tx);
+  struct tc_user u;
+  make_user(&u, "reader");
+  OK(tc_store_user_insert(tx, &u, &err));
+  OK(tc_tx_commit(tx, &err));
+
+  BEGIN(st, TC_TX_READONLY, tx);
+  struct tc_user g;
+  OK(tc_store_user_get(tx, u.id, &g, &err));
+  tc_user_free(&g);
+  struct tc_user w;
+  make_user(&w, "writer");
+  TC_CHECK_INT(tc_store_user_insert(tx, &w, &err), TC_EINVAL);
+  TC_CHECK_INT(tc_store_user_delete(tx, u.id, &err), TC_EINVAL);
+  TC_CHECK_INT(tc_store_preauth_consume(tx, 1, &err), TC_EINVAL);
+  OK(tc_store_user_get_by_name(tx, "reader", &g, &err)); /* still usable */
+  tc_user_free(&g);
+
+  /* A second store (another process, in production) can write and commit
+   * meanwhile; the reader keeps its snapshot. */
+  const char *wal = getenv("TC_TEST_SQLITE_WAL");
+  if (cfg.type == TC_DB_POSTGRES || !(wal && !strcmp(wal, "0"))) {
+    struct tc_store_config c2 = cfg;
+    c2.busy_timeout_ms = 200;
+    struct tc_store *st2 = NULL;
+    TC_REQUIRE(tc_store_open(&c2, &st2, &err) == 0);
+    struct tc_tx *tw;
+    BEGIN(st2, 0, tw);
+    OK(tc_store_user_insert(tw, &w, &err));
+    OK(tc_tx_commit(tw, &err));
+    TC_CHECK_INT(tc_store_user_get_by_name(tx, "writer", &g, &err), TC_ENOENT);
+    tc_store_close(st2);
+  }
+  OK(tc_tx_commit(tx, &err));
+  tc_user_free(&u);
+  tc_user_free(&w);
+  tc_store_close(st);
+}
+
 /* Appends the UTF-8 encoding of code point c. */
 static void put_utf8(struct tc_buf *b, uint32_t c) {
   if (c < 0x80) {
