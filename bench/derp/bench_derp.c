@@ -21,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -331,6 +332,8 @@ int main(int argc, char **argv) {
   struct tc_derp_metrics m0, m1;
   tc_derp_server_get_metrics(g_srv, &m0);
   int64_t cpu0 = tc_derp_server_thread_cpu_ns(g_srv) + (tls ? tc_tls_thread_cpu_ns(tls) : 0);
+  struct rusage ru0, ru1;
+  getrusage(RUSAGE_SELF, &ru0);
   atomic_store(&g_run, true);
   int64_t t0 = tc_mono_ns();
   for (int i = 0; i < pairs; i++) {
@@ -343,6 +346,7 @@ int main(int argc, char **argv) {
   int64_t t1 = tc_mono_ns();
   int64_t cpu1 = tc_derp_server_thread_cpu_ns(g_srv) + (tls ? tc_tls_thread_cpu_ns(tls) : 0);
   tc_derp_server_get_metrics(g_srv, &m1);
+  getrusage(RUSAGE_SELF, &ru1);
   atomic_store(&g_run, false);
   /* unblock the threads by closing the client sockets */
   for (int i = 0; i < n; i++) shutdown(g_tls ? cls[i].tls.fd : cls[i].fd, SHUT_RDWR);
@@ -388,6 +392,9 @@ int main(int argc, char **argv) {
          (unsigned long long)(m1.drops_queue_full - m0.drops_queue_full));
   printf("server cpu: %.2f s over %.1f s (%.0f%% of one core), %.2f cpu-s per GB relayed\n", cpu_s, el,
          100.0 * cpu_s / el, relayed ? cpu_s / ((double)relayed / 1e9) : 0);
+  double proc_s = (double)(ru1.ru_utime.tv_sec - ru0.ru_utime.tv_sec + ru1.ru_stime.tv_sec - ru0.ru_stime.tv_sec) +
+                  (double)(ru1.ru_utime.tv_usec - ru0.ru_utime.tv_usec + ru1.ru_stime.tv_usec - ru0.ru_stime.tv_usec) / 1e6;
+  printf("whole process cpu (server + bench clients): %.2f s\n", proc_s);
   printf("latency (one-way through relay, %zu samples, %d concurrent pairs): p50 %.0f us, p99 %.0f us\n", nl,
          pairs, p50, p99);
   fflush(stdout);

@@ -228,7 +228,8 @@ static void ep_update(struct tc_derp_server *s, struct client *c) {
   uint32_t ev = 0;
   int64_t now = tc_mono_ms();
   if (c->throttled_until <= now) ev |= EPOLLIN;
-  if (c->out_off < c->out.len) ev |= EPOLLOUT;
+  /* also when queued frames wait: flush() may have stopped on its budget */
+  if (c->out_off < c->out.len || c->ctrl.len || c->pong_pending || c->q.n || c->dq.n) ev |= EPOLLOUT;
   if (ev == c->ep_events) return;
   struct epoll_event e = {.events = ev, .data.ptr = c};
   epoll_ctl(s->ep, EPOLL_CTL_MOD, c->fd, &e);

@@ -77,6 +77,11 @@ struct conn {
   bool plain_eof;           /* our plaintext user closed / shut its write side */
   bool tls_closed;          /* close_notify sent */
   bool tcp_want_write;      /* mbedTLS needs the socket writable */
+  bool again;               /* the pump stopped with work left: run it again */
+  /* read-ahead for mbedTLS: it asks for a 5-byte header and then the body,
+   * so without this every record costs two recv() calls */
+  uint8_t rx[PUMP_BUF + 1024];
+  size_t rx_off, rx_len;
 };
 
 struct tc_tls {
@@ -191,10 +196,21 @@ static int bio_send(void *ctx, const unsigned char *buf, size_t len) {
 
 static int bio_recv(void *ctx, unsigned char *buf, size_t len) {
   struct conn *c = ctx;
-  ssize_t n = recv(c->tcp.fd, buf, len, 0);
-  if (n >= 0) return (int)n; /* 0 is EOF */
-  if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) return MBEDTLS_ERR_SSL_WANT_READ;
-  return MBEDTLS_ERR_NET_RECV_FAILED;
+  if (c->rx_len == 0) {
+    ssize_t n = recv(c->tcp.fd, c->rx, sizeof c->rx, 0);
+    if (n == 0) return 0; /* EOF */
+    if (n < 0) {
+      if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) return MBEDTLS_ERR_SSL_WANT_READ;
+      return MBEDTLS_ERR_NET_RECV_FAILED;
+    }
+    c->rx_off = 0;
+    c->rx_len = (size_t)n;
+  }
+  size_t k = TC_MIN(len, c->rx_len);
+  memcpy(buf, c->rx + c->rx_off, k);
+  c->rx_off += k;
+  c->rx_len -= k;
+  return (int)k;
 }
 
 /* ---- connection lifecycle (TLS thread only) ---- */
@@ -224,6 +240,7 @@ static void conn_free(struct tc_tls *t, struct conn *c) {
   cred_unref(t, c->cred);
   tc_wipe(c->in_buf, sizeof c->in_buf);
   tc_wipe(c->out_buf, sizeof c->out_buf);
+  tc_wipe(c->rx, sizeof c->rx);
   free(c);
   pthread_mutex_lock(&t->mu);
   t->st.active--;
@@ -349,14 +366,17 @@ static int conn_pump(struct tc_tls *t, struct conn *c) {
   }
   uint64_t in_bytes = 0, out_bytes = 0;
   int rc = 0;
+  bool progress = false;
+  c->again = false;
   for (int guard = 0; guard < 64; guard++) {
-    bool progress = false;
-    /* TLS -> plaintext */
-    if (c->in_len == 0 && !c->tls_eof) {
-      int r = mbedtls_ssl_read(&c->ssl, c->in_buf, sizeof c->in_buf);
+    progress = false;
+    /* TLS -> plaintext: gather several records before one send() */
+    if (c->in_len == 0) c->in_off = 0;
+    while (!c->tls_eof && c->in_off + c->in_len < sizeof c->in_buf) {
+      size_t end = c->in_off + c->in_len;
+      int r = mbedtls_ssl_read(&c->ssl, c->in_buf + end, sizeof c->in_buf - end);
       if (r > 0) {
-        c->in_off = 0;
-        c->in_len = (size_t)r;
+        c->in_len += (size_t)r;
         in_bytes += (size_t)r;
         progress = true;
       } else if (r == 0 || r == MBEDTLS_ERR_SSL_PEER_CLOSE_NOTIFY) {
@@ -365,8 +385,11 @@ static int conn_pump(struct tc_tls *t, struct conn *c) {
       } else if (r != MBEDTLS_ERR_SSL_WANT_READ && r != MBEDTLS_ERR_SSL_WANT_WRITE) {
         rc = -1;
         break;
+      } else {
+        break;
       }
     }
+    if (rc < 0) break;
     if (c->in_len > 0) {
       ssize_t n = send(c->plain.fd, c->in_buf + c->in_off, c->in_len, MSG_NOSIGNAL);
       if (n > 0) {
@@ -426,6 +449,9 @@ static int conn_pump(struct tc_tls *t, struct conn *c) {
     }
     if (!progress) break;
   }
+  /* Out of budget with bytes still movable (possibly already read into rx
+   * or mbedTLS's buffers, which epoll cannot see): come back soon. */
+  if (progress && rc == 0) c->again = true;
   if (in_bytes || out_bytes) {
     pthread_mutex_lock(&t->mu);
     t->st.bytes_in += in_bytes;
@@ -437,7 +463,7 @@ static int conn_pump(struct tc_tls *t, struct conn *c) {
   if ((c->tls_eof || c->plain_eof) && (c->deadline_ms == 0 || in_bytes || out_bytes))
     c->deadline_ms = tc_mono_ms() + t->p.idle_close_timeout_ms;
   uint32_t tw = 0, pw = 0;
-  if (c->in_len == 0 && !c->tls_eof) tw |= EPOLLIN;
+  if (c->in_off + c->in_len < sizeof c->in_buf && !c->tls_eof) tw |= EPOLLIN;
   if (c->tcp_want_write || c->ssl.out_left > 0) tw |= EPOLLOUT;
   if (c->in_len > 0) pw |= EPOLLOUT;
   if (c->out_len == 0 && !c->plain_eof) pw |= EPOLLIN;
@@ -473,7 +499,13 @@ static void *tls_thread(void *arg) {
     }
     for (size_t i = 0; i < npend; i++) conn_start(t, pend[i].fd, pend[i].peer);
     free(pend);
-    int n = epoll_wait(t->ep, evs, 64, 100);
+    bool any_again = false;
+    for (struct conn *c = t->conns; c && !any_again; c = c->next) any_again = c->again && c->state == ST_OPEN;
+    int n = epoll_wait(t->ep, evs, 64, any_again ? 0 : 100);
+    if (any_again) {
+      for (struct conn *c = t->conns; c; c = c->next)
+        if (c->again && c->state == ST_OPEN && conn_pump(t, c) < 0) c->state = ST_DEAD;
+    }
     for (int i = 0; i < n; i++) {
       struct item *it = evs[i].data.ptr;
       if (it->kind == K_WAKE) {
