@@ -154,5 +154,5 @@ int tc_ippool_next(struct tc_ippool *p, enum tc_model_alloc strategy, tc_ip_in_u
     if (strategy == TC_MODEL_ALLOC_SEQUENTIAL) p->cursor = off;
     return 0;
   }
-  return tc_err_set(err, TC_ETOOBIG, "no free IPv%d address left in %s", p->family, p->text);
+  return tc_err_set(err, TC_EINTERNAL, "no free IPv%d address left in %s", p->family, p->text);
 }

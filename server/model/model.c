@@ -19,6 +19,8 @@
 #define MAX_ENDPOINTS 64
 #define MAX_ROUTES 1024
 #define APIKEY_TOUCH_S 60
+#define MAX_TAGS 64
+#define MAX_PROFILE_FIELD 1024
 
 struct sub {
   int64_t id;
@@ -476,11 +478,26 @@ void tc_model_unsubscribe(struct tc_model *m, int64_t sub_id) {
 /* ---- users ----------------------------------------------------------------------------------- */
 static char *dup_opt(const char *s) { return s && *s ? tc_xstrdup(s) : NULL; }
 
+static int check_profile(const char *display_name, const char *email, const char *pic,
+                         struct tc_err *err) {
+  const char *v[] = {display_name, email, pic};
+  const char *what[] = {"display name", "email", "profile picture URL"};
+  for (size_t i = 0; i < 3; i++) {
+    if (!v[i]) continue;
+    if (strnlen(v[i], MAX_PROFILE_FIELD + 1) > MAX_PROFILE_FIELD)
+      return tc_err_set(err, TC_ETOOBIG, "%s longer than %d bytes", what[i], MAX_PROFILE_FIELD);
+    for (const unsigned char *c = (const unsigned char *)v[i]; *c; c++)
+      if (*c < 0x20 || *c == 0x7f) return tc_err_set(err, TC_EINVAL, "%s contains a control character", what[i]);
+  }
+  return 0;
+}
+
 int tc_model_user_create(struct tc_model *m, const char *actor, const char *name,
                          const char *display_name, const char *email, int64_t *id_out,
                          struct tc_err *err) {
   int rc = tc_model_validate_username(name, err);
   if (rc) return rc;
+  if ((rc = check_profile(display_name, email, NULL, err))) return rc;
   struct wr w;
   struct plan p;
   pthread_mutex_lock(&m->wmu);
@@ -559,7 +576,8 @@ int tc_model_user_update(struct tc_model *m, const char *actor, int64_t id,
                          const char *profile_pic_url, struct tc_err *err) {
   struct wr w;
   struct plan p;
-  int rc;
+  int rc = check_profile(display_name, email, profile_pic_url, err);
+  if (rc) return rc;
   pthread_mutex_lock(&m->wmu);
   wr_init(&w, m);
   plan_init(&p, actor, "user.update", "user", id);
@@ -653,6 +671,7 @@ out:
 
 /* ---- pre-auth keys ------------------------------------------------------------------------- */
 static int check_tags(const struct tc_strv *tags, struct tc_err *err) {
+  if (tags && tags->n > MAX_TAGS) return tc_err_set(err, TC_ETOOBIG, "too many tags (max %d)", MAX_TAGS);
   for (size_t i = 0; tags && i < tags->n; i++) {
     int rc = tc_model_validate_tag(tags->v[i], err);
     if (rc) return rc;

@@ -26,6 +26,10 @@
  * SHA-256 hash of each secret are kept (a 256-bit random secret needs no slow
  * hash); the hash appears in snapshot records but is useless for logging in.
  *
+ * Every administrative write and registration adds one audit entry in its
+ * transaction. High-rate telemetry does not: map updates (endpoints,
+ * hostinfo), online/offline and API-key last_seen touches.
+ *
  * Actor strings passed to writes name who did it, for the audit log:
  * "cli", "api:<key prefix>", "admin:<user>", "node:<id>", "system". NULL
  * means "system". */
@@ -165,7 +169,9 @@ enum tc_change_kind {
   TC_CHANGE_NODE_ENDPOINTS,  /* endpoints, disco key, home DERP, cap, hostinfo (peer patch) */
   TC_CHANGE_NODE_KEY_ROTATED,
   TC_CHANGE_NODE_EXPIRED,    /* expiry set/changed by logout or admin, or expiry time passed */
-  TC_CHANGE_NODE_ROUTES,     /* announced/approved routes or primaries changed */
+  TC_CHANGE_NODE_ROUTES,     /* announced/approved routes changed (node_id set), or only the
+                                primary assignments moved (node_id 0, fields TC_NODE_F_PRIMARY;
+                                emitted after the event of the write that moved them) */
   TC_CHANGE_NODE_TAGS,
   TC_CHANGE_NODE_RENAMED,
   TC_CHANGE_POLICY,
@@ -303,7 +309,9 @@ struct tc_register_req {
  * Errors: TC_EPERM "invalid pre auth key" (unknown, wrong secret, single-use
  * already used — also when another thread won the race), TC_EEXPIRED
  * "pre auth key expired", TC_EPERM when old_node_key or node_key belongs to a
- * different machine key, TC_ETOOBIG for oversized hostinfo, TC_EAGAIN/TC_EDB. */
+ * different machine key, TC_ETOOBIG for oversized hostinfo, TC_EINTERNAL
+ * "no free IPv4 address left in <prefix>" when a pool is exhausted,
+ * TC_EAGAIN/TC_EDB from storage. */
 int tc_model_register_authkey(struct tc_model *m, const struct tc_register_req *req,
                               int64_t *node_id_out, struct tc_err *err);
 

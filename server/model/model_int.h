@@ -120,7 +120,7 @@ struct tc_ippool {
  * text or wrong family. */
 int tc_ippool_init(struct tc_ippool *p, int family, const char *text, struct tc_err *err);
 typedef bool (*tc_ip_in_use_fn)(void *ctx, const uint8_t *addr, size_t len);
-/* Picks a free address (4 or 16 bytes into out). TC_ETOOBIG "no free IPv4
+/* Picks a free address (4 or 16 bytes into out). TC_EINTERNAL "no free IPv4
  * address left in <prefix>" on exhaustion. */
 int tc_ippool_next(struct tc_ippool *p, enum tc_model_alloc strategy, tc_ip_in_use_fn in_use,
                    void *ctx, uint8_t out[16], struct tc_err *err);

@@ -967,7 +967,7 @@ TC_TEST(node_admin_rename_tags_delete_frees_ips) {
   }
   struct tc_register_req r;
   req_init(&r, "box", key);
-  TC_CHECK_INT(tc_model_register_authkey(e.m, &r, NULL, &err), TC_ETOOBIG);
+  TC_CHECK_INT(tc_model_register_authkey(e.m, &r, NULL, &err), TC_EINTERNAL);
   TC_CHECK(strstr(err.msg, "no free IPv4 address") != NULL);
   struct tc_snapshot *s = tc_model_snapshot(e.m);
   uint8_t freed[4];
@@ -1270,6 +1270,62 @@ TC_TEST(scale_register_and_update) {
   }
   tc_snapshot_release(s);
   free(ids);
+  free_secret(key);
+  env_close(&e);
+}
+
+/* ---- hostile input -------------------------------------------------------------------------------- */
+TC_TEST(hostile_input_bounded) {
+  struct env e;
+  TC_REQUIRE(env_open(&e, NULL, NULL) == 0);
+  struct tc_err err = {0};
+  int64_t u = mkuser(e.m, "alice");
+  char *big = tc_xmalloc(5000);
+  memset(big, 'a', 4999);
+  big[4999] = 0;
+  TC_CHECK_INT(tc_model_user_create(e.m, "cli", "bob", big, NULL, NULL, &err), TC_ETOOBIG);
+  TC_CHECK_INT(tc_model_user_update(e.m, "cli", u, NULL, "a\x01@b", NULL, &err), TC_EINVAL);
+  TC_CHECK_INT(tc_model_user_create(e.m, "cli", big, NULL, NULL, NULL, &err), TC_EINVAL);
+  struct tc_strv tags = {0};
+  for (int i = 0; i < 70; i++) {
+    char t[32];
+    snprintf(t, sizeof t, "tag:t%d", i);
+    tc_strv_push(&tags, t);
+  }
+  struct tc_preauth_opts o = {.user_id = u, .tags = &tags};
+  char *sec = NULL;
+  TC_CHECK_INT(tc_model_preauth_create(e.m, "cli", &o, NULL, &sec, &err), TC_ETOOBIG);
+  tc_strv_free(&tags);
+  char *key = mkkey(e.m, u, true, false, NULL, NULL);
+  struct tc_register_req r;
+  req_init(&r, big, key); /* a 5000-byte hostname is cut, the given name bounded */
+  int64_t nid = 0;
+  TC_REQUIRE(tc_model_register_authkey(e.m, &r, &nid, &err) == 0);
+  struct tc_snapshot *s = tc_model_snapshot(e.m);
+  const struct tc_node *n = tc_snapshot_node(s, nid);
+  TC_CHECK_INT(strlen(n->hostname), 255);
+  TC_CHECK_INT(strlen(n->given_name), 63);
+  tc_snapshot_release(s);
+  /* Too many endpoints are capped; over-long ones dropped. */
+  struct tc_strv eps = {0};
+  for (int i = 0; i < 200; i++) {
+    char ep[40];
+    snprintf(ep, sizeof ep, "192.0.2.%d:%d", i % 250, 1000 + i);
+    tc_strv_push(&eps, ep);
+  }
+  tc_strv_push(&eps, big);
+  struct tc_map_update mu = {.endpoints = &eps};
+  TC_CHECK_INT(tc_model_node_update_from_map(e.m, nid, &mu, NULL, &err), 0);
+  s = tc_model_snapshot(e.m);
+  TC_CHECK_INT(tc_snapshot_node(s, nid)->endpoints.n, 64);
+  tc_snapshot_release(s);
+  tc_strv_free(&eps);
+  /* Zero keys are refused, not registered. */
+  memset(r.node_key, 0, TC_KEY_LEN);
+  TC_CHECK_INT(tc_model_register_authkey(e.m, &r, NULL, &err), TC_EINVAL);
+  char *pid = NULL;
+  TC_CHECK_INT(tc_model_pending_create(e.m, &r, &pid, &err), TC_EINVAL);
+  free(big);
   free_secret(key);
   env_close(&e);
 }
