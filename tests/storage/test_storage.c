@@ -1359,6 +1359,57 @@ TC_TEST(differential_users) {
   tc_store_close(st);
 }
 
+/* Rows edited by hand into nonsense are reported (TC_EDB), not trusted. */
+TC_TEST(corrupt_rows_are_errors) {
+  struct tc_store_config cfg;
+  struct tc_store *st = open_fresh(&cfg);
+  TC_REQUIRE(st);
+  struct tc_err err = {0};
+  struct tc_tx *tx;
+  BEGIN(st, 0, tx);
+  struct tc_node a, b;
+  make_node(&a, 1, 0);
+  make_node(&b, 2, 0);
+  OK(tc_store_node_insert(tx, &a, &err));
+  OK(tc_store_node_insert(tx, &b, &err));
+  OK(tc_tx_commit(tx, &err));
+  static const char *const corruptions[] = {
+      "UPDATE nodes SET node_key = 'zz' WHERE hostname = 'host-2'",
+      "UPDATE nodes SET disco_key = '' WHERE hostname = 'host-2'",
+      "UPDATE nodes SET ipv4 = '300.1.2.3' WHERE hostname = 'host-2'",
+      "UPDATE nodes SET ipv6 = '100.64.0.1' WHERE hostname = 'host-2'",
+      "UPDATE nodes SET tags = '{\"not\":\"a list\"}' WHERE hostname = 'host-2'",
+      "UPDATE nodes SET endpoints = '[1,2]' WHERE hostname = 'host-2'",
+      "UPDATE nodes SET approved_routes = '[' WHERE hostname = 'host-2'",
+  };
+  char good_key[2 * TC_KEY_LEN + 1];
+  tc_hex_encode(b.node_key, TC_KEY_LEN, good_key);
+  for (size_t i = 0; i < TC_ARRAY_LEN(corruptions); i++) {
+    /* restore, then corrupt one column */
+    char *restore = tc_xasprintf("UPDATE nodes SET node_key = '%s', disco_key = node_key, ipv4 = NULL, "
+                                 "ipv6 = NULL, tags = '[]', endpoints = '[]', approved_routes = '[]' "
+                                 "WHERE hostname = 'host-2'",
+                                 good_key);
+    TC_REQUIRE(raw_exec(&cfg, restore) == 0);
+    free(restore);
+    TC_REQUIRE(raw_exec(&cfg, corruptions[i]) == 0);
+    BEGIN(st, TC_TX_READONLY, tx);
+    struct tc_node g;
+    TC_CHECK_INT(tc_store_node_get(tx, a.id, &g, &err), 0); /* the sound row still reads */
+    tc_node_free(&g);
+    int rc = tc_store_node_get(tx, b.id, &g, &err);
+    if (rc != TC_EDB) fprintf(stderr, "  corruption %zu: got %d\n", i, rc);
+    TC_CHECK_INT(rc, TC_EDB);
+    tc_tx_rollback(tx);
+    struct tc_store_data d;
+    TC_CHECK_INT(tc_store_load_all(st, &d, &err), TC_EDB);
+    TC_CHECK(d.nodes == NULL && d.n_nodes == 0);
+  }
+  tc_node_free(&a);
+  tc_node_free(&b);
+  tc_store_close(st);
+}
+
 TC_TEST(readonly_transactions) {
   struct tc_store_config cfg;
   struct tc_store *st = open_fresh(&cfg);
