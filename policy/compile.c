@@ -83,11 +83,25 @@ int ctopo_build(const struct tc_policy *pol, const struct tc_policy_topo *t, str
       }
     }
   }
+  /* Each user's own (untagged) devices, for autogroup:self. */
+  ct->user_nodes = tc_xcalloc(t->nusers + 1, sizeof(size_t *));
+  ct->nuser_nodes = tc_xcalloc(t->nusers + 1, sizeof(size_t));
+  for (size_t i = 0; i < ct->nn; i++) {
+    int u = ct->n[i].user;
+    if (ct->n[i].tagged || u < 0)
+      continue;
+    ct->user_nodes[u] = tc_xrealloc(ct->user_nodes[u], (ct->nuser_nodes[u] + 1) * sizeof(size_t));
+    ct->user_nodes[u][ct->nuser_nodes[u]++] = i;
+  }
   return 0;
 }
 
 void ctopo_free(struct ctopo *ct)
 {
+  for (size_t u = 0; ct->user_nodes && u < ct->t->nusers; u++)
+    free(ct->user_nodes[u]);
+  free(ct->user_nodes);
+  free(ct->nuser_nodes);
   for (size_t i = 0; i < ct->nn; i++) {
     ipset_free(&ct->n[i].ips);
     free(ct->n[i].subnets);
@@ -659,28 +673,34 @@ static void merge_into(json_t *out, json_t *rule)
   json_array_append_new(out, rule);
 }
 
-/* Per-node rules for autogroup:self destinations. */
-static void self_rules(const struct ctopo *ct, const struct cgrant *cg, const struct cnode *n, json_t *out,
-                       struct rule **extra, size_t *nextra)
+/* Sources of an autogroup:self grant as seen by one user's devices: that
+ * user's own devices that the grant's sources include. Every device of the
+ * user gets the same list, so it is computed once per (grant, user). */
+static json_t *self_sources(const struct ctopo *ct, const struct cgrant *cg, int user)
 {
-  if (n->tagged || n->user < 0)
-    return;
-  const struct grant *g = cg->g;
   struct ipset src;
   ipset_init(&src);
-  for (size_t s = 0; s < cg->nsrcs; s++)
-    for (size_t i = 0; i < ct->nn; i++) {
-      const struct cnode *o = &ct->n[i];
-      if (!o->tagged && o->user == n->user && node_in_set(o, &cg->srcs[s]))
+  for (size_t k = 0; k < ct->nuser_nodes[user]; k++) {
+    const struct cnode *o = &ct->n[ct->user_nodes[user][k]];
+    for (size_t s = 0; s < cg->nsrcs; s++)
+      if (node_in_set(o, &cg->srcs[s])) {
         ipset_add_set(&src, &o->ips);
-    }
-  ipset_norm_overlap(&src);
-  if (ipset_empty(&src)) {
-    ipset_free(&src);
-    return;
+        break;
+      }
   }
+  ipset_norm_overlap(&src);
   json_t *srcstr = json_array();
   ipset_append_strings(&src, srcstr);
+  ipset_free(&src);
+  return srcstr;
+}
+
+/* Per-node rules for autogroup:self destinations. */
+static void self_rules(const struct cgrant *cg, json_t *srcstr, const struct cnode *n, json_t *out)
+{
+  if (n->tagged || n->user < 0 || !json_array_size(srcstr))
+    return;
+  const struct grant *g = cg->g;
   char a[64];
   for (size_t p = 0; p < g->nip; p++) {
     json_t *dp = json_array();
@@ -710,19 +730,9 @@ static void self_rules(const struct ctopo *ct, const struct cgrant *cg, const st
     json_t *cgs = json_pack("[{s:o,s:O}]", "Dsts", dsts, "CapMap", g->app);
     json_array_append_new(out, json_pack("{s:O,s:o}", "SrcIPs", srcstr, "CapGrant", cgs));
   }
-  /* Keep a parsed copy for reachability (peers, tests). */
-  *extra = tc_xrealloc(*extra, (*nextra + 1) * sizeof(**extra));
-  struct rule *r = &(*extra)[(*nextra)++];
-  memset(r, 0, sizeof(*r));
-  r->proto = -1;
-  rule_set_src(r, json_incref(srcstr));
-  r->self = true;
-  json_decref(srcstr);
-  ipset_free(&src);
 }
 
-static void via_rules(const struct cgrant *cg, const struct cnode *n, const struct ipset *internet, json_t *out,
-                      struct rule **extra, size_t *nextra)
+static void via_rules(const struct cgrant *cg, const struct cnode *n, const struct ipset *internet, json_t *out)
 {
   const struct grant *g = cg->g;
   bool match = false;
@@ -759,11 +769,6 @@ static void via_rules(const struct cgrant *cg, const struct cnode *n, const stru
     merge_into(out, o);
   }
   json_decref(pfx);
-  *extra = tc_xrealloc(*extra, (*nextra + 1) * sizeof(**extra));
-  struct rule *r = &(*extra)[(*nextra)++];
-  memset(r, 0, sizeof(*r));
-  r->proto = -1;
-  rule_set_src(r, json_incref(cg->srcstr));
 }
 
 /* ---- SSH --------------------------------------------------------------------------- */
@@ -1053,6 +1058,8 @@ struct compiled {
   struct cgrant *cg;
   size_t ncg;
   struct ipset internet;
+  json_t **self_src; /* [grant * nusers + user], filled lazily */
+  size_t nusers;
 };
 
 struct compiled *compiled_build(const struct tc_policy *pol, const struct ctopo *ct)
@@ -1063,6 +1070,8 @@ struct compiled *compiled_build(const struct tc_policy *pol, const struct ctopo 
   cp->cg = tc_xcalloc(pol->ngrants + 1, sizeof(*cp->cg));
   for (size_t i = 0; i < pol->ngrants; i++)
     compile_grant(pol, ct, &pol->grants[i], &cp->cg[cp->ncg++]);
+  cp->nusers = ct->t->nusers;
+  cp->self_src = tc_xcalloc(cp->ncg * cp->nusers + 1, sizeof(json_t *));
   return cp;
 }
 
@@ -1073,6 +1082,9 @@ void compiled_free(struct compiled *cp)
   for (size_t i = 0; i < cp->ncg; i++)
     cgrant_free(&cp->cg[i]);
   free(cp->cg);
+  for (size_t i = 0; i < cp->ncg * cp->nusers; i++)
+    json_decref(cp->self_src[i]);
+  free(cp->self_src);
   ipset_free(&cp->internet);
   free(cp);
 }
@@ -1173,17 +1185,6 @@ static bool rr_src_has(const struct reach_rule *rr, const struct cnode *a)
   return false;
 }
 
-/* Whether a may send to the owner of rc at all. */
-static bool reach_from(const struct reach *rc, const struct cnode *a)
-{
-  if (rc->all)
-    return true;
-  for (size_t i = 0; i < rc->n; i++)
-    if (rr_src_has(&rc->r[i], a))
-      return true;
-  return false;
-}
-
 /* Whether a may send into route (served by the owner of rc). */
 static bool reach_route(const struct reach *rc, const struct cnode *a, struct ip_range route)
 {
@@ -1214,15 +1215,13 @@ static bool route_reaches(const struct reach *rc, struct ip_range route)
   return false;
 }
 
-static json_t *node_filter(const struct tc_policy *pol, const struct ctopo *ct, const struct compiled *cp,
+static json_t *node_filter(const struct tc_policy *pol, const struct ctopo *ct, struct compiled *cp,
                            const struct cnode *n)
 {
   if (!pol->has_acls_or_grants)
     return json_pack("[{s:[s],s:[{s:s,s:{s:i,s:i}}]}]", "SrcIPs", "*", "DstPorts", "IP", "*", "Ports", "First", 0,
                      "Last", 65535);
   json_t *out = json_array();
-  struct rule *extra = NULL;
-  size_t nextra = 0;
   for (size_t i = 0; i < cp->ncg; i++) {
     const struct cgrant *cg = &cp->cg[i];
     for (size_t r = 0; r < cg->nrules; r++) {
@@ -1230,14 +1229,15 @@ static json_t *node_filter(const struct tc_policy *pol, const struct ctopo *ct, 
       if (o)
         merge_into(out, o);
     }
-    if (cg->has_self)
-      self_rules(ct, cg, n, out, &extra, &nextra);
+    if (cg->has_self && !n->tagged && n->user >= 0) {
+      json_t **slot = &cp->self_src[i * cp->nusers + (size_t)n->user];
+      if (!*slot)
+        *slot = self_sources(ct, cg, n->user);
+      self_rules(cg, *slot, n, out);
+    }
     if (cg->via)
-      via_rules(cg, n, &cp->internet, out, &extra, &nextra);
+      via_rules(cg, n, &cp->internet, out);
   }
-  for (size_t i = 0; i < nextra; i++)
-    rule_free(&extra[i]);
-  free(extra);
   return out;
 }
 
@@ -1293,6 +1293,22 @@ static json_t *allowed_ips(const struct ctopo *ct, const struct cnode *n, const 
   return a;
 }
 
+struct addr_ix {
+  uint8_t v6;
+  tc_u128 a;
+  size_t ix;
+};
+
+static int addr_ix_cmp(const void *x, const void *y)
+{
+  const struct addr_ix *a = x, *b = y;
+  if (a->v6 != b->v6)
+    return a->v6 < b->v6 ? -1 : 1;
+  if (a->a != b->a)
+    return a->a < b->a ? -1 : 1;
+  return 0;
+}
+
 /* Identity key: nodes with equal keys get the same rule selection shape. */
 static char *identity_key(const struct cnode *n)
 {
@@ -1318,13 +1334,7 @@ int tc_policy_compile(const struct tc_policy *pol, const struct tc_policy_topo *
   int rc = ctopo_build(pol, topo, &ct, err);
   if (rc)
     return rc;
-  struct compiled cp = {0};
-  ipset_init(&cp.internet);
-  the_internet(&cp.internet);
-  cp.cg = tc_xcalloc(pol->ngrants + 1, sizeof(*cp.cg));
-  for (size_t i = 0; i < pol->ngrants; i++)
-    compile_grant(pol, &ct, &pol->grants[i], &cp.cg[cp.ncg++]);
-
+  struct compiled *cp = compiled_build(pol, &ct);
   struct tc_policy_result *res = tc_xcalloc(1, sizeof(*res));
   res->nnodes = ct.nn;
   res->nodes = tc_xcalloc(ct.nn + 1, sizeof(*res->nodes));
@@ -1342,7 +1352,7 @@ int tc_policy_compile(const struct tc_policy *pol, const struct tc_policy_topo *
     const struct cnode *n = &ct.n[i];
     struct tc_policy_node_result *nr = &res->nodes[i];
     nr->node_id = n->id;
-    nr->packet_filter = node_filter(pol, &ct, &cp, n);
+    nr->packet_filter = node_filter(pol, &ct, cp, n);
     build_reach(nr->packet_filter, &reach[i]);
     if (!pol->has_acls_or_grants)
       reach[i].all = true;
@@ -1356,7 +1366,54 @@ int tc_policy_compile(const struct tc_policy *pol, const struct tc_policy_topo *
     nr->primary_routes = prim;
     nr->auto_approved = auto_approve_node(pol, &ct, n);
   }
-  /* A sees B when either may reach the other. */
+  /* A sees B when either may reach the other. who[j] marks the nodes that
+   * may send to j; it is filled by walking each rule's source ranges over
+   * the sorted node addresses, so the cost follows the answer rather than
+   * nodes x nodes x rules. */
+  size_t words = (ct.nn + 63) / 64;
+  uint64_t *who = tc_xcalloc(ct.nn * words + 1, sizeof(uint64_t));
+  struct addr_ix *ax = tc_xcalloc(2 * ct.nn + 1, sizeof(*ax));
+  size_t nax = 0;
+  for (size_t i = 0; i < ct.nn; i++) {
+    if (ct.n[i].has4)
+      ax[nax++] = (struct addr_ix){0, ct.n[i].a4, i};
+    if (ct.n[i].has6)
+      ax[nax++] = (struct addr_ix){1, ct.n[i].a6, i};
+  }
+  qsort(ax, nax, sizeof(*ax), addr_ix_cmp);
+  for (size_t j = 0; j < ct.nn; j++) {
+    uint64_t *w = &who[j * words];
+    const struct reach *rj = &reach[j];
+    bool all = rj->all;
+    for (size_t r = 0; r < rj->n && !all; r++)
+      all = rj->r[r].src_all;
+    if (all) {
+      for (size_t i = 0; i < ct.nn; i++)
+        w[i / 64] |= 1ull << (i % 64);
+      continue;
+    }
+    for (size_t r = 0; r < rj->n; r++) {
+      const struct ipset *src = &rj->r[r].src;
+      for (size_t k = 0; k < src->n; k++) {
+        size_t lo = 0, hi = nax;
+        while (lo < hi) { /* first address >= range start */
+          size_t mid = lo + (hi - lo) / 2;
+          if (ax[mid].v6 < src->r[k].v6 || (ax[mid].v6 == src->r[k].v6 && ax[mid].a < src->r[k].lo))
+            lo = mid + 1;
+          else
+            hi = mid;
+        }
+        for (size_t q = lo; q < nax && ax[q].v6 == src->r[k].v6 && ax[q].a <= src->r[k].hi; q++)
+          w[ax[q].ix / 64] |= 1ull << (ax[q].ix % 64);
+      }
+      /* Subnet routers also speak for their routes. */
+      for (size_t i = 0; i < ct.nn; i++)
+        for (size_t s = 0; s < ct.n[i].nsubnets; s++)
+          if (ipset_overlaps(src, ct.n[i].subnets[s]))
+            w[i / 64] |= 1ull << (i % 64);
+    }
+  }
+  free(ax);
   for (size_t i = 0; i < ct.nn; i++) {
     struct tc_policy_node_result *nr = &res->nodes[i];
     nr->peer_ids = tc_xcalloc(ct.nn + 1, sizeof(int64_t));
@@ -1364,7 +1421,8 @@ int tc_policy_compile(const struct tc_policy *pol, const struct tc_policy_topo *
     for (size_t j = 0; j < ct.nn; j++) {
       if (i == j)
         continue;
-      if (!reach_from(&reach[j], &ct.n[i]) && !reach_from(&reach[i], &ct.n[j]))
+      bool ij = who[j * words + i / 64] >> (i % 64) & 1, ji = who[i * words + j / 64] >> (j % 64) & 1;
+      if (!ij && !ji)
         continue;
       json_t *prim;
       nr->peer_ids[nr->npeers] = ct.n[j].id;
@@ -1373,16 +1431,14 @@ int tc_policy_compile(const struct tc_policy *pol, const struct tc_policy_topo *
       nr->npeers++;
     }
   }
+  free(who);
   for (size_t i = 0; i < ct.nn; i++) {
     free_reach(&reach[i]);
     free(keys[i]);
   }
   free(reach);
   free(keys);
-  for (size_t i = 0; i < cp.ncg; i++)
-    cgrant_free(&cp.cg[i]);
-  free(cp.cg);
-  ipset_free(&cp.internet);
+  compiled_free(cp);
   ctopo_free(&ct);
   *out = res;
   return 0;

@@ -21,6 +21,7 @@ void ipset_add(struct ipset *s, struct ip_range r)
     s->r = tc_xrealloc(s->r, s->cap * sizeof(*s->r));
   }
   s->r[s->n++] = r;
+  s->sorted = s->n == 1;
 }
 
 void ipset_add_set(struct ipset *s, const struct ipset *o)
@@ -43,6 +44,7 @@ static int range_cmp(const void *a, const void *b)
 
 static void norm(struct ipset *s, bool adjacent)
 {
+  s->sorted = true;
   if (s->n < 2)
     return;
   qsort(s->r, s->n, sizeof(*s->r), range_cmp);
@@ -80,10 +82,30 @@ void ipset_remove(struct ipset *s, struct ip_range r)
   }
   free(s->r);
   *s = out;
+  s->sorted = true; /* removal from a sorted disjoint set keeps it so */
+}
+
+/* Index of the first range (in family order) whose end is >= (v6, a), or n. */
+static size_t lower_bound(const struct ipset *s, uint8_t v6, tc_u128 a)
+{
+  size_t lo = 0, hi = s->n;
+  while (lo < hi) {
+    size_t mid = lo + (hi - lo) / 2;
+    const struct ip_range *m = &s->r[mid];
+    if (m->v6 < v6 || (m->v6 == v6 && m->hi < a))
+      lo = mid + 1;
+    else
+      hi = mid;
+  }
+  return lo;
 }
 
 bool ipset_contains(const struct ipset *s, uint8_t v6, tc_u128 a)
 {
+  if (s->sorted) {
+    size_t i = lower_bound(s, v6, a);
+    return i < s->n && s->r[i].v6 == v6 && s->r[i].lo <= a;
+  }
   for (size_t i = 0; i < s->n; i++)
     if (s->r[i].v6 == v6 && s->r[i].lo <= a && a <= s->r[i].hi)
       return true;
@@ -97,6 +119,10 @@ bool ip_range_overlaps(struct ip_range a, struct ip_range b)
 
 bool ipset_overlaps(const struct ipset *s, struct ip_range r)
 {
+  if (s->sorted) {
+    size_t i = lower_bound(s, r.v6, r.lo);
+    return i < s->n && s->r[i].v6 == r.v6 && s->r[i].lo <= r.hi;
+  }
   for (size_t i = 0; i < s->n; i++)
     if (ip_range_overlaps(s->r[i], r))
       return true;
@@ -105,6 +131,10 @@ bool ipset_overlaps(const struct ipset *s, struct ip_range r)
 
 bool ipset_covers(const struct ipset *s, struct ip_range r)
 {
+  if (s->sorted) {
+    size_t i = lower_bound(s, r.v6, r.lo);
+    return i < s->n && s->r[i].v6 == r.v6 && s->r[i].lo <= r.lo && r.hi <= s->r[i].hi;
+  }
   for (size_t i = 0; i < s->n; i++)
     if (s->r[i].v6 == r.v6 && s->r[i].lo <= r.lo && r.hi <= s->r[i].hi)
       return true;

@@ -19,6 +19,7 @@ struct ip_range {
 struct ipset {
   struct ip_range *r;
   size_t n, cap;
+  bool sorted; /* sorted and disjoint: lookups may binary-search */
 };
 
 void ipset_init(struct ipset *s);
@@ -191,6 +192,8 @@ struct ctopo {
   const struct tc_policy_topo *t;
   struct cnode *n;
   size_t nn;
+  size_t **user_nodes; /* per user index: indices of their untagged nodes */
+  size_t *nuser_nodes;
 };
 
 int ctopo_build(const struct tc_policy *pol, const struct tc_policy_topo *t, struct ctopo *ct, struct tc_policy_err *err);

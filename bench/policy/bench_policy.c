@@ -1,0 +1,183 @@
+/* bench-policy: compile cost for a large tailnet. 1,000 nodes, 50 users,
+ * 20 tags, a 200-rule policy (ACLs over users, groups, tags, hosts and
+ * autogroups, some SSH rules). Reports the full compile for all nodes and
+ * the incremental cost of one node joining (a full recompile with one more
+ * node, which is what the model does today), plus the live-editor check.
+ * Usage: bench-policy [nodes] [rounds] */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "base/base.h"
+#include "policy/policy.h"
+
+static char *make_policy(int nusers, int ntags, int nrules)
+{
+  struct tc_buf b = TC_BUF_INIT;
+  tc_buf_puts(&b, "{\n  // generated benchmark policy\n  \"groups\": {\n");
+  for (int g = 0; g < 10; g++) {
+    tc_buf_printf(&b, "    \"group:g%d\": [", g);
+    for (int u = g; u < nusers; u += 10)
+      tc_buf_printf(&b, "%s\"user%d@\"", u == g ? "" : ", ", u);
+    tc_buf_puts(&b, "],\n");
+  }
+  tc_buf_puts(&b, "  },\n  \"hosts\": {\"lan\": \"192.168.0.0/16\", \"db\": \"100.64.3.7\"},\n  \"tagOwners\": {\n");
+  for (int t = 0; t < ntags; t++)
+    tc_buf_printf(&b, "    \"tag:t%d\": [\"group:g%d\"],\n", t, t % 10);
+  tc_buf_puts(&b, "  },\n  \"autoApprovers\": {\"routes\": {\"10.0.0.0/8\": [\"tag:t0\"]}, \"exitNode\": [\"tag:t1\"]},\n");
+  tc_buf_puts(&b, "  \"acls\": [\n");
+  for (int r = 0; r < nrules; r++) {
+    const char *proto = r % 7 == 0 ? "\"proto\": \"tcp\", " : "";
+    switch (r % 6) {
+    case 0:
+      tc_buf_printf(&b, "    {\"action\": \"accept\", %s\"src\": [\"group:g%d\"], \"dst\": [\"tag:t%d:%d\"]},\n", proto,
+                    r % 10, r % ntags, 1000 + r);
+      break;
+    case 1:
+      tc_buf_printf(&b, "    {\"action\": \"accept\", %s\"src\": [\"user%d@\"], \"dst\": [\"user%d@:22,80\"]},\n", proto,
+                    r % nusers, (r * 7) % nusers);
+      break;
+    case 2:
+      tc_buf_printf(&b, "    {\"action\": \"accept\", \"src\": [\"tag:t%d\"], \"dst\": [\"tag:t%d:*\", \"db:5432\"]},\n",
+                    r % ntags, (r + 3) % ntags);
+      break;
+    case 3:
+      tc_buf_printf(&b, "    {\"action\": \"accept\", \"src\": [\"autogroup:member\"], \"dst\": [\"autogroup:self:%d\"]},\n",
+                    2000 + r);
+      break;
+    case 4:
+      tc_buf_printf(&b, "    {\"action\": \"accept\", \"src\": [\"group:g%d\", \"lan\"], \"dst\": [\"10.%d.0.0/16:*\"]},\n",
+                    r % 10, r % 50);
+      break;
+    default:
+      tc_buf_printf(&b, "    {\"action\": \"accept\", \"src\": [\"*\"], \"dst\": [\"tag:t%d:443\"]},\n", r % ntags);
+      break;
+    }
+  }
+  tc_buf_puts(&b, "  ],\n  \"ssh\": [\n");
+  tc_buf_puts(&b, "    {\"action\": \"accept\", \"src\": [\"autogroup:member\"], \"dst\": [\"autogroup:self\"], \"users\": "
+                  "[\"autogroup:nonroot\", \"root\"]},\n");
+  tc_buf_puts(&b, "    {\"action\": \"check\", \"src\": [\"group:g0\"], \"dst\": [\"tag:t2\"], \"users\": [\"root\"]},\n");
+  tc_buf_puts(&b, "  ],\n}\n");
+  return tc_buf_steal(&b, NULL);
+}
+
+struct world {
+  struct tc_policy_user *users;
+  struct tc_policy_node *nodes;
+  char (*ip4)[20], (*ip6)[40], (*host)[16];
+  const char **tagnames;
+  const char *route[2];
+};
+
+static void make_world(struct world *w, int nusers, int ntags, int nnodes)
+{
+  w->users = calloc((size_t)nusers, sizeof(*w->users));
+  for (int u = 0; u < nusers; u++) {
+    w->users[u].id = u + 1;
+    w->users[u].name = tc_xasprintf("user%d", u);
+    w->users[u].email = tc_xasprintf("user%d@example.com", u);
+  }
+  w->tagnames = calloc((size_t)ntags, sizeof(char *));
+  for (int t = 0; t < ntags; t++)
+    w->tagnames[t] = tc_xasprintf("tag:t%d", t);
+  w->route[0] = "10.1.0.0/16";
+  w->route[1] = "0.0.0.0/0";
+  w->nodes = calloc((size_t)nnodes, sizeof(*w->nodes));
+  w->ip4 = calloc((size_t)nnodes, sizeof(*w->ip4));
+  w->ip6 = calloc((size_t)nnodes, sizeof(*w->ip6));
+  w->host = calloc((size_t)nnodes, sizeof(*w->host));
+  for (int i = 0; i < nnodes; i++) {
+    struct tc_policy_node *n = &w->nodes[i];
+    n->id = i + 1;
+    snprintf(w->host[i], sizeof(w->host[i]), "n%d", i);
+    n->hostname = w->host[i];
+    snprintf(w->ip4[i], sizeof(w->ip4[i]), "100.64.%d.%d", i / 250, 1 + i % 250);
+    snprintf(w->ip6[i], sizeof(w->ip6[i]), "fd7a:115c:a1e0::%x", i + 1);
+    n->ipv4 = w->ip4[i];
+    n->ipv6 = w->ip6[i];
+    if (i % 4 == 0) { /* a quarter of the nodes are tagged servers */
+      n->tags = &w->tagnames[i % ntags];
+      n->ntags = 1;
+      if (i % 40 == 0) {
+        n->announced = w->route;
+        n->nannounced = 2;
+      }
+    } else {
+      n->user_id = 1 + i % nusers;
+    }
+  }
+}
+
+static double ms_since(int64_t t0) { return (double)(tc_mono_ns() - t0) / 1e6; }
+
+int main(int argc, char **argv)
+{
+  int nnodes = argc > 1 ? atoi(argv[1]) : 1000;
+  int rounds = argc > 2 ? atoi(argv[2]) : 3;
+  const int nusers = 50, ntags = 20, nrules = 200;
+  char *text = make_policy(nusers, ntags, nrules);
+  int lines = 0;
+  for (const char *p = text; *p; p++)
+    lines += *p == '\n';
+  struct world w;
+  make_world(&w, nusers, ntags, nnodes + 1);
+  struct tc_policy_topo topo = {w.users, (size_t)nusers, w.nodes, (size_t)nnodes, NULL};
+  struct tc_policy *pol;
+  struct tc_policy_err err;
+  int64_t t0 = tc_mono_ns();
+  if (tc_policy_parse(text, strlen(text), &pol, &err)) {
+    fprintf(stderr, "parse: %d:%d %s\n", err.line, err.col, err.msg);
+    return 1;
+  }
+  double parse_ms = ms_since(t0);
+  t0 = tc_mono_ns();
+  int rc = tc_policy_check(text, strlen(text), &topo, &err);
+  double check_ms = ms_since(t0);
+  double best_full = 1e18, best_join = 1e18;
+  size_t groups = 0, rules_total = 0, peers_total = 0;
+  for (int r = 0; r < rounds; r++) {
+    struct tc_policy_result *res;
+    topo.nnodes = (size_t)nnodes;
+    t0 = tc_mono_ns();
+    tc_policy_compile(pol, &topo, &res, &err);
+    double full = ms_since(t0);
+    if (full < best_full)
+      best_full = full;
+    groups = res->ngroups;
+    rules_total = peers_total = 0;
+    for (size_t i = 0; i < res->nnodes; i++) {
+      rules_total += json_array_size(res->nodes[i].packet_filter);
+      peers_total += res->nodes[i].npeers;
+    }
+    tc_policy_result_free(res);
+    topo.nnodes = (size_t)nnodes + 1; /* one node joins */
+    t0 = tc_mono_ns();
+    tc_policy_compile(pol, &topo, &res, &err);
+    double join = ms_since(t0);
+    if (join < best_join)
+      best_join = join;
+    tc_policy_result_free(res);
+  }
+  printf("policy: %d lines, %d rules; tailnet: %d nodes, %d users, %d tags\n", lines, nrules, nnodes, nusers, ntags);
+  printf("parse+validate:            %8.2f ms\n", parse_ms);
+  printf("check (parse+tests):       %8.2f ms (rc %d)\n", check_ms, rc);
+  printf("full compile, all nodes:   %8.2f ms (best of %d; %zu identity groups, %zu filter rules, %zu peer entries)\n",
+         best_full, rounds, groups, rules_total, peers_total);
+  printf("one node joins (recompile): %7.2f ms\n", best_join);
+  tc_policy_free(pol);
+  free(text);
+  for (int u = 0; u < nusers; u++) {
+    free((void *)w.users[u].name);
+    free((void *)w.users[u].email);
+  }
+  for (int t = 0; t < ntags; t++)
+    free((void *)w.tagnames[t]);
+  free(w.tagnames);
+  free(w.users);
+  free(w.nodes);
+  free(w.ip4);
+  free(w.ip6);
+  free(w.host);
+  return 0;
+}
