@@ -22,6 +22,8 @@ extern char **environ;
 #define MAX_CONFIG_BYTES (4u << 20)
 #define MAX_YAML_VISITS 200000
 #define MAX_KEY_LEN 256
+#define MAX_MAP_PAIRS 2048
+#define MAX_YAML_DEPTH 64
 
 #define OFF(f) offsetof(struct tc_config, f)
 
@@ -1060,6 +1062,9 @@ static int node_strings(struct lctx *c, yaml_node_t *n, const char *path, struct
 
 /* Checks a mapping for duplicate and non-scalar keys before it is used. */
 static int check_map_keys(struct lctx *c, yaml_node_t *map, const char *path) {
+  /* the duplicate check below is quadratic; no real config comes close */
+  if (map->data.mapping.pairs.top - map->data.mapping.pairs.start > MAX_MAP_PAIRS)
+    return yerr(c, map, path[0] ? path : "(top level)", "more than %d keys in one mapping", MAX_MAP_PAIRS);
   for (yaml_node_pair_t *p = map->data.mapping.pairs.start; p < map->data.mapping.pairs.top; p++) {
     yaml_node_t *k = node_at(c, p->key);
     if (!k) return tc_err_set(c->err, TC_EINVAL, "%s: broken YAML document", path);
@@ -1314,21 +1319,61 @@ static int walk_map(struct lctx *c, yaml_node_t *map, const char *prefix) {
   return 0;
 }
 
+static int parser_error(struct lctx *c, const yaml_parser_t *parser) {
+  const char *prob = parser->problem ? parser->problem : "syntax error";
+  if (parser->context)
+    return tc_err_set(c->err, TC_EINVAL, "yaml: line %d:%d: %s %s (line %d)",
+                      (int)parser->problem_mark.line + 1, (int)parser->problem_mark.column + 1, prob,
+                      parser->context, (int)parser->context_mark.line + 1);
+  return tc_err_set(c->err, TC_EINVAL, "yaml: line %d:%d: %s", (int)parser->problem_mark.line + 1,
+                    (int)parser->problem_mark.column + 1, prob);
+}
+
+/* libyaml's scanner does work proportional to the current nesting depth for
+ * every token, so a hostile "[[[[..." costs quadratic time before the
+ * document loader returns. Stream the events first and stop at a depth no
+ * config needs. */
+static int prescan(struct lctx *c, const char *text, size_t len) {
+  yaml_parser_t parser;
+  if (!yaml_parser_initialize(&parser)) return tc_err_set(c->err, TC_ENOMEM, "config: out of memory");
+  yaml_parser_set_input_string(&parser, (const unsigned char *)text, len);
+  int rc = 0, depth = 0;
+  size_t events = 0;
+  for (;;) {
+    yaml_event_t ev;
+    if (!yaml_parser_parse(&parser, &ev)) {
+      rc = parser_error(c, &parser);
+      break;
+    }
+    yaml_event_type_t t = ev.type;
+    int line = (int)ev.start_mark.line + 1;
+    yaml_event_delete(&ev);
+    if (t == YAML_SEQUENCE_START_EVENT || t == YAML_MAPPING_START_EVENT) depth++;
+    if (t == YAML_SEQUENCE_END_EVENT || t == YAML_MAPPING_END_EVENT) depth--;
+    if (depth > MAX_YAML_DEPTH) {
+      rc = tc_err_set(c->err, TC_ETOOBIG, "yaml: line %d: nested deeper than %d levels", line,
+                      MAX_YAML_DEPTH);
+      break;
+    }
+    if (++events > MAX_YAML_VISITS) {
+      rc = tc_err_set(c->err, TC_ETOOBIG, "yaml: more than %d elements", MAX_YAML_VISITS);
+      break;
+    }
+    if (t == YAML_STREAM_END_EVENT) break;
+  }
+  yaml_parser_delete(&parser);
+  return rc;
+}
+
 static int load_yaml(struct lctx *c, const char *text, size_t len) {
   yaml_parser_t parser;
   yaml_document_t doc;
-  int rc = 0;
+  int rc = prescan(c, text, len);
+  if (rc < 0) return rc;
   if (!yaml_parser_initialize(&parser)) return tc_err_set(c->err, TC_ENOMEM, "config: out of memory");
   yaml_parser_set_input_string(&parser, (const unsigned char *)text, len);
   if (!yaml_parser_load(&parser, &doc)) {
-    const char *prob = parser.problem ? parser.problem : "syntax error";
-    if (parser.context)
-      rc = tc_err_set(c->err, TC_EINVAL, "yaml: line %d:%d: %s %s (line %d)",
-                      (int)parser.problem_mark.line + 1, (int)parser.problem_mark.column + 1, prob,
-                      parser.context, (int)parser.context_mark.line + 1);
-    else
-      rc = tc_err_set(c->err, TC_EINVAL, "yaml: line %d:%d: %s", (int)parser.problem_mark.line + 1,
-                      (int)parser.problem_mark.column + 1, prob);
+    rc = parser_error(c, &parser);
     yaml_parser_delete(&parser);
     return rc;
   }
@@ -1347,8 +1392,7 @@ static int load_yaml(struct lctx *c, const char *text, size_t len) {
     /* A second document would be silently ignored by most readers; refuse it. */
     yaml_document_t doc2;
     if (!yaml_parser_load(&parser, &doc2)) {
-      rc = tc_err_set(c->err, TC_EINVAL, "yaml: line %d:%d: %s", (int)parser.problem_mark.line + 1,
-                      (int)parser.problem_mark.column + 1, parser.problem ? parser.problem : "syntax error");
+      rc = parser_error(c, &parser);
     } else {
       yaml_node_t *r2 = yaml_document_get_root_node(&doc2);
       if (r2)

@@ -765,3 +765,63 @@ TC_TEST(hostile_yaml_is_bounded) {
   TC_CHECK(strstr(err.msg, "a: unknown key") != NULL);
   tc_buf_free(&b);
 }
+
+TC_TEST(huge_inputs_fail_cleanly) {
+  struct tc_config c;
+  struct tc_err err = {0};
+  /* deep nesting: libyaml must not recurse itself to death */
+  size_t n = 200000;
+  char *deep = tc_xmalloc(2 * n + 1);
+  memset(deep, '[', n);
+  memset(deep + n, ']', n);
+  deep[2 * n] = 0;
+  int64_t t0 = tc_mono_ms();
+  TC_CHECK(load_str(deep, NULL, &c, &err) == TC_ETOOBIG);
+  TC_CHECK(strstr(err.msg, "nested deeper than") != NULL);
+  TC_CHECK(tc_mono_ms() - t0 < 5000);
+  free(deep);
+  /* a mapping with very many keys is refused before the quadratic duplicate check */
+  struct tc_buf b = TC_BUF_INIT;
+  tc_buf_puts(&b, "oidc:\n  extra_params:\n");
+  for (int i = 0; i < 5000; i++) tc_buf_printf(&b, "    k%d: v\n", i);
+  TC_CHECK(load_str(b.data, NULL, &c, &err) == TC_EINVAL);
+  TC_CHECK(strstr(err.msg, "oidc.extra_params: more than") != NULL);
+  tc_buf_free(&b);
+}
+
+/* Property: random byte mutations of a real config either fail with a
+ * message or load into something that survives print -> load -> equal. */
+TC_TEST(mutated_examples_never_crash_and_round_trip) {
+  char *p = example_path("v0.29.2");
+  char *orig = NULL;
+  size_t len = 0;
+  struct tc_err err = {0};
+  TC_REQUIRE(tc_read_file(p, 1 << 20, &orig, &len, &err) == 0);
+  free(p);
+  uint64_t seed = 0x9e3779b97f4a7c15ULL;
+  static const char alphabet[] = " :-[]{}\"'\n#&*!|>?,0a.\\\t";
+  int loaded = 0;
+  for (int iter = 0; iter < 400; iter++) {
+    char *t = tc_xmalloc(len + 1);
+    memcpy(t, orig, len + 1);
+    int flips = 1 + iter % 4;
+    for (int f = 0; f < flips; f++) {
+      seed ^= seed << 13, seed ^= seed >> 7, seed ^= seed << 17;
+      size_t pos = (size_t)(seed % len);
+      t[pos] = alphabet[(seed >> 32) % (sizeof(alphabet) - 1)];
+    }
+    struct tc_config c;
+    struct tc_config_load_opts o = {.env = no_env};
+    int rc = tc_config_load_opts(NULL, t, len, &o, &c, &err);
+    if (rc == 0) {
+      loaded++;
+      roundtrip(&c);
+      tc_config_free(&c);
+    } else {
+      TC_CHECK(err.msg[0] != 0);
+    }
+    free(t);
+  }
+  TC_CHECK(loaded > 0); /* most flips land in comments */
+  free(orig);
+}
