@@ -10,8 +10,10 @@
 #include <string.h>
 #include <strings.h>
 #include <time.h>
+#include <arpa/inet.h>
 
 #include "model/model_int.h"
+#include "policy/policy.h"
 #include "storage/store.h"
 
 #define HOSTINFO_MAX (64 * 1024)
@@ -57,6 +59,7 @@ struct tc_model {
   tc_model_policy_validate_fn policy_validate;
   void *policy_ctx;
   struct tc_ippool pool4, pool6;
+  struct tc_policy *pol; /* parsed current policy for autoApprovers; NULL = none (writer lock) */
 
   pthread_mutex_t wmu; /* the writer lock: everything below up to smu */
   uint64_t seq;
@@ -105,8 +108,8 @@ struct wr {
   struct tc_policy_rec *p;
   bool p_set;
   struct tc_otab *o;
-  struct ev ev[8];
-  size_t nev;
+  struct ev *ev; /* grows; most writes emit one or two */
+  size_t nev, cap_ev;
 };
 
 static void wr_init(struct wr *w, struct tc_model *m) {
@@ -133,7 +136,10 @@ static void wr_set_online(struct wr *w, struct tc_otab *t) {
 }
 
 static struct ev *wr_event(struct wr *w, enum tc_change_kind kind) {
-  if (w->nev == TC_ARRAY_LEN(w->ev)) abort(); /* a write never emits this many */
+  if (w->nev == w->cap_ev) {
+    w->cap_ev = w->cap_ev ? w->cap_ev * 2 : 4;
+    w->ev = tc_xrealloc(w->ev, w->cap_ev * sizeof *w->ev);
+  }
   struct ev *e = &w->ev[w->nev++];
   memset(e, 0, sizeof *e);
   e->kind = kind;
@@ -147,6 +153,7 @@ static void wr_done(struct wr *w) {
   tc_box_unref(w->p);
   tc_box_unref(w->o);
   for (size_t i = 0; i < w->nev; i++) tc_box_unref(w->ev[i].old);
+  free(w->ev);
   memset(w, 0, sizeof *w);
 }
 
@@ -297,6 +304,63 @@ static int plan_run(struct tc_model *m, struct plan *p, struct tc_err *err) {
   }
 }
 
+/* ---- autoApprovers -------------------------------------------------------------------------- */
+/* Parses policy text for route auto-approval. A text the validation hook
+ * accepted but this parser refuses only disables auto-approval. */
+static struct tc_policy *parse_policy(const char *text, size_t len) {
+  struct tc_policy *pol = NULL;
+  struct tc_policy_err pe = {0};
+  if (tc_policy_parse(text, len, &pol, &pe)) {
+    tc_warn("model: policy not usable for autoApprovers (line %d: %s)", pe.line, pe.msg);
+    return NULL;
+  }
+  return pol;
+}
+
+static int cmp_str(const void *a, const void *b);
+
+/* Adds to n->approved_routes the announced routes that the policy's
+ * autoApprovers approve for n (Headscale: approval is persisted and not
+ * withdrawn by later policy changes). Returns true when something was added. */
+static bool auto_approve(const struct tc_policy *pol, const struct tc_snapshot *s, struct tc_node *n) {
+  if (!pol || !n->announced_routes.n) return false;
+  struct tc_policy_user *users = tc_xcalloc(s->n_users + 1, sizeof *users);
+  for (size_t i = 0; i < s->n_users; i++)
+    users[i] = (struct tc_policy_user){s->users[i]->id, s->users[i]->name, s->users[i]->email};
+  char ip4[INET6_ADDRSTRLEN] = "", ip6[INET6_ADDRSTRLEN] = "";
+  if (n->has_ipv4) inet_ntop(AF_INET, n->ipv4, ip4, sizeof ip4);
+  if (n->has_ipv6) inet_ntop(AF_INET6, n->ipv6, ip6, sizeof ip6);
+  struct tc_policy_node pn = {
+      .id = n->id ? n->id : INT64_MAX / 2, /* not inserted yet: any unused id will do */
+      .hostname = n->given_name ? n->given_name : "",
+      .user_id = n->user_id,
+      .tags = (const char *const *)n->tags.v,
+      .ntags = n->tags.n,
+      .ipv4 = n->has_ipv4 ? ip4 : NULL,
+      .ipv6 = n->has_ipv6 ? ip6 : NULL,
+      .announced = (const char *const *)n->announced_routes.v,
+      .nannounced = n->announced_routes.n,
+      .approved = (const char *const *)n->approved_routes.v,
+      .napproved = n->approved_routes.n,
+  };
+  struct tc_policy_topo topo = {.users = users, .nusers = s->n_users, .nodes = &pn, .nnodes = 1};
+  json_t *ok = tc_policy_auto_approve(pol, &topo, &pn);
+  bool changed = false;
+  size_t i;
+  json_t *v;
+  json_array_foreach(ok, i, v) {
+    char c[64];
+    if (!json_is_string(v) || tc_prefix_canon(json_string_value(v), c, NULL)) continue;
+    if (!tc_strv_contains(&n->announced_routes, c) || tc_strv_contains(&n->approved_routes, c)) continue;
+    tc_strv_push(&n->approved_routes, c);
+    changed = true;
+  }
+  json_decref(ok);
+  free(users);
+  if (changed) qsort(n->approved_routes.v, n->approved_routes.n, sizeof *n->approved_routes.v, cmp_str);
+  return changed;
+}
+
 /* ---- open / close / snapshot ------------------------------------------------------------ */
 static int cmp_id(const void *a, const void *b) {
   int64_t x = **(const int64_t *const *)a, y = **(const int64_t *const *)b;
@@ -371,6 +435,7 @@ int tc_model_open(const struct tc_model_config *cfg, struct tc_store *store,
   struct tc_ktab *kt = tc_ktab_new(pv, d.n_preauth_keys, av, d.n_api_keys);
   struct tc_otab *ot = tc_otab_new(tc_xmalloc(sizeof(int64_t)), 0);
   struct tc_policy_rec *pol = d.has_policy ? tc_box_policy(&d.policy) : NULL;
+  if (pol && pol->data) m->pol = parse_policy(pol->data, strlen(pol->data));
   struct tc_rtab *rt = tc_rtab_compute(nt, ot, NULL);
   m->seq = 1;
   m->cur = tc_snapshot_new(m->seq, ut, nt, kt, pol, ot, rt);
@@ -411,6 +476,7 @@ void tc_model_close(struct tc_model *m) {
     p = nx;
   }
   tc_snapshot_release(m->cur);
+  tc_policy_free(m->pol);
   free(m->subs);
   free(m->oc);
   free(m->base_domain);
@@ -1129,6 +1195,7 @@ static int do_register(struct tc_model *m, const char *actor, const struct tc_re
   n->tags = tags;
   n->ephemeral = ra->ephemeral || req->ephemeral;
   n->auth_key_id = ra->auth_key_id;
+  if (auto_approve(m->pol, w.base, n)) fields |= TC_NODE_F_ROUTES;
   n->register_method = ra->method;
   int64_t exp = default_expiry(m, req->expiry, tagged);
   if (exp != n->expiry) fields |= TC_NODE_F_EXPIRY;
@@ -1333,6 +1400,7 @@ static int apply_tags(struct wr *w, struct tc_node *n, void *arg, unsigned *fiel
   tc_strv_free(&n->tags);
   n->tags = t;
   *fields |= TC_NODE_F_TAGS;
+  if (auto_approve(w->m->pol, w->base, n)) *fields |= TC_NODE_F_ROUTES;
   return 0;
 }
 
@@ -1373,6 +1441,7 @@ static int apply_user(struct wr *w, struct tc_node *n, void *arg, unsigned *fiel
   if (n->user_id == uid) return 0;
   n->user_id = uid;
   *fields |= TC_NODE_F_USER;
+  if (auto_approve(w->m->pol, w->base, n)) *fields |= TC_NODE_F_ROUTES;
   return 0;
 }
 
@@ -1429,6 +1498,7 @@ static int apply_map(struct wr *w, struct tc_node *n, void *arg, unsigned *field
       tc_strv_free(&n->announced_routes);
       n->announced_routes = r;
       *fields |= TC_NODE_F_ROUTES;
+      auto_approve(w->m->pol, w->base, n);
     } else {
       tc_strv_free(&r);
     }
@@ -1766,8 +1836,11 @@ int tc_model_policy_set(struct tc_model *m, const char *actor, const char *text,
     if (!err || !err->msg[0]) tc_err_set(err, rc, "policy rejected");
     return rc;
   }
+  struct tc_policy *pol = parse_policy(text, len);
   struct wr w;
   struct plan p;
+  struct tc_node **changed = NULL;
+  size_t n_changed = 0;
   pthread_mutex_lock(&m->wmu);
   wr_init(&w, m);
   plan_init(&p, actor, "policy.set", "policy", 0);
@@ -1778,6 +1851,22 @@ int tc_model_policy_set(struct tc_model *m, const char *actor, const char *text,
   plan_add(&p, OP_POLICY_INSERT, boxed, 0, 0);
   p.target_op = 0;
   p.flags = TC_TX_DURABLE;
+  /* New autoApprovers apply to routes already announced, in the same
+   * transaction as the policy itself. */
+  if (pol) {
+    for (size_t i = 0; i < w.base->n_nodes; i++) {
+      const struct tc_node *o = w.base->nodes[i];
+      if (!o->announced_routes.n) continue;
+      struct tc_node *c = tc_box_node(o);
+      if (!auto_approve(pol, w.base, c)) {
+        tc_box_unref(c);
+        continue;
+      }
+      changed = tc_xrealloc(changed, (n_changed + 1) * sizeof *changed);
+      changed[n_changed++] = c;
+      plan_add(&p, OP_NODE_UPDATE, c, 0, 0);
+    }
+  }
   if ((rc = plan_run(m, &p, err))) {
     tc_box_unref(boxed);
     goto out;
@@ -1786,8 +1875,24 @@ int tc_model_policy_set(struct tc_model *m, const char *actor, const char *text,
   w.p = boxed;
   w.p_set = true;
   wr_event(&w, TC_CHANGE_POLICY)->key_id = boxed->id;
+  for (size_t i = 0; i < n_changed; i++) {
+    struct tc_node *c = changed[i];
+    struct ev *e = wr_event(&w, TC_CHANGE_NODE_ROUTES);
+    e->node_id = c->id;
+    e->user_id = c->user_id;
+    e->fields = TC_NODE_F_ROUTES;
+    e->old = tc_box_ref(tc_snapshot_node(w.base, c->id));
+    wr_set_nodes(&w, tc_ntab_edit(wr_nodes(&w), c, 0));
+    changed[i] = NULL; /* stolen by the table */
+  }
+  tc_policy_free(m->pol);
+  m->pol = pol;
+  pol = NULL;
   wr_publish(&w);
 out:
+  for (size_t i = 0; i < n_changed; i++) tc_box_unref(changed[i]);
+  free(changed);
+  tc_policy_free(pol);
   plan_free(&p);
   wr_done(&w);
   pthread_mutex_unlock(&m->wmu);
@@ -1799,7 +1904,7 @@ int tc_model_policy_history(struct tc_model *m, int limit, struct tc_policy_rec 
   struct tc_tx *tx;
   *out = NULL;
   *n = 0;
-  int rc = tc_store_begin(m->store, 0, &tx, err);
+  int rc = tc_store_begin(m->store, TC_TX_READONLY, &tx, err);
   if (rc) return rc;
   rc = tc_store_policy_list(tx, limit, out, n, err);
   tc_tx_rollback(tx);
@@ -1811,7 +1916,7 @@ int tc_model_audit_list(struct tc_model *m, int limit, struct tc_audit **out, si
   struct tc_tx *tx;
   *out = NULL;
   *n = 0;
-  int rc = tc_store_begin(m->store, 0, &tx, err);
+  int rc = tc_store_begin(m->store, TC_TX_READONLY, &tx, err);
   if (rc) return rc;
   rc = tc_store_audit_list(tx, limit, out, n, err);
   tc_tx_rollback(tx);
@@ -1846,10 +1951,6 @@ int tc_model_tick(struct tc_model *m, int64_t now_ms, struct tc_err *err) {
   for (size_t i = 0; i < s->n_nodes; i++) {
     const struct tc_node *n = s->nodes[i];
     if (!n->expiry || n->expiry <= m->last_expiry_check || n->expiry > now_s) continue;
-    if (w.nev == TC_ARRAY_LEN(w.ev)) {
-      wr_publish(&w);
-      wr_init(&w, m);
-    }
     struct ev *e = wr_event(&w, TC_CHANGE_NODE_EXPIRED);
     e->node_id = n->id;
     e->user_id = n->user_id;

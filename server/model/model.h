@@ -408,7 +408,12 @@ int tc_model_node_set_tags(struct tc_model *m, const char *actor, int64_t node_i
                            const struct tc_strv *tags, struct tc_err *err);
 /* Replaces the approved routes (valid prefixes, canonicalised). Like Headscale
  * 0.29, routes need not be announced to be approved; they take effect only
- * while announced. */
+ * while announced.
+ * autoApprovers: whenever announced routes, tags or the owner change, and
+ * when a new policy is set, the model adds the announced routes that the
+ * current policy's autoApprovers approve (parsed with policy/policy.h) to the
+ * approved routes, in the same transaction; approvals are never withdrawn
+ * automatically. */
 int tc_model_node_approve_routes(struct tc_model *m, const char *actor, int64_t node_id,
                                  const struct tc_strv *routes, struct tc_err *err);
 /* Moves the node to another user. */

@@ -1329,3 +1329,81 @@ TC_TEST(hostile_input_bounded) {
   free_secret(key);
   env_close(&e);
 }
+
+/* ---- autoApprovers ---------------------------------------------------------------------------------- */
+static bool has_route(const struct tc_node *n, const char *r) {
+  return tc_strv_contains(&n->approved_routes, r);
+}
+
+TC_TEST(auto_approvers_on_announce_and_policy_change) {
+  struct env e;
+  TC_REQUIRE(env_open(&e, NULL, NULL) == 0);
+  struct tc_err err = {0};
+  int64_t alice = mkuser(e.m, "alice"), bob = mkuser(e.m, "bob");
+  const char *pol1 =
+      "{\"acls\":[{\"action\":\"accept\",\"src\":[\"*\"],\"dst\":[\"*:*\"]}],\n"
+      " // subnet routers of alice are trusted\n"
+      " \"autoApprovers\":{\"routes\":{\"10.20.0.0/16\":[\"alice@\"]},\"exitNode\":[\"alice@\"]}}";
+  TC_REQUIRE(tc_model_policy_set(e.m, "cli", pol1, strlen(pol1), NULL, &err) == 0);
+  char *ka = mkkey(e.m, alice, true, false, NULL, NULL);
+  char *kb = mkkey(e.m, bob, true, false, NULL, NULL);
+  struct tc_strv routes = {0};
+  tc_strv_push(&routes, "10.20.0.0/16");
+  tc_strv_push(&routes, "10.30.0.0/16");
+  tc_strv_push(&routes, "0.0.0.0/0");
+  tc_strv_push(&routes, "::/0");
+  struct tc_register_req r;
+  int64_t na = 0, nb = 0;
+  req_init(&r, "router-a", ka);
+  r.announced_routes = &routes;
+  TC_REQUIRE(tc_model_register_authkey(e.m, &r, &na, &err) == 0);
+  req_init(&r, "router-b", kb);
+  r.announced_routes = &routes;
+  TC_REQUIRE(tc_model_register_authkey(e.m, &r, &nb, &err) == 0);
+  struct tc_snapshot *s = tc_model_snapshot(e.m);
+  const struct tc_node *a = tc_snapshot_node(s, na), *b = tc_snapshot_node(s, nb);
+  TC_CHECK(has_route(a, "10.20.0.0/16"));
+  TC_CHECK(!has_route(a, "10.30.0.0/16"));
+  TC_CHECK(has_route(a, "0.0.0.0/0"));
+  TC_CHECK_INT(b->approved_routes.n, 0);
+  tc_snapshot_release(s);
+  /* A sub-prefix announced later through a map update is covered too. */
+  struct tc_strv r2 = {0};
+  tc_strv_push(&r2, "10.20.5.0/24");
+  struct tc_map_update mu = {.announced_routes = &r2};
+  TC_CHECK_INT(tc_model_node_update_from_map(e.m, na, &mu, NULL, &err), 0);
+  s = tc_model_snapshot(e.m);
+  a = tc_snapshot_node(s, na);
+  TC_CHECK(has_route(a, "10.20.5.0/24"));
+  TC_CHECK(has_route(a, "10.20.0.0/16")); /* approvals are not withdrawn */
+  tc_snapshot_release(s);
+  /* A policy that now trusts bob approves his announced route in the same write. */
+  struct recorder *rec = recorder_new();
+  tc_model_subscribe(e.m, record, rec);
+  const char *pol2 =
+      "{\"acls\":[{\"action\":\"accept\",\"src\":[\"*\"],\"dst\":[\"*:*\"]}],"
+      " \"autoApprovers\":{\"routes\":{\"10.30.0.0/16\":[\"bob@\"]}}}";
+  TC_REQUIRE(tc_model_policy_set(e.m, "cli", pol2, strlen(pol2), NULL, &err) == 0);
+  s = tc_model_snapshot(e.m);
+  b = tc_snapshot_node(s, nb);
+  TC_CHECK(has_route(b, "10.30.0.0/16"));
+  TC_CHECK(!has_route(b, "10.20.0.0/16"));
+  tc_snapshot_release(s);
+  TC_CHECK_INT(rec->n, 2);
+  TC_CHECK_INT(rec->ev[0].kind, TC_CHANGE_POLICY);
+  TC_CHECK_INT(rec->ev[1].kind, TC_CHANGE_NODE_ROUTES);
+  TC_CHECK_INT(rec->ev[1].node_id, nb);
+  TC_CHECK_INT(rec->ev[1].seq, rec->ev[0].seq);
+  /* Persisted with the policy. */
+  tc_model_close(e.m);
+  TC_REQUIRE(env_open_model(&e) == 0);
+  s = tc_model_snapshot(e.m);
+  TC_CHECK(has_route(tc_snapshot_node(s, nb), "10.30.0.0/16"));
+  tc_snapshot_release(s);
+  tc_strv_free(&routes);
+  tc_strv_free(&r2);
+  free_secret(ka);
+  free_secret(kb);
+  env_close(&e);
+  free(rec);
+}
