@@ -170,9 +170,13 @@ static void notify_locked(struct tc_ctl_stream *st) {
   atomic_fetch_add(&st->refs, 1);
   struct tc_ctl_server *srv = st->srv;
   pthread_mutex_lock(&srv->mu);
+  /* The loop takes the whole list after each wake-up, so only the push that
+   * makes it non-empty needs to wake it: one syscall per batch of writes
+   * (a map delta fanned out to many streams), not per write. */
+  bool was_empty = srv->notify == NULL;
   st->notify_next = srv->notify;
   srv->notify = st;
-  wake_loop(srv);
+  if (was_empty) wake_loop(srv);
   pthread_mutex_unlock(&srv->mu);
 }
 
