@@ -634,7 +634,23 @@ int cfg_set_text(struct tc_config *cfg, const struct cfg_key *k, const char *s, 
     snprintf(why, whylen, "value contains a NUL byte");
     return TC_EINVAL;
   }
-  if (isnull) s = "", len = 0;
+  /* An empty value means "use the default", as viper falls through to its
+   * defaults for null (e.g. "port:" left blank for a unix socket). Strings
+   * and lists without a default become empty. */
+  bool scalar = k->type != K_STR && k->type != K_PREFIX && k->type != K_STRLIST &&
+                k->type != K_PREFIXLIST && k->type != K_SPLIT && k->type != K_RECORDS && k->type != K_KV;
+  if (isnull || (scalar && len == 0)) {
+    if (k->type == K_ALIAS) return 0;
+    if (k->def) return cfg_set_text(cfg, k, k->def, strlen(k->def), false, why, whylen);
+    s = "", len = 0;
+    switch (k->type) {
+    case K_BOOL: *FIELD(cfg, k, bool) = false; return 0;
+    case K_INT: *FIELD(cfg, k, int) = 0; return 0;
+    case K_MSINT:
+    case K_DUR: *FIELD(cfg, k, int64_t) = 0; return 0;
+    default: break;
+    }
+  }
   switch (k->type) {
   case K_STR:
     set_str(FIELD(cfg, k, char *), s, len, k->flags & F_SECRET);
@@ -1242,6 +1258,10 @@ static int assign_node(struct lctx *c, size_t idx, yaml_node_t *kn, yaml_node_t 
     break;
   case K_STRLIST:
   case K_PREFIXLIST: {
+    if (node_is_null(vn)) { /* null: back to the default, as for scalars */
+      rc = cfg_set_text(c->cfg, k, "", 0, true, why, sizeof(why));
+      break;
+    }
     struct tc_strlist items = {0};
     rc = node_strings(c, vn, k->path, &items);
     if (rc < 0) {

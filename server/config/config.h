@@ -302,6 +302,21 @@ void tc_config_free(struct tc_config *cfg);
  * state files under data_dir. Returns owned text. */
 char *tc_config_default_text(const char *data_dir);
 
+/* The config file to use when none is given: the first that exists of
+ * $TAILCOAT_CONFIG, $HEADSCALE_CONFIG, /etc/tailcoat/config.yaml,
+ * /etc/headscale/config.yaml, $HOME/.headscale/config.yaml, ./config.yaml.
+ * env as in tc_config_load_opts (NULL = environ). Returns an owned path, or
+ * NULL when none exists. */
+char *tc_config_find(const char *const *env);
+
+/* The OIDC client secret: oidc.client_secret, or the trimmed contents of
+ * oidc.client_secret_path after expanding $VAR / ${VAR} from env (NULL =
+ * environ), as Headscale does for systemd's $CREDENTIALS_DIRECTORY.
+ * *out is owned by the caller (free with tc_free_secret(p, strlen(p))).
+ * 0, or TC_EIO / TC_EINVAL with err naming oidc.client_secret_path. */
+int tc_config_oidc_client_secret(const struct tc_config *cfg, const char *const *env, char **out,
+                                 struct tc_err *err);
+
 /* ---- helpers others may use ---------------------------------------------------- */
 
 /* Parses "a.b.c.d/n" or "v6/n" into p (p->text owned, copied from s). 0 or TC_EINVAL. */

@@ -825,3 +825,73 @@ TC_TEST(mutated_examples_never_crash_and_round_trip) {
   TC_CHECK(loaded > 0); /* most flips land in comments */
   free(orig);
 }
+
+TC_TEST(blank_values_mean_default) {
+  struct tc_config c;
+  struct tc_err err = {0};
+  char *t = variant("database:\n", "database:\n  type: postgres\n  postgres:\n    host: /run/postgresql\n"
+                                    "    port:\n    name: tc\n    max_open_conns: \"\"\n");
+  TC_REQUIRE(t != NULL);
+  char *t2 = tc_xasprintf("%s%s", t,
+                          "derp:\n  server:\n    verify_clients:\n  update_frequency: ~\n"
+                          "unix_socket:\noidc:\n  scope: null\n");
+  int rc = load_str(t2, NULL, &c, &err);
+  if (rc) fprintf(stderr, "  %s\n", err.msg);
+  TC_REQUIRE(rc == 0);
+  TC_CHECK_INT(c.database.type, TC_DB_POSTGRES);
+  TC_CHECK_INT(c.database.postgres.port, 0);
+  TC_CHECK_INT(c.database.postgres.max_open_conns, 10);
+  TC_CHECK(c.derp.server.verify_clients);
+  TC_CHECK_INT(c.derp.update_frequency_ms, 3 * 3600000LL);
+  TC_CHECK_STR(c.unix_socket, "/var/run/headscale/headscale.sock");
+  TC_CHECK_INT(c.oidc.scope.n, 3);
+  roundtrip(&c);
+  tc_config_free(&c);
+  free(t2);
+  free(t);
+}
+
+TC_TEST(find_and_oidc_secret) {
+  char *dir = tc_test_tmpdir();
+  char *cfgp = tc_xasprintf("%s/my.yaml", dir);
+  struct tc_err err = {0};
+  TC_REQUIRE(tc_write_file_atomic(cfgp, base_cfg, strlen(base_cfg), 0644, &err) == 0);
+  char *e1 = tc_xasprintf("HEADSCALE_CONFIG=%s", cfgp);
+  const char *env[] = {"TAILCOAT_CONFIG=/nonexistent/x.yaml", e1, NULL};
+  char *found = tc_config_find(env);
+  TC_CHECK_STR(found, cfgp);
+  free(found);
+
+  char *secp = tc_xasprintf("%s/creds/oidc_client_secret", dir);
+  char *credsdir = tc_xasprintf("%s/creds", dir);
+  TC_REQUIRE(mkdir(credsdir, 0700) == 0);
+  TC_REQUIRE(tc_write_file_atomic(secp, "  hunter2\n", 10, 0600, &err) == 0);
+  char *e2 = tc_xasprintf("CREDENTIALS_DIRECTORY=%s", credsdir);
+  const char *env2[] = {e2, NULL};
+  char *t = variant(NULL, "oidc:\n  client_secret_path: \"${CREDENTIALS_DIRECTORY}/oidc_client_secret\"\n");
+  struct tc_config c;
+  TC_REQUIRE(load_str(t, NULL, &c, &err) == 0);
+  char *secret = NULL;
+  TC_CHECK(tc_config_oidc_client_secret(&c, env2, &secret, &err) == 0);
+  TC_CHECK_STR(secret, "hunter2");
+  free(secret);
+  const char *env3[] = {NULL};
+  TC_CHECK(tc_config_oidc_client_secret(&c, env3, &secret, &err) < 0); /* expands to /oidc_client_secret */
+  TC_CHECK(strstr(err.msg, "oidc.client_secret_path") != NULL);
+  TC_CHECK(secret == NULL);
+  tc_config_free(&c);
+  free(t);
+  t = variant(NULL, "oidc:\n  client_secret: inline\n");
+  TC_REQUIRE(load_str(t, NULL, &c, &err) == 0);
+  TC_CHECK(tc_config_oidc_client_secret(&c, env3, &secret, &err) == 0);
+  TC_CHECK_STR(secret, "inline");
+  free(secret);
+  tc_config_free(&c);
+  free(t);
+  free(e1);
+  free(e2);
+  free(secp);
+  free(credsdir);
+  free(cfgp);
+  free(dir);
+}
