@@ -616,6 +616,111 @@ static void do_event(struct tc_mapper *mp, struct item *it) {
   free(users);
 }
 
+#define BATCH_MAX 64
+
+static bool id_in_sorted(const int64_t *v, size_t n, int64_t id) {
+  return bsearch(&id, v, n, sizeof *v, cmp_i64) != NULL;
+}
+
+/* Several events at once: every affected node is sent whole (PeersChanged,
+ * from the newest snapshot) instead of as patches; removals as PeersRemoved.
+ * Streams of affected nodes get their own variant without themselves as a
+ * peer, plus their self node. */
+static void do_batch(struct tc_mapper *mp, struct item **items, size_t n) {
+  atomic_fetch_add(&mp->st_events, n);
+  tc_snapshot_release(mp->last_snap);
+  mp->last_snap = items[n - 1]->snap;
+  items[n - 1]->snap = NULL;
+  const struct tc_snapshot *snap = mp->last_snap;
+  int64_t now = tc_now();
+  pthread_rwlock_rdlock(&mp->env_lock);
+
+  int64_t ids[BATCH_MAX + 64], removed[BATCH_MAX], uids[BATCH_MAX];
+  size_t nid = 0, nrem = 0, nu = 0;
+  bool policy = false;
+  for (size_t i = 0; i < n; i++) {
+    struct item *it = items[i];
+    if (it->ck == TC_CHANGE_POLICY) policy = true;
+    if (it->ck == TC_CHANGE_USER_CHANGED && it->user_id) uids[nu++] = it->user_id;
+    if (it->node_id) ids[nid++] = it->node_id;
+  }
+  nid += primary_changes(mp, snap, ids + nid, 64);
+  qsort(ids, nid, sizeof *ids, cmp_i64);
+  size_t m = 0;
+  for (size_t i = 0; i < nid; i++)
+    if (!m || ids[m - 1] != ids[i]) ids[m++] = ids[i];
+  nid = m;
+
+  struct tc_mapper_frag *changed[BATCH_MAX + 64];
+  const struct tc_node *cnodes[BATCH_MAX + 64];
+  size_t nc = 0;
+  for (size_t i = 0; i < nid; i++) {
+    ver_set(&mp->vers, ids[i], snap->seq);
+    const struct tc_node *nd = tc_snapshot_node(snap, ids[i]);
+    if (!nd) {
+      removed[nrem++] = ids[i];
+      tc_mapper_cache_forget(mp->cache, ids[i]);
+      struct session *s = sess_find(mp, ids[i]);
+      if (s) close_session(mp, s);
+      continue;
+    }
+    cnodes[nc] = nd;
+    changed[nc++] = peer_frag(mp, snap, nd, true, now);
+  }
+  /* profiles: owners of changed nodes plus users that changed */
+  struct tc_user *users;
+  bool tagged;
+  size_t nusers = collect_users(snap, cnodes, nc, &users, &tagged);
+  for (size_t i = 0; i < nu; i++) {
+    const struct tc_user *u = tc_snapshot_user(snap, uids[i]);
+    bool have = false;
+    for (size_t k = 0; k < nusers && !have; k++) have = users[k].id == uids[i];
+    if (u && !have) {
+      users = tc_xrealloc(users, (nusers + 1) * sizeof *users);
+      users[nusers++] = *u;
+    }
+  }
+  struct tc_mapper_delta d = {.changed = changed, .n_changed = nc, .removed = removed, .n_removed = nrem,
+                              .users = users, .n_users = nusers, .tagged_profile = tagged,
+                              .with_filter = policy, .with_ssh = policy, .now = now};
+  struct tc_buf json = TC_BUF_INIT, frame = TC_BUF_INIT;
+  bool any = tc_mapper_encode_delta(&json, &mp->env, &d);
+  if (any) tc_mapper_frame(json.data, json.len, &frame);
+  struct tc_mapper_frag **mine = tc_xcalloc(nc + 1, sizeof *mine);
+  for (size_t i = mp->n_sess; i-- > 0;) {
+    if (i >= mp->n_sess) continue;
+    struct session *s = mp->sess[i];
+    if (!id_in_sorted(ids, nid, s->node_id)) {
+      if (any) send_frame(mp, s, &frame, false);
+      continue;
+    }
+    /* an affected node: everything but itself, and its own node */
+    const struct tc_node *self = tc_snapshot_node(snap, s->node_id);
+    if (!self) continue;
+    size_t k = 0;
+    for (size_t j = 0; j < nc; j++)
+      if (changed[j]->node_id != s->node_id) mine[k++] = changed[j];
+    struct tc_buf sj = TC_BUF_INIT, pj = TC_BUF_INIT, pf = TC_BUF_INIT;
+    self_json(mp, snap, self, now, &sj);
+    struct tc_mapper_delta pd = d;
+    pd.changed = mine;
+    pd.n_changed = k;
+    pd.self_json = sj.data;
+    tc_mapper_encode_delta(&pj, &mp->env, &pd);
+    tc_mapper_frame(pj.data, pj.len, &pf);
+    send_frame(mp, s, &pf, false);
+    tc_buf_free(&sj);
+    tc_buf_free(&pj);
+    tc_buf_free(&pf);
+  }
+  pthread_rwlock_unlock(&mp->env_lock);
+  free(mine);
+  for (size_t i = 0; i < nc; i++) tc_mapper_frag_unref(changed[i]);
+  free(users);
+  tc_buf_free(&json);
+  tc_buf_free(&frame);
+}
+
 static void do_env(struct tc_mapper *mp, struct tc_mapper_env *env) {
   pthread_rwlock_wrlock(&mp->env_lock);
   tc_mapper_env_free(&mp->env);
@@ -660,30 +765,40 @@ static void *dispatcher(void *arg) {
       if (ts.tv_nsec >= 1000000000L) ts.tv_sec++, ts.tv_nsec -= 1000000000L;
       if (pthread_cond_timedwait(&mp->qcv, &mp->qmu, &ts)) break;
     }
-    struct item *it = mp->qhead;
-    if (it) {
+    /* A run of queued events (up to BATCH_MAX) is merged into one delta:
+     * under a burst (many nodes joining) every stream gets one message per
+     * run instead of one per event. Opens/closes keep their queue position. */
+    struct item *batch[BATCH_MAX];
+    size_t nb = 0;
+    while (mp->qhead && nb < BATCH_MAX && (nb == 0 || (mp->qhead->kind == IT_EVENT && batch[0]->kind == IT_EVENT))) {
+      struct item *it = mp->qhead;
       mp->qhead = it->next;
       if (!mp->qhead) mp->qtail = NULL;
-    } else if (mp->stopping) {
-      break;
+      batch[nb++] = it;
     }
+    if (!nb && mp->stopping) break;
     pthread_mutex_unlock(&mp->qmu);
-    if (it) {
+    if (nb > 1) {
+      do_batch(mp, batch, nb);
+    } else if (nb == 1) {
+      struct item *it = batch[0];
       switch (it->kind) {
       case IT_EVENT: do_event(mp, it); break;
       case IT_OPEN: do_open(mp, it->s); break;
       case IT_CLOSE: close_session(mp, it->s); break;
       case IT_ENV: do_env(mp, it->env); break;
       }
-      if (it->s) atomic_fetch_sub(&it->s->pending_items, 1);
-      tc_snapshot_release(it->snap);
-      free(it);
+    }
+    for (size_t i = 0; i < nb; i++) {
+      if (batch[i]->s) atomic_fetch_sub(&batch[i]->s->pending_items, 1);
+      tc_snapshot_release(batch[i]->snap);
+      free(batch[i]);
     }
     do_keepalives(mp);
     sweep_grave(mp, false);
     pthread_mutex_lock(&mp->qmu);
-    if (it) {
-      mp->done_count++;
+    if (nb) {
+      mp->done_count += nb;
       pthread_cond_broadcast(&mp->donecv);
     }
   }

@@ -328,6 +328,27 @@ static json_t *patch_for(json_t *m, int64_t id) {
   return NULL;
 }
 
+
+/* Waits until f hears that node id is online (or offline): as a patch or as
+ * a whole PeersChanged entry (merged bursts send whole nodes). Returns the
+ * carrying object (patch or node) inside *msg, NULL on timeout. */
+static json_t *wait_online(struct fake *f, int64_t id, bool online, json_t **msg) {
+  int64_t deadline = tc_mono_ms() + 5000;
+  *msg = NULL;
+  while (tc_mono_ms() < deadline) {
+    json_t *m = next_msg(f, (int)(deadline - tc_mono_ms()), true);
+    if (!m) return NULL;
+    json_t *o = patch_for(m, id);
+    if (!o || !json_object_get(o, "Online")) o = find_peer(json_object_get(m, "PeersChanged"), id);
+    if (o && json_is_boolean(json_object_get(o, "Online")) && json_is_true(json_object_get(o, "Online")) == online) {
+      *msg = m;
+      return o;
+    }
+    json_decref(m);
+  }
+  return NULL;
+}
+
 /* Discards everything queued so far. */
 static void drain(struct fx *x, struct fake *f) {
   tc_mapper_sync(x->mp);
@@ -367,10 +388,7 @@ TC_TEST(two_nodes_see_each_other_and_a_third_joins) {
   TC_CHECK(pa != NULL && json_is_true(json_object_get(pa, "Online")));
   json_decref(m);
   /* a learns that b came online */
-  m = wait_for(sa, "PeersChangedPatch", b);
-  TC_REQUIRE(m != NULL);
-  json_t *patch = patch_for(m, b);
-  TC_CHECK(json_is_true(json_object_get(patch, "Online")));
+  TC_CHECK(wait_online(sa, b, true, &m) != NULL);
   json_decref(m);
 
   /* a third node joins: both get it as a delta */
@@ -449,10 +467,8 @@ TC_TEST(expiry_rename_and_offline_reach_streams) {
 
   /* b's client goes away: a sees it offline; b's node is offline in the model */
   fake_cancel(sb);
-  m = wait_for(sa, "PeersChangedPatch", b);
-  TC_REQUIRE(m != NULL);
-  json_t *patch = patch_for(m, b);
-  TC_CHECK(json_is_false(json_object_get(patch, "Online")));
+  json_t *patch = wait_online(sa, b, false, &m);
+  TC_REQUIRE(patch != NULL);
   TC_CHECK(json_object_get(patch, "LastSeen") != NULL);
   json_decref(m);
   TC_CHECK(sb->ended);
@@ -813,4 +829,100 @@ TC_TEST(keepalives_and_slow_stream_cutoff) {
   fx_close(&x);
   fake_free(sa);
   fake_free(sb);
+}
+
+/* A client-side view: peers by id, updated from full maps and deltas the way
+ * tailscaled applies them (removed, then changed, then patches). */
+struct view {
+  int64_t ids[256];
+  bool online[256];
+  size_t n;
+};
+
+static long view_find(struct view *v, int64_t id) {
+  for (size_t i = 0; i < v->n; i++)
+    if (v->ids[i] == id) return (long)i;
+  return -1;
+}
+
+static void view_apply(struct view *v, json_t *m) {
+  size_t i;
+  json_t *p;
+  json_t *peers = json_object_get(m, "Peers");
+  if (json_array_size(peers)) {
+    v->n = 0;
+    json_array_foreach(peers, i, p) {
+      v->ids[v->n] = json_integer_value(json_object_get(p, "ID"));
+      v->online[v->n++] = json_is_true(json_object_get(p, "Online"));
+    }
+  }
+  json_array_foreach(json_object_get(m, "PeersRemoved"), i, p) {
+    long k = view_find(v, json_integer_value(p));
+    if (k >= 0) {
+      v->ids[k] = v->ids[v->n - 1];
+      v->online[k] = v->online[--v->n];
+    }
+  }
+  json_array_foreach(json_object_get(m, "PeersChanged"), i, p) {
+    int64_t id = json_integer_value(json_object_get(p, "ID"));
+    long k = view_find(v, id);
+    if (k < 0 && v->n < 256) k = (long)v->n++;
+    v->ids[k] = id;
+    v->online[k] = json_is_true(json_object_get(p, "Online"));
+  }
+  json_array_foreach(json_object_get(m, "PeersChangedPatch"), i, p) {
+    long k = view_find(v, json_integer_value(json_object_get(p, "NodeID")));
+    if (k >= 0 && json_is_boolean(json_object_get(p, "Online"))) v->online[k] = json_is_true(json_object_get(p, "Online"));
+  }
+}
+
+/* Many nodes register and come online in a burst while two streams are open
+ * (the dispatcher merges queued events); each stream converges on exactly
+ * the other nodes, none of them itself, with correct online states. */
+TC_TEST(burst_of_joins_converges) {
+  struct fx x;
+  TC_REQUIRE(fx_open(&x, 0));
+  int64_t a = reg_node(&x, 1, 101, x.authkey, "alpha");
+  int64_t b = reg_node(&x, 2, 102, x.authkey, "beta");
+  TC_REQUIRE(a > 0 && b > 0);
+  struct fake *sa = open_stream(&x, 1, 101), *sb = open_stream(&x, 2, 102);
+  enum { K = 30 };
+  struct fake *streams[K];
+  int64_t ids[K];
+  for (int i = 0; i < K; i++) {
+    char host[16];
+    snprintf(host, sizeof host, "burst%d", i);
+    ids[i] = reg_node(&x, 10 + i, 110 + i, x.authkey, host);
+    TC_CHECK(ids[i] > 0);
+    streams[i] = i % 2 ? open_stream(&x, 10 + i, 110 + i) : NULL; /* half of them come online */
+  }
+  struct tc_err err = {0};
+  TC_CHECK(tc_model_node_delete(x.model, "cli", ids[4], &err) == 0);
+  tc_mapper_sync(x.mp);
+  struct view va = {0}, vb = {0};
+  json_t *m;
+  while ((m = next_msg(sa, 200, true))) view_apply(&va, m), json_decref(m);
+  while ((m = next_msg(sb, 200, true))) view_apply(&vb, m), json_decref(m);
+  struct view *vs[] = {&va, &vb};
+  int64_t selves[] = {a, b};
+  for (int w = 0; w < 2; w++) {
+    struct view *v = vs[w];
+    TC_CHECK_INT(v->n, 1 + K - 1); /* the other named node + the burst minus the deleted one */
+    TC_CHECK(view_find(v, selves[w]) < 0);
+    TC_CHECK(view_find(v, ids[4]) < 0);
+    TC_CHECK(view_find(v, selves[1 - w]) >= 0);
+    for (int i = 0; i < K; i++) {
+      if (i == 4) continue;
+      long k = view_find(v, ids[i]);
+      TC_CHECK(k >= 0);
+      if (k >= 0) TC_CHECK(v->online[k] == (i % 2 == 1));
+    }
+  }
+  struct tc_mapper_stats st;
+  tc_mapper_get_stats(x.mp, &st);
+  TC_CHECK_INT(st.streams_open, 2 + K / 2);
+  fx_close(&x);
+  fake_free(sa);
+  fake_free(sb);
+  for (int i = 0; i < K; i++) fake_free(streams[i]);
 }
