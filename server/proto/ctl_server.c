@@ -992,6 +992,15 @@ static void *loop_main(void *arg) {
     pthread_mutex_unlock(&srv->mu);
     if (stop) break;
   }
+  /* Say goodbye properly (GOAWAY, best effort, never blocking) so clients
+   * reconnect at once instead of diagnosing a broken connection. */
+  for (struct conn *c = srv->conns, *next; c; c = next) {
+    next = c->next;
+    if (c->h2 && !c->dead) {
+      nghttp2_session_terminate_session(c->h2, NGHTTP2_NO_ERROR);
+      conn_flush(c);
+    }
+  }
   while (srv->conns) conn_kill(srv->conns);
   while (srv->dead) {
     struct conn *c = srv->dead;

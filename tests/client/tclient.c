@@ -39,7 +39,7 @@ struct tc_tclient {
   uint8_t machine_pub[32];
   nghttp2_session *h2;
   struct tc_buf in, pre;
-  bool pre_done, first_settings, closed;
+  bool pre_done, first_settings, closed, goaway;
   char *early_json;
   size_t max_record, records;
   struct tstream **streams;
@@ -159,6 +159,8 @@ static int on_header(nghttp2_session *s, const nghttp2_frame *f, const uint8_t *
 }
 
 static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *f, void *user) {
+  struct tc_tclient *c = user;
+  if (f->hd.type == NGHTTP2_GOAWAY) c->goaway = true;
   struct tstream *st = find(user, f->hd.stream_id);
   if (st && f->hd.type == NGHTTP2_HEADERS) st->headers_done = true;
   return 0;
@@ -721,6 +723,7 @@ int tc_tclient_reset(struct tc_tclient *c, int32_t sid) {
 size_t tc_tclient_max_record(struct tc_tclient *c) { return c->max_record; }
 size_t tc_tclient_records(struct tc_tclient *c) { return c->records; }
 bool tc_tclient_first_frame_settings(struct tc_tclient *c) { return c->first_settings; }
+bool tc_tclient_goaway(struct tc_tclient *c) { return c->goaway; }
 const char *tc_tclient_early_json(struct tc_tclient *c) { return c->early_json; }
 const uint8_t *tc_tclient_machine_pub(struct tc_tclient *c) { return c->machine_pub; }
 int tc_tclient_fd(struct tc_tclient *c) { return c->fd; }

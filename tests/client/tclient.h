@@ -87,6 +87,7 @@ size_t tc_tclient_max_record(struct tc_tclient *c);  /* largest server record se
 size_t tc_tclient_records(struct tc_tclient *c);     /* server records seen */
 bool tc_tclient_first_frame_settings(struct tc_tclient *c); /* server's first HTTP/2 frame was SETTINGS */
 const char *tc_tclient_early_json(struct tc_tclient *c);   /* EarlyNoise JSON, or NULL */
+bool tc_tclient_goaway(struct tc_tclient *c);              /* the server sent GOAWAY */
 const uint8_t *tc_tclient_machine_pub(struct tc_tclient *c);
 int tc_tclient_fd(struct tc_tclient *c);
 

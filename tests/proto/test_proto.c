@@ -743,6 +743,7 @@ TC_TEST(stop_with_open_streams) {
   tc_ctl_server_stop(f.srv); /* cancels both; the blocked handler returns */
   TC_CHECK_INT(g.cancels, 2);
   TC_CHECK(closed_within(c, 3000));
+  TC_CHECK(tc_tclient_goaway(c)); /* a clean goodbye, not just a dropped socket */
   TC_CHECK(g.held && tc_ctl_stream_cancelled(g.held));
   tc_ctl_stream_end(g.held); /* outlives the server as memory */
   tc_tclient_free(c);
