@@ -1273,7 +1273,7 @@ static int assign_node(struct lctx *c, size_t idx, yaml_node_t *kn, yaml_node_t 
     break;
   }
   case K_ALIAS: {
-    size_t tidx;
+    size_t tidx = 0;
     cfg_key_find(k->aux, &tidx);
     note_deprecated(c, k, where);
     const char *s = scalar_str(c, vn, k->path);
@@ -1454,7 +1454,7 @@ static int apply_env(struct lctx *c, const char *const *env) {
     }
     if (!v || !*v) continue;
     if (k->type == K_ALIAS) {
-      size_t tidx;
+      size_t tidx = 0;
       cfg_key_find(k->aux, &tidx);
       add_warning(c->cfg, "%s: deprecated (from %s): %s", k->path, name, k->note);
       if (c->src[tidx].set) continue;
