@@ -48,6 +48,7 @@ struct tc_ctl_stream {
   size_t nheaders, header_bytes;
   struct tc_buf body;
   bool too_big, dispatched, direct, h2_closed, submitted;
+  bool is_head; /* set before dispatch, read-only afterwards */
   struct tc_ctl_stream *cprev, *cnext; /* conn's stream list (loop) */
   struct tc_ctl_request req;
   /* shared, under mu */
@@ -55,6 +56,7 @@ struct tc_ctl_stream {
   int status;
   char *ctype;
   bool begun, ended, cancelled, notified, reset_req;
+  bool no_body; /* HEAD, 204, 304: body bytes are dropped, never sent */
   struct tc_buf q;
   size_t qoff;
   void (*cancel_fn)(void *);
@@ -202,13 +204,14 @@ static int begin_locked(struct tc_ctl_stream *st, int status, const char *conten
   if (status < 200 || status > 599 || !valid_ctype(content_type)) return TC_EINVAL;
   st->begun = true;
   st->status = status;
+  st->no_body = st->is_head || status == 204 || status == 304;
   st->ctype = content_type ? tc_xstrdup(content_type) : NULL;
   return 0;
 }
 
 /* With st->mu held: accounts and queues len bytes. */
 static int queue_locked(struct tc_ctl_stream *st, const void *data, size_t len) {
-  if (!len) return 0;
+  if (!len || st->no_body) return 0;
   size_t prev = atomic_fetch_add(&st->conn->queued, len);
   if (prev + len > TC_CTL_CONN_BUFFER_MAX) {
     atomic_fetch_sub(&st->conn->queued, len);
@@ -507,13 +510,16 @@ static void submit_response(struct conn *c, struct tc_ctl_stream *st) {
   pthread_mutex_lock(&st->mu);
   snprintf(status, sizeof status, "%03d", st->status);
   char *ctype = st->ctype ? tc_xstrdup(st->ctype) : NULL;
+  bool no_body = st->no_body;
   pthread_mutex_unlock(&st->mu);
   nghttp2_nv nva[2] = {
       {(uint8_t *)":status", (uint8_t *)status, 7, 3, NGHTTP2_NV_FLAG_NONE},
       {(uint8_t *)"content-type", (uint8_t *)ctype, 12, ctype ? strlen(ctype) : 0, NGHTTP2_NV_FLAG_NONE},
   };
   nghttp2_data_provider prd = {.source.ptr = st, .read_callback = data_read_cb};
-  if (nghttp2_submit_response(c->h2, st->id, nva, ctype ? 2 : 1, &prd) == 0) st->submitted = true;
+  /* Without a body the HEADERS frame carries END_STREAM: a DATA frame on a
+   * HEAD or 204 response is a protocol error to Go's client. */
+  if (nghttp2_submit_response(c->h2, st->id, nva, ctype ? 2 : 1, no_body ? NULL : &prd) == 0) st->submitted = true;
   free(ctype);
 }
 
@@ -614,6 +620,7 @@ static int on_data_chunk(nghttp2_session *s, uint8_t flags, int32_t id, const ui
 
 static void dispatch(struct conn *c, struct tc_ctl_stream *st) {
   st->dispatched = true;
+  st->is_head = st->method && !strcmp(st->method, "HEAD");
   struct tc_ctl_request *r = &st->req;
   r->method = st->method ? st->method : "";
   r->path = st->path ? st->path : "";

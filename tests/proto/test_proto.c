@@ -286,6 +286,12 @@ TC_TEST(handshake_identity_and_echo) {
   TC_CHECK_INT(tc_tclient_request(c, "GET", "/nothing", NULL, 0, 5000, &status, &body, NULL), 0);
   TC_CHECK_INT(status, 404);
   free(body);
+  /* HEAD (the ping-callback method): status only, never DATA. */
+  size_t hlen = 99;
+  TC_CHECK_INT(tc_tclient_request(c, "HEAD", "/big?n=100", NULL, 0, 5000, &status, &body, &hlen), 0);
+  TC_CHECK_INT(status, 200);
+  TC_CHECK_INT(hlen, 0);
+  free(body);
   TC_CHECK_INT(tc_tclient_request(c, "POST", "/noreply", NULL, 0, 5000, &status, &body, NULL), 0);
   TC_CHECK_INT(status, 500);
   free(body);
