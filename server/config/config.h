@@ -269,7 +269,16 @@ struct tc_config_load_opts {
 void tc_config_defaults(struct tc_config *out);
 
 /* Loads defaults, then the YAML file at path, then the environment, then
- * validates. On success out is owned by the caller; on failure out is left
+ * validates.
+ *
+ * Environment (viper style): key path a.b_c is read from TAILCOAT_A_B_C,
+ * else HEADSCALE_A_B_C; an empty variable counts as unset. Lists are
+ * space- or comma-separated. Map- and record-valued keys
+ * (dns.nameservers.split, dns.extra_records, oidc.extra_params) come from
+ * the file only. A blank/null value in the file means the key's default.
+ * Keys Headscale deprecated but still accepts load with a note in
+ * out->warnings; removed keys and unknown keys are errors.
+ * On success out is owned by the caller; on failure out is left
  * zeroed (nothing to free, tc_config_free is still safe) and err names the key
  * path and reason, with "line L col C" for errors located in the file. */
 int tc_config_load(const char *path, struct tc_config *out, struct tc_err *err);

@@ -63,7 +63,8 @@ out:
 }
 
 static int load_existing(const char *path, uint8_t priv[32], struct tc_err *err) {
-  int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+  /* symlinks are followed: Kubernetes secret volumes are made of them */
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
     if (errno == ENOENT) return TC_ENOENT;
     return tc_err_set(err, TC_EIO, "%s: %s", path, strerror(errno));

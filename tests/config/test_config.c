@@ -895,3 +895,26 @@ TC_TEST(find_and_oidc_secret) {
   free(cfgp);
   free(dir);
 }
+
+TC_TEST(json_config_loads) {
+  /* Headscale also reads config.json; JSON is YAML, so the same loader works */
+  static const char json[] =
+      "{\"server_url\": \"https://hs.example.com\", \"listen_addr\": \"0.0.0.0:8080\",\n"
+      " \"noise\": {\"private_key_path\": \"/k\"}, \"prefixes\": {\"v6\": \"fd7a:115c:a1e0::/64\"},\n"
+      " \"database\": {\"type\": \"sqlite3\", \"sqlite\": {\"path\": \"/db\"}},\n"
+      " \"dns\": {\"magic_dns\": false, \"override_local_dns\": false,\n"
+      "         \"extra_records\": [{\"name\": \"x.y\", \"type\": \"A\", \"value\": \"100.64.0.9\"}]},\n"
+      " \"log\": {\"level\": \"trace\", \"format\": \"json\"}}\n";
+  struct tc_config c;
+  struct tc_err err = {0};
+  int rc = load_str(json, NULL, &c, &err);
+  if (rc) fprintf(stderr, "  %s\n", err.msg);
+  TC_REQUIRE(rc == 0);
+  TC_CHECK_INT(c.prefixes.v4.family, 0);
+  TC_CHECK_INT(c.prefixes.v6.bits, 64);
+  TC_CHECK_INT(c.dns.n_extra_records, 1);
+  TC_CHECK_INT(c.log.level, TC_LOG_TRACE);
+  TC_CHECK_INT(c.log.format, TC_LOG_FORMAT_JSON);
+  roundtrip(&c);
+  tc_config_free(&c);
+}
