@@ -268,6 +268,10 @@ struct rule {
   int proto;          /* -1: no IPProto */
   struct dport *dp;
   size_t ndp;
+  size_t *single;     /* dports naming one address, sorted by that address */
+  size_t nsingle;
+  size_t *other;      /* the rest ("*", prefixes, ranges) */
+  size_t nother;
   json_t *capgrant;   /* for CapGrant rules: array of {Dsts:[...], CapMap} with dst sets below */
   struct ipset *capdst; /* per capgrant entry */
   size_t ncap;
@@ -291,8 +295,40 @@ struct cgrant {
   bool via_internet;
 };
 
+static __thread const struct rule *sort_rule_tl;
+
+static int single_cmp(const void *x, const void *y)
+{
+  const struct ip_range *a = &sort_rule_tl->dp[*(const size_t *)x].set.r[0];
+  const struct ip_range *b = &sort_rule_tl->dp[*(const size_t *)y].set.r[0];
+  if (a->v6 != b->v6)
+    return a->v6 < b->v6 ? -1 : 1;
+  if (a->lo != b->lo)
+    return a->lo < b->lo ? -1 : 1;
+  return *(const size_t *)x < *(const size_t *)y ? -1 : 1;
+}
+
+/* Indexes the destination entries so a node finds its own in log time. */
+static void rule_index(struct rule *r)
+{
+  r->single = tc_xcalloc(r->ndp + 1, sizeof(size_t));
+  r->other = tc_xcalloc(r->ndp + 1, sizeof(size_t));
+  for (size_t i = 0; i < r->ndp; i++) {
+    const struct dport *d = &r->dp[i];
+    if (!d->star && d->set.n == 1 && d->set.r[0].lo == d->set.r[0].hi)
+      r->single[r->nsingle++] = i;
+    else
+      r->other[r->nother++] = i;
+  }
+  sort_rule_tl = r;
+  qsort(r->single, r->nsingle, sizeof(size_t), single_cmp);
+  sort_rule_tl = NULL;
+}
+
 static void rule_free(struct rule *r)
 {
+  free(r->single);
+  free(r->other);
   json_decref(r->src);
   ipset_free(&r->srcset);
   for (size_t i = 0; i < r->ndp; i++) {
@@ -496,6 +532,7 @@ static void compile_grant(const struct tc_policy *pol, const struct ctopo *ct, c
       json_decref(pf);
     }
     if (r.ndp) {
+      rule_index(&r);
       rule_set_src(&r, json_deep_copy(cg->srcstr));
       cg->rules = tc_xrealloc(cg->rules, (cg->nrules + 1) * sizeof(*cg->rules));
       cg->rules[cg->nrules++] = r;
@@ -637,10 +674,49 @@ static json_t *reduce_rule(const struct cnode *n, const struct rule *r, const st
     }
     return json_pack("{s:O,s:o}", "SrcIPs", r->src, "CapGrant", cgs);
   }
+  /* Entries that apply: those naming one of the node's addresses (found by
+   * binary search) and the broader ones (checked one by one). */
+  size_t *hit = tc_xcalloc(r->ndp + 1, sizeof(size_t)), nhit = 0;
+  for (int fam = 0; fam < 2; fam++) {
+    if (fam ? !n->has6 : !n->has4)
+      continue;
+    tc_u128 a = fam ? n->a6 : n->a4;
+    size_t lo = 0, hi = r->nsingle;
+    while (lo < hi) {
+      size_t mid = lo + (hi - lo) / 2;
+      const struct ip_range *m = &r->dp[r->single[mid]].set.r[0];
+      if (m->v6 < fam || (m->v6 == fam && m->lo < a))
+        lo = mid + 1;
+      else
+        hi = mid;
+    }
+    for (; lo < r->nsingle; lo++) {
+      const struct ip_range *m = &r->dp[r->single[lo]].set.r[0];
+      if (m->v6 != fam || m->lo != a)
+        break;
+      hit[nhit++] = r->single[lo];
+    }
+  }
+  if (n->nsubnets || node_is_exit(n)) {
+    /* Routers also take single-address entries inside their routes. */
+    for (size_t i = 0; i < r->nsingle; i++)
+      if (!node_in_set(n, &r->dp[r->single[i]].set) && dport_matches(n, &r->dp[r->single[i]], internet))
+        hit[nhit++] = r->single[i];
+  }
+  for (size_t i = 0; i < r->nother; i++)
+    if (dport_matches(n, &r->dp[r->other[i]], internet))
+      hit[nhit++] = r->other[i];
+  /* Keep the policy's order. */
+  for (size_t i = 1; i < nhit; i++)
+    for (size_t j = i; j > 0 && hit[j - 1] > hit[j]; j--) {
+      size_t t = hit[j];
+      hit[j] = hit[j - 1];
+      hit[j - 1] = t;
+    }
   json_t *dp = json_array();
-  for (size_t i = 0; i < r->ndp; i++)
-    if (dport_matches(n, &r->dp[i], internet))
-      json_array_append_new(dp, json_pack("{s:s,s:o}", "IP", r->dp[i].ip, "Ports", ports_json(r->dp[i].pr)));
+  for (size_t i = 0; i < nhit; i++)
+    json_array_append_new(dp, json_pack("{s:s,s:o}", "IP", r->dp[hit[i]].ip, "Ports", ports_json(r->dp[hit[i]].pr)));
+  free(hit);
   if (!json_array_size(dp)) {
     json_decref(dp);
     return NULL;
@@ -772,90 +848,121 @@ static void via_rules(const struct cgrant *cg, const struct cnode *n, const stru
 }
 
 /* ---- SSH --------------------------------------------------------------------------- */
-static json_t *principals_of(const struct ctopo *ct, const struct ipset *src, int only_user, bool users,
-                             bool tagged)
+/* Users in ascending id order (principals are grouped that way). */
+static int *users_by_id(const struct ctopo *ct)
 {
-  json_t *arr = json_array();
-  char a[64];
-  if (users) {
-    /* Grouped by user, ascending user id. */
-    int *order = tc_xcalloc(ct->t->nusers + 1, sizeof(int));
-    for (size_t i = 0; i < ct->t->nusers; i++)
-      order[i] = (int)i;
-    for (size_t i = 1; i < ct->t->nusers; i++)
-      for (size_t j = i; j > 0 && ct->t->users[order[j - 1]].id > ct->t->users[order[j]].id; j--) {
-        int tmp = order[j];
-        order[j] = order[j - 1];
-        order[j - 1] = tmp;
-      }
-    for (size_t ui = 0; ui < ct->t->nusers; ui++) {
-      int u = order[ui];
-      if (only_user >= 0 && u != only_user)
-        continue;
-      struct ipset s;
-      ipset_init(&s);
-      for (size_t i = 0; i < ct->nn; i++)
-        if (!ct->n[i].tagged && ct->n[i].user == u && node_in_set(&ct->n[i], src))
-          ipset_add_set(&s, &ct->n[i].ips);
-      ipset_norm(&s);
-      for (size_t r = 0; r < s.n; r++)
-        for (tc_u128 x = s.r[r].lo;; x++) {
-          ip_format_addr(s.r[r].v6, x, a, sizeof(a));
-          json_array_append_new(arr, json_pack("{s:s}", "nodeIP", a));
-          if (x == s.r[r].hi)
-            break;
-        }
-      ipset_free(&s);
+  int *order = tc_xcalloc(ct->t->nusers + 1, sizeof(int));
+  for (size_t i = 0; i < ct->t->nusers; i++)
+    order[i] = (int)i;
+  for (size_t i = 1; i < ct->t->nusers; i++)
+    for (size_t j = i; j > 0 && ct->t->users[order[j - 1]].id > ct->t->users[order[j]].id; j--) {
+      int tmp = order[j];
+      order[j] = order[j - 1];
+      order[j - 1] = tmp;
     }
-    free(order);
-  }
-  if (tagged) {
-    for (size_t i = 0; i < ct->nn; i++) {
-      const struct cnode *n = &ct->n[i];
-      if (!n->tagged || !node_in_set(n, src))
-        continue;
-      for (size_t t = 0; t < n->src->ntags; t++) {
-        if (n->has4) {
-          ip_format_addr(0, n->a4, a, sizeof(a));
-          json_array_append_new(arr, json_pack("{s:s}", "nodeIP", a));
-        }
-        if (n->has6) {
-          ip_format_addr(1, n->a6, a, sizeof(a));
-          json_array_append_new(arr, json_pack("{s:s}", "nodeIP", a));
-        }
-      }
-    }
-  }
-  return arr;
+  return order;
 }
 
-json_t *ssh_for_node(const struct tc_policy *pol, const struct ctopo *ct, const struct cnode *n)
+static void append_addrs(json_t *arr, const struct ipset *s)
 {
+  char a[64];
+  for (size_t r = 0; r < s->n; r++)
+    for (tc_u128 x = s->r[r].lo;; x++) {
+      ip_format_addr(s->r[r].v6, x, a, sizeof(a));
+      json_array_append_new(arr, json_pack("{s:s}", "nodeIP", a));
+      if (x == s->r[r].hi)
+        break;
+    }
+}
+
+/* Principals for one user's devices inside src. */
+static void user_principals(const struct ctopo *ct, const struct ipset *src, int u, json_t *arr)
+{
+  struct ipset s;
+  ipset_init(&s);
+  for (size_t k = 0; k < ct->nuser_nodes[u]; k++) {
+    const struct cnode *o = &ct->n[ct->user_nodes[u][k]];
+    if (node_in_set(o, src))
+      ipset_add_set(&s, &o->ips);
+  }
+  ipset_norm(&s);
+  append_addrs(arr, &s);
+  ipset_free(&s);
+}
+
+/* Tagged devices inside src, once per tag they carry (as the service does). */
+static void tagged_principals(const struct ctopo *ct, const struct ipset *src, json_t *arr)
+{
+  char a[64];
+  for (size_t i = 0; i < ct->nn; i++) {
+    const struct cnode *n = &ct->n[i];
+    if (!n->tagged || !node_in_set(n, src))
+      continue;
+    for (size_t t = 0; t < n->src->ntags; t++) {
+      if (n->has4) {
+        ip_format_addr(0, n->a4, a, sizeof(a));
+        json_array_append_new(arr, json_pack("{s:s}", "nodeIP", a));
+      }
+      if (n->has6) {
+        ip_format_addr(1, n->a6, a, sizeof(a));
+        json_array_append_new(arr, json_pack("{s:s}", "nodeIP", a));
+      }
+    }
+  }
+}
+
+/* One SSH rule resolved once for the whole tailnet. */
+struct ssh_pre {
+  const struct ssh_rule *sr;
+  bool skip;
+  struct ipset src, dst;
+  bool self_dst, other;
+  json_t *action, *umap;
+  const char *lp_domain;
+  json_t **by_user;  /* principals per user index (may be empty arrays) */
+  json_t *tagged;    /* tagged principals */
+  json_t *all;       /* users (by id) then tagged */
+  char **lp;         /* per user: email local part when in lp_domain */
+};
+
+struct ssh_pres {
+  struct ssh_pre *r;
+  size_t n;
+  int *order;
+  size_t nusers;
+};
+
+struct ssh_pres *ssh_prepare(const struct tc_policy *pol, const struct ctopo *ct)
+{
+  struct ssh_pres *sp = tc_xcalloc(1, sizeof(*sp));
+  sp->r = tc_xcalloc(pol->nssh + 1, sizeof(*sp->r));
+  sp->n = pol->nssh;
+  sp->order = users_by_id(ct);
+  sp->nusers = ct->t->nusers;
   const char *base = ct->t->control_url ? ct->t->control_url : "https://unused";
-  json_t *check_rules = json_array(), *accept_rules = json_array();
   for (size_t ri = 0; ri < pol->nssh; ri++) {
+    struct ssh_pre *p = &sp->r[ri];
     const struct ssh_rule *sr = &pol->ssh[ri];
-    struct ipset src;
-    ipset_init(&src);
+    p->sr = sr;
+    ipset_init(&p->src);
+    ipset_init(&p->dst);
     for (size_t i = 0; i < sr->nsrc; i++)
-      resolve_alias(pol, ct, &sr->src[i], &src);
-    ipset_norm(&src);
-    if (ipset_empty(&src)) {
-      ipset_free(&src);
+      resolve_alias(pol, ct, &sr->src[i], &p->src);
+    ipset_norm(&p->src);
+    if (ipset_empty(&p->src)) {
+      p->skip = true;
       continue;
     }
-    json_t *action;
     if (sr->check) {
       char *url = tc_xasprintf("%s/machine/ssh/action/$SRC_NODE_ID/to/$DST_NODE_ID?local_user=$LOCAL_USER", base);
-      action = json_pack("{s:s}", "holdAndDelegate", url);
+      p->action = json_pack("{s:s}", "holdAndDelegate", url);
       free(url);
     } else {
-      action = json_pack("{s:b,s:b,s:b,s:b}", "accept", 1, "allowAgentForwarding", 1, "allowLocalPortForwarding", 1,
-                         "allowRemotePortForwarding", 1);
+      p->action = json_pack("{s:b,s:b,s:b,s:b}", "accept", 1, "allowAgentForwarding", 1, "allowLocalPortForwarding",
+                            1, "allowRemotePortForwarding", 1);
     }
-    json_t *umap = json_object();
+    p->umap = json_object();
     bool root = false, nonroot = false;
-    const char *lp_domain = NULL;
     for (size_t i = 0; i < sr->nusers; i++) {
       const char *u = sr->users[i];
       if (!strcmp(u, "root"))
@@ -863,101 +970,129 @@ json_t *ssh_for_node(const struct tc_policy *pol, const struct ctopo *ct, const 
       else if (!strcmp(u, "autogroup:nonroot"))
         nonroot = true;
       else if (tc_str_has_prefix(u, "localpart:*@") && u[12])
-        lp_domain = u + 12;
+        p->lp_domain = u + 12;
       else
-        json_object_set_new(umap, u, json_string(u));
+        json_object_set_new(p->umap, u, json_string(u));
     }
     if (nonroot)
-      json_object_set_new(umap, "*", json_string("="));
-    json_object_set_new(umap, "root", json_string(root ? "root" : ""));
-    json_t *target = sr->check ? check_rules : accept_rules;
-    bool self_dst = false, other = false;
-    struct ipset dst;
-    ipset_init(&dst);
+      json_object_set_new(p->umap, "*", json_string("="));
+    json_object_set_new(p->umap, "root", json_string(root ? "root" : ""));
     for (size_t i = 0; i < sr->ndst; i++) {
       if (sr->dst[i].kind == AL_AUTOGROUP && sr->dst[i].ag == AG_SELF) {
-        self_dst = true;
+        p->self_dst = true;
       } else {
-        other = true;
-        resolve_alias(pol, ct, &sr->dst[i], &dst);
+        p->other = true;
+        resolve_alias(pol, ct, &sr->dst[i], &p->dst);
       }
     }
-    ipset_norm(&dst);
-#define EMIT(principals, uid)                                                                                \
-  do {                                                                                                       \
-    json_t *rule_ = json_pack("{s:o,s:O,s:O}", "principals", (principals), "sshUsers", umap, "action", action); \
-    if (sr->accept_env)                                                                                      \
-      json_object_set(rule_, "acceptEnv", sr->accept_env);                                                   \
-    json_array_append_new(target, rule_);                                                                    \
-    if (lp_domain && (uid) >= 0) {                                                                           \
-      const struct tc_policy_user *u_ = &ct->t->users[(uid)];                                                \
-      const char *at_ = u_->email ? strrchr(u_->email, '@') : NULL;                                          \
-      if (at_ && tc_strieq(at_ + 1, lp_domain)) {                                                            \
-        char *lp_ = tc_xstrndup(u_->email, (size_t)(at_ - u_->email));                                       \
-        json_t *r2_ = json_pack("{s:O,s:{s:s},s:O}", "principals", json_object_get(rule_, "principals"),     \
-                                "sshUsers", lp_, lp_, "action", action);                                     \
-        if (sr->accept_env)                                                                                  \
-          json_object_set(r2_, "acceptEnv", sr->accept_env);                                                 \
-        json_array_append_new(target, r2_);                                                                  \
-        free(lp_);                                                                                           \
-      }                                                                                                      \
-    }                                                                                                        \
-  } while (0)
-    if (self_dst && !n->tagged && n->user >= 0) {
-      json_t *pr = principals_of(ct, &src, n->user, true, false);
-      if (json_array_size(pr))
-        EMIT(pr, n->user);
-      else
-        json_decref(pr);
+    ipset_norm(&p->dst);
+    p->by_user = tc_xcalloc(sp->nusers + 1, sizeof(json_t *));
+    p->lp = tc_xcalloc(sp->nusers + 1, sizeof(char *));
+    p->all = json_array();
+    for (size_t ui = 0; ui < sp->nusers; ui++) {
+      int u = sp->order[ui];
+      p->by_user[u] = json_array();
+      user_principals(ct, &p->src, u, p->by_user[u]);
+      json_array_extend(p->all, p->by_user[u]);
+      const struct tc_policy_user *us = &ct->t->users[u];
+      const char *at = us->email ? strrchr(us->email, '@') : NULL;
+      if (p->lp_domain && at && tc_strieq(at + 1, p->lp_domain))
+        p->lp[u] = tc_xstrndup(us->email, (size_t)(at - us->email));
     }
-    if (other && node_in_set(n, &dst)) {
-      if (lp_domain) {
-        for (size_t ui = 0; ui < ct->t->nusers; ui++) {
-          json_t *pr = principals_of(ct, &src, (int)ui, true, false);
-          if (json_array_size(pr))
-            EMIT(pr, (int)ui);
-          else
-            json_decref(pr);
-        }
-        json_t *pr = principals_of(ct, &src, -1, false, true);
-        if (json_array_size(pr))
-          EMIT(pr, -1);
-        else
-          json_decref(pr);
-      } else {
-        json_t *pr = principals_of(ct, &src, -1, true, true);
-        if (json_array_size(pr))
-          EMIT(pr, -1);
-        else
-          json_decref(pr);
-      }
-    } else if (other && lp_domain && node_in_set(n, &src)) {
-      json_t *pr = n->tagged ? principals_of(ct, &n->ips, -1, false, false) : principals_of(ct, &src, n->user, true, false);
-      if (n->tagged) {
-        char a[64];
-        if (n->has4) {
-          ip_format_addr(0, n->a4, a, sizeof(a));
-          json_array_append_new(pr, json_pack("{s:s}", "nodeIP", a));
-        }
-        if (n->has6) {
-          ip_format_addr(1, n->a6, a, sizeof(a));
-          json_array_append_new(pr, json_pack("{s:s}", "nodeIP", a));
-        }
-      }
-      if (json_array_size(pr))
-        EMIT(pr, n->tagged ? -1 : n->user);
-      else
-        json_decref(pr);
-    }
-#undef EMIT
-    ipset_free(&dst);
-    ipset_free(&src);
-    json_decref(umap);
-    json_decref(action);
+    p->tagged = json_array();
+    tagged_principals(ct, &p->src, p->tagged);
+    json_array_extend(p->all, p->tagged);
   }
+  return sp;
+}
+
+void ssh_pres_free(struct ssh_pres *sp)
+{
+  if (!sp)
+    return;
+  for (size_t i = 0; i < sp->n; i++) {
+    struct ssh_pre *p = &sp->r[i];
+    ipset_free(&p->src);
+    ipset_free(&p->dst);
+    json_decref(p->action);
+    json_decref(p->umap);
+    for (size_t u = 0; p->by_user && u < sp->nusers; u++) {
+      json_decref(p->by_user[u]);
+      free(p->lp[u]);
+    }
+    free(p->by_user);
+    free(p->lp);
+    json_decref(p->tagged);
+    json_decref(p->all);
+  }
+  free(sp->r);
+  free(sp->order);
+  free(sp);
+}
+
+/* Appends the rule for these principals and, when the rule maps local
+ * parts and uid's email is in the domain, the local-part rule after it. */
+static void ssh_emit(const struct ssh_pre *p, json_t *target, json_t *principals, int uid)
+{
+  if (!json_array_size(principals))
+    return;
+  json_t *rule = json_pack("{s:O,s:O,s:O}", "principals", principals, "sshUsers", p->umap, "action", p->action);
+  if (p->sr->accept_env)
+    json_object_set(rule, "acceptEnv", p->sr->accept_env);
+  json_array_append_new(target, rule);
+  if (uid >= 0 && p->lp[uid]) {
+    json_t *r2 = json_pack("{s:O,s:{s:s},s:O}", "principals", principals, "sshUsers", p->lp[uid], p->lp[uid],
+                           "action", p->action);
+    if (p->sr->accept_env)
+      json_object_set(r2, "acceptEnv", p->sr->accept_env);
+    json_array_append_new(target, r2);
+  }
+}
+
+json_t *ssh_node(const struct ssh_pres *sp, const struct ctopo *ct, const struct cnode *n)
+{
+  json_t *check_rules = json_array(), *accept_rules = json_array();
+  for (size_t ri = 0; ri < sp->n; ri++) {
+    const struct ssh_pre *p = &sp->r[ri];
+    if (p->skip)
+      continue;
+    json_t *target = p->sr->check ? check_rules : accept_rules;
+    if (p->self_dst && !n->tagged && n->user >= 0)
+      ssh_emit(p, target, p->by_user[n->user], n->user);
+    if (p->other && node_in_set(n, &p->dst)) {
+      if (p->lp_domain) {
+        /* Per user, so each user's local-part rule follows their own. */
+        for (size_t ui = 0; ui < sp->nusers; ui++)
+          ssh_emit(p, target, p->by_user[sp->order[ui]], sp->order[ui]);
+        ssh_emit(p, target, p->tagged, -1);
+      } else {
+        ssh_emit(p, target, p->all, -1);
+      }
+    } else if (p->other && p->lp_domain && node_in_set(n, &p->src)) {
+      /* A source outside the destinations still gets its own user's rules. */
+      if (n->tagged) {
+        json_t *pr = json_array();
+        append_addrs(pr, &n->ips);
+        ssh_emit(p, target, pr, -1);
+        json_decref(pr);
+      } else if (n->user >= 0) {
+        ssh_emit(p, target, p->by_user[n->user], n->user);
+      }
+    }
+  }
+  /* Check rules first: the most restrictive action wins. */
   json_array_extend(check_rules, accept_rules);
   json_decref(accept_rules);
+  (void)ct;
   return json_pack("{s:o}", "rules", check_rules);
+}
+
+json_t *ssh_for_node(const struct tc_policy *pol, const struct ctopo *ct, const struct cnode *n)
+{
+  struct ssh_pres *sp = ssh_prepare(pol, ct);
+  json_t *out = ssh_node(sp, ct, n);
+  ssh_pres_free(sp);
+  return out;
 }
 
 /* ---- node attributes --------------------------------------------------------------- */
@@ -1335,6 +1470,7 @@ int tc_policy_compile(const struct tc_policy *pol, const struct tc_policy_topo *
   if (rc)
     return rc;
   struct compiled *cp = compiled_build(pol, &ct);
+  struct ssh_pres *sshp = pol->has_ssh ? ssh_prepare(pol, &ct) : NULL;
   struct tc_policy_result *res = tc_xcalloc(1, sizeof(*res));
   res->nnodes = ct.nn;
   res->nodes = tc_xcalloc(ct.nn + 1, sizeof(*res->nodes));
@@ -1356,7 +1492,7 @@ int tc_policy_compile(const struct tc_policy *pol, const struct tc_policy_topo *
     build_reach(nr->packet_filter, &reach[i]);
     if (!pol->has_acls_or_grants)
       reach[i].all = true;
-    nr->ssh_policy = pol->has_ssh ? ssh_for_node(pol, &ct, n) : NULL;
+    nr->ssh_policy = sshp ? ssh_node(sshp, &ct, n) : NULL;
     nr->cap_map = capmap_for_node(pol, &ct, n);
     ct.n[i].no_v4 = json_object_get(nr->cap_map, "disable-ipv4") != NULL;
     nr->self_allowed_ips = json_array();
@@ -1414,6 +1550,16 @@ int tc_policy_compile(const struct tc_policy *pol, const struct tc_policy_topo *
     }
   }
   free(ax);
+  /* Most peers look the same to every viewer (no routes to filter): build
+   * their AllowedIPs once and share the array. */
+  json_t **shared = tc_xcalloc(ct.nn + 1, sizeof(json_t *));
+  for (size_t j = 0; j < ct.nn; j++) {
+    if (ct.n[j].nsubnets || ct.n[j].no_v4)
+      continue;
+    json_t *prim;
+    shared[j] = allowed_ips(&ct, &ct.n[j], NULL, NULL, NULL, &prim);
+    json_decref(prim);
+  }
   for (size_t i = 0; i < ct.nn; i++) {
     struct tc_policy_node_result *nr = &res->nodes[i];
     nr->peer_ids = tc_xcalloc(ct.nn + 1, sizeof(int64_t));
@@ -1424,13 +1570,20 @@ int tc_policy_compile(const struct tc_policy *pol, const struct tc_policy_topo *
       bool ij = who[j * words + i / 64] >> (i % 64) & 1, ji = who[i * words + j / 64] >> (j % 64) & 1;
       if (!ij && !ji)
         continue;
-      json_t *prim;
       nr->peer_ids[nr->npeers] = ct.n[j].id;
-      nr->peer_allowed_ips[nr->npeers] = allowed_ips(&ct, &ct.n[j], &ct.n[i], &reach[j], &reach[i], &prim);
-      json_decref(prim);
+      if (shared[j] && !ct.n[i].no_v4) {
+        nr->peer_allowed_ips[nr->npeers] = json_incref(shared[j]);
+      } else {
+        json_t *prim;
+        nr->peer_allowed_ips[nr->npeers] = allowed_ips(&ct, &ct.n[j], &ct.n[i], &reach[j], &reach[i], &prim);
+        json_decref(prim);
+      }
       nr->npeers++;
     }
   }
+  for (size_t j = 0; j < ct.nn; j++)
+    json_decref(shared[j]);
+  free(shared);
   free(who);
   for (size_t i = 0; i < ct.nn; i++) {
     free_reach(&reach[i]);
@@ -1439,6 +1592,7 @@ int tc_policy_compile(const struct tc_policy *pol, const struct tc_policy_topo *
   free(reach);
   free(keys);
   compiled_free(cp);
+  ssh_pres_free(sshp);
   ctopo_free(&ct);
   *out = res;
   return 0;

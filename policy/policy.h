@@ -100,7 +100,7 @@ struct tc_policy_node_result {
    * installs for each (addresses + primary subnet routes + exit routes). */
   size_t npeers;
   int64_t *peer_ids;
-  json_t **peer_allowed_ips; /* npeers arrays of prefix strings */
+  json_t **peer_allowed_ips; /* npeers arrays of prefix strings (may be shared between entries: read-only) */
   json_t *ssh_policy;        /* {"rules":[...]} tailcfg.SSHPolicy lowercase shape; NULL if no ssh section */
   json_t *cap_map;           /* object: node capability -> array|null, from nodeAttrs (+ randomizeClientPort) */
   json_t *self_allowed_ips;  /* array: own addresses */

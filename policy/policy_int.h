@@ -219,6 +219,11 @@ bool compiled_reach(const struct compiled *cp, const struct tc_policy *pol, stru
                     const struct ipset *dst, const struct port_range *ports, size_t nports, const int *protos,
                     size_t nprotos);
 json_t *ssh_for_node(const struct tc_policy *pol, const struct ctopo *ct, const struct cnode *n);
+/* SSH rules resolved once per compile; ssh_node gives one node's policy. */
+struct ssh_pres;
+struct ssh_pres *ssh_prepare(const struct tc_policy *pol, const struct ctopo *ct);
+json_t *ssh_node(const struct ssh_pres *sp, const struct ctopo *ct, const struct cnode *n);
+void ssh_pres_free(struct ssh_pres *sp);
 int parse_ports_text(const char *s, struct port_range **out, size_t *n, char *why, size_t whysz);
 
 #endif

@@ -161,6 +161,7 @@ static void ssh_reach(json_t *pol, const char *ip, const char *user, bool *acc, 
 static int run_ssh_tests(const struct tc_policy *pol, const struct ctopo *ct, struct tc_policy_err *err)
 {
   json_t **cache = tc_xcalloc(ct->nn + 1, sizeof(json_t *));
+  struct ssh_pres *sp = pol->has_ssh ? ssh_prepare(pol, ct) : NULL;
   int rc = 0;
   for (size_t ti = 0; !rc && ti < pol->nssh_tests; ti++) {
     const struct ssh_test *t = &pol->ssh_tests[ti];
@@ -213,7 +214,7 @@ static int run_ssh_tests(const struct tc_policy *pol, const struct ctopo *ct, st
       if (!dsel[i])
         continue;
       if (!cache[i])
-        cache[i] = pol->has_ssh ? ssh_for_node(pol, ct, &ct->n[i]) : json_pack("{s:[]}", "rules");
+        cache[i] = pol->has_ssh ? ssh_node(sp, ct, &ct->n[i]) : json_pack("{s:[]}", "rules");
       char **lists[] = {t->accept, t->deny, t->check};
       size_t ns[] = {t->naccept, t->ndeny, t->ncheck};
       for (int kind = 0; !rc && kind < 3; kind++) {
@@ -246,6 +247,7 @@ static int run_ssh_tests(const struct tc_policy *pol, const struct ctopo *ct, st
   for (size_t i = 0; i < ct->nn; i++)
     json_decref(cache[i]);
   free(cache);
+  ssh_pres_free(sp);
   return rc;
 }
 
