@@ -1019,3 +1019,27 @@ TC_TEST(examples_commented_blocks_are_known_keys) {
     free(orig);
   }
 }
+
+TC_TEST(crlf_bom_and_ipv6_server_url) {
+  struct tc_buf b = TC_BUF_INIT;
+  tc_buf_puts(&b, "\xef\xbb\xbf"); /* UTF-8 BOM, as some Windows editors write */
+  for (const char *p = base_cfg; *p; p++) {
+    if (*p == '\n') tc_buf_putc(&b, '\r');
+    tc_buf_putc(&b, *p);
+  }
+  struct tc_config c, d;
+  struct tc_err err = {0};
+  int rc = load_str(b.data, NULL, &c, &err);
+  if (rc) fprintf(stderr, "  %s\n", err.msg);
+  TC_REQUIRE(rc == 0);
+  TC_REQUIRE(load_str(base_cfg, NULL, &d, &err) == 0);
+  TC_CHECK(tc_config_equal(&c, &d)); /* no stray \r in any value */
+  tc_config_free(&c);
+  tc_config_free(&d);
+  tc_buf_free(&b);
+  char *t = variant("server_url: https://hs.example.com", "server_url: \"http://[fd00::1]:8080/hs\"");
+  TC_REQUIRE(load_str(t, NULL, &c, &err) == 0);
+  TC_CHECK_STR(c.server_host, "fd00::1");
+  tc_config_free(&c);
+  free(t);
+}
