@@ -18,12 +18,17 @@
 #include "cli/cli_int.h"
 #include "config/config.h"
 #include "crypto/crypto.h"
+#include "derp/derp.h"
 #include "http/api.h"
 #include "http/http.h"
 #include "http/metrics.h"
 #include "mapper/mapper.h"
 #include "model/model.h"
 #include "proto/proto.h"
+#include "tls/tls.h"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
 
 #define TICK_MS 5000
 #define MAX_RELOADS 16
@@ -106,6 +111,152 @@ static void h_key(void *ctx, const struct tc_http_req *req, struct tc_http_resp 
   free(body);
 }
 
+/* ---- DERP, DERP map, TLS glue ----------------------------------------------------------- */
+
+/* State the wiring callbacks share. The mapper pointer and env are guarded
+ * by mu because the DERP map refresh thread replaces env.derp_json. */
+struct wiring {
+  pthread_mutex_t mu;
+  struct tc_model *model;
+  struct tc_mapper *mapper;
+  struct tc_mapper_env *env;
+  struct tc_derp_server *derp;
+  struct tc_tls *tls;
+  struct tc_frontdoor *fdr;
+  int64_t sub_id;
+};
+
+static void derpmap_changed(void *ctx, const char *json, size_t len) {
+  struct wiring *w = ctx;
+  pthread_mutex_lock(&w->mu);
+  free(w->env->derp_json);
+  w->env->derp_json = tc_xstrndup(json, len);
+  if (w->mapper) tc_mapper_set_env(w->mapper, w->env);
+  pthread_mutex_unlock(&w->mu);
+  tc_info("DERP map updated");
+}
+
+/* derp.server.verify_clients: only node keys the tailnet knows. */
+static bool derp_verify(void *ctx, const uint8_t node_key[32]) {
+  struct wiring *w = ctx;
+  struct tc_snapshot *s = tc_model_snapshot(w->model);
+  bool ok = tc_snapshot_node_by_node_key(s, node_key) != NULL;
+  tc_snapshot_release(s);
+  return ok;
+}
+
+/* A deleted node (or a rotated key) loses its DERP connections at once.
+ * Runs under the model's writer lock: disconnect_key only queues work. */
+static void derp_on_change(void *ctx, const struct tc_change *c) {
+  struct wiring *w = ctx;
+  if ((c->kind == TC_CHANGE_NODE_REMOVED || c->kind == TC_CHANGE_NODE_KEY_ROTATED) && c->old_node && w->derp)
+    tc_derp_server_disconnect_key(w->derp, c->old_node->node_key);
+}
+
+static const char *req_header_get(void *ctx, const char *name) { return tc_http_header(ctx, name); }
+
+/* /derp/probe, /derp/latency-check, /generate_204, /bootstrap-dns. */
+static void h_derp_http(void *ctx, const struct tc_http_req *req, struct tc_http_resp *resp) {
+  struct tc_buf q = TC_BUF_INIT;
+  for (size_t i = 0; i < req->nquery; i++) {
+    /* the handler wants the raw query: re-encode the decoded arguments */
+    if (i) tc_buf_putc(&q, '&');
+    const char *parts[2] = {req->query[i].name, req->query[i].value};
+    for (int k = 0; k < 2; k++) {
+      if (k) tc_buf_putc(&q, '=');
+      for (const unsigned char *p = (const unsigned char *)parts[k]; *p; p++) {
+        if ((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') || strchr("-._~", *p))
+          tc_buf_putc(&q, (char)*p);
+        else
+          tc_buf_printf(&q, "%%%02X", *p);
+      }
+    }
+  }
+  struct tc_derp_http_resp dr;
+  memset(&dr, 0, sizeof dr);
+  if (!tc_derp_http_handle(req->method, req->path, q.data ? q.data : "", req_header_get, (void *)req, NULL, &dr)) {
+    tc_http_resp_error(resp, 404, TC_GRPC_NOT_FOUND, "Not Found");
+  } else {
+    /* A Content-Type among the handler's headers overrides the default. */
+    tc_http_resp_text(resp, dr.status, "text/plain; charset=utf-8", dr.body ? dr.body : "", dr.body_len);
+    for (size_t i = 0; i < dr.nheaders; i++) tc_http_resp_header(resp, dr.headers[i].name, dr.headers[i].value);
+    free(dr.body);
+  }
+  tc_buf_free(&q);
+}
+
+/* GET /derp without an Upgrade header. */
+static void h_derp_plain(void *ctx, const struct tc_http_req *req, struct tc_http_resp *resp) {
+  const char *msg = "DERP requires connection upgrade\n";
+  tc_http_resp_text(resp, 426, "text/plain; charset=utf-8", msg, strlen(msg));
+}
+
+static void derp_metrics(void *ctx, struct tc_buf *out) {
+  struct wiring *w = ctx;
+  if (!w->derp) return;
+  struct tc_derp_metrics m;
+  tc_derp_server_get_metrics(w->derp, &m);
+  tc_buf_printf(out,
+                "# HELP tailcoat_derp_clients Connected DERP clients.\n# TYPE tailcoat_derp_clients gauge\n"
+                "tailcoat_derp_clients %llu\n"
+                "# HELP tailcoat_derp_packets_relayed_total Packets relayed.\n"
+                "# TYPE tailcoat_derp_packets_relayed_total counter\ntailcoat_derp_packets_relayed_total %llu\n"
+                "# HELP tailcoat_derp_bytes_relayed_total Bytes relayed.\n"
+                "# TYPE tailcoat_derp_bytes_relayed_total counter\ntailcoat_derp_bytes_relayed_total %llu\n"
+                "# HELP tailcoat_derp_drops_total Packets dropped.\n# TYPE tailcoat_derp_drops_total counter\n"
+                "tailcoat_derp_drops_total{reason=\"unknown_dest\"} %llu\n"
+                "tailcoat_derp_drops_total{reason=\"queue_full\"} %llu\n"
+                "tailcoat_derp_drops_total{reason=\"gone\"} %llu\n",
+                (unsigned long long)m.clients_connected, (unsigned long long)m.packets_relayed,
+                (unsigned long long)m.bytes_relayed, (unsigned long long)m.drops_unknown_dest,
+                (unsigned long long)m.drops_queue_full, (unsigned long long)m.drops_gone);
+}
+
+/* TLS delivers "ip:port" / "[v6]:port"; the front door wants a sockaddr. */
+static void tls_deliver(void *ctx, int plain_fd, const char *peer) {
+  struct wiring *w = ctx;
+  struct sockaddr_storage ss;
+  memset(&ss, 0, sizeof ss);
+  socklen_t sl = 0;
+  char host[64] = "";
+  int port = 0;
+  if (peer && peer[0] == '[') {
+    const char *rb = strchr(peer, ']');
+    if (rb && (size_t)(rb - peer - 1) < sizeof host) {
+      memcpy(host, peer + 1, (size_t)(rb - peer - 1));
+      host[rb - peer - 1] = 0;
+      if (rb[1] == ':') port = atoi(rb + 2);
+    }
+    struct sockaddr_in6 *a = (struct sockaddr_in6 *)&ss;
+    if (inet_pton(AF_INET6, host, &a->sin6_addr) == 1) {
+      a->sin6_family = AF_INET6;
+      a->sin6_port = htons((uint16_t)port);
+      sl = sizeof *a;
+    }
+  } else if (peer) {
+    const char *colon = strrchr(peer, ':');
+    if (colon && (size_t)(colon - peer) < sizeof host) {
+      memcpy(host, peer, (size_t)(colon - peer));
+      host[colon - peer] = 0;
+      port = atoi(colon + 1);
+    }
+    struct sockaddr_in *a = (struct sockaddr_in *)&ss;
+    if (inet_pton(AF_INET, host, &a->sin_addr) == 1) {
+      a->sin_family = AF_INET;
+      a->sin_port = htons((uint16_t)port);
+      sl = sizeof *a;
+    }
+  }
+  tc_frontdoor_add_connection(w->fdr, plain_fd, sl ? (struct sockaddr *)&ss : NULL, sl, true);
+}
+
+static void tls_reload(void *ctx) {
+  struct wiring *w = ctx;
+  struct tc_err err = {0};
+  if (tc_tls_reload(w->tls, &err)) tc_error("reload: TLS certificate: %s (keeping the old one)", err.msg);
+  else tc_info("TLS certificate reloaded");
+}
+
 /* ---- serve ---------------------------------------------------------------------------------- */
 
 static void banner(const struct tc_config *cfg, int port) {
@@ -145,18 +296,35 @@ int tc_cli_serve(const struct tc_config *cfg) {
   struct tc_metrics_server *ms = NULL;
   struct tc_mapper *mapper = NULL;
   struct tc_ctl_server *ctl = NULL;
+  struct tc_derpmap *dm = NULL;
+  struct tc_derp_server *derp = NULL;
+  struct tc_stun_server *stun = NULL;
+  struct tc_tls *tls = NULL;
   struct tc_mapper_env env;
   memset(&env, 0, sizeof env);
+  struct wiring w;
+  memset(&w, 0, sizeof w);
+  pthread_mutex_init(&w.mu, NULL);
+  w.env = &env;
+  bool derp_hook = false;
   struct key_ctx keyctx;
   uint8_t noise_priv[32];
   memset(noise_priv, 0, sizeof noise_priv);
+  bool use_tls = cfg->tls_cert_path && *cfg->tls_cert_path;
+  int port = -1;
 
   tc_backend_settings_from_config(cfg, &settings);
   settings.metrics_hook = true;
+  if (!use_tls && cfg->tls_letsencrypt_hostname && *cfg->tls_letsencrypt_hostname) {
+    fprintf(stderr, "Error: tls_letsencrypt_hostname: ACME is not supported; "
+                    "set tls_cert_path/tls_key_path (or terminate TLS in a proxy)\n");
+    goto out;
+  }
   if (tc_backend_open(&settings, &be, &err)) {
     fprintf(stderr, "Error: %s\n", err.msg);
     goto out;
   }
+  w.model = be->model;
 
   int kr = tc_keyfile_load_or_create(cfg->noise.private_key_path, noise_priv, &err);
   if (kr < 0) {
@@ -176,7 +344,9 @@ int tc_cli_serve(const struct tc_config *cfg) {
     tc_cli_on_reload(policy_file_reload, &pf);
   }
 
-  struct tc_frontdoor_opts fo = {.listen_addr = cfg->listen_addr,
+  /* With TLS, listen_addr belongs to the TLS module, which feeds decrypted
+   * connections to the front door. */
+  struct tc_frontdoor_opts fo = {.listen_addr = use_tls ? NULL : cfg->listen_addr,
                                  .unix_socket = cfg->unix_socket,
                                  .unix_socket_mode = cfg->unix_socket_permission,
                                  .router = be->router};
@@ -184,23 +354,79 @@ int tc_cli_serve(const struct tc_config *cfg) {
     fprintf(stderr, "Error: %s\n", err.msg);
     goto out;
   }
+  w.fdr = fdr;
   tc_http_route(be->router, "GET", "/key", h_key, &keyctx);
 
   /* ======================= WIRING ==========================================
-   * Protocol modules plug in here, before the front door starts. Stop them
-   * in the shutdown block below (transport first, then its handlers), before
-   * the model closes.
-   *   - DERP: tc_derp_server_new(...), register "/derp" with tc_derp_upgrade,
-   *     plain routes /derp/probe, /derp/latency-check via tc_http_route, and
-   *     fill env.derp_json before tc_mapper_new;
-   *   - TLS: tc_tls_new + tc_tls_add_listener delivering plaintext fds to
-   *     tc_frontdoor_add_connection(fdr, fd, peer, len, true);
-   *   - reload hooks: tc_cli_on_reload(fn, ctx) (e.g. TLS certificate). */
+   * Protocol modules plug in here, before the front door starts; every
+   * route and upgrade handler is registered before the first request. Stop
+   * them in the shutdown block below (transports first, then handlers,
+   * then the model). Reload hooks: tc_cli_on_reload(fn, ctx). */
+  tc_mapper_env_from_config(&env, cfg);
+
+  /* DERP map: embedded region + derp.urls + derp.paths; changes reach every
+   * map stream through the mapper. */
+  struct tc_derpmap_params dp = {
+      .embedded = cfg->derp.server.enabled && cfg->derp.server.automatically_add_embedded_derp_region,
+      .region_id = cfg->derp.server.region_id,
+      .region_code = cfg->derp.server.region_code,
+      .region_name = cfg->derp.server.region_name,
+      .server_url = cfg->server_url,
+      .ipv4 = cfg->derp.server.ipv4,
+      .ipv6 = cfg->derp.server.ipv6,
+      .stun_listen_addr = cfg->derp.server.stun_listen_addr,
+      .urls = (const char *const *)cfg->derp.urls.v,
+      .nurls = cfg->derp.urls.n,
+      .paths = (const char *const *)cfg->derp.paths.v,
+      .npaths = cfg->derp.paths.n,
+      .auto_update = cfg->derp.auto_update_enabled,
+      .update_frequency_ms = cfg->derp.update_frequency_ms,
+      .on_change = derpmap_changed,
+      .change_ctx = &w};
+  if (tc_derpmap_new(&dp, &dm, &err)) {
+    fprintf(stderr, "Error: derp: %s\n", err.msg);
+    goto out;
+  }
+  pthread_mutex_lock(&w.mu);
+  free(env.derp_json);
+  env.derp_json = tc_derpmap_json(dm);
+  pthread_mutex_unlock(&w.mu);
+
+  /* Embedded DERP relay on /derp, plus its plain endpoints and STUN. */
+  if (cfg->derp.server.enabled) {
+    struct tc_derp_server_params sp = {.private_key_path = cfg->derp.server.private_key_path,
+                                       .verify = cfg->derp.server.verify_clients ? derp_verify : NULL,
+                                       .verify_ctx = &w};
+    if (tc_derp_server_new(&sp, &derp, &err)) {
+      fprintf(stderr, "Error: derp.server: %s\n", err.msg);
+      goto out;
+    }
+    w.derp = derp;
+    tc_frontdoor_register_upgrade(fdr, "/derp", tc_derp_upgrade, derp);
+    tc_http_route(be->router, "GET", "/derp", h_derp_plain, NULL);
+    static const char *const derp_paths[] = {"/derp/probe", "/derp/latency-check", "/generate_204",
+                                             "/bootstrap-dns"};
+    for (size_t i = 0; i < TC_ARRAY_LEN(derp_paths); i++) {
+      tc_http_route(be->router, "GET", derp_paths[i], h_derp_http, NULL);
+      tc_http_route(be->router, "HEAD", derp_paths[i], h_derp_http, NULL);
+    }
+    w.sub_id = tc_model_subscribe(be->model, derp_on_change, &w);
+    tc_metrics_add_hook(derp_metrics, &w);
+    derp_hook = true;
+    if (cfg->derp.server.stun_listen_addr && *cfg->derp.server.stun_listen_addr &&
+        tc_stun_server_new(cfg->derp.server.stun_listen_addr, &stun, &err)) {
+      fprintf(stderr, "Error: derp.server.stun_listen_addr: %s\n", err.msg);
+      goto out;
+    }
+  }
 
   /* Control protocol: /ts2021 (Noise + HTTP/2) -> mapper -> model. */
-  tc_mapper_env_from_config(&env, cfg);
   struct tc_mapper_opts mo = {.model = be->model, .env = &env, .server_url = cfg->server_url};
-  if (tc_mapper_new(&mo, &mapper, &err)) {
+  pthread_mutex_lock(&w.mu);
+  int mrc = tc_mapper_new(&mo, &mapper, &err);
+  w.mapper = mapper;
+  pthread_mutex_unlock(&w.mu);
+  if (mrc) {
     fprintf(stderr, "Error: mapper: %s\n", err.msg);
     goto out;
   }
@@ -213,19 +439,33 @@ int tc_cli_serve(const struct tc_config *cfg) {
     goto out;
   }
   /* ========================================================================= */
-  if (cfg->tls_cert_path && *cfg->tls_cert_path)
-    tc_warn("tls_cert_path is set but TLS is not wired into serve yet; serving plain HTTP");
 
   if (tc_frontdoor_start(fdr, &err)) {
     fprintf(stderr, "Error: %s\n", err.msg);
     goto out;
+  }
+  port = tc_frontdoor_port(fdr);
+  if (use_tls) {
+    struct tc_tls_params tp = {.cert_path = cfg->tls_cert_path, .key_path = cfg->tls_key_path,
+                               .deliver = tls_deliver, .deliver_ctx = &w};
+    if (tc_tls_new(&tp, &tls, &err)) {
+      fprintf(stderr, "Error: tls_cert_path/tls_key_path: %s\n", err.msg);
+      goto out;
+    }
+    w.tls = tls;
+    int lfd = tc_tls_listen_tcp(cfg->listen_addr, &port, &err);
+    if (lfd < 0 || tc_tls_add_listener(tls, lfd, &err)) {
+      fprintf(stderr, "Error: listen_addr %s: %s\n", cfg->listen_addr, err.msg);
+      goto out;
+    }
+    tc_cli_on_reload(tls_reload, &w);
   }
   if (cfg->metrics_listen_addr && *cfg->metrics_listen_addr &&
       tc_metrics_server_start(cfg->metrics_listen_addr, &ms, &err)) {
     fprintf(stderr, "Error: metrics_listen_addr: %s\n", err.msg);
     goto out;
   }
-  banner(cfg, tc_frontdoor_port(fdr));
+  banner(cfg, port);
 
   int64_t next_tick = tc_mono_ms() + TICK_MS;
   for (;;) {
@@ -251,15 +491,26 @@ int tc_cli_serve(const struct tc_config *cfg) {
   status = 0;
 
 out:
-  /* Shutdown order: stop accepting, then protocol modules, then the model. */
-  tc_metrics_server_stop(ms);
-  tc_frontdoor_free(fdr);
-  tc_ctl_server_stop(ctl);
-  tc_mapper_free(mapper);
-  tc_mapper_env_free(&env);
+  /* Shutdown order: stop accepting (metrics, TLS, front door), then the
+   * protocol modules, then their handlers, then the model and storage. */
   pthread_mutex_lock(&reload_mu);
   nreloads = 0;
   pthread_mutex_unlock(&reload_mu);
+  tc_metrics_server_stop(ms);
+  tc_tls_free(tls);
+  tc_frontdoor_free(fdr);
+  if (derp_hook) tc_metrics_remove_hook(derp_metrics, &w);
+  if (w.sub_id > 0) tc_model_unsubscribe(be->model, w.sub_id);
+  tc_derp_server_shutdown(derp, 0, 200); /* frees it */
+  tc_stun_server_free(stun);
+  tc_ctl_server_stop(ctl);
+  pthread_mutex_lock(&w.mu);
+  w.mapper = NULL;
+  pthread_mutex_unlock(&w.mu);
+  tc_mapper_free(mapper);
+  tc_derpmap_free(dm);
+  tc_mapper_env_free(&env);
+  pthread_mutex_destroy(&w.mu);
   tc_backend_close(be);
   tc_backend_settings_free(&settings);
   tc_wipe(noise_priv, sizeof noise_priv);

@@ -98,7 +98,8 @@ void tc_http_resp_error(struct tc_http_resp *resp, int status, int grpc_code, co
     __attribute__((format(printf, 4, 5)));
 /* Maps a TC_E* code (and its message) to status and gRPC code. */
 void tc_http_resp_tc_err(struct tc_http_resp *resp, int code, const char *msg);
-/* Adds a response header (copied). Silently ignored past TC_HTTP_RESP_HEADERS_MAX. */
+/* Adds a response header (copied). Silently ignored past TC_HTTP_RESP_HEADERS_MAX.
+ * A Content-Type added here replaces content_type. */
 void tc_http_resp_header(struct tc_http_resp *resp, const char *name, const char *value);
 void tc_http_resp_free(struct tc_http_resp *resp);
 /* Maps a TC_E* code to HTTP status / gRPC code. */

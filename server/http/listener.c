@@ -336,8 +336,11 @@ static enum MHD_Result send_resp(struct MHD_Connection *c, struct tc_http_resp *
       MHD_create_response_from_buffer(resp->body.len, resp->body.data ? resp->body.data : (void *)"",
                                       MHD_RESPMEM_MUST_COPY);
   if (!r) return MHD_NO;
-  MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE,
-                          resp->content_type ? resp->content_type : "application/json");
+  bool own_ct = false;
+  for (size_t i = 0; i < resp->nheaders; i++) own_ct |= tc_strieq(resp->headers[i].name, "Content-Type");
+  if (!own_ct)
+    MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE,
+                            resp->content_type ? resp->content_type : "application/json");
   for (size_t i = 0; i < resp->nheaders; i++)
     MHD_add_response_header(r, resp->headers[i].name, resp->headers[i].value);
   enum MHD_Result ret = MHD_queue_response(c, (unsigned)(resp->status ? resp->status : 500), r);

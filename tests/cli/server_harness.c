@@ -79,7 +79,9 @@ int tc_pg_exec(const struct tc_srv *s, const char *sql) {
   return ok ? 0 : -1;
 }
 
-bool tc_srv_init(struct tc_srv *s, const char *pg_url) {
+bool tc_srv_init(struct tc_srv *s, const char *pg_url) { return tc_srv_init_ex(s, pg_url, NULL, NULL); }
+
+bool tc_srv_init_ex(struct tc_srv *s, const char *pg_url, const char *derp_yaml, const char *extra_yaml) {
   memset(s, 0, sizeof *s);
   char *d = tc_test_tmpdir();
   snprintf(s->dir, sizeof s->dir, "%s", d);
@@ -107,22 +109,25 @@ bool tc_srv_init(struct tc_srv *s, const char *pg_url) {
     snprintf(dbsection, sizeof dbsection,
              "database:\n  type: sqlite\n  sqlite:\n    path: \"%s\"\n    write_ahead_log: true\n", s->db);
   }
+  s->tls = extra_yaml && strstr(extra_yaml, "tls_cert_path:");
   FILE *f = fopen(s->config, "w");
   if (!f) return false;
   fprintf(f,
-          "server_url: http://127.0.0.1:%d\n"
+          "server_url: %s://127.0.0.1:%d\n"
           "listen_addr: 127.0.0.1:%d\n"
           "metrics_listen_addr: 127.0.0.1:%d\n"
           "noise:\n  private_key_path: \"%s/noise.key\"\n"
           "prefixes:\n  v4: 100.64.0.0/10\n  v6: fd7a:115c:a1e0::/48\n  allocation: sequential\n"
           "%s"
-          "derp:\n  server:\n    enabled: false\n  urls: []\n  paths: []\n"
+          "%s"
           "dns:\n  magic_dns: true\n  base_domain: tailnet.test\n  nameservers:\n    global: [1.1.1.1]\n"
           "policy:\n  mode: database\n"
           "log:\n  level: info\n"
           "unix_socket: \"%s\"\n"
-          "unix_socket_permission: \"0770\"\n",
-          s->port, s->port, s->metrics_port, s->dir, dbsection, s->sock);
+          "unix_socket_permission: \"0770\"\n%s",
+          s->tls ? "https" : "http", s->port, s->port, s->metrics_port, s->dir, dbsection,
+          derp_yaml ? derp_yaml : "derp:\n  server:\n    enabled: false\n  urls: []\n  paths: []\n", s->sock,
+          extra_yaml ? extra_yaml : "");
   fclose(f);
   return true;
 }
@@ -287,7 +292,9 @@ int tc_http_do(const struct tc_srv *s, bool unix_sock, const char *method, const
     snprintf(url, sizeof url, "http://localhost%s", path);
     curl_easy_setopt(h, CURLOPT_UNIX_SOCKET_PATH, s->sock);
   } else {
-    snprintf(url, sizeof url, "http://127.0.0.1:%d%s", s->port, path);
+    snprintf(url, sizeof url, "%s://127.0.0.1:%d%s", s->tls ? "https" : "http", s->port, path);
+    curl_easy_setopt(h, CURLOPT_SSL_VERIFYPEER, 0L);
+    curl_easy_setopt(h, CURLOPT_SSL_VERIFYHOST, 0L);
   }
   struct tc_buf b = TC_BUF_INIT;
   curl_easy_setopt(h, CURLOPT_URL, url);

@@ -19,11 +19,15 @@ struct tc_srv {
   int port, metrics_port;
   pid_t pid;
   char log[300];
+  bool tls; /* speak https (certificate not verified) */
 };
 
 /* Prepares a temp dir and config. pg_url NULL = SQLite, else the
  * TC_TEST_PG_URL of the fixture (a fresh database is created). */
 bool tc_srv_init(struct tc_srv *s, const char *pg_url);
+/* Same, with the derp: section replaced by derp_yaml (NULL = DERP off) and
+ * extra top-level YAML appended (NULL = none). */
+bool tc_srv_init_ex(struct tc_srv *s, const char *pg_url, const char *derp_yaml, const char *extra_yaml);
 /* Starts the server and waits (<= 30 s) until GET /health answers 200. */
 bool tc_srv_start(struct tc_srv *s);
 /* Sends sig and reaps the process; returns its wait status. */
