@@ -1322,12 +1322,12 @@ static int walk_map(struct lctx *c, yaml_node_t *map, const char *prefix) {
     if (cfg_key_find(path, &idx)) {
       if ((rc = assign_node(c, idx, kn, vn)) < 0) return rc;
     } else if ((rk = removed_find(path))) {
-      if (c->nremoved < TC_ARRAY_LEN(c->removed)) {
-        c->removed[c->nremoved].rk = rk;
-        c->removed[c->nremoved].line = (int)kn->start_mark.line + 1;
-        c->removed[c->nremoved].col = (int)kn->start_mark.column + 1;
-        c->nremoved++;
-      }
+      /* decided after the whole file is read: the replacement may come later */
+      if (c->nremoved == TC_ARRAY_LEN(c->removed)) return yerr(c, kn, path, "%s", rk->why);
+      c->removed[c->nremoved].rk = rk;
+      c->removed[c->nremoved].line = (int)kn->start_mark.line + 1;
+      c->removed[c->nremoved].col = (int)kn->start_mark.column + 1;
+      c->nremoved++;
     } else if (is_section(path)) {
       if (node_is_null(vn)) continue;
       if (vn->type != YAML_MAPPING_NODE) return yerr(c, vn, path, "expected a mapping");
