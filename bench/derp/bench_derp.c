@@ -9,7 +9,8 @@
  * Server CPU is the DERP thread's (plus the TLS thread's) CPU clock.
  *
  * Usage: bench_derp [--pairs M] [--tls] [--seconds S] [--size BYTES]
- *                   [--latency-rounds N] */
+ *                   [--latency-rounds N] [--window PKTS]
+ * --window bounds the packets in flight per pair (0 = unbounded blast). */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
@@ -94,7 +95,8 @@ struct cl {
   uint8_t priv[32], pub[32], srv[32];
   struct cl *peer;
   uint8_t *rbuf;
-  uint64_t recv_pkts, recv_bytes;
+  _Atomic uint64_t recv_pkts;
+  uint64_t recv_bytes;
   int64_t *lat;
   size_t nlat, caplat;
 };
@@ -194,10 +196,21 @@ static int cl_connect(struct cl *c) {
 static atomic_bool g_run;
 static int g_rounds = 200;
 
+static int g_window = 128;
+
 static void *sender(void *arg) {
   struct cl *c = arg;
   uint8_t *pkt = calloc(1, (size_t)g_size);
+  uint64_t sent = 0;
   while (atomic_load(&g_run)) {
+    /* flow control: at most g_window packets in flight per pair, so the
+     * senders measure what the relay delivers instead of burning the CPU on
+     * packets the relay would drop from a full queue */
+    if (g_window > 0 && sent - atomic_load_explicit(&c->peer->recv_pkts, memory_order_relaxed) >= (uint64_t)g_window) {
+      usleep(50);
+      continue;
+    }
+    sent++;
     int64_t now = tc_mono_ns();
     memcpy(pkt, &now, 8);
     if (cl_frame(c, TC_DERP_FRAME_SEND_PACKET, c->peer->pub, 32, pkt, (size_t)g_size)) break;
@@ -211,7 +224,7 @@ static void *receiver(void *arg) {
   for (;;) {
     int n = cl_recv_packet(c);
     if (n < 0) break;
-    c->recv_pkts++;
+    atomic_fetch_add_explicit(&c->recv_pkts, 1, memory_order_relaxed);
     c->recv_bytes += (uint64_t)n;
   }
   return NULL;
@@ -273,8 +286,9 @@ int main(int argc, char **argv) {
     else if (!strcmp(argv[i], "--seconds") && i + 1 < argc) seconds = atof(argv[++i]);
     else if (!strcmp(argv[i], "--size") && i + 1 < argc) g_size = atoi(argv[++i]);
     else if (!strcmp(argv[i], "--latency-rounds") && i + 1 < argc) g_rounds = atoi(argv[++i]);
+    else if (!strcmp(argv[i], "--window") && i + 1 < argc) g_window = atoi(argv[++i]);
     else {
-      fprintf(stderr, "usage: %s [--pairs M] [--tls] [--seconds S] [--size BYTES] [--latency-rounds N]\n", argv[0]);
+      fprintf(stderr, "usage: %s [--pairs M] [--tls] [--seconds S] [--size BYTES] [--latency-rounds N] [--window PKTS]\n", argv[0]);
       return 2;
     }
   }
@@ -316,6 +330,7 @@ int main(int argc, char **argv) {
   int n = 2 * pairs;
   struct cl *cls = calloc((size_t)n, sizeof *cls);
   int64_t t_conn = tc_mono_ms();
+  int64_t hs_cpu0 = tls ? tc_tls_thread_cpu_ns(tls) : 0;
   for (int i = 0; i < n; i++) {
     if (cl_connect(&cls[i])) {
       fprintf(stderr, "client %d failed to connect\n", i);
@@ -323,6 +338,7 @@ int main(int argc, char **argv) {
     }
   }
   int64_t conn_ms = tc_mono_ms() - t_conn;
+  double hs_cpu_ms = tls ? (double)(tc_tls_thread_cpu_ns(tls) - hs_cpu0) / 1e6 / n : 0;
   for (int i = 0; i < pairs; i++) {
     cls[2 * i].peer = &cls[2 * i + 1];
     cls[2 * i + 1].peer = &cls[2 * i];
@@ -385,8 +401,10 @@ int main(int argc, char **argv) {
   double p50 = nl ? (double)all[nl / 2] / 1000.0 : 0, p99 = nl ? (double)all[(nl * 99) / 100] / 1000.0 : 0;
   for (int i = 0; i < n; i++) close_cl(&lc[i]);
 
-  printf("mode=%s pairs=%d size=%d seconds=%.1f connect_ms=%lld\n", g_tls ? "tls" : "plain", pairs, g_size, el,
-         (long long)conn_ms);
+  printf("mode=%s pairs=%d size=%d window=%d seconds=%.1f connect_ms=%lld", g_tls ? "tls" : "plain", pairs, g_size,
+         g_window, el, (long long)conn_ms);
+  if (tls) printf(" server_tls_handshake_cpu=%.1f ms/conn", hs_cpu_ms);
+  printf("\n");
   printf("throughput: %.0f packets/s, %.1f MB/s delivered (server relayed %.1f MB, dropped %llu)\n",
          (double)pk / el, (double)by / el / 1e6, (double)relayed / 1e6,
          (unsigned long long)(m1.drops_queue_full - m0.drops_queue_full));

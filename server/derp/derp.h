@@ -124,9 +124,11 @@ int tc_derp_server_new(const struct tc_derp_server_params *p, struct tc_derp_ser
                        struct tc_err *err);
 void tc_derp_server_public_key(const struct tc_derp_server *s, uint8_t out[32]);
 
-/* The /derp tc_upgrade_fn; ctx is the struct tc_derp_server *. Refuses with
- * 426 unless the request asks for "Upgrade: DERP" (or a WebSocket with the
- * "derp" subprotocol, answered 501 until supported); never blocks. */
+/* The /derp tc_upgrade_fn; ctx is the struct tc_derp_server *. Accepts
+ * "Upgrade: DERP" (any case; "Derp-Fast-Start: 1" skips the 101) and
+ * "Upgrade: websocket" with the "derp" subprotocol (DERP bytes in binary
+ * WebSocket messages, as wasm clients speak it); anything else gets 426
+ * "DERP requires connection upgrade". Never blocks for long. */
 void tc_derp_upgrade(void *ctx, int fd, const struct tc_http_head *head);
 
 /* Lower-level entry: takes ownership of a connected stream socket whose next

@@ -25,6 +25,7 @@
 #include <unistd.h>
 
 #include <jansson.h>
+#include <mbedtls/sha1.h>
 #include <sodium.h>
 
 #include "derp/derp.h"
@@ -171,6 +172,17 @@ struct client {
   double pg_tokens;
   int64_t pg_at;
   struct kmap saw_src; /* keys that sent packets to this client */
+  /* WebSocket transport (wasm clients): DERP bytes ride in binary messages */
+  bool ws;
+  char *ws_resp;            /* the 101 for WebSocket, sent unframed */
+  struct tc_buf raw_out;    /* unframed bytes that go before everything else */
+  size_t raw_off;
+  struct tc_buf ws_raw;     /* received, not yet decoded */
+  struct tc_buf ws_plain;   /* decoded DERP stream bytes, not yet consumed */
+  size_t ws_plain_off;
+  bool ws_bad;              /* a WebSocket protocol violation was seen */
+  bool again;               /* decoded bytes are waiting: read again soon */
+  struct client *again_next;
 };
 
 struct tc_derp_server {
@@ -184,7 +196,7 @@ struct tc_derp_server {
   struct client *clients;
   size_t nclients;
   struct kmap active; /* key -> active client */
-  struct client *dirty, *dead;
+  struct client *dirty, *dead, *again;
   uint64_t next_seq;
   uint64_t rate_bps, rate_burst;
   struct tc_derp_metrics m;
@@ -229,7 +241,8 @@ static void ep_update(struct tc_derp_server *s, struct client *c) {
   int64_t now = tc_mono_ms();
   if (c->throttled_until <= now) ev |= EPOLLIN;
   /* also when queued frames wait: flush() may have stopped on its budget */
-  if (c->out_off < c->out.len || c->ctrl.len || c->pong_pending || c->q.n || c->dq.n) ev |= EPOLLOUT;
+  if (c->out_off < c->out.len || c->ctrl.len || c->pong_pending || c->q.n || c->dq.n || c->raw_out.len)
+    ev |= EPOLLOUT;
   if (ev == c->ep_events) return;
   struct epoll_event e = {.events = ev, .data.ptr = c};
   epoll_ctl(s->ep, EPOLL_CTL_MOD, c->fd, &e);
@@ -321,6 +334,10 @@ static void client_free(struct tc_derp_server *s, struct client *c) {
   tc_buf_free(&c->out);
   tc_buf_free(&c->ctrl);
   kmap_free(&c->saw_src);
+  free(c->ws_resp);
+  tc_buf_free(&c->raw_out);
+  tc_buf_free(&c->ws_raw);
+  tc_buf_free(&c->ws_plain);
   free(c);
 }
 
@@ -328,6 +345,114 @@ static int64_t keepalive_delay(struct tc_derp_server *s) {
   int64_t base = s->p.keepalive_ms;
   int64_t jitter = base / 12;
   return base + (jitter > 0 ? (int64_t)randombytes_uniform((uint32_t)jitter) : 0);
+}
+
+/* ---- WebSocket framing (RFC 6455, server side) ------------------------------ */
+
+#define WS_MAX_PAYLOAD (TC_DERP_MAX_FRAME + 64)
+
+static void ws_frame_header(struct tc_buf *b, uint8_t opcode, size_t n) {
+  uint8_t h[10];
+  size_t hl;
+  h[0] = (uint8_t)(0x80 | opcode);
+  if (n < 126) {
+    h[1] = (uint8_t)n;
+    hl = 2;
+  } else if (n <= 0xffff) {
+    h[1] = 126;
+    h[2] = (uint8_t)(n >> 8);
+    h[3] = (uint8_t)n;
+    hl = 4;
+  } else {
+    h[1] = 127;
+    for (int i = 0; i < 8; i++) h[2 + i] = (uint8_t)((uint64_t)n >> (56 - 8 * i));
+    hl = 10;
+  }
+  tc_buf_append(b, h, hl);
+}
+
+/* Decodes every complete frame in ws_raw into ws_plain (data) or answers it
+ * (ping -> pong). Returns -1 on a protocol violation or a close frame. */
+static int ws_decode(struct client *c) {
+  size_t off = 0;
+  int rc = 0;
+  const uint8_t *b = (const uint8_t *)c->ws_raw.data;
+  while (c->ws_raw.len - off >= 2) {
+    const uint8_t *h = b + off;
+    size_t avail = c->ws_raw.len - off;
+    uint8_t opcode = h[0] & 0x0f;
+    bool fin = h[0] & 0x80;
+    if (h[0] & 0x70 || !(h[1] & 0x80)) { /* no extensions; clients must mask */
+      rc = -1;
+      break;
+    }
+    uint64_t len = h[1] & 0x7f;
+    size_t hl = 2;
+    if (len == 126) {
+      if (avail < 4) break;
+      len = (uint64_t)h[2] << 8 | h[3];
+      hl = 4;
+    } else if (len == 127) {
+      if (avail < 10) break;
+      len = 0;
+      for (int i = 0; i < 8; i++) len = len << 8 | h[2 + i];
+      hl = 10;
+    }
+    if (len > WS_MAX_PAYLOAD || (opcode >= 8 && (len > 125 || !fin))) {
+      rc = -1;
+      break;
+    }
+    if (avail < hl + 4 + len) break;
+    const uint8_t *mask = h + hl;
+    uint8_t *payload = (uint8_t *)h + hl + 4;
+    for (uint64_t i = 0; i < len; i++) payload[i] ^= mask[i & 3];
+    off += hl + 4 + (size_t)len;
+    switch (opcode) {
+      case 0: /* continuation */
+      case 2: /* binary */
+        tc_buf_append(&c->ws_plain, payload, (size_t)len);
+        break;
+      case 9: /* ping -> pong with the same payload */
+        ws_frame_header(&c->raw_out, 10, (size_t)len);
+        tc_buf_append(&c->raw_out, payload, (size_t)len);
+        break;
+      case 10: break;
+      default: /* close, text (DERP is binary only) or reserved */
+        rc = -1;
+        break;
+    }
+    if (rc) break;
+  }
+  tc_buf_consume(&c->ws_raw, off);
+  return rc;
+}
+
+/* recv() for the DERP byte stream: plain, or decoded from WebSocket frames. */
+static ssize_t conn_recv(struct client *c, void *buf, size_t len) {
+  if (!c->ws) return recv(c->fd, buf, len, 0);
+  for (;;) {
+    size_t have = c->ws_plain.len - c->ws_plain_off;
+    if (have) {
+      size_t k = TC_MIN(have, len);
+      memcpy(buf, c->ws_plain.data + c->ws_plain_off, k);
+      c->ws_plain_off += k;
+      if (c->ws_plain_off == c->ws_plain.len) {
+        tc_buf_reset(&c->ws_plain);
+        c->ws_plain_off = 0;
+      }
+      return (ssize_t)k;
+    }
+    if (ws_decode(c) != 0) {
+      c->ws_bad = true;
+      errno = EPROTO;
+      return -1;
+    }
+    if (c->ws_plain.len) continue;
+    uint8_t tmp[16384];
+    ssize_t n = recv(c->fd, tmp, sizeof tmp, 0);
+    if (n <= 0) return n;
+    tc_buf_append(&c->ws_raw, tmp, (size_t)n);
+  }
 }
 
 /* ---- writing -------------------------------------------------------------- */
@@ -362,11 +487,29 @@ static void fill_out(struct tc_derp_server *s, struct client *c) {
   }
 }
 
+static void fill_out_framed(struct tc_derp_server *s, struct client *c) {
+  fill_out(s, c);
+  if (!c->ws || c->out.len == 0) return;
+  struct tc_buf f = TC_BUF_INIT;
+  ws_frame_header(&f, 2, c->out.len);
+  tc_buf_append(&f, c->out.data, c->out.len);
+  tc_buf_free(&c->out);
+  c->out = f;
+  c->out_off = 0;
+}
+
 static void flush(struct tc_derp_server *s, struct client *c) {
   if (c->state == CS_DEAD || c->state == CS_HEAD) return;
   for (int guard = 0; guard < 32; guard++) {
+    if (c->out_off >= c->out.len && c->raw_out.len) {
+      /* unframed bytes (the WebSocket 101, pongs) go out between frames */
+      tc_buf_free(&c->out);
+      c->out = c->raw_out;
+      c->raw_out = (struct tc_buf)TC_BUF_INIT;
+      c->out_off = 0;
+    }
     if (c->out_off >= c->out.len) {
-      fill_out(s, c);
+      fill_out_framed(s, c);
       if (c->out.len == 0) {
         c->stall_since = 0;
         break;
@@ -642,6 +785,26 @@ static void parse_input(struct tc_derp_server *s, struct client *c) {
   }
 }
 
+/* The request head is consumed: queue the 101 (unless fast start) and the
+ * ServerKey frame. */
+static void start_handshake(struct tc_derp_server *s, struct client *c) {
+  if (c->ws) {
+    tc_buf_puts(&c->raw_out, c->ws_resp);
+  } else if (!c->fast_start) {
+    char hex[65];
+    tc_hex_encode(s->pub, 32, hex);
+    tc_buf_printf(&c->ctrl,
+                  "HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n"
+                  "Derp-Version: %d\r\nDerp-Public-Key: %s\r\n\r\n",
+                  TC_DERP_PROTOCOL_VERSION, hex);
+  }
+  uint8_t sk[45];
+  tc_derp_server_key_frame(s->pub, sk);
+  tc_buf_append(&c->ctrl, sk, sizeof sk);
+  c->state = CS_HANDSHAKE;
+  mark_dirty(s, c);
+}
+
 static void on_readable(struct tc_derp_server *s, struct client *c) {
   size_t budget = READ_BUDGET;
   uint8_t scratch[16384];
@@ -651,25 +814,14 @@ static void on_readable(struct tc_derp_server *s, struct client *c) {
     if (c->discard_left || c->skip_left) {
       size_t want = c->discard_left ? c->discard_left : (size_t)TC_MIN(c->skip_left, (uint64_t)sizeof scratch);
       want = TC_MIN(want, sizeof scratch);
-      n = recv(c->fd, scratch, want, 0);
+      /* the request head is never WebSocket-framed */
+      n = c->discard_left ? recv(c->fd, scratch, want, 0) : conn_recv(c, scratch, want);
       if (n > 0) {
         if (c->discard_left) {
           c->discard_left -= (size_t)n;
           if (!c->discard_left) {
             /* head consumed: now the response (unless fast start) and ServerKey */
-            if (!c->fast_start) {
-              char hex[65];
-              tc_hex_encode(s->pub, 32, hex);
-              tc_buf_printf(&c->ctrl,
-                            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n"
-                            "Derp-Version: %d\r\nDerp-Public-Key: %s\r\n\r\n",
-                            TC_DERP_PROTOCOL_VERSION, hex);
-            }
-            uint8_t sk[45];
-            tc_derp_server_key_frame(s->pub, sk);
-            tc_buf_append(&c->ctrl, sk, sizeof sk);
-            c->state = CS_HANDSHAKE;
-            mark_dirty(s, c);
+            start_handshake(s, c);
           }
         } else {
           c->skip_left -= (uint64_t)n;
@@ -679,7 +831,7 @@ static void on_readable(struct tc_derp_server *s, struct client *c) {
       }
     } else {
       if (c->in_len == c->in_cap) break; /* cannot happen: frames are bounded by in_cap */
-      n = recv(c->fd, c->in + c->in_len, c->in_cap - c->in_len, 0);
+      n = conn_recv(c, c->in + c->in_len, c->in_cap - c->in_len);
       if (n > 0) {
         c->in_len += (size_t)n;
         budget -= TC_MIN(budget, (size_t)n);
@@ -693,10 +845,20 @@ static void on_readable(struct tc_derp_server *s, struct client *c) {
     }
     if (errno == EAGAIN || errno == EWOULDBLOCK) break;
     if (errno == EINTR) continue;
-    kill_client(s, c, K_CLOSED, "read failed");
+    if (c->ws_bad) kill_client(s, c, K_PROTO, "WebSocket protocol violation or close");
+    else kill_client(s, c, K_CLOSED, "read failed");
     return;
   }
-  if (c->state != CS_DEAD) ep_update(s, c);
+  if (c->state == CS_DEAD) return;
+  /* decoded WebSocket bytes or pongs are invisible to epoll */
+  if (c->ws && (c->ws_plain.len > c->ws_plain_off || c->ws_raw.len) && !c->again &&
+      c->throttled_until <= tc_mono_ms()) {
+    c->again = true;
+    c->again_next = s->again;
+    s->again = c;
+  }
+  if (c->raw_out.len) mark_dirty(s, c);
+  ep_update(s, c);
 }
 
 /* ---- the thread --------------------------------------------------------- */
@@ -740,6 +902,11 @@ static void flush_dirty(struct tc_derp_server *s) {
 }
 
 static void free_dead(struct tc_derp_server *s) {
+  /* a dead client may still sit on the again list: unlink it first */
+  for (struct client **pp = &s->again; *pp;) {
+    if ((*pp)->state == CS_DEAD) *pp = (*pp)->again_next;
+    else pp = &(*pp)->again_next;
+  }
   while (s->dead) {
     struct client *c = s->dead;
     s->dead = c->dead_next;
@@ -752,11 +919,22 @@ static void *derp_thread(void *arg) {
   struct epoll_event evs[128];
   int64_t next_sweep = tc_mono_ms() + 100;
   for (;;) {
-    int n = epoll_wait(s->ep, evs, 128, 100);
+    pthread_mutex_lock(&s->mu);
+    bool pending_again = s->again != NULL;
+    pthread_mutex_unlock(&s->mu);
+    int n = epoll_wait(s->ep, evs, 128, pending_again ? 0 : 100);
     pthread_mutex_lock(&s->mu);
     if (s->stop) {
       pthread_mutex_unlock(&s->mu);
       break;
+    }
+    struct client *ag = s->again;
+    s->again = NULL;
+    while (ag) {
+      struct client *c = ag;
+      ag = c->again_next;
+      c->again = false;
+      if (c->state != CS_DEAD) on_readable(s, c);
     }
     for (int i = 0; i < n; i++) {
       struct client *c = evs[i].data.ptr;
@@ -829,13 +1007,15 @@ fail:
 
 void tc_derp_server_public_key(const struct tc_derp_server *s, uint8_t out[32]) { memcpy(out, s->pub, 32); }
 
-int tc_derp_server_accept(struct tc_derp_server *s, int fd, const char *peer, size_t discard, bool fast_start) {
+static int accept_conn(struct tc_derp_server *s, int fd, const char *peer, size_t discard, bool fast_start,
+                       char *ws_resp) {
   set_nonblock(fd);
   pthread_mutex_lock(&s->mu);
   s->m.accepts++;
   if (s->stop || s->nclients >= s->p.max_clients) {
     pthread_mutex_unlock(&s->mu);
     close(fd);
+    free(ws_resp);
     return TC_EAGAIN;
   }
   struct client *c = tc_xcalloc(1, sizeof(*c));
@@ -845,6 +1025,8 @@ int tc_derp_server_accept(struct tc_derp_server *s, int fd, const char *peer, si
   c->in_cap = IN_INITIAL;
   c->in = tc_xmalloc(c->in_cap);
   c->fast_start = fast_start;
+  c->ws = ws_resp != NULL;
+  c->ws_resp = ws_resp;
   c->hs_deadline = tc_mono_ms() + s->p.handshake_timeout_ms;
   c->tokens = (double)s->rate_burst;
   c->tokens_at = tc_mono_ms();
@@ -857,23 +1039,7 @@ int tc_derp_server_accept(struct tc_derp_server *s, int fd, const char *peer, si
   s->clients = c;
   s->nclients++;
   s->m.clients_handshaking++;
-  if (discard == 0) {
-    /* nothing to discard: go straight to writing 101 + ServerKey */
-    c->discard_left = 0;
-    if (!fast_start) {
-      char hex[65];
-      tc_hex_encode(s->pub, 32, hex);
-      tc_buf_printf(&c->ctrl,
-                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n"
-                    "Derp-Version: %d\r\nDerp-Public-Key: %s\r\n\r\n",
-                    TC_DERP_PROTOCOL_VERSION, hex);
-    }
-    uint8_t sk[45];
-    tc_derp_server_key_frame(s->pub, sk);
-    tc_buf_append(&c->ctrl, sk, sizeof sk);
-    c->state = CS_HANDSHAKE;
-    mark_dirty(s, c);
-  }
+  if (discard == 0) start_handshake(s, c); /* nothing to discard */
   c->ep_events = EPOLLIN;
   struct epoll_event ev = {.events = EPOLLIN, .data.ptr = c};
   if (epoll_ctl(s->ep, EPOLL_CTL_ADD, fd, &ev) != 0) {
@@ -882,6 +1048,10 @@ int tc_derp_server_accept(struct tc_derp_server *s, int fd, const char *peer, si
   pthread_mutex_unlock(&s->mu);
   wake(s);
   return 0;
+}
+
+int tc_derp_server_accept(struct tc_derp_server *s, int fd, const char *peer, size_t discard, bool fast_start) {
+  return accept_conn(s, fd, peer, discard, fast_start, NULL);
 }
 
 static const char *head_get(const struct tc_http_head *h, const char *name) {
@@ -920,7 +1090,26 @@ void tc_derp_upgrade(void *ctx, int fd, const struct tc_http_head *head) {
   if (up && tc_strieq(up, "websocket")) {
     const char *proto = head_get(head, "Sec-WebSocket-Protocol");
     if (proto && strstr(proto, "derp")) {
-      refuse(fd, head, 501, "Not Implemented", "DERP over WebSocket is not supported by this server");
+      const char *key = head_get(head, "Sec-WebSocket-Key");
+      uint8_t raw[32];
+      size_t rawlen = 0;
+      if (!key || strlen(key) > 40 ||
+          sodium_base642bin(raw, sizeof raw, key, strlen(key), NULL, &rawlen, NULL, sodium_base64_VARIANT_ORIGINAL) ||
+          rawlen != 16) {
+        refuse(fd, head, 400, "Bad Request", "bad Sec-WebSocket-Key");
+        return;
+      }
+      /* RFC 6455 §4.2.2: accept = base64(SHA-1(key ‖ GUID)) */
+      char cat[128];
+      snprintf(cat, sizeof cat, "%s258EAFA5-E914-47DA-95CA-C5AB0DC85B11", key);
+      uint8_t sha[20];
+      mbedtls_sha1_ret((const unsigned char *)cat, strlen(cat), sha);
+      char acc[64];
+      sodium_bin2base64(acc, sizeof acc, sha, sizeof sha, sodium_base64_VARIANT_ORIGINAL);
+      char *resp = tc_xasprintf("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                                "Sec-WebSocket-Accept: %s\r\nSec-WebSocket-Protocol: derp\r\n\r\n",
+                                acc);
+      accept_conn(s, fd, head->peer, head->head_len, false, resp);
       return;
     }
   }

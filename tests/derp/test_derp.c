@@ -728,9 +728,11 @@ TC_TEST(upgrade_refusals) {
       "GET /derp HTTP/1.1\r\nHost: x\r\n\r\n",
       "GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n",
       "GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nSec-WebSocket-Protocol: derp\r\n\r\n",
+      "GET /derp HTTP/1.1\r\nUpgrade: websocket\r\nSec-WebSocket-Protocol: derp\r\nSec-WebSocket-Key: abc\r\n\r\n",
+      "GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nSec-WebSocket-Protocol: chat\r\n\r\n",
   };
-  const char *want[] = {"HTTP/1.1 426 ", "HTTP/1.1 426 ", "HTTP/1.1 501 "};
-  for (int i = 0; i < 3; i++) {
+  const char *want[] = {"HTTP/1.1 426 ", "HTTP/1.1 426 ", "HTTP/1.1 400 ", "HTTP/1.1 400 ", "HTTP/1.1 426 "};
+  for (int i = 0; i < 5; i++) {
     int sv[2];
     TC_REQUIRE(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) == 0);
     TC_REQUIRE(write(sv[0], reqs[i], strlen(reqs[i])) == (ssize_t)strlen(reqs[i]));
@@ -906,5 +908,186 @@ TC_TEST(handshake_timeout) {
   tc_derp_server_get_metrics(srv, &mt);
   TC_CHECK_INT(mt.handshakes_failed, 1);
   TC_CHECK_INT(mt.clients_handshaking, 0);
+  tc_derp_server_free(srv);
+}
+
+/* ---- WebSocket transport ---- */
+
+struct wsc {
+  int fd;
+  uint8_t buf[200000];
+  size_t len;      /* decoded stream bytes buffered */
+  int last_opcode; /* of the last control frame seen */
+  uint8_t ctl[130];
+  size_t ctl_len;
+};
+
+static int ws_send(struct wsc *w, uint8_t first_byte, const void *p, size_t n, bool masked) {
+  uint8_t *f = malloc(14 + n);
+  size_t hl = 2;
+  f[0] = first_byte;
+  if (n < 126) {
+    f[1] = (uint8_t)n;
+  } else if (n <= 0xffff) {
+    f[1] = 126, f[2] = (uint8_t)(n >> 8), f[3] = (uint8_t)n;
+    hl = 4;
+  } else {
+    f[1] = 127;
+    for (int i = 0; i < 8; i++) f[2 + i] = (uint8_t)((uint64_t)n >> (56 - 8 * i));
+    hl = 10;
+  }
+  uint8_t mask[4] = {0x11, 0x22, 0x33, 0x44};
+  if (masked) {
+    f[1] |= 0x80;
+    memcpy(f + hl, mask, 4);
+    hl += 4;
+  }
+  for (size_t i = 0; i < n; i++) f[hl + i] = ((const uint8_t *)p)[i] ^ (masked ? mask[i & 3] : 0);
+  ssize_t r = send(w->fd, f, hl + n, MSG_NOSIGNAL);
+  free(f);
+  return r == (ssize_t)(hl + n) ? 0 : -1;
+}
+
+/* Reads one server frame (must be unmasked); data goes to the stream
+ * buffer, control frames to ctl. */
+static int ws_read_frame(struct wsc *w) {
+  uint8_t h[10];
+  if (recv(w->fd, h, 2, MSG_WAITALL) != 2) return -1;
+  if (h[1] & 0x80) return -1;
+  uint64_t len = h[1] & 0x7f;
+  if (len == 126) {
+    if (recv(w->fd, h + 2, 2, MSG_WAITALL) != 2) return -1;
+    len = (uint64_t)h[2] << 8 | h[3];
+  } else if (len == 127) {
+    if (recv(w->fd, h + 2, 8, MSG_WAITALL) != 8) return -1;
+    len = 0;
+    for (int i = 0; i < 8; i++) len = len << 8 | h[2 + i];
+  }
+  int op = h[0] & 0x0f;
+  if (op == 2 || op == 0) {
+    if (w->len + len > sizeof w->buf) return -1;
+    if (len && recv(w->fd, w->buf + w->len, len, MSG_WAITALL) != (ssize_t)len) return -1;
+    w->len += len;
+  } else {
+    if (len > sizeof w->ctl) return -1;
+    if (len && recv(w->fd, w->ctl, len, MSG_WAITALL) != (ssize_t)len) return -1;
+    w->ctl_len = len;
+    w->last_opcode = op;
+  }
+  return op;
+}
+
+static int ws_read_stream(struct wsc *w, uint8_t *out, size_t n) {
+  while (w->len < n)
+    if (ws_read_frame(w) < 0) return -1;
+  memcpy(out, w->buf, n);
+  memmove(w->buf, w->buf + n, w->len - n);
+  w->len -= n;
+  return 0;
+}
+
+static int ws_open(struct wsc *w, struct tc_derp_server *srv) {
+  int sv[2];
+  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv)) return -1;
+  memset(w, 0, sizeof *w);
+  w->fd = sv[0];
+  struct timeval tv = {.tv_sec = 5};
+  setsockopt(w->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  const char *req = "GET /derp HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                    "Sec-WebSocket-Protocol: derp\r\n\r\n";
+  if (write(w->fd, req, strlen(req)) != (ssize_t)strlen(req)) return -1;
+  if (head_and_upgrade(srv, sv[1], "192.0.2.7:7") != 0) return -1;
+  char head[512];
+  size_t n = 0;
+  while (n < 4 || memcmp(head + n - 4, "\r\n\r\n", 4)) {
+    if (n + 1 >= sizeof head || read(w->fd, head + n, 1) != 1) return -1;
+    n++;
+  }
+  head[n] = 0;
+  /* the RFC 6455 example key has this well-known accept value */
+  if (!tc_str_has_prefix(head, "HTTP/1.1 101 ")) return -1;
+  if (!strstr(head, "\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n")) return -1;
+  if (!strstr(head, "\r\nSec-WebSocket-Protocol: derp\r\n")) return -1;
+  return 0;
+}
+
+TC_TEST(websocket_transport) {
+  struct tc_derp_server *srv = new_server(NULL);
+  TC_REQUIRE(srv);
+  static struct wsc w;
+  TC_REQUIRE(ws_open(&w, srv) == 0);
+  uint8_t sk[45];
+  TC_REQUIRE(ws_read_stream(&w, sk, 45) == 0);
+  char hex[100];
+  tc_hex_encode(sk, 45, hex);
+  TC_CHECK_STR(hex, V_SERVER_KEY_FRAME);
+  /* the vector ClientInfo, split over a binary and a continuation frame */
+  uint8_t ci[200];
+  size_t cil = strlen(V_CLIENT_INFO_FRAME) / 2;
+  unhex(V_CLIENT_INFO_FRAME, ci, cil);
+  TC_REQUIRE(ws_send(&w, 0x02, ci, 30, true) == 0);
+  TC_REQUIRE(ws_send(&w, 0x80, ci + 30, cil - 30, true) == 0);
+  uint8_t h[5];
+  TC_REQUIRE(ws_read_stream(&w, h, 5) == 0);
+  TC_CHECK_INT(h[0], TC_DERP_FRAME_SERVER_INFO);
+  size_t l = (size_t)h[3] << 8 | h[4];
+  uint8_t si[256];
+  TC_REQUIRE(l < sizeof si && ws_read_stream(&w, si, l) == 0);
+  uint8_t cpriv[32], cpub[32], spub[32], m[128];
+  unhex(V_CLIENT_PRIV, cpriv, 32);
+  unhex(V_CLIENT_PUB, cpub, 32);
+  unhex(V_SERVER_PUB, spub, 32);
+  TC_CHECK(crypto_box_open_easy(m, si + 24, l - 24, si, spub, cpriv) == 0);
+
+  /* relay between the WebSocket client and a plain one */
+  struct dc b = {0};
+  dc_keygen(&b, NULL);
+  TC_REQUIRE(dc_login_plain(&b, srv) == 0);
+  uint8_t f[5 + 32 + 5];
+  f[0] = TC_DERP_FRAME_SEND_PACKET, f[1] = 0, f[2] = 0, f[3] = 0, f[4] = 37;
+  memcpy(f + 5, b.pub, 32);
+  memcpy(f + 37, "wsdat", 5);
+  TC_REQUIRE(ws_send(&w, 0x82, f, sizeof f, true) == 0);
+  uint8_t buf[512];
+  size_t len;
+  TC_REQUIRE(dc_recv_frame(&b, buf, sizeof buf, &len, false) == TC_DERP_FRAME_RECV_PACKET);
+  TC_CHECK(len == 37 && !memcmp(buf, cpub, 32) && !memcmp(buf + 32, "wsdat", 5));
+  static uint8_t big[40000];
+  for (size_t i = 0; i < sizeof big; i++) big[i] = (uint8_t)i;
+  TC_REQUIRE(dc_send_packet(&b, cpub, big, sizeof big) == 0);
+  TC_REQUIRE(ws_read_stream(&w, h, 5) == 0);
+  TC_CHECK_INT(h[0], TC_DERP_FRAME_RECV_PACKET);
+  static uint8_t got[40032];
+  TC_REQUIRE(ws_read_stream(&w, got, sizeof got) == 0);
+  TC_CHECK(!memcmp(got, b.pub, 32) && !memcmp(got + 32, big, sizeof big));
+
+  /* WebSocket ping -> pong with the same payload */
+  TC_REQUIRE(ws_send(&w, 0x89, "hi", 2, true) == 0);
+  TC_CHECK_INT(ws_read_frame(&w), 10);
+  TC_CHECK(w.ctl_len == 2 && !memcmp(w.ctl, "hi", 2));
+  /* a text frame is not DERP: the connection ends, B hears PeerGone */
+  TC_REQUIRE(ws_send(&w, 0x81, "text", 4, true) == 0);
+  uint8_t x;
+  TC_CHECK(recv(w.fd, &x, 1, 0) <= 0);
+  TC_REQUIRE(dc_recv_frame(&b, buf, sizeof buf, &len, false) == TC_DERP_FRAME_PEER_GONE);
+  TC_CHECK(!memcmp(buf, cpub, 32));
+  close(w.fd);
+
+  /* an unmasked client frame is a protocol violation */
+  TC_REQUIRE(ws_open(&w, srv) == 0);
+  TC_REQUIRE(ws_read_stream(&w, sk, 45) == 0);
+  TC_REQUIRE(ws_send(&w, 0x82, ci, cil, false) == 0);
+  TC_CHECK(recv(w.fd, &x, 1, 0) <= 0);
+  close(w.fd);
+  /* a frame announcing more than the limit is refused before buffering */
+  TC_REQUIRE(ws_open(&w, srv) == 0);
+  TC_REQUIRE(ws_read_stream(&w, sk, 45) == 0);
+  uint8_t hugeh[14] = {0x82, 0xff, 0, 0, 0, 0, 0x10, 0, 0, 0, 1, 2, 3, 4};
+  TC_REQUIRE(send(w.fd, hugeh, sizeof hugeh, MSG_NOSIGNAL) == (ssize_t)sizeof hugeh);
+  TC_CHECK(recv(w.fd, &x, 1, 0) <= 0);
+  close(w.fd);
+  TC_CHECK(dc_alive(&b));
+  dc_close(&b);
   tc_derp_server_free(srv);
 }
