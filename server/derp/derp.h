@@ -200,6 +200,8 @@ struct tc_derpmap_params {
   int64_t update_frequency_ms;   /* 0 = 3 h */
   long http_timeout_ms;          /* per URL fetch; 0 = 10000 */
   bool fail_on_initial_error;    /* tc_derpmap_new fails if a source fails (Headscale) */
+  bool bootstrap_dns;            /* resolve every node HostName after each build, for
+                                    /bootstrap-dns (getaddrinfo on the build thread) */
   tc_derpmap_change_fn on_change;
   void *change_ctx;
 };
@@ -215,6 +217,9 @@ int tc_derpmap_refresh_now(struct tc_derpmap *dm, struct tc_err *err);
 char *tc_derpmap_json(struct tc_derpmap *dm);
 /* The current map as a jansson object (new reference). */
 json_t *tc_derpmap_get(struct tc_derpmap *dm);
+/* The bootstrap DNS cache {"host":["ip",...]} as compact JSON (owned;
+ * "{}" when bootstrap_dns is off or nothing resolved). */
+char *tc_derpmap_bootstrap_dns_json(struct tc_derpmap *dm);
 /* How many times the merged map changed (the first build counts as 1). */
 uint64_t tc_derpmap_generation(struct tc_derpmap *dm);
 void tc_derpmap_free(struct tc_derpmap *dm);

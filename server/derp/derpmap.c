@@ -12,7 +12,9 @@
  *
  * Threads: the refresh thread and tc_derpmap_refresh_now serialise on
  * refresh_mu; readers take mu only to copy the current text/object. */
+#include <arpa/inet.h>
 #include <ctype.h>
+#include <netdb.h>
 #include <errno.h>
 #include <math.h>
 #include <pthread.h>
@@ -583,6 +585,7 @@ struct tc_derpmap {
   pthread_cond_t cv;
   char *cur_json;
   json_t *cur;
+  char *dns_json;            /* guarded by mu */
   uint64_t gen;
   bool stop;
   pthread_t thr;
@@ -651,6 +654,61 @@ static int do_refresh(struct tc_derpmap *dm, bool notify, struct tc_err *err) {
   return first_rc;
 }
 
+/* Resolves every node HostName of map (IP literals resolve to themselves
+ * without DNS). Returns the cache as compact JSON (owned). */
+static char *resolve_hosts(json_t *map) {
+  json_t *cache = json_object();
+  const char *k;
+  json_t *r;
+  json_object_foreach(json_object_get(map, "Regions"), k, r) {
+    size_t i;
+    json_t *n;
+    json_array_foreach(json_object_get(r, "Nodes"), i, n) {
+      const char *host = json_string_value(json_object_get(n, "HostName"));
+      if (!host || !*host || json_object_get(cache, host) || strlen(host) > 253) continue;
+      struct addrinfo hints = {.ai_socktype = SOCK_STREAM}, *res = NULL;
+      if (getaddrinfo(host, NULL, &hints, &res) != 0) continue;
+      json_t *ips = json_array();
+      for (struct addrinfo *a = res; a; a = a->ai_next) {
+        char ip[INET6_ADDRSTRLEN] = "";
+        if (a->ai_family == AF_INET)
+          inet_ntop(AF_INET, &((struct sockaddr_in *)a->ai_addr)->sin_addr, ip, sizeof ip);
+        else if (a->ai_family == AF_INET6)
+          inet_ntop(AF_INET6, &((struct sockaddr_in6 *)a->ai_addr)->sin6_addr, ip, sizeof ip);
+        bool dup = false;
+        size_t j;
+        json_t *e;
+        json_array_foreach(ips, j, e) if (!strcmp(json_string_value(e), ip)) dup = true;
+        if (*ip && !dup) json_array_append_new(ips, json_string(ip));
+      }
+      freeaddrinfo(res);
+      if (json_array_size(ips)) json_object_set_new(cache, host, ips);
+      else json_decref(ips);
+    }
+  }
+  char *s = json_dumps(cache, JSON_COMPACT | JSON_SORT_KEYS);
+  json_decref(cache);
+  return s ? s : tc_xstrdup("{}");
+}
+
+static void refresh_dns(struct tc_derpmap *dm) {
+  if (!dm->p.bootstrap_dns) return;
+  json_t *m = tc_derpmap_get(dm);
+  char *s = resolve_hosts(m);
+  json_decref(m);
+  pthread_mutex_lock(&dm->mu);
+  free(dm->dns_json);
+  dm->dns_json = s;
+  pthread_mutex_unlock(&dm->mu);
+}
+
+char *tc_derpmap_bootstrap_dns_json(struct tc_derpmap *dm) {
+  pthread_mutex_lock(&dm->mu);
+  char *s = tc_xstrdup(dm->dns_json ? dm->dns_json : "{}");
+  pthread_mutex_unlock(&dm->mu);
+  return s;
+}
+
 static void *refresh_thread(void *arg) {
   struct tc_derpmap *dm = arg;
   for (;;) {
@@ -667,6 +725,7 @@ static void *refresh_thread(void *arg) {
     pthread_mutex_unlock(&dm->mu);
     if (stop) break;
     do_refresh(dm, true, NULL);
+    refresh_dns(dm);
   }
   return NULL;
 }
@@ -709,6 +768,7 @@ int tc_derpmap_new(const struct tc_derpmap_params *p, struct tc_derpmap **out, s
     goto fail;
   }
   rc = 0;
+  refresh_dns(dm);
   if (p->auto_update && p->nurls + p->npaths > 0) {
     if (pthread_create(&dm->thr, NULL, refresh_thread, dm) != 0) {
       rc = tc_err_set(err, TC_EINTERNAL, "derpmap: cannot start the refresh thread");
@@ -723,7 +783,11 @@ fail:
   return rc;
 }
 
-int tc_derpmap_refresh_now(struct tc_derpmap *dm, struct tc_err *err) { return do_refresh(dm, true, err); }
+int tc_derpmap_refresh_now(struct tc_derpmap *dm, struct tc_err *err) {
+  int rc = do_refresh(dm, true, err);
+  refresh_dns(dm);
+  return rc;
+}
 
 char *tc_derpmap_json(struct tc_derpmap *dm) {
   pthread_mutex_lock(&dm->mu);
@@ -769,6 +833,7 @@ void tc_derpmap_free(struct tc_derpmap *dm) {
   json_decref(dm->embedded);
   json_decref(dm->cur);
   free(dm->cur_json);
+  free(dm->dns_json);
   pthread_cond_destroy(&dm->cv);
   pthread_mutex_destroy(&dm->mu);
   pthread_mutex_destroy(&dm->refresh_mu);

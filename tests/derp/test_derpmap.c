@@ -484,3 +484,39 @@ TC_TEST(http_endpoints) {
   TC_CHECK_STR(r.body, "{}");
   free(r.body);
 }
+
+TC_TEST(bootstrap_dns_cache_from_the_map) {
+  /* only names that resolve without the network: an IP literal and the
+   * hosts-file name localhost */
+  char *dir = tc_test_tmpdir();
+  char *yp = tc_xasprintf("%s/local.yaml", dir);
+  const char *y = "regions:\n  901:\n    regionid: 901\n    regioncode: a\n    regionname: A\n    nodes:\n"
+                  "      - name: 901a\n        hostname: 127.0.0.1\n      - name: 901b\n        hostname: localhost\n";
+  struct tc_err err = {0};
+  TC_REQUIRE(tc_write_file_atomic(yp, y, strlen(y), 0644, &err) == 0);
+  const char *paths[] = {yp};
+  struct tc_derpmap_params p = {.paths = paths, .npaths = 1, .bootstrap_dns = true};
+  struct tc_derpmap *dm = NULL;
+  TC_REQUIRE(tc_derpmap_new(&p, &dm, &err) == 0);
+  char *dns = tc_derpmap_bootstrap_dns_json(dm);
+  json_t *j = json_loads(dns, 0, NULL);
+  TC_REQUIRE(json_is_object(j));
+  TC_CHECK_STR(json_string_value(json_array_get(json_object_get(j, "127.0.0.1"), 0)), "127.0.0.1");
+  TC_CHECK(json_array_size(json_object_get(j, "localhost")) >= 1);
+  /* and the endpoint answers from it */
+  struct tc_derp_http_resp r;
+  TC_CHECK(tc_derp_http_handle("GET", "/bootstrap-dns", "q=127.0.0.1", NULL, NULL, dns, &r));
+  TC_CHECK_STR(r.body, "{\"127.0.0.1\":[\"127.0.0.1\"]}");
+  free(r.body);
+  json_decref(j);
+  free(dns);
+  tc_derpmap_free(dm);
+  p.bootstrap_dns = false;
+  TC_REQUIRE(tc_derpmap_new(&p, &dm, &err) == 0);
+  dns = tc_derpmap_bootstrap_dns_json(dm);
+  TC_CHECK_STR(dns, "{}");
+  free(dns);
+  tc_derpmap_free(dm);
+  free(yp);
+  free(dir);
+}
