@@ -319,6 +319,23 @@ TC_TEST(preauth_keys_lifecycle) {
   TC_CHECK_INT(tc_model_preauth_delete(e.m, "cli", kid, &err), 0);
   TC_CHECK_INT(tc_model_preauth_check(e.m, key, NULL, &err), TC_EPERM);
   TC_CHECK_INT(tc_model_preauth_delete(e.m, "cli", kid, &err), TC_ENOENT);
+  /* Deleting a key that registered nodes keeps the nodes and clears their
+   * reference, in memory as in the database. */
+  int64_t k2 = 0, nid = 0;
+  char *key2 = mkkey(e.m, u, true, false, NULL, &k2);
+  req_init(&r, "kept", key2);
+  TC_REQUIRE(tc_model_register_authkey(e.m, &r, &nid, &err) == 0);
+  TC_CHECK_INT(tc_model_preauth_delete(e.m, "cli", k2, &err), 0);
+  s = tc_model_snapshot(e.m);
+  TC_REQUIRE(tc_snapshot_node(s, nid) != NULL);
+  TC_CHECK_INT(tc_snapshot_node(s, nid)->auth_key_id, 0);
+  tc_snapshot_release(s);
+  tc_model_close(e.m);
+  TC_REQUIRE(env_open_model(&e) == 0);
+  s = tc_model_snapshot(e.m);
+  TC_CHECK_INT(tc_snapshot_node(s, nid)->auth_key_id, 0);
+  tc_snapshot_release(s);
+  free_secret(key2);
   free_secret(key);
   env_close(&e);
 }
@@ -1406,4 +1423,241 @@ TC_TEST(auto_approvers_on_announce_and_policy_change) {
   free_secret(kb);
   env_close(&e);
   free(rec);
+}
+
+/* ---- random operations: memory and database agree ------------------------------------------------- */
+static bool str_eq(const char *a, const char *b) {
+  if (!a || !*a) return !b || !*b; /* storage may keep "" or NULL for empty */
+  return b && !strcmp(a, b);
+}
+
+static bool strv_eq(const struct tc_strv *a, const struct tc_strv *b) {
+  if (a->n != b->n) return false;
+  for (size_t i = 0; i < a->n; i++)
+    if (strcmp(a->v[i], b->v[i])) return false;
+  return true;
+}
+
+static int node_diff(const struct tc_node *a, const struct tc_node *b) {
+  if (a->id != b->id) return 1;
+  if (memcmp(a->machine_key, b->machine_key, TC_KEY_LEN)) return 2;
+  if (memcmp(a->node_key, b->node_key, TC_KEY_LEN)) return 3;
+  if (memcmp(a->disco_key, b->disco_key, TC_KEY_LEN)) return 4;
+  if (a->has_ipv4 != b->has_ipv4 || memcmp(a->ipv4, b->ipv4, 4)) return 5;
+  if (a->has_ipv6 != b->has_ipv6 || memcmp(a->ipv6, b->ipv6, 16)) return 6;
+  if (!str_eq(a->hostname, b->hostname) || !str_eq(a->given_name, b->given_name)) return 7;
+  if (a->user_id != b->user_id || !strv_eq(&a->tags, &b->tags)) return 8;
+  if (!str_eq(a->hostinfo_json, b->hostinfo_json)) return 9;
+  if (!strv_eq(&a->endpoints, &b->endpoints)) return 10;
+  if (!strv_eq(&a->announced_routes, &b->announced_routes)) return 11;
+  if (!strv_eq(&a->approved_routes, &b->approved_routes)) return 12;
+  if (a->expiry != b->expiry || a->last_seen != b->last_seen) return 13;
+  if (a->register_method != b->register_method || a->auth_key_id != b->auth_key_id) return 14;
+  if (a->ephemeral != b->ephemeral || a->home_derp != b->home_derp || a->cap_version != b->cap_version)
+    return 15;
+  if (a->created_at != b->created_at || a->updated_at != b->updated_at) return 16;
+  return 0;
+}
+
+static uint32_t rnd(uint32_t n) {
+  uint32_t x;
+  tc_random(&x, sizeof x);
+  return n ? x % n : 0;
+}
+
+/* Checks live-state invariants and that the database holds exactly what
+ * memory holds. */
+#define VREQ(c) do { if (!(c)) { TC_CHECK(c); return; } } while (0)
+static void verify_mem_db(struct env *ep) {
+  struct env e = *ep;
+  struct tc_err err = {0};
+  struct tc_snapshot *mem = tc_model_snapshot(e.m);
+  /* Invariants of the live state. */
+  for (size_t i = 0; i < mem->n_nodes; i++) {
+    const struct tc_node *n = mem->nodes[i];
+    TC_CHECK(n->user_id == 0 || tc_snapshot_user(mem, n->user_id) != NULL);
+    TC_CHECK(n->user_id != 0 || n->tags.n > 0);
+    TC_CHECK(tc_model_validate_given_name(n->given_name, NULL) == 0);
+    TC_CHECK(n->auth_key_id == 0 || tc_snapshot_preauth_key(mem, n->auth_key_id) != NULL);
+    for (size_t j = i + 1; j < mem->n_nodes; j++) {
+      TC_CHECK(memcmp(n->ipv4, mem->nodes[j]->ipv4, 4) != 0);
+      TC_CHECK(strcmp(n->given_name, mem->nodes[j]->given_name) != 0);
+      TC_CHECK(memcmp(n->machine_key, mem->nodes[j]->machine_key, TC_KEY_LEN) != 0);
+    }
+  }
+  /* The database holds exactly what memory holds. */
+  struct tc_store_data d;
+  VREQ(tc_store_load_all(e.st, &d, &err) == 0);
+  TC_CHECK_INT(d.n_nodes, mem->n_nodes);
+  TC_CHECK_INT(d.n_users, mem->n_users);
+  TC_CHECK_INT(d.n_preauth_keys, mem->n_preauth_keys);
+  for (size_t i = 0; i < d.n_nodes && i < mem->n_nodes; i++) {
+    const struct tc_node *m = tc_snapshot_node(mem, d.nodes[i].id);
+    VREQ(m != NULL);
+    int diff = node_diff(m, &d.nodes[i]);
+    if (diff) fprintf(stderr, "  node %lld differs (%d)\n", (long long)m->id, diff);
+    TC_CHECK_INT(diff, 0);
+  }
+  for (size_t i = 0; i < d.n_users && i < mem->n_users; i++) {
+    const struct tc_user *u = tc_snapshot_user(mem, d.users[i].id);
+    VREQ(u != NULL);
+    TC_CHECK_STR(u->name, d.users[i].name);
+  }
+  for (size_t i = 0; i < d.n_preauth_keys && i < mem->n_preauth_keys; i++) {
+    const struct tc_preauth_key *k = tc_snapshot_preauth_key(mem, d.preauth_keys[i].id);
+    VREQ(k != NULL);
+    TC_CHECK(k->used == d.preauth_keys[i].used && k->expiration == d.preauth_keys[i].expiration);
+    TC_CHECK(!memcmp(k->hash, d.preauth_keys[i].hash, 32));
+    TC_CHECK(strv_eq(&k->tags, &d.preauth_keys[i].tags));
+  }
+  tc_store_data_free(&d);
+  tc_snapshot_release(mem);
+}
+
+#define SKIP 1 /* the draw did not apply; not a result */
+
+TC_TEST(random_ops_memory_matches_database) {
+  struct env e;
+  TC_REQUIRE(env_open(&e, "100.64.0.0/26", NULL) == 0); /* small pool: exhaustion happens */
+  struct tc_err err = {0};
+  const char *hosts[] = {"alpha", "beta", "Beta", "gamma box", "", "delta.example"};
+  const char *route_pool[] = {"10.0.0.0/8", "192.168.1.0/24", "0.0.0.0/0", "::/0", "fd00::/64"};
+  int ops = getenv("TC_MODEL_RANDOM_OPS") ? atoi(getenv("TC_MODEL_RANDOM_OPS")) : 400;
+  char *keys[16] = {0};
+  size_t nkeys = 0;
+  int ok_writes = 0, ok_kind[17] = {0};
+  for (int op = 0; op < ops; op++) {
+    struct tc_snapshot *s = tc_model_snapshot(e.m);
+    const struct tc_node *rn = s->n_nodes ? s->nodes[rnd((uint32_t)s->n_nodes)] : NULL;
+    const struct tc_user *ru = s->n_users ? s->users[rnd((uint32_t)s->n_users)] : NULL;
+    int64_t nid = rn ? rn->id : 1, uid = ru ? ru->id : 1;
+    uint8_t mk[TC_KEY_LEN];
+    if (rn) memcpy(mk, rn->machine_key, TC_KEY_LEN);
+    tc_snapshot_release(s);
+    int rc = 0;
+    int kind = (int)rnd(17);
+    switch (kind) {
+    case 0: {
+      char name[32];
+      snprintf(name, sizeof name, "user%u", rnd(12));
+      rc = tc_model_user_create(e.m, "cli", name, NULL, NULL, NULL, &err);
+      break;
+    }
+    case 1:
+      rc = rnd(3) ? SKIP : tc_model_user_destroy(e.m, "cli", uid, &err);
+      break;
+    case 2:
+      if (ru) {
+        struct tc_strv tags = {0};
+        if (rnd(3) == 0) tc_strv_push(&tags, "tag:srv");
+        struct tc_preauth_opts o = {.user_id = uid, .reusable = rnd(2), .ephemeral = rnd(4) == 0,
+                                    .tags = &tags};
+        /* Keep at most 16 secrets: a new key replaces a random old one. */
+        size_t slot = nkeys < TC_ARRAY_LEN(keys) ? nkeys : rnd(TC_ARRAY_LEN(keys));
+        char *sec = NULL;
+        rc = tc_model_preauth_create(e.m, "cli", &o, NULL, &sec, &err);
+        if (!rc) {
+          free_secret(keys[slot]);
+          keys[slot] = sec;
+          if (slot == nkeys) nkeys++;
+        }
+        tc_strv_free(&tags);
+      } else {
+        rc = SKIP;
+      }
+      break;
+    case 3:
+    case 4:
+    case 5:
+      if (nkeys) {
+        struct tc_register_req r;
+        req_init(&r, hosts[rnd(TC_ARRAY_LEN(hosts))], keys[rnd((uint32_t)nkeys)]);
+        if (rn && rnd(3) == 0) memcpy(r.machine_key, mk, TC_KEY_LEN); /* re-register */
+        struct tc_strv routes = {0};
+        if (rnd(2)) tc_strv_push(&routes, route_pool[rnd(TC_ARRAY_LEN(route_pool))]);
+        r.announced_routes = &routes;
+        rc = tc_model_register_authkey(e.m, &r, NULL, &err);
+        tc_strv_free(&routes);
+      } else {
+        rc = SKIP;
+      }
+      break;
+    case 6: rc = tc_model_node_delete(e.m, "cli", nid, &err); break;
+    case 7: {
+      char name[32];
+      snprintf(name, sizeof name, "n%u", rnd(6));
+      rc = tc_model_node_rename(e.m, "cli", nid, name, &err);
+      break;
+    }
+    case 8: {
+      struct tc_strv tags = {0};
+      if (rnd(2)) tc_strv_push(&tags, "tag:a");
+      if (rnd(2)) tc_strv_push(&tags, "tag:b");
+      rc = tc_model_node_set_tags(e.m, "cli", nid, &tags, &err);
+      tc_strv_free(&tags);
+      break;
+    }
+    case 9: {
+      struct tc_strv r = {0};
+      for (size_t i = 0; i < TC_ARRAY_LEN(route_pool); i++)
+        if (rnd(2)) tc_strv_push(&r, route_pool[i]);
+      rc = tc_model_node_approve_routes(e.m, "cli", nid, &r, &err);
+      tc_strv_free(&r);
+      break;
+    }
+    case 10: {
+      struct tc_strv eps = {0}, routes = {0};
+      char ep[32];
+      snprintf(ep, sizeof ep, "198.51.100.%u:%u", rnd(4), 41641 + rnd(2));
+      tc_strv_push(&eps, ep);
+      if (rnd(2)) tc_strv_push(&routes, route_pool[rnd(TC_ARRAY_LEN(route_pool))]);
+      uint8_t dk[TC_KEY_LEN];
+      rand_key(dk);
+      struct tc_map_update mu = {.endpoints = &eps, .announced_routes = rnd(2) ? &routes : NULL,
+                                 .disco_key = rnd(2) ? dk : NULL, .home_derp = (int32_t)rnd(3),
+                                 .hostinfo_json = rnd(2) ? "{\"OS\":\"linux\"}" : NULL};
+      rc = tc_model_node_update_from_map(e.m, nid, &mu, NULL, &err);
+      tc_strv_free(&eps);
+      tc_strv_free(&routes);
+      break;
+    }
+    case 11: rc = tc_model_node_set_online(e.m, nid, rnd(2), &err); break;
+    case 12: rc = tc_model_node_logout(e.m, "node", nid, &err); break;
+    case 13: rc = tc_model_node_set_user(e.m, "cli", nid, uid, &err); break;
+    case 14: rc = tc_model_node_expire(e.m, "cli", nid, 0, &err); break;
+    case 15: {
+      struct tc_snapshot *ks = tc_model_snapshot(e.m);
+      int64_t kid = ks->n_preauth_keys ? ks->preauth_keys[rnd((uint32_t)ks->n_preauth_keys)]->id : 0;
+      tc_snapshot_release(ks);
+      if (kid && rnd(3) == 0)
+        rc = rnd(2) ? tc_model_preauth_expire(e.m, "cli", kid, &err)
+                    : tc_model_preauth_delete(e.m, "cli", kid, &err);
+      else
+        rc = SKIP;
+      break;
+    }
+    case 16: {
+      uint8_t nk[TC_KEY_LEN];
+      rand_key(nk);
+      rc = tc_model_node_rotate_key(e.m, "cli", nid, nk, 0, &err);
+      break;
+    }
+    }
+    /* Refusals are expected (conflicts, used keys, missing ids); storage
+     * failures are not. */
+    TC_CHECK(rc != TC_EDB && rc != TC_EAGAIN && rc != TC_ESCHEMA);
+    if (rc == TC_EDB) fprintf(stderr, "  op %d: %s\n", op, err.msg);
+    if (op % 50 == 49) verify_mem_db(&e);
+    if (rc == SKIP) continue;
+    if (!rc) {
+      ok_writes++;
+      ok_kind[kind]++;
+    }
+  }
+  if (getenv("TC_MODEL_RANDOM_STATS"))
+    for (int k = 0; k < 17; k++) fprintf(stderr, "  op kind %d: %d ok\n", k, ok_kind[k]);
+  TC_CHECK(ok_writes > ops / 5);
+  verify_mem_db(&e);
+  for (size_t i = 0; i < nkeys; i++) free_secret(keys[i]);
+  env_close(&e);
 }
