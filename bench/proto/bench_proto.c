@@ -47,6 +47,7 @@ struct sim {
   struct tc_tclient *c;
   int32_t sid;
   _Atomic size_t bytes; /* stream body bytes received, updated by the owning thread */
+  size_t buffered;      /* client's unconsumed body length after our last read */
   int last_join_seen; /* index of the last join this client has seen */
 };
 
@@ -180,6 +181,8 @@ struct range {
   double reg_s; /* time spent registering */
 };
 
+static void drain_client(int idx);
+
 static void *reg_worker(void *arg) {
   struct range *r = arg;
   for (int i = r->lo; i < r->hi; i++) {
@@ -194,7 +197,10 @@ static void *reg_worker(void *arg) {
     if (!open_stream(&S[i], kt)) atomic_fetch_add(&g_errors, 1);
     size_t len = 0;
     tc_tclient_body(S[i].c, S[i].sid, &len);
-    atomic_store(&S[i].bytes, len);
+    S[i].buffered = len;
+    atomic_store(&S[i].bytes, 0);
+    /* keep every stream read, like tailscaled does, while others register */
+    for (int k = r->lo; k <= i; k++) drain_client(k);
   }
   return NULL;
 }
@@ -212,6 +218,29 @@ static void on_message(int idx, const char *js) {
   atomic_fetch_add(&g_seen, 1);
 }
 
+/* Reads whatever client idx has received (owning thread only). */
+static void drain_client(int idx) {
+  struct sim *s = &S[idx];
+  if (!s->c || s->sid <= 0) return;
+  if (tc_tclient_pump(s->c, 0)) {
+    atomic_fetch_add(&g_errors, 1);
+    tc_tclient_free(s->c);
+    s->c = NULL;
+    return;
+  }
+  /* the client drops consumed body bytes, so count what each pump added */
+  size_t blen = 0;
+  tc_tclient_body(s->c, s->sid, &blen);
+  atomic_fetch_add(&s->bytes, blen - s->buffered);
+  char *js;
+  size_t jl;
+  while (tc_tclient_map_next(s->c, s->sid, 0, &js, &jl) == 0) {
+    on_message(idx, js);
+    free(js);
+  }
+  tc_tclient_body(s->c, s->sid, &s->buffered);
+}
+
 static void *poll_worker(void *arg) {
   struct range *r = arg;
   int n = r->hi - r->lo;
@@ -225,22 +254,7 @@ static void *poll_worker(void *arg) {
     if (poll(pf, (nfds_t)n, 50) <= 0) continue;
     for (int i = 0; i < n; i++) {
       if (!(pf[i].revents & (POLLIN | POLLHUP | POLLERR))) continue;
-      struct sim *s = &S[r->lo + i];
-      if (tc_tclient_pump(s->c, 0)) {
-        atomic_fetch_add(&g_errors, 1);
-        tc_tclient_free(s->c);
-        s->c = NULL;
-        continue;
-      }
-      size_t blen = 0;
-      tc_tclient_body(s->c, s->sid, &blen);
-      atomic_store(&s->bytes, blen);
-      char *js;
-      size_t jl;
-      while (tc_tclient_map_next(s->c, s->sid, 0, &js, &jl) == 0) {
-        on_message(r->lo + i, js);
-        free(js);
-      }
+      drain_client(r->lo + i);
     }
   }
   free(pf);
