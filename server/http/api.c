@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "http/metrics.h"
 #include "model/model.h"
@@ -916,10 +917,12 @@ static void api_entry(void *ctx, const struct tc_http_req *req, struct tc_http_r
     const char *auth = tc_http_header(req, "Authorization");
     if (!auth || !*auth) {
       tc_http_resp_error(resp, 401, TC_GRPC_UNAUTHENTICATED, "missing API key (Authorization: Bearer <key>)");
+      tc_http_resp_header(resp, "WWW-Authenticate", "Bearer");
       return;
     }
     if (strncasecmp(auth, "Bearer ", 7)) {
       tc_http_resp_error(resp, 401, TC_GRPC_UNAUTHENTICATED, "authorization must be a Bearer API key");
+      tc_http_resp_header(resp, "WWW-Authenticate", "Bearer");
       return;
     }
     const char *tok = auth + 7;
@@ -930,6 +933,7 @@ static void api_entry(void *ctx, const struct tc_http_req *req, struct tc_http_r
     if (tl > 256 || tc_model_apikey_verify(rc->api->o.model, tok, tl, &kid, &prefix, &e)) {
       tc_http_resp_error(resp, 401, TC_GRPC_UNAUTHENTICATED, "%s",
                          e.code == TC_EEXPIRED ? "API key expired" : "invalid API key");
+      tc_http_resp_header(resp, "WWW-Authenticate", "Bearer error=\"invalid_token\"");
       free(prefix);
       return;
     }

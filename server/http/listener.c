@@ -283,6 +283,15 @@ static int listen_unix(const char *path, unsigned mode, struct tc_err *err) {
   strcpy(a.sun_path, path);
   int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
   if (fd < 0) return tc_err_set(err, TC_EIO, "unix_socket: %s", strerror(errno));
+  /* Like Headscale, create the socket's directory (e.g. /var/run/tailcoat). */
+  char dir[sizeof a.sun_path];
+  snprintf(dir, sizeof dir, "%s", path);
+  for (char *p = dir + 1; *p; p++) {
+    if (*p != '/') continue;
+    *p = 0;
+    if (mkdir(dir, 0755) && errno != EEXIST) tc_debug("unix_socket: mkdir %s: %s", dir, strerror(errno));
+    *p = '/';
+  }
   struct stat st;
   if (!lstat(path, &st)) {
     if (!S_ISSOCK(st.st_mode)) {

@@ -260,6 +260,16 @@ void tc_router_dispatch(struct tc_router *r, struct tc_http_req *req, struct tc_
       }
     }
   }
+  if (!best && path_matched && !strcmp(req->method, "HEAD")) {
+    /* HEAD is GET without a body (the transport drops it) */
+    for (size_t i = 0; n >= 0 && i < r->n; i++) {
+      int sc = match(&r->routes[i], segs, n);
+      if (sc > best_score && !strcmp(r->routes[i].method, "GET")) {
+        best_score = sc;
+        best = &r->routes[i];
+      }
+    }
+  }
   if (!best) {
     if (path_matched)
       tc_http_resp_error(resp, 405, TC_GRPC_UNIMPLEMENTED, "Method Not Allowed");
