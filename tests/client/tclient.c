@@ -4,8 +4,12 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <jansson.h>
+#include <mbedtls/ctr_drbg.h>
+#include <mbedtls/entropy.h>
 #include <mbedtls/sha1.h>
+#include <mbedtls/ssl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <nghttp2/nghttp2.h>
@@ -31,8 +35,18 @@ struct tstream {
   size_t req_len, req_off;
 };
 
+/* TLS as tailscaled does it for https:// control URLs: any certificate is
+ * accepted (Noise provides the security), no ALPN. */
+struct tls_state {
+  mbedtls_entropy_context entropy;
+  mbedtls_ctr_drbg_context drbg;
+  mbedtls_ssl_config conf;
+  mbedtls_ssl_context ssl;
+};
+
 struct tc_tclient {
   int fd;
+  struct tls_state *tls;
   bool ws;
   struct tc_buf wsin;
   struct tc_ts_session sess;
@@ -71,17 +85,108 @@ static int send_all(int fd, const void *p, size_t n) {
   return 0;
 }
 
-/* Reads exactly n bytes within the deadline. */
-static int recv_exact(int fd, void *p, size_t n, int64_t deadline) {
+/* ---- transport I/O: plain TCP or TLS --------------------------------------------------- */
+static int bio_send(void *ctx, const unsigned char *p, size_t n) {
+  ssize_t w = send(*(int *)ctx, p, n, MSG_NOSIGNAL);
+  if (w >= 0) return (int)w;
+  return errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR ? MBEDTLS_ERR_SSL_WANT_WRITE : -1;
+}
+
+static int bio_recv(void *ctx, unsigned char *p, size_t n) {
+  ssize_t r = recv(*(int *)ctx, p, n, 0);
+  if (r >= 0) return (int)r;
+  return errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR ? MBEDTLS_ERR_SSL_WANT_READ : -1;
+}
+
+static void tls_free(struct tls_state *t) {
+  if (!t) return;
+  mbedtls_ssl_free(&t->ssl);
+  mbedtls_ssl_config_free(&t->conf);
+  mbedtls_ctr_drbg_free(&t->drbg);
+  mbedtls_entropy_free(&t->entropy);
+  free(t);
+}
+
+static int wait_fd(int fd, short ev, int timeout_ms) {
+  struct pollfd pfd = {.fd = fd, .events = ev};
+  return poll(&pfd, 1, timeout_ms);
+}
+
+static int tls_start(struct tc_tclient *c, const char *host, int64_t deadline) {
+  struct tls_state *t = tc_xcalloc(1, sizeof *t);
+  c->tls = t;
+  mbedtls_entropy_init(&t->entropy);
+  mbedtls_ctr_drbg_init(&t->drbg);
+  mbedtls_ssl_config_init(&t->conf);
+  mbedtls_ssl_init(&t->ssl);
+  if (mbedtls_ctr_drbg_seed(&t->drbg, mbedtls_entropy_func, &t->entropy, (const unsigned char *)"tclient", 7) ||
+      mbedtls_ssl_config_defaults(&t->conf, MBEDTLS_SSL_IS_CLIENT, MBEDTLS_SSL_TRANSPORT_STREAM,
+                                  MBEDTLS_SSL_PRESET_DEFAULT))
+    return TC_EINTERNAL;
+  mbedtls_ssl_conf_authmode(&t->conf, MBEDTLS_SSL_VERIFY_NONE);
+  mbedtls_ssl_conf_rng(&t->conf, mbedtls_ctr_drbg_random, &t->drbg);
+  mbedtls_ssl_conf_min_version(&t->conf, MBEDTLS_SSL_MAJOR_VERSION_3, MBEDTLS_SSL_MINOR_VERSION_3);
+  if (mbedtls_ssl_setup(&t->ssl, &t->conf) || mbedtls_ssl_set_hostname(&t->ssl, host)) return TC_EINTERNAL;
+  mbedtls_ssl_set_bio(&t->ssl, &c->fd, bio_send, bio_recv, NULL);
+  int fl = fcntl(c->fd, F_GETFL);
+  fcntl(c->fd, F_SETFL, fl | O_NONBLOCK);
+  for (;;) {
+    int rc = mbedtls_ssl_handshake(&t->ssl);
+    if (rc == 0) return 0;
+    int left = (int)(deadline - tc_mono_ms());
+    if (left <= 0) return TC_EAGAIN;
+    if (rc == MBEDTLS_ERR_SSL_WANT_READ)
+      wait_fd(c->fd, POLLIN, left);
+    else if (rc == MBEDTLS_ERR_SSL_WANT_WRITE)
+      wait_fd(c->fd, POLLOUT, left);
+    else
+      return TC_EPROTO;
+  }
+}
+
+/* Sends everything (blocking as needed). 0 or TC_EIO. */
+static int c_send(struct tc_tclient *c, const void *p, size_t n) {
+  if (!c->tls) return send_all(c->fd, p, n);
+  const unsigned char *b = p;
+  while (n) {
+    int w = mbedtls_ssl_write(&c->tls->ssl, b, n);
+    if (w == MBEDTLS_ERR_SSL_WANT_WRITE || w == MBEDTLS_ERR_SSL_WANT_READ) {
+      wait_fd(c->fd, w == MBEDTLS_ERR_SSL_WANT_WRITE ? POLLOUT : POLLIN, 1000);
+      continue;
+    }
+    if (w <= 0) return TC_EIO;
+    b += w;
+    n -= (size_t)w;
+  }
+  return 0;
+}
+
+/* Receives some bytes within timeout_ms: > 0 bytes, 0 if none arrived,
+ * TC_EIO at EOF or on error. */
+static int c_recv(struct tc_tclient *c, void *buf, size_t n, int timeout_ms) {
+  if (!c->tls) {
+    if (wait_fd(c->fd, POLLIN, timeout_ms) <= 0) return 0;
+    ssize_t r = recv(c->fd, buf, n, MSG_DONTWAIT);
+    if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) return 0;
+    return r > 0 ? (int)r : TC_EIO;
+  }
+  int64_t deadline = tc_mono_ms() + timeout_ms;
+  for (;;) {
+    int r = mbedtls_ssl_read(&c->tls->ssl, buf, n);
+    if (r > 0) return r;
+    if (r != MBEDTLS_ERR_SSL_WANT_READ && r != MBEDTLS_ERR_SSL_WANT_WRITE) return TC_EIO;
+    int left = (int)(deadline - tc_mono_ms());
+    if (left <= 0 || wait_fd(c->fd, POLLIN, left) <= 0) return 0;
+  }
+}
+
+static int c_recv_exact(struct tc_tclient *c, void *p, size_t n, int64_t deadline) {
   char *b = p;
   while (n) {
     int left = (int)(deadline - tc_mono_ms());
     if (left <= 0) return TC_EAGAIN;
-    struct pollfd pfd = {.fd = fd, .events = POLLIN};
-    if (poll(&pfd, 1, left) <= 0) continue;
-    ssize_t r = recv(fd, b, n, 0);
-    if (r < 0 && errno == EINTR) continue;
-    if (r <= 0) return TC_EIO;
+    int r = c_recv(c, b, n, left);
+    if (r < 0) return r;
     b += r;
     n -= (size_t)r;
   }
@@ -218,15 +323,15 @@ static int ws_send(struct tc_tclient *c, uint8_t opcode, const void *p, size_t n
   tc_buf_reserve(&f, n);
   for (size_t i = 0; i < n; i++) f.data[hl + i] = (char)(((const uint8_t *)p)[i] ^ mask[i & 3]);
   f.len += n;
-  int rc = send_all(c->fd, f.data, f.len);
+  int rc = c_send(c, f.data, f.len);
   tc_buf_free(&f);
   return rc;
 }
 
-int tc_tclient_send_wire(struct tc_tclient *c, const void *p, size_t n) { return send_all(c->fd, p, n); }
+int tc_tclient_send_wire(struct tc_tclient *c, const void *p, size_t n) { return c_send(c, p, n); }
 
 int tc_tclient_send_raw(struct tc_tclient *c, const void *p, size_t n) {
-  return c->ws ? ws_send(c, 0x2, p, n) : send_all(c->fd, p, n);
+  return c->ws ? ws_send(c, 0x2, p, n) : c_send(c, p, n);
 }
 
 int tc_tclient_send_record(struct tc_tclient *c, const void *pt, size_t n) {
@@ -285,12 +390,10 @@ static int fill_in(struct tc_tclient *c, size_t need, int64_t deadline) {
   while (c->in.len < need) {
     int left = (int)(deadline - tc_mono_ms());
     if (left <= 0) return TC_EAGAIN;
-    struct pollfd pfd = {.fd = c->fd, .events = POLLIN};
-    if (poll(&pfd, 1, left) <= 0) continue;
     char buf[4096];
-    ssize_t r = recv(c->fd, buf, sizeof buf, 0);
-    if (r < 0 && errno == EINTR) continue;
-    if (r <= 0) return TC_EIO;
+    int r = c_recv(c, buf, sizeof buf, left);
+    if (r < 0) return TC_EIO;
+    if (r == 0) continue;
     int rc = take_wire(c, buf, (size_t)r);
     if (rc) return rc;
   }
@@ -381,15 +484,11 @@ static int process_in(struct tc_tclient *c) {
 int tc_tclient_pump(struct tc_tclient *c, int timeout_ms) {
   if (c->closed) return TC_EIO;
   if (flush(c)) goto dead;
-  struct pollfd pfd = {.fd = c->fd, .events = POLLIN};
-  int pr = poll(&pfd, 1, timeout_ms);
-  if (pr <= 0) return 0;
-  for (;;) {
+  for (int wait = timeout_ms;; wait = 0) {
     char buf[16384];
-    ssize_t r = recv(c->fd, buf, sizeof buf, MSG_DONTWAIT);
-    if (r < 0 && errno == EINTR) continue;
-    if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
-    if (r <= 0) goto dead;
+    int r = c_recv(c, buf, sizeof buf, wait);
+    if (r < 0) goto dead;
+    if (r == 0) break;
     if (take_wire(c, buf, (size_t)r) || process_in(c)) goto dead;
   }
   if (flush(c)) goto dead;
@@ -460,17 +559,25 @@ int tc_tclient_connect(const char *host, int port, const struct tc_tclient_opts 
                  "Connection: upgrade\r\nX-Tailscale-Handshake: %s\r\nContent-Length: 0\r\n\r\n",
                  host, port, b64);
   }
+  int64_t deadline = tc_mono_ms() + timeout;
   c->fd = dial(host, port);
-  if (c->fd < 0 || send_all(c->fd, req, (size_t)n)) {
-    rc = tc_err_set(err, TC_EIO, "dial/send failed");
+  if (c->fd < 0) {
+    rc = tc_err_set(err, TC_EIO, "dial failed");
     goto fail;
   }
-  int64_t deadline = tc_mono_ms() + timeout;
+  if (opts && opts->tls && (rc = tls_start(c, host, deadline))) {
+    tc_err_set(err, rc, "TLS handshake failed");
+    goto fail;
+  }
+  if (c_send(c, req, (size_t)n)) {
+    rc = tc_err_set(err, TC_EIO, "sending upgrade request failed");
+    goto fail;
+  }
   /* Read the response head byte by byte so no Noise byte is swallowed. */
   char head[2048];
   size_t hl = 0;
   while (hl < sizeof head - 1) {
-    if ((rc = recv_exact(c->fd, head + hl, 1, deadline))) {
+    if ((rc = c_recv_exact(c, head + hl, 1, deadline))) {
       tc_err_set(err, rc, "reading upgrade response");
       goto fail;
     }
@@ -558,6 +665,8 @@ fail:
 void tc_tclient_free(struct tc_tclient *c) {
   if (!c) return;
   if (c->h2) nghttp2_session_del(c->h2);
+  if (c->tls && c->fd >= 0) mbedtls_ssl_close_notify(&c->tls->ssl);
+  tls_free(c->tls);
   if (c->fd >= 0) close(c->fd);
   for (size_t i = 0; i < c->nstreams; i++) {
     tc_buf_free(&c->streams[i]->body);
@@ -727,3 +836,6 @@ bool tc_tclient_goaway(struct tc_tclient *c) { return c->goaway; }
 const char *tc_tclient_early_json(struct tc_tclient *c) { return c->early_json; }
 const uint8_t *tc_tclient_machine_pub(struct tc_tclient *c) { return c->machine_pub; }
 int tc_tclient_fd(struct tc_tclient *c) { return c->fd; }
+bool tc_tclient_pending(struct tc_tclient *c) {
+  return c->tls && (mbedtls_ssl_get_bytes_avail(&c->tls->ssl) > 0 || mbedtls_ssl_check_pending(&c->tls->ssl));
+}

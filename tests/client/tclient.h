@@ -27,10 +27,11 @@ struct tc_tclient_opts {
   bool ignore_stream_limit;    /* misbehave: open streams beyond the server's limit */
   bool no_http2;               /* stop after Noise: no preface, plaintext is discarded */
   bool websocket;              /* the browser variant: GET + WebSocket binary messages */
+  bool tls;                    /* TLS first (any certificate accepted, as tailscaled does) */
   const char *ws_protocol;     /* Sec-WebSocket-Protocol to offer, default the control one; "" = none */
 };
 
-/* GET /key?v=version over plain HTTP. *status is the HTTP status; on 200
+/* GET /key?v=version over plain HTTP (use server_pub with TLS listeners). *status is the HTTP status; on 200
  * the publicKey is parsed into server_pub. 0 or TC_E*. */
 int tc_tclient_fetch_key(const char *host, int port, uint16_t version, uint8_t server_pub[32], int *status,
                          struct tc_err *err);
@@ -90,6 +91,9 @@ const char *tc_tclient_early_json(struct tc_tclient *c);   /* EarlyNoise JSON, o
 bool tc_tclient_goaway(struct tc_tclient *c);              /* the server sent GOAWAY */
 const uint8_t *tc_tclient_machine_pub(struct tc_tclient *c);
 int tc_tclient_fd(struct tc_tclient *c);
+/* With TLS, bytes may wait inside the TLS layer where poll() on the fd does
+ * not see them: pump when this is true before polling. */
+bool tc_tclient_pending(struct tc_tclient *c);
 
 /* ---- loopback listener --------------------------------------------------- */
 struct tc_tlistener;
@@ -99,6 +103,9 @@ struct tc_tlistener;
 int tc_tlistener_start(const uint8_t server_pub[32], tc_upgrade_fn upgrade, void *ctx,
                        struct tc_tlistener **out);
 int tc_tlistener_port(struct tc_tlistener *l);
+/* Serves an already connected stream socket (e.g. the plaintext end from
+ * server/tls) like an accepted one. Steals fd. Any thread, never blocks. */
+void tc_tlistener_handoff(struct tc_tlistener *l, int fd);
 void tc_tlistener_stop(struct tc_tlistener *l);
 
 /* Connects to 127.0.0.1:port, sends req verbatim, returns everything the

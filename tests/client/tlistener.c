@@ -4,6 +4,7 @@
  * thread. One connection at a time; heads are bounded by TC_HTTP_HEAD_MAX. */
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <pthread.h>
@@ -19,6 +20,10 @@
 
 struct tc_tlistener {
   int fd, port;
+  int wake[2];               /* self-pipe for handed-over connections */
+  pthread_mutex_t mu;
+  int handed[64];
+  size_t nhanded;
   uint8_t pub[32];
   tc_upgrade_fn upgrade;
   void *ctx;
@@ -118,13 +123,43 @@ static void serve_one(struct tc_tlistener *l, int fd) {
 static void *listener_main(void *arg) {
   struct tc_tlistener *l = arg;
   while (!atomic_load(&l->stop)) {
-    struct pollfd pfd = {.fd = l->fd, .events = POLLIN};
-    if (poll(&pfd, 1, 100) <= 0) continue;
+    struct pollfd pfd[2] = {{.fd = l->fd, .events = POLLIN}, {.fd = l->wake[0], .events = POLLIN}};
+    if (poll(pfd, 2, 100) <= 0) continue;
+    if (pfd[1].revents) {
+      char b[64];
+      ssize_t r = read(l->wake[0], b, sizeof b);
+      (void)r;
+      pthread_mutex_lock(&l->mu);
+      int fds[64];
+      size_t n = l->nhanded;
+      memcpy(fds, l->handed, n * sizeof *fds);
+      l->nhanded = 0;
+      pthread_mutex_unlock(&l->mu);
+      for (size_t i = 0; i < n; i++) serve_one(l, fds[i]);
+    }
+    if (!pfd[0].revents) continue;
     int fd = accept4(l->fd, NULL, NULL, SOCK_CLOEXEC);
     if (fd < 0) continue;
     serve_one(l, fd);
   }
+  pthread_mutex_lock(&l->mu);
+  for (size_t i = 0; i < l->nhanded; i++) close(l->handed[i]);
+  l->nhanded = 0;
+  pthread_mutex_unlock(&l->mu);
   return NULL;
+}
+
+void tc_tlistener_handoff(struct tc_tlistener *l, int fd) {
+  pthread_mutex_lock(&l->mu);
+  bool ok = l->nhanded < TC_ARRAY_LEN(l->handed);
+  if (ok) l->handed[l->nhanded++] = fd;
+  pthread_mutex_unlock(&l->mu);
+  if (!ok) {
+    close(fd);
+    return;
+  }
+  ssize_t w = write(l->wake[1], "x", 1);
+  (void)w;
 }
 
 int tc_tlistener_start(const uint8_t server_pub[32], tc_upgrade_fn upgrade, void *ctx, struct tc_tlistener **out) {
@@ -132,18 +167,27 @@ int tc_tlistener_start(const uint8_t server_pub[32], tc_upgrade_fn upgrade, void
   memcpy(l->pub, server_pub, 32);
   l->upgrade = upgrade;
   l->ctx = ctx;
+  pthread_mutex_init(&l->mu, NULL);
+  if (pipe2(l->wake, O_CLOEXEC | O_NONBLOCK)) {
+    free(l);
+    return TC_EIO;
+  }
   l->fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
   struct sockaddr_in sa = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
   socklen_t sl = sizeof sa;
   if (l->fd < 0 || bind(l->fd, (struct sockaddr *)&sa, sizeof sa) || listen(l->fd, 64) ||
       getsockname(l->fd, (struct sockaddr *)&sa, &sl)) {
     if (l->fd >= 0) close(l->fd);
+    close(l->wake[0]);
+    close(l->wake[1]);
     free(l);
     return TC_EIO;
   }
   l->port = ntohs(sa.sin_port);
   if (pthread_create(&l->th, NULL, listener_main, l)) {
     close(l->fd);
+    close(l->wake[0]);
+    close(l->wake[1]);
     free(l);
     return TC_EINTERNAL;
   }
@@ -158,5 +202,8 @@ void tc_tlistener_stop(struct tc_tlistener *l) {
   atomic_store(&l->stop, true);
   pthread_join(l->th, NULL);
   close(l->fd);
+  close(l->wake[0]);
+  close(l->wake[1]);
+  pthread_mutex_destroy(&l->mu);
   free(l);
 }
