@@ -71,7 +71,7 @@ void tc_buf_append(struct tc_buf *b, const void *p, size_t n);
 void tc_buf_puts(struct tc_buf *b, const char *s);
 void tc_buf_putc(struct tc_buf *b, char c);
 void tc_buf_printf(struct tc_buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-void tc_buf_vprintf(struct tc_buf *b, const char *fmt, va_list ap);
+void tc_buf_vprintf(struct tc_buf *b, const char *fmt, va_list ap) __attribute__((format(printf, 2, 0)));
 /* Removes the first n bytes. */
 void tc_buf_consume(struct tc_buf *b, size_t n);
 void tc_buf_reset(struct tc_buf *b);

@@ -151,9 +151,9 @@ char *tc_duration_format(int64_t ms, char out[48]) {
   if (r) sprintf(o, "%ld.%03lds", (long)s, (long)r);
   else sprintf(o, "%lds", (long)s);
   /* trim trailing zeros of a fraction, as Go does */
-  char *dot = strchr(out, '.');
-  if (dot) {
-    char *e = out + strlen(out) - 2; /* before 's' */
+  if (strchr(out, '.')) {
+    char *e = out + strlen(out) - 1; /* the 's' */
+    *e-- = 0;
     while (*e == '0') *e-- = 0;
     strcat(out, "s");
   }

@@ -51,6 +51,8 @@ TC_TEST(durations) {
   TC_CHECK_STR(tc_duration_format(1500, out), "1.5s");
   TC_CHECK_STR(tc_duration_format(0, out), "0s");
   TC_CHECK_STR(tc_duration_format(1800000, out), "30m0s");
+  TC_CHECK_STR(tc_duration_format(1, out), "0.001s");
+  TC_CHECK_STR(tc_duration_format(61010, out), "1m1.01s");
 }
 
 TC_TEST(hex_and_random) {
