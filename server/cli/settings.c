@@ -21,7 +21,7 @@ static void kv(struct tc_buf *b, const char *key, const char *value) {
 
 void tc_backend_settings_from_config(const struct tc_config *cfg, struct tc_backend_settings *s) {
   memset(s, 0, sizeof *s);
-  s->postgres = cfg->database.type == TC_DB_POSTGRES;
+  s->postgres = cfg->database.type == TC_CFG_DB_POSTGRES;
   s->sqlite_path = cfg->database.sqlite.path;
   s->sqlite_wal = cfg->database.sqlite.write_ahead_log;
   if (s->postgres) {

@@ -64,7 +64,7 @@ struct tc_kv {
   char *value;
 };
 
-enum tc_db_type { TC_DB_SQLITE = 0, TC_DB_POSTGRES = 1 };
+enum tc_config_db_type { TC_CFG_DB_SQLITE = 0, TC_CFG_DB_POSTGRES = 1 };
 enum tc_ip_allocation { TC_IP_ALLOC_SEQUENTIAL = 0, TC_IP_ALLOC_RANDOM = 1 };
 enum tc_policy_mode { TC_POLICY_MODE_FILE = 0, TC_POLICY_MODE_DATABASE = 1 };
 enum tc_log_format { TC_LOG_FORMAT_TEXT = 0, TC_LOG_FORMAT_JSON = 1 };
@@ -95,7 +95,7 @@ struct tc_config {
   } prefixes;
 
   struct {
-    enum tc_db_type type; /* "sqlite" and "sqlite3" both mean TC_DB_SQLITE */
+    enum tc_config_db_type type; /* "sqlite" and "sqlite3" both mean TC_CFG_DB_SQLITE */
     bool debug;
     struct {
       bool prepare_stmt;

@@ -189,7 +189,7 @@ int cfg_validate(struct tc_config *cfg, const void *lctx, struct tc_err *err) {
   if ((rc = check_prefix(v, "prefixes.v6", &cfg->prefixes.v6, 6, "fd7a:115c:a1e0::/48")) < 0) return rc;
 
   /* database */
-  if (cfg->database.type == TC_DB_SQLITE) {
+  if (cfg->database.type == TC_CFG_DB_SQLITE) {
     if (!cfg->database.sqlite.path[0])
       return fail(v, "database.sqlite.path", "must be set when database.type is sqlite");
   } else {

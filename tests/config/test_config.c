@@ -55,7 +55,7 @@ TC_TEST(examples_load_with_expected_values) {
     TC_CHECK_INT(c.prefixes.v6.bits, 48);
     TC_CHECK(c.prefixes.v6.addr[0] == 0xfd && c.prefixes.v6.addr[1] == 0x7a);
     TC_CHECK_INT(c.prefixes.allocation, TC_IP_ALLOC_SEQUENTIAL);
-    TC_CHECK_INT(c.database.type, TC_DB_SQLITE);
+    TC_CHECK_INT(c.database.type, TC_CFG_DB_SQLITE);
     TC_CHECK_STR(c.database.sqlite.path, "/var/lib/headscale/db.sqlite");
     TC_CHECK(c.database.sqlite.write_ahead_log);
     TC_CHECK_INT(c.database.sqlite.wal_autocheckpoint, 1000);
@@ -747,7 +747,7 @@ TC_TEST(mode_and_bool_spellings) {
   free(t);
   t = variant("database:\n", "database:\n  type: sqlite3\n");
   TC_REQUIRE(load_str(t, NULL, &c, &err) == 0);
-  TC_CHECK_INT(c.database.type, TC_DB_SQLITE);
+  TC_CHECK_INT(c.database.type, TC_CFG_DB_SQLITE);
   tc_config_free(&c);
   free(t);
 }
@@ -839,7 +839,7 @@ TC_TEST(blank_values_mean_default) {
   int rc = load_str(t2, NULL, &c, &err);
   if (rc) fprintf(stderr, "  %s\n", err.msg);
   TC_REQUIRE(rc == 0);
-  TC_CHECK_INT(c.database.type, TC_DB_POSTGRES);
+  TC_CHECK_INT(c.database.type, TC_CFG_DB_POSTGRES);
   TC_CHECK_INT(c.database.postgres.port, 0);
   TC_CHECK_INT(c.database.postgres.max_open_conns, 10);
   TC_CHECK(c.derp.server.verify_clients);
@@ -1005,7 +1005,7 @@ TC_TEST(examples_commented_blocks_are_known_keys) {
     /* oidc.expiry lived in the examples until 0.28; 0.29 moved it to node.expiry */
     TC_CHECK_INT(c.oidc.expiry_ms, v29 ? 0 : 180LL * 86400000);
     TC_CHECK(has_warning(&c, "oidc.expiry") == !v29);
-    TC_CHECK_INT(c.database.type, TC_DB_SQLITE); /* postgres settings present but unused */
+    TC_CHECK_INT(c.database.type, TC_CFG_DB_SQLITE); /* postgres settings present but unused */
     TC_CHECK_STR(c.database.postgres.host, "localhost");
     TC_CHECK_INT(c.database.postgres.port, 5432);
     TC_CHECK_STR(c.database.postgres.name, "headscale");
