@@ -772,7 +772,8 @@ static json_t *self_sources(const struct ctopo *ct, const struct cgrant *cg, int
 }
 
 /* Per-node rules for autogroup:self destinations. */
-static void self_rules(const struct cgrant *cg, json_t *srcstr, const struct cnode *n, json_t *out)
+static void self_rules(const struct ctopo *ct, const struct cgrant *cg, json_t *srcstr, const struct cnode *n,
+                       json_t *out)
 {
   if (n->tagged || n->user < 0 || !json_array_size(srcstr))
     return;
@@ -805,6 +806,29 @@ static void self_rules(const struct cgrant *cg, json_t *srcstr, const struct cno
     ipset_append_prefixes(&n->ips, dsts, false);
     json_t *cgs = json_pack("[{s:o,s:O}]", "Dsts", dsts, "CapMap", g->app);
     json_array_append_new(out, json_pack("{s:O,s:o}", "SrcIPs", srcstr, "CapGrant", cgs));
+    /* Companion capability back from the user's devices to this one, when
+     * this device is among the grant's sources. */
+    static const char *companions[][2] = {{"tailscale.com/cap/drive", "tailscale.com/cap/drive-sharer"},
+                                          {"tailscale.com/cap/relay", "tailscale.com/cap/relay-target"}};
+    bool is_src = false;
+    for (size_t s = 0; s < cg->nsrcs && !is_src; s++)
+      is_src = node_in_set(n, &cg->srcs[s]);
+    for (size_t ci = 0; is_src && ci < TC_ARRAY_LEN(companions); ci++) {
+      if (!json_object_get(g->app, companions[ci][0]))
+        continue;
+      struct ipset own;
+      ipset_init(&own);
+      for (size_t k = 0; k < ct->nuser_nodes[n->user]; k++)
+        ipset_add_set(&own, &ct->n[ct->user_nodes[n->user][k]].ips);
+      ipset_norm_overlap(&own);
+      json_t *srcs = json_array();
+      ipset_append_strings(&own, srcs);
+      ipset_free(&own);
+      json_t *d2 = json_array();
+      ipset_append_prefixes(&n->ips, d2, false);
+      json_array_append_new(out, json_pack("{s:o,s:[{s:o,s:{s:n}}]}", "SrcIPs", srcs, "CapGrant", "Dsts", d2,
+                                           "CapMap", companions[ci][1]));
+    }
   }
 }
 
@@ -1368,7 +1392,7 @@ static json_t *node_filter(const struct tc_policy *pol, const struct ctopo *ct, 
       json_t **slot = &cp->self_src[i * cp->nusers + (size_t)n->user];
       if (!*slot)
         *slot = self_sources(ct, cg, n->user);
-      self_rules(cg, *slot, n, out);
+      self_rules(ct, cg, *slot, n, out);
     }
     if (cg->via)
       via_rules(cg, n, &cp->internet, out);
@@ -1393,8 +1417,50 @@ static bool is_primary(const struct ctopo *ct, const struct cnode *n, struct ip_
 
 /* AllowedIPs of n as seen by viewer (NULL: n itself): its addresses, the
  * primary subnet routes the viewer may use, and approved exit routes. */
-static json_t *allowed_ips(const struct ctopo *ct, const struct cnode *n, const struct cnode *viewer,
-                           const struct reach *nreach, const struct reach *vreach, json_t **primary)
+static bool has_any_tag(const struct cnode *n, char *const *tags, size_t ntags)
+{
+  for (size_t t = 0; t < ntags; t++)
+    if (node_has_tag(n, tags[t]))
+      return true;
+  return false;
+}
+
+/* Via grants pick, per viewer, which routers may serve a route: among the
+ * routers carrying a via tag of a grant that covers this viewer and route,
+ * the lowest id is the viewer's primary. Returns 1 when that is peer, 0 when
+ * it is another router, -1 when no via grant applies. */
+static int via_choice(const struct compiled *cp, const struct ctopo *ct, const struct cnode *viewer,
+                      const struct cnode *peer, struct ip_range route)
+{
+  for (size_t g = 0; cp && g < cp->ncg; g++) {
+    const struct cgrant *cg = &cp->cg[g];
+    if (!cg->via || !node_in_set(viewer, &cg->src))
+      continue;
+    bool covers = false;
+    for (size_t i = 0; i < cg->nvia_pfx && !covers; i++)
+      covers = ip_range_overlaps(cg->via_pfx[i], route);
+    if (!covers)
+      continue;
+    const struct cnode *best = NULL;
+    for (size_t i = 0; i < ct->nn; i++) {
+      const struct cnode *o = &ct->n[i];
+      if (!has_any_tag(o, cg->g->via, cg->g->nvia))
+        continue;
+      bool serves = false;
+      for (size_t k = 0; k < o->nsubnets && !serves; k++)
+        serves = o->subnets[k].v6 == route.v6 && o->subnets[k].lo == route.lo && o->subnets[k].hi == route.hi;
+      if (serves && (!best || o->id < best->id))
+        best = o;
+    }
+    if (best)
+      return best == peer ? 1 : 0;
+  }
+  return -1;
+}
+
+static json_t *allowed_ips(const struct ctopo *ct, const struct compiled *via_cp, const struct cnode *n,
+                           const struct cnode *viewer, const struct reach *nreach, const struct reach *vreach,
+                           json_t **primary)
 {
   json_t *a = json_array();
   char t[160];
@@ -1409,10 +1475,15 @@ static json_t *allowed_ips(const struct ctopo *ct, const struct cnode *n, const 
     json_array_append_new(a, json_sprintf("%s/128", t));
   }
   for (size_t i = 0; i < n->nsubnets; i++) {
-    if (!is_primary(ct, n, n->subnets[i]))
+    int via = viewer ? via_choice(via_cp, ct, viewer, n, n->subnets[i]) : -1;
+    if (via == 0 || (via < 0 && !is_primary(ct, n, n->subnets[i])))
       continue;
     ip_range_prefix(n->subnets[i], t, sizeof(t));
     json_array_append_new(*primary, json_string(t));
+    if (via == 1) {
+      json_array_append_new(a, json_string(t));
+      continue;
+    }
     /* A peer's route is installed when traffic may flow between the viewer
      * and the route in either direction, or when the viewer serves an
      * the same route itself (HA standby routers). */
@@ -1498,7 +1569,7 @@ int tc_policy_compile(const struct tc_policy *pol, const struct tc_policy_topo *
     nr->self_allowed_ips = json_array();
     ipset_append_prefixes(&n->ips, nr->self_allowed_ips, false);
     json_t *prim;
-    json_decref(allowed_ips(&ct, n, NULL, NULL, NULL, &prim));
+    json_decref(allowed_ips(&ct, NULL, n, NULL, NULL, NULL, &prim));
     nr->primary_routes = prim;
     nr->auto_approved = auto_approve_node(pol, &ct, n);
   }
@@ -1550,6 +1621,24 @@ int tc_policy_compile(const struct tc_policy *pol, const struct tc_policy_topo *
     }
   }
   free(ax);
+  /* App-only via grants put nothing in any filter, yet their sources and the
+   * via routers serving the destinations see each other. */
+  for (size_t g = 0; g < cp->ncg; g++) {
+    const struct cgrant *cg = &cp->cg[g];
+    if (!cg->via || cg->g->nip)
+      continue;
+    for (size_t o = 0; o < ct.nn; o++) {
+      if (!has_any_tag(&ct.n[o], cg->g->via, cg->g->nvia))
+        continue;
+      bool serves = false;
+      for (size_t k = 0; k < ct.n[o].nsubnets && !serves; k++)
+        for (size_t q = 0; q < cg->nvia_pfx && !serves; q++)
+          serves = ip_range_overlaps(ct.n[o].subnets[k], cg->via_pfx[q]);
+      for (size_t i = 0; serves && i < ct.nn; i++)
+        if (node_in_set(&ct.n[i], &cg->src))
+          who[o * words + i / 64] |= 1ull << (i % 64);
+    }
+  }
   /* Most peers look the same to every viewer (no routes to filter): build
    * their AllowedIPs once and share the array. */
   json_t **shared = tc_xcalloc(ct.nn + 1, sizeof(json_t *));
@@ -1557,7 +1646,7 @@ int tc_policy_compile(const struct tc_policy *pol, const struct tc_policy_topo *
     if (ct.n[j].nsubnets || ct.n[j].no_v4)
       continue;
     json_t *prim;
-    shared[j] = allowed_ips(&ct, &ct.n[j], NULL, NULL, NULL, &prim);
+    shared[j] = allowed_ips(&ct, NULL, &ct.n[j], NULL, NULL, NULL, &prim);
     json_decref(prim);
   }
   for (size_t i = 0; i < ct.nn; i++) {
@@ -1575,7 +1664,7 @@ int tc_policy_compile(const struct tc_policy *pol, const struct tc_policy_topo *
         nr->peer_allowed_ips[nr->npeers] = json_incref(shared[j]);
       } else {
         json_t *prim;
-        nr->peer_allowed_ips[nr->npeers] = allowed_ips(&ct, &ct.n[j], &ct.n[i], &reach[j], &reach[i], &prim);
+        nr->peer_allowed_ips[nr->npeers] = allowed_ips(&ct, cp, &ct.n[j], &ct.n[i], &reach[j], &reach[i], &prim);
         json_decref(prim);
       }
       nr->npeers++;

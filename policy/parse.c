@@ -328,6 +328,14 @@ int parse_alias_text(const char *s, struct alias *a, char *why, size_t whysz)
         return 0;
       }
     }
+    static const char *roles[] = {"autogroup:admin", "autogroup:owner", "autogroup:it-admin",
+                                  "autogroup:network-admin", "autogroup:billing-admin", "autogroup:auditor",
+                                  "autogroup:shared"};
+    for (size_t i = 0; i < TC_ARRAY_LEN(roles); i++)
+      if (!strcmp(s, roles[i])) {
+        snprintf(why, whysz, "%s is not supported: tailcoat has no user roles or sharing", s);
+        return -1;
+      }
     snprintf(why, whysz, "unknown autogroup %s", s);
     return -1;
   }
