@@ -926,3 +926,54 @@ TC_TEST(burst_of_joins_converges) {
   fake_free(sb);
   for (int i = 0; i < K; i++) fake_free(streams[i]);
 }
+
+/* Ephemeral nodes whose stream went away are deleted by the model's tick
+ * after the inactivity timeout: peers hear PeersRemoved. A key expiry that
+ * passes is announced by the tick too: the node's own stream gets its self
+ * node (past KeyExpiry), the others an Expired peer. */
+TC_TEST(ephemeral_cleanup_and_expiry_by_tick) {
+  struct fx x;
+  TC_REQUIRE(fx_open(&x, 0));
+  int64_t a = reg_node(&x, 1, 101, x.authkey, "alpha");
+  int64_t e = reg_node(&x, 5, 105, x.ephkey, "eph");
+  int64_t b = reg_node(&x, 2, 102, x.authkey, "beta");
+  TC_REQUIRE(a > 0 && e > 0 && b > 0);
+  struct fake *sa = open_stream(&x, 1, 101), *se = open_stream(&x, 5, 105), *sb = open_stream(&x, 2, 102);
+  json_t *m = wait_for(sa, "Node", 0);
+  TC_REQUIRE(m != NULL);
+  json_decref(m);
+  drain(&x, sa);
+  drain(&x, sb);
+  struct tc_err err = {0};
+
+  /* b's key expires in 1 s; a tick after that announces it */
+  TC_REQUIRE(tc_model_node_expire(x.model, "cli", b, tc_now() + 1, &err) == 0);
+  drain(&x, sa);
+  drain(&x, sb);
+  tc_clock_shift(5);
+  TC_CHECK(tc_model_tick(x.model, tc_now_ms(), &err) >= 0);
+  m = wait_for(sa, "PeersChanged", b);
+  TC_CHECK(m != NULL);
+  if (m) TC_CHECK(json_is_true(json_object_get(find_peer(json_object_get(m, "PeersChanged"), b), "Expired")));
+  json_decref(m);
+  m = wait_for(sb, "Node", 0);
+  TC_CHECK(m != NULL);
+  json_decref(m);
+  tc_clock_shift(-5);
+
+  fake_cancel(se); /* the ephemeral client goes away */
+  tc_mapper_sync(x.mp);
+  int64_t now_ms = tc_now_ms() + 10000;
+  TC_CHECK(tc_model_tick(x.model, now_ms, &err) >= 0); /* too early: kept */
+  struct tc_snapshot *s = tc_model_snapshot(x.model);
+  TC_CHECK(tc_snapshot_node(s, e) != NULL);
+  tc_snapshot_release(s);
+  TC_CHECK_INT(tc_model_tick(x.model, now_ms + 2 * 3600 * 1000, &err), 1);
+  m = wait_for(sa, "PeersRemoved", e);
+  TC_CHECK(m != NULL);
+  json_decref(m);
+  fx_close(&x);
+  fake_free(sa);
+  fake_free(sb);
+  fake_free(se);
+}
