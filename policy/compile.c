@@ -1111,6 +1111,14 @@ json_t *ssh_node(const struct ssh_pres *sp, const struct ctopo *ct, const struct
   return json_pack("{s:o}", "rules", check_rules);
 }
 
+static bool ssh_has_localpart(const struct ssh_pres *sp)
+{
+  for (size_t i = 0; i < sp->n; i++)
+    if (sp->r[i].lp_domain)
+      return true;
+  return false;
+}
+
 json_t *ssh_for_node(const struct tc_policy *pol, const struct ctopo *ct, const struct cnode *n)
 {
   struct ssh_pres *sp = ssh_prepare(pol, ct);
@@ -1542,6 +1550,17 @@ int tc_policy_compile(const struct tc_policy *pol, const struct tc_policy_topo *
     return rc;
   struct compiled *cp = compiled_build(pol, &ct);
   struct ssh_pres *sshp = pol->has_ssh ? ssh_prepare(pol, &ct) : NULL;
+  bool ssh_shareable = sshp && !ssh_has_localpart(sshp);
+  char **ssh_keys = tc_xcalloc(ct.nn + 1, sizeof(char *));
+  for (size_t i = 0; ssh_shareable && i < ct.nn; i++) {
+    struct tc_buf kb = TC_BUF_INIT;
+    if (ct.n[i].tagged)
+      for (size_t t = 0; t < ct.n[i].src->ntags; t++)
+        tc_buf_printf(&kb, "%s,", ct.n[i].src->tags[t]);
+    else
+      tc_buf_printf(&kb, "user:%d", ct.n[i].user);
+    ssh_keys[i] = tc_buf_steal(&kb, NULL);
+  }
   struct tc_policy_result *res = tc_xcalloc(1, sizeof(*res));
   res->nnodes = ct.nn;
   res->nodes = tc_xcalloc(ct.nn + 1, sizeof(*res->nodes));
@@ -1563,7 +1582,17 @@ int tc_policy_compile(const struct tc_policy *pol, const struct tc_policy_topo *
     build_reach(nr->packet_filter, &reach[i]);
     if (!pol->has_acls_or_grants)
       reach[i].all = true;
-    nr->ssh_policy = sshp ? ssh_node(sshp, &ct, n) : NULL;
+    if (sshp) {
+      /* SSH policy depends only on identity (user or tags), unless a rule
+       * maps local parts for sources outside its destinations: share it
+       * across each identity group. */
+      size_t g = 0;
+      if (ssh_shareable)
+        for (; g < i; g++)
+          if (!strcmp(ssh_keys[g], ssh_keys[i]))
+            break;
+      nr->ssh_policy = ssh_shareable && g < i ? json_incref(res->nodes[g].ssh_policy) : ssh_node(sshp, &ct, n);
+    }
     nr->cap_map = capmap_for_node(pol, &ct, n);
     ct.n[i].no_v4 = json_object_get(nr->cap_map, "disable-ipv4") != NULL;
     nr->self_allowed_ips = json_array();
@@ -1680,6 +1709,9 @@ int tc_policy_compile(const struct tc_policy *pol, const struct tc_policy_topo *
   }
   free(reach);
   free(keys);
+  for (size_t i = 0; i < ct.nn; i++)
+    free(ssh_keys[i]);
+  free(ssh_keys);
   compiled_free(cp);
   ssh_pres_free(sshp);
   ctopo_free(&ct);

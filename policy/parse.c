@@ -583,7 +583,12 @@ static int split_hostport(const char *s, char **alias, char **ports)
   const char *colon = strrchr(s, ':');
   if (!colon)
     return -1;
-  *alias = tc_xstrndup(s, (size_t)(colon - s));
+  size_t al = (size_t)(colon - s);
+  /* "[v6addr]:ports" */
+  if (al >= 2 && s[0] == '[' && s[al - 1] == ']')
+    *alias = tc_xstrndup(s + 1, al - 2);
+  else
+    *alias = tc_xstrndup(s, al);
   *ports = tc_xstrdup(colon + 1);
   return 0;
 }

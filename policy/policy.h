@@ -85,9 +85,9 @@ void tc_policy_free(struct tc_policy *pol);
 /* True when the policy is the empty allow-all policy. */
 bool tc_policy_is_allow_all(const struct tc_policy *pol);
 
-/* Canonical JSON of the policy (sections in a fixed order, comments dropped,
- * aliases normalised) appended to buf as a NUL-terminated string; parsing it
- * again gives an equal policy. Returns 0. buf is a struct tc_buf *. */
+/* Canonical JSON of the policy (keys sorted, comments and trailing commas
+ * dropped, two-space indent) appended to buf as a NUL-terminated string;
+ * parsing it again gives an equal policy and the same print. Returns 0. */
 struct tc_buf;
 int tc_policy_print(const struct tc_policy *pol, struct tc_buf *buf);
 
@@ -101,7 +101,8 @@ struct tc_policy_node_result {
   size_t npeers;
   int64_t *peer_ids;
   json_t **peer_allowed_ips; /* npeers arrays of prefix strings (may be shared between entries: read-only) */
-  json_t *ssh_policy;        /* {"rules":[...]} tailcfg.SSHPolicy lowercase shape; NULL if no ssh section */
+  json_t *ssh_policy;        /* {"rules":[...]} tailcfg.SSHPolicy lowercase shape; NULL if no ssh section;
+                              * may be shared by nodes of the same identity: read-only */
   json_t *cap_map;           /* object: node capability -> array|null, from nodeAttrs (+ randomizeClientPort) */
   json_t *self_allowed_ips;  /* array: own addresses */
   json_t *primary_routes;    /* array: subnet routes this node is primary for */

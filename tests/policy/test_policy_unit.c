@@ -119,6 +119,11 @@ TC_TEST(parse_errors_say_where_and_why)
                          &err),
                TC_EINVAL);
   TC_CHECK(strstr(err.msg, "proto") != NULL);
+  /* IPv6 destinations, bracketed or not. */
+  TC_CHECK_INT(parse_err("{\"acls\": [{\"action\": \"accept\", \"src\": [\"*\"], \"dst\": "
+                         "[\"[fd7a:115c:a1e0::1]:22\", \"fd7a:115c:a1e0::/48:80\"]}]}",
+                         &err),
+               0);
   /* Valid policy: no error. */
   TC_CHECK_INT(parse_err("{\"acls\": [{\"action\": \"accept\", \"proto\": \"17\", \"src\": [\"*\"], \"dst\": "
                          "[\"*:53\"]}]}",
