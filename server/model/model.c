@@ -22,6 +22,8 @@
 #define MAX_ROUTES 1024
 #define APIKEY_TOUCH_S 60
 #define MAX_TAGS 64
+#define PENDING_PER_MACHINE 4
+#define PENDING_MAX 10000
 #define MAX_PROFILE_FIELD 1024
 
 struct sub {
@@ -1666,7 +1668,39 @@ int tc_model_pending_create(struct tc_model *m, const struct tc_register_req *re
   p->created_at = tc_now();
   p->expires_mono = tc_mono_ms() + m->pending_ttl_ms;
   p->state = PEND_WAITING;
+  /* Registration requests come from unauthenticated machines: bound what
+   * they can park here. Expired entries go first; then a machine keeps at
+   * most PENDING_PER_MACHINE open requests (its oldest is dropped); then the
+   * whole table is capped. */
   pthread_mutex_lock(&m->pmu);
+  int64_t mono = tc_mono_ms();
+  size_t total = 0, mine = 0;
+  struct pending **oldest_mine = NULL;
+  for (struct pending **pp = &m->pend; *pp;) {
+    struct pending *q = *pp;
+    if (q->expires_mono <= mono && q->state != PEND_BUSY) {
+      *pp = q->next;
+      pending_free_one(q);
+      continue;
+    }
+    total++;
+    if (q->state == PEND_WAITING && !memcmp(q->machine_key, p->machine_key, TC_KEY_LEN)) {
+      mine++;
+      oldest_mine = pp; /* the list is newest first */
+    }
+    pp = &q->next;
+  }
+  if (mine >= PENDING_PER_MACHINE && oldest_mine) {
+    struct pending *q = *oldest_mine;
+    *oldest_mine = q->next;
+    pending_free_one(q);
+    total--;
+  }
+  if (total >= PENDING_MAX) {
+    pthread_mutex_unlock(&m->pmu);
+    pending_free_one(p);
+    return tc_err_set(err, TC_EAGAIN, "too many pending registrations; try again later");
+  }
   p->next = m->pend;
   m->pend = p;
   pthread_mutex_unlock(&m->pmu);

@@ -317,7 +317,9 @@ int tc_model_register_authkey(struct tc_model *m, const struct tc_register_req *
 
 /* Interactive registration: remembers req in memory for cfg.pending_ttl_ms
  * and returns an owned random registration id (24 chars, [a-z0-9]) for the
- * /register/<id> URL. authkey in req is ignored. */
+ * /register/<id> URL. authkey in req is ignored. Bounded because anyone can
+ * ask: a machine key keeps at most 4 open requests (the oldest is dropped),
+ * and beyond 10000 live requests this fails TC_EAGAIN. */
 int tc_model_pending_create(struct tc_model *m, const struct tc_register_req *req,
                             char **reg_id_out, struct tc_err *err);
 /* Approves a pending registration for user_id: creates (or re-registers /

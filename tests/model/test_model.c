@@ -720,6 +720,38 @@ TC_TEST(interactive_pending_approve_wakes_waiter) {
   free(rec);
 }
 
+TC_TEST(pending_bounded_per_machine) {
+  struct env e;
+  TC_REQUIRE(env_open(&e, NULL, NULL) == 0);
+  struct tc_err err = {0};
+  struct tc_register_req r;
+  req_init(&r, "spam", NULL);
+  char *ids[6] = {0};
+  for (int i = 0; i < 6; i++) {
+    rand_key(r.node_key);
+    TC_REQUIRE(tc_model_pending_create(e.m, &r, &ids[i], &err) == 0);
+  }
+  /* The machine's two oldest requests were dropped, the newest four stay. */
+  struct tc_pending_info info;
+  for (int i = 0; i < 6; i++) {
+    int rc = tc_model_pending_get(e.m, ids[i], &info);
+    TC_CHECK_INT(rc, i < 2 ? TC_ENOENT : 0);
+    if (!rc) free(info.hostname);
+  }
+  struct tc_register_req other;
+  req_init(&other, "other", NULL);
+  char *oid = NULL;
+  TC_REQUIRE(tc_model_pending_create(e.m, &other, &oid, &err) == 0);
+  struct tc_pending_info *list = NULL;
+  size_t nl = 0;
+  tc_model_pending_list(e.m, &list, &nl);
+  TC_CHECK_INT(nl, 5);
+  tc_model_pending_free(list, nl);
+  for (int i = 0; i < 6; i++) free(ids[i]);
+  free(oid);
+  env_close(&e);
+}
+
 TC_TEST(pending_expires_after_ttl) {
   struct env e;
   memset(&e, 0, sizeof e);
@@ -1164,8 +1196,8 @@ TC_TEST(persistence_across_reopen_and_no_secrets_in_db) {
 struct reader {
   struct tc_model *m;
   atomic_int stop;
-  int violations;
-  long snaps;
+  atomic_int violations; /* shared by both reader threads */
+  atomic_long snaps;
 };
 
 static void *reader_thread(void *p) {
@@ -1224,8 +1256,8 @@ TC_TEST(snapshot_consistency_under_writes) {
   atomic_store(&rd.stop, 1);
   for (int i = 0; i < 2; i++) pthread_join(th[i], NULL);
   TC_CHECK_INT(failures, 0);
-  TC_CHECK_INT(rd.violations, 0);
-  TC_CHECK(rd.snaps > 0);
+  TC_CHECK_INT(atomic_load(&rd.violations), 0);
+  TC_CHECK(atomic_load(&rd.snaps) > 0);
   struct tc_snapshot *s = tc_model_snapshot(e.m);
   TC_CHECK_INT(s->n_nodes, 24);
   TC_CHECK_INT(s->n_users, 6);
