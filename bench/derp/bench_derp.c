@@ -17,6 +17,7 @@
 #include <netinet/tcp.h>
 #include <poll.h>
 #include <pthread.h>
+#include <semaphore.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -96,6 +97,7 @@ struct cl {
   struct cl *peer;
   uint8_t *rbuf;
   _Atomic uint64_t recv_pkts;
+  sem_t credits; /* sender side: packets it may still put in flight */
   uint64_t recv_bytes;
   int64_t *lat;
   size_t nlat, caplat;
@@ -201,16 +203,17 @@ static int g_window = 128;
 static void *sender(void *arg) {
   struct cl *c = arg;
   uint8_t *pkt = calloc(1, (size_t)g_size);
-  uint64_t sent = 0;
   while (atomic_load(&g_run)) {
-    /* flow control: at most g_window packets in flight per pair, so the
-     * senders measure what the relay delivers instead of burning the CPU on
-     * packets the relay would drop from a full queue */
-    if (g_window > 0 && sent - atomic_load_explicit(&c->peer->recv_pkts, memory_order_relaxed) >= (uint64_t)g_window) {
-      usleep(50);
-      continue;
+    /* flow control: at most g_window packets in flight per pair (credits
+     * come back as the receiver reads), so the bench measures what the
+     * relay delivers instead of packets dropped from a full queue */
+    if (g_window > 0) {
+      struct timespec ts;
+      clock_gettime(CLOCK_REALTIME, &ts);
+      ts.tv_nsec += 100 * 1000000;
+      if (ts.tv_nsec >= 1000000000) ts.tv_sec++, ts.tv_nsec -= 1000000000;
+      if (sem_timedwait(&c->credits, &ts) != 0) continue;
     }
-    sent++;
     int64_t now = tc_mono_ns();
     memcpy(pkt, &now, 8);
     if (cl_frame(c, TC_DERP_FRAME_SEND_PACKET, c->peer->pub, 32, pkt, (size_t)g_size)) break;
@@ -225,6 +228,7 @@ static void *receiver(void *arg) {
     int n = cl_recv_packet(c);
     if (n < 0) break;
     atomic_fetch_add_explicit(&c->recv_pkts, 1, memory_order_relaxed);
+    if (g_window > 0) sem_post(&c->peer->credits);
     c->recv_bytes += (uint64_t)n;
   }
   return NULL;
@@ -342,6 +346,7 @@ int main(int argc, char **argv) {
   for (int i = 0; i < pairs; i++) {
     cls[2 * i].peer = &cls[2 * i + 1];
     cls[2 * i + 1].peer = &cls[2 * i];
+    sem_init(&cls[2 * i].credits, 0, (unsigned)(g_window > 0 ? g_window : 0));
   }
   /* phase 1: throughput */
   pthread_t *th = calloc((size_t)n, sizeof *th);

@@ -23,6 +23,13 @@ static atomic_int g_delivered;
 
 __attribute__((constructor)) static void ignore_sigpipe(void) { signal(SIGPIPE, SIG_IGN); }
 static char g_last_peer[64];
+static pthread_mutex_t g_peer_mu = PTHREAD_MUTEX_INITIALIZER;
+
+static void last_peer(char out[64]) {
+  pthread_mutex_lock(&g_peer_mu);
+  memcpy(out, g_last_peer, 64);
+  pthread_mutex_unlock(&g_peer_mu);
+}
 
 static void *echo_thread(void *arg) {
   int fd = (int)(intptr_t)arg;
@@ -45,7 +52,9 @@ done:
 
 static void deliver_echo(void *ctx, int fd, const char *peer) {
   atomic_fetch_add(&g_delivered, 1);
+  pthread_mutex_lock(&g_peer_mu);
   snprintf(g_last_peer, sizeof g_last_peer, "%s", peer);
+  pthread_mutex_unlock(&g_peer_mu);
   pthread_t th;
   pthread_create(&th, NULL, echo_thread, (void *)(intptr_t)fd);
   pthread_detach(th);
@@ -137,7 +146,9 @@ TC_TEST(chain_verifies_and_echoes) {
     }
   }
   TC_CHECK(memcmp(in, out, n) == 0);
-  TC_CHECK(tc_str_has_prefix(g_last_peer, "127.0.0.1:"));
+  char lp[64];
+  last_peer(lp);
+  TC_CHECK(tc_str_has_prefix(lp, "127.0.0.1:"));
   /* The plaintext side closing ends the TLS connection with close_notify. */
   TC_REQUIRE(tt_client_write(&c, "QUIT\n", 5) == 0);
   char b;
@@ -279,7 +290,9 @@ TC_TEST(handoff_of_accepted_connection) {
   pthread_join(th, NULL);
   TC_CHECK_INT(h.rc, 0);
   TC_CHECK(!memcmp(h.echoed, "abcd", 4));
-  TC_CHECK_STR(g_last_peer, "192.0.2.1:1234");
+  char lp[64];
+  last_peer(lp);
+  TC_CHECK_STR(lp, "192.0.2.1:1234");
   close(lfd);
   fixture_stop(&f);
 }
