@@ -1047,6 +1047,32 @@ static bool name_taken(void *ctx, const char *name) {
   return tc_snapshot_node_by_given_name(ctx, name) != NULL;
 }
 
+struct name_ctx {
+  const struct tc_snapshot *s;
+  int64_t self;
+};
+static bool name_taken_by_other(void *ctx, const char *name) {
+  const struct name_ctx *c = ctx;
+  const struct tc_node *o = tc_snapshot_node_by_given_name(c->s, name);
+  return o && o->id != c->self;
+}
+
+/* True when given is what naming would derive from hostname: the sanitised
+ * hostname, possibly with a "-<n>" collision suffix. */
+static bool is_auto_derived_name(const char *given, const char *hostname) {
+  if (!given) return true;
+  char *base = tc_model_sanitize_hostname(hostname);
+  size_t bl = strlen(base);
+  bool derived = !strcmp(given, base);
+  if (!derived && !strncmp(given, base, bl) && given[bl] == '-' && given[bl + 1]) {
+    derived = true;
+    for (const char *c = given + bl + 1; *c; c++)
+      if (*c < '0' || *c > '9') derived = false;
+  }
+  free(base);
+  return derived;
+}
+
 static bool strv_equal(const struct tc_strv *a, const struct tc_strv *b) {
   if (a->n != b->n) return false;
   for (size_t i = 0; i < a->n; i++)
@@ -1180,8 +1206,16 @@ static int do_register(struct tc_model *m, const char *actor, const struct tc_re
     n->hostinfo_json = tc_xstrdup(req->hostinfo_json);
   }
   if (req->hostname && *req->hostname) {
+    bool follow = existing && n->hostname && strncmp(n->hostname, req->hostname, 255) &&
+                  is_auto_derived_name(n->given_name, n->hostname);
     free(n->hostname);
     n->hostname = dup_bounded(req->hostname, 255);
+    if (follow) { /* as for map updates: derived names follow the hostname */
+      struct name_ctx nc = {w.base, n->id};
+      free(n->given_name);
+      n->given_name = tc_model_unique_name(n->hostname, name_taken_by_other, &nc);
+      fields |= TC_NODE_F_NAME;
+    }
   }
   if (!n->hostname) n->hostname = tc_xstrdup(n->given_name ? n->given_name : "node");
   if (req->announced_routes) {
@@ -1466,9 +1500,23 @@ static int apply_map(struct wr *w, struct tc_node *n, void *arg, unsigned *field
     }
   }
   if (u->hostname && *u->hostname && (!n->hostname || strncmp(n->hostname, u->hostname, 255))) {
+    /* Like Headscale: a given name derived from the old hostname follows the
+     * new one; a name an admin chose stays. */
+    bool derived = is_auto_derived_name(n->given_name, n->hostname);
     free(n->hostname);
     n->hostname = dup_bounded(u->hostname, 255);
     *fields |= TC_NODE_F_HOSTNAME;
+    if (derived) {
+      struct name_ctx nc = {w->base, n->id};
+      char *g = tc_model_unique_name(n->hostname, name_taken_by_other, &nc);
+      if (!n->given_name || strcmp(g, n->given_name)) {
+        free(n->given_name);
+        n->given_name = g;
+        *fields |= TC_NODE_F_NAME;
+      } else {
+        free(g);
+      }
+    }
   }
   if (u->endpoints) {
     struct tc_strv e;

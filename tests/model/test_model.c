@@ -1693,3 +1693,44 @@ TC_TEST(random_ops_memory_matches_database) {
   for (size_t i = 0; i < nkeys; i++) free_secret(keys[i]);
   env_close(&e);
 }
+
+/* ---- hostname changes ------------------------------------------------------------------------------ */
+TC_TEST(given_name_follows_hostname_unless_renamed) {
+  struct env e;
+  TC_REQUIRE(env_open(&e, NULL, NULL) == 0);
+  struct tc_err err = {0};
+  int64_t u = mkuser(e.m, "alice");
+  char *key = mkkey(e.m, u, true, false, NULL, NULL);
+  int64_t a = 0, b = 0;
+  struct tc_register_req r;
+  req_init(&r, "laptop", key);
+  TC_REQUIRE(tc_model_register_authkey(e.m, &r, &a, &err) == 0);
+  req_init(&r, "desktop", key);
+  TC_REQUIRE(tc_model_register_authkey(e.m, &r, &b, &err) == 0);
+  /* b's hostname becomes "laptop": derived name moves to laptop-1. */
+  struct tc_map_update mu = {.hostname = "laptop"};
+  unsigned ch = 0;
+  TC_CHECK_INT(tc_model_node_update_from_map(e.m, b, &mu, &ch, &err), 0);
+  TC_CHECK(ch & TC_NODE_F_NAME);
+  TC_CHECK(ch & TC_NODE_F_HOSTNAME);
+  struct tc_snapshot *s = tc_model_snapshot(e.m);
+  TC_CHECK_STR(tc_snapshot_node(s, b)->given_name, "laptop-1");
+  tc_snapshot_release(s);
+  /* A derived "-1" name still follows the next hostname. */
+  mu.hostname = "Work Station";
+  TC_CHECK_INT(tc_model_node_update_from_map(e.m, b, &mu, &ch, &err), 0);
+  s = tc_model_snapshot(e.m);
+  TC_CHECK_STR(tc_snapshot_node(s, b)->given_name, "work-station");
+  tc_snapshot_release(s);
+  /* After an admin rename the name stays put. */
+  TC_CHECK_INT(tc_model_node_rename(e.m, "cli", a, "primary", &err), 0);
+  mu.hostname = "renamed-host";
+  TC_CHECK_INT(tc_model_node_update_from_map(e.m, a, &mu, &ch, &err), 0);
+  TC_CHECK(!(ch & TC_NODE_F_NAME));
+  s = tc_model_snapshot(e.m);
+  TC_CHECK_STR(tc_snapshot_node(s, a)->given_name, "primary");
+  TC_CHECK_STR(tc_snapshot_node(s, a)->hostname, "renamed-host");
+  tc_snapshot_release(s);
+  free_secret(key);
+  env_close(&e);
+}
