@@ -89,6 +89,11 @@ struct tc_mapper {
   size_t n_prims;
   struct session *grave;
   struct tc_buf ka_frame;
+  int64_t offline_grace_ms; /* < 0: immediate */
+  struct pending_off {
+    int64_t node_id, due_ms;
+  } *offs;
+  size_t n_offs, cap_offs;
 
   _Atomic uint64_t st_full, st_deltas, st_ka, st_bytes, st_cut, st_events, st_open;
 };
@@ -236,6 +241,23 @@ static void sess_remove(struct tc_mapper *mp, struct session *s) {
     }
 }
 
+static void set_offline(struct tc_mapper *mp, int64_t node_id) {
+  struct tc_err err = {0};
+  if (tc_model_node_set_online(mp->model, node_id, false, &err) && err.code != TC_ENOENT)
+    tc_warn("mapper: node %lld offline: %s", (long long)node_id, err.msg);
+}
+
+/* Due (or, with all, every) delayed offline decrements. */
+static void flush_offline(struct tc_mapper *mp, bool all) {
+  int64_t now = tc_mono_ms();
+  size_t k = 0;
+  for (size_t i = 0; i < mp->n_offs; i++) {
+    if (all || mp->offs[i].due_ms <= now) set_offline(mp, mp->offs[i].node_id);
+    else mp->offs[k++] = mp->offs[i];
+  }
+  mp->n_offs = k;
+}
+
 static void close_session(struct tc_mapper *mp, struct session *s) {
   if (s->state == 2) return;
   if (s->state == 1) atomic_fetch_sub(&mp->st_open, 1);
@@ -244,10 +266,18 @@ static void close_session(struct tc_mapper *mp, struct session *s) {
   sess_remove(mp, s);
   s->io->end(s->st);
   if (s->online_counted) {
+    /* Offline only after a grace period: a client that reconnects its map
+     * poll at once (network change, supersede) never flaps for its peers. */
     s->online_counted = false;
-    struct tc_err err = {0};
-    if (tc_model_node_set_online(mp->model, s->node_id, false, &err) && err.code != TC_ENOENT)
-      tc_warn("mapper: node %lld offline: %s", (long long)s->node_id, err.msg);
+    if (mp->offline_grace_ms < 0) {
+      set_offline(mp, s->node_id);
+    } else {
+      if (mp->n_offs == mp->cap_offs) {
+        mp->cap_offs = mp->cap_offs ? mp->cap_offs * 2 : 16;
+        mp->offs = tc_xrealloc(mp->offs, mp->cap_offs * sizeof *mp->offs);
+      }
+      mp->offs[mp->n_offs++] = (struct pending_off){s->node_id, tc_mono_ms() + mp->offline_grace_ms};
+    }
   }
   s->closed_at_ms = tc_mono_ms();
   s->next_grave = mp->grave;
@@ -795,6 +825,7 @@ static void *dispatcher(void *arg) {
       free(batch[i]);
     }
     do_keepalives(mp);
+    flush_offline(mp, false);
     sweep_grave(mp, false);
     pthread_mutex_lock(&mp->qmu);
     if (nb) {
@@ -820,6 +851,7 @@ int tc_mapper_new(const struct tc_mapper_opts *o, struct tc_mapper **out, struct
   mp->ka_jitter_ms = o->keepalive_jitter_ms == 0 ? 9000 : o->keepalive_jitter_ms;
   mp->followup_timeout_ms = o->followup_timeout_ms > 0 ? o->followup_timeout_ms : 15 * 60 * 1000;
   mp->max_followups = o->max_followups > 0 ? o->max_followups : 256;
+  mp->offline_grace_ms = o->offline_grace_ms == 0 ? 10000 : o->offline_grace_ms;
   tc_mapper_env_copy(&mp->env, o->env);
   pthread_rwlock_init(&mp->env_lock, NULL);
   mp->cache = tc_mapper_cache_new();
@@ -863,6 +895,8 @@ void tc_mapper_free(struct tc_mapper *mp) {
   pthread_mutex_unlock(&mp->qmu);
   pthread_join(mp->thread, NULL);
   while (mp->n_sess) close_session(mp, mp->sess[mp->n_sess - 1]);
+  flush_offline(mp, true);
+  free(mp->offs);
   sweep_grave(mp, true);
   free(mp->sess);
   free(mp->vers.ids);

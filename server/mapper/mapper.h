@@ -319,6 +319,8 @@ struct tc_mapper_opts {
   int64_t keepalive_jitter_ms;     /* 0 = 9 s; < 0 = none */
   int64_t followup_timeout_ms;     /* 0 = 15 min */
   int max_followups;               /* concurrent Followup waits; 0 = 256 */
+  int64_t offline_grace_ms;        /* a closed stream's node goes offline this much later
+                                      unless it reconnects; 0 = 10 s (Headscale), < 0 = at once */
 };
 
 int tc_mapper_new(const struct tc_mapper_opts *opts, struct tc_mapper **out, struct tc_err *err);

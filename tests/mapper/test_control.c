@@ -174,6 +174,8 @@ struct fx {
   char *ephkey;       /* reusable, ephemeral */
 };
 
+static int64_t g_grace_ms = -1; /* offline at once unless a test says otherwise */
+
 static bool fx_open(struct fx *x, int64_t ka_ms) {
   memset(x, 0, sizeof *x);
   struct tc_err err = {0};
@@ -200,7 +202,7 @@ static bool fx_open(struct fx *x, int64_t ka_ms) {
                               .derp_json = "{\"Regions\":{\"999\":{\"RegionID\":999,\"Nodes\":[]}}}",
                               .disable_logtail = true};
   struct tc_mapper_opts mo = {.model = x->model, .env = &env, .server_url = "https://ctl.example.com/",
-                              .keepalive_ms = ka_ms, .keepalive_jitter_ms = -1};
+                              .keepalive_ms = ka_ms, .keepalive_jitter_ms = -1, .offline_grace_ms = g_grace_ms};
   if (tc_mapper_new(&mo, &x->mp, &err)) return false;
   return true;
 }
@@ -976,4 +978,48 @@ TC_TEST(ephemeral_cleanup_and_expiry_by_tick) {
   fake_free(sa);
   fake_free(sb);
   fake_free(se);
+}
+
+/* With a grace period, a client that drops its map poll and reconnects at
+ * once never appears offline to its peers; one that stays away does, after
+ * the grace period. */
+TC_TEST(offline_grace_hides_quick_reconnects) {
+  struct fx x;
+  g_grace_ms = 400;
+  bool ok = fx_open(&x, 0);
+  g_grace_ms = -1;
+  TC_REQUIRE(ok);
+  int64_t a = reg_node(&x, 1, 101, x.authkey, "alpha");
+  int64_t b = reg_node(&x, 2, 102, x.authkey, "beta");
+  TC_REQUIRE(a > 0 && b > 0);
+  struct fake *sa = open_stream(&x, 1, 101), *sb = open_stream(&x, 2, 102);
+  json_t *m = wait_for(sb, "Node", 0);
+  TC_REQUIRE(m != NULL);
+  json_decref(m);
+  drain(&x, sa);
+  fake_cancel(sb);
+  struct fake *sb2 = open_stream(&x, 2, 102); /* back at once */
+  m = wait_for(sb2, "Node", 0);
+  TC_CHECK(m != NULL);
+  json_decref(m);
+  struct timespec ts = {0, 700 * 1000000L};
+  nanosleep(&ts, NULL);
+  tc_mapper_sync(x.mp);
+  json_t *o = NULL;
+  TC_CHECK(wait_online(sa, b, false, &m) == NULL); /* never offline */
+  json_decref(m);
+  struct tc_snapshot *s = tc_model_snapshot(x.model);
+  TC_CHECK(tc_snapshot_is_online(s, b));
+  tc_snapshot_release(s);
+  /* now b goes away for good */
+  fake_cancel(sb2);
+  int64_t t0 = tc_mono_ms();
+  o = wait_online(sa, b, false, &m);
+  TC_CHECK(o != NULL);
+  TC_CHECK(tc_mono_ms() - t0 >= 300);
+  json_decref(m);
+  fx_close(&x);
+  fake_free(sa);
+  fake_free(sb);
+  fake_free(sb2);
 }
