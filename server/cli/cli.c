@@ -175,16 +175,32 @@ static size_t on_body(char *p, size_t sz, size_t n, void *ud) {
   return sz * n;
 }
 
-static bool socket_alive(const char *path) {
+enum sock_state { SOCK_ABSENT, SOCK_ALIVE, SOCK_DENIED };
+
+/* Probes the server's unix socket. Only a missing socket or a refused
+ * connection (stale file) mean "no server": falling back to the database
+ * while a server runs would change state behind the live model's back. */
+static enum sock_state socket_probe(const char *path, int *err_out) {
   struct stat st;
-  if (!path || !*path || stat(path, &st) || !S_ISSOCK(st.st_mode)) return false;
+  *err_out = 0;
+  if (!path || !*path || stat(path, &st)) return SOCK_ABSENT;
+  if (!S_ISSOCK(st.st_mode)) return SOCK_ABSENT;
   int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) return false;
+  if (fd < 0) return SOCK_ABSENT;
   struct sockaddr_un a = {.sun_family = AF_UNIX};
-  snprintf(a.sun_path, sizeof a.sun_path, "%s", path);
-  bool ok = !connect(fd, (struct sockaddr *)&a, sizeof a);
+  size_t pl = strlen(path);
+  if (pl >= sizeof a.sun_path) {
+    close(fd);
+    return SOCK_ABSENT;
+  }
+  memcpy(a.sun_path, path, pl + 1);
+  enum sock_state r = SOCK_ALIVE;
+  if (connect(fd, (struct sockaddr *)&a, sizeof a)) {
+    *err_out = errno;
+    r = errno == ECONNREFUSED || errno == ENOENT ? SOCK_ABSENT : SOCK_DENIED;
+  }
   close(fd);
-  return ok;
+  return r;
 }
 
 static int choose_mode(struct cli *c) {
@@ -194,9 +210,16 @@ static int choose_mode(struct cli *c) {
     c->mode = CONN_REMOTE;
     return 0;
   }
-  if (socket_alive(c->cfg.unix_socket)) {
+  int serr = 0;
+  switch (socket_probe(c->cfg.unix_socket, &serr)) {
+  case SOCK_ALIVE:
     c->mode = CONN_SOCKET;
     return 0;
+  case SOCK_DENIED:
+    return die("cannot reach the running server at %s: %s (check unix_socket_permission, or run as its user)",
+               c->cfg.unix_socket, strerror(serr));
+  case SOCK_ABSENT:
+    break;
   }
   tc_backend_settings_from_config(&c->cfg, &c->settings);
   struct tc_err err = {0};
