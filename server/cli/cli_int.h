@@ -1,10 +1,9 @@
 /* cli internals shared by the files of server/cli. Not for other modules.
  *
- * Note on includes: config/config.h and storage/store.h both define
- * `enum tc_db_type` (with different values), so no translation unit here
- * includes both. Files that read the config (cli.c, serve.c) convert it to
- * struct tc_backend_settings; backend.c, which opens storage, sees only
- * that neutral struct. */
+ * settings.c turns a loaded struct tc_config into the neutral struct
+ * tc_backend_settings and backend.c opens storage + model + API from it, so
+ * the code that opens the stack does not depend on the config's layout
+ * (tests and tools can fill the settings directly). */
 #ifndef TC_CLI_INT_H
 #define TC_CLI_INT_H
 
