@@ -8,6 +8,7 @@
 
 #include "config/config.h"
 #include "mapper/mapper.h"
+#include "mapper/mapper_int.h"
 #include "tc_test.h"
 
 #define HEX64A "3f64a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e"
@@ -733,5 +734,88 @@ TC_TEST(json_strings_escape_and_sanitise) {
                "\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd");
   TC_CHECK_STR(json_string_value(json_array_get(j, 1)), "");
   json_decref(j);
+  tc_buf_free(&b);
+}
+
+/* ---- hostile input: random mutations of real bodies ------------------------------ */
+
+static uint64_t rng_state = 0x9e3779b97f4a7c15ULL;
+static uint32_t rnd(void) {
+  rng_state ^= rng_state << 13;
+  rng_state ^= rng_state >> 7;
+  rng_state ^= rng_state << 17;
+  return (uint32_t)rng_state;
+}
+
+static void mutate(struct tc_buf *b, const char *seed) {
+  tc_buf_reset(b);
+  tc_buf_puts(b, seed);
+  int edits = 1 + rnd() % 8;
+  static const char *tokens[] = {"{", "}", "[", "]", "\"", ",", ":", "null", "true", "-1", "1e999", "\\u0000",
+                                 "\\ud800", "\xff", "nodekey:", "0", "\"Version\":", "[[[[[[", "/33", "%eth0",
+                                 "[::1]:1", "99999999999999999999"};
+  for (int e = 0; e < edits && b->len; e++) {
+    size_t pos = rnd() % b->len;
+    switch (rnd() % 4) {
+    case 0: b->data[pos] = (char)(rnd() & 0xff); break;                       /* flip a byte */
+    case 1: b->len = pos; b->data[pos] = 0; break;                             /* truncate */
+    case 2: memmove(b->data + pos, b->data + pos + 1, b->len - pos); b->len--; break; /* delete */
+    default: {                                                                  /* insert a token */
+      const char *t = tokens[rnd() % TC_ARRAY_LEN(tokens)];
+      size_t tl = strlen(t);
+      tc_buf_reserve(b, tl + 1);
+      memmove(b->data + pos + tl, b->data + pos, b->len - pos + 1);
+      memcpy(b->data + pos, t, tl);
+      b->len += tl;
+    }
+    }
+  }
+}
+
+TC_TEST(mutated_bodies_never_crash_and_stay_consistent) {
+  const char *map_seed =
+      "{\"Version\":138,\"Compress\":\"zstd\",\"KeepAlive\":true,\"NodeKey\":\"nodekey:" HEX64A
+      "\",\"DiscoKey\":\"discokey:" HEX64B "\",\"OmitPeers\":true,\"Endpoints\":[\"198.51.100.7:41641\","
+      "\"[2001:db8::1]:41641\"],\"Hostinfo\":{\"Hostname\":\"a\",\"RoutableIPs\":[\"10.0.0.0/8\"],"
+      "\"RequestTags\":[\"tag:x\"],\"NetInfo\":{\"PreferredDERP\":2}}}";
+  struct tc_buf b = TC_BUF_INIT;
+  int accepted = 0, refused = 0;
+  for (int i = 0; i < 20000; i++) {
+    const char *seed = i % 2 ? map_seed : REG_V160;
+    mutate(&b, seed);
+    struct tc_err err = {0};
+    if (i % 2) {
+      struct tc_map_request m;
+      int rc = tc_mapper_parse_map(b.data, b.len, &m, &err);
+      if (rc == 0) {
+        accepted++;
+        /* whatever was accepted is canonical: it parses again unchanged */
+        for (size_t k = 0; k < m.endpoints.n; k++) {
+          char canon[64];
+          bool drop;
+          TC_CHECK(tc_mapper_addrport_canon(m.endpoints.v[k], canon, &drop) == 0 && !drop &&
+                   !strcmp(canon, m.endpoints.v[k]));
+        }
+        TC_CHECK(!m.hostinfo_json || m.hostinfo_json[0] == '{');
+        tc_map_request_free(&m);
+      } else {
+        refused++;
+        TC_CHECK(rc == TC_EINVAL || rc == TC_ETOOBIG);
+        TC_CHECK(m.hostinfo_json == NULL && m.endpoints.n == 0);
+      }
+    } else {
+      struct tc_register_request r;
+      int rc = tc_mapper_parse_register(b.data, b.len, &r, &err);
+      if (rc == 0) {
+        accepted++;
+        TC_CHECK(!r.has_node_key || !tc_mapper_key_is_zero(r.node_key));
+        tc_register_request_free(&r);
+      } else {
+        refused++;
+        TC_CHECK(rc == TC_EINVAL || rc == TC_ETOOBIG);
+      }
+    }
+  }
+  TC_CHECK(accepted > 100 && refused > 100); /* the mutator exercises both paths */
   tc_buf_free(&b);
 }
