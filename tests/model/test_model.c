@@ -1734,3 +1734,39 @@ TC_TEST(given_name_follows_hostname_unless_renamed) {
   free_secret(key);
   env_close(&e);
 }
+
+/* ---- expiry notifications -------------------------------------------------------------------------- */
+TC_TEST(tick_announces_key_expiry_once) {
+  struct env e;
+  TC_REQUIRE(env_open(&e, NULL, NULL) == 0);
+  struct tc_err err = {0};
+  int64_t u = mkuser(e.m, "alice");
+  char *key = mkkey(e.m, u, true, false, NULL, NULL);
+  struct tc_register_req r;
+  req_init(&r, "soon", key);
+  r.expiry = tc_now() + 2;
+  int64_t soon = 0, never = 0;
+  TC_REQUIRE(tc_model_register_authkey(e.m, &r, &soon, &err) == 0);
+  req_init(&r, "never", key);
+  TC_REQUIRE(tc_model_register_authkey(e.m, &r, &never, &err) == 0);
+  struct recorder *rec = recorder_new();
+  tc_model_subscribe(e.m, record, rec);
+  int64_t now = tc_now_ms();
+  TC_CHECK_INT(tc_model_tick(e.m, now, &err), 0);
+  TC_CHECK_INT(rec->n, 0); /* not yet */
+  TC_CHECK_INT(tc_model_tick(e.m, now + 5000, &err), 0);
+  TC_REQUIRE(rec->n == 1);
+  TC_CHECK_INT(rec->ev[0].kind, TC_CHANGE_NODE_EXPIRED);
+  TC_CHECK_INT(rec->ev[0].node_id, soon);
+  TC_CHECK(rec->ev[0].fields & TC_NODE_F_EXPIRY);
+  TC_CHECK_INT(tc_model_tick(e.m, now + 9000, &err), 0);
+  TC_CHECK_INT(rec->n, 1); /* once */
+  struct tc_snapshot *s = tc_model_snapshot(e.m);
+  TC_CHECK(tc_snapshot_node(s, soon) != NULL); /* expired nodes stay */
+  TC_CHECK(tc_node_is_expired(tc_snapshot_node(s, soon), tc_now() + 5));
+  TC_CHECK(!tc_node_is_expired(tc_snapshot_node(s, never), tc_now() + 5));
+  tc_snapshot_release(s);
+  free_secret(key);
+  env_close(&e);
+  free(rec);
+}
