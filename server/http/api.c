@@ -163,6 +163,10 @@ static json_t *node_json(const struct tc_snapshot *s, const struct tc_node *n) {
   json_object_set_new(o, "subnetRoutes", strv_json(&prim));
   tc_strv_free(&prim);
   json_object_set_new(o, "tags", strv_json(&n->tags));
+  /* Headscale <= 0.26 clients and UIs read these; tags are all admin-valid here */
+  json_object_set_new(o, "validTags", strv_json(&n->tags));
+  json_object_set_new(o, "forcedTags", json_array());
+  json_object_set_new(o, "invalidTags", json_array());
   json_object_set_new(o, "expired", json_boolean(tc_node_is_expired(n, tc_now())));
   return o;
 }

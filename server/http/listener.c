@@ -565,7 +565,7 @@ static void hand_to_mhd(struct tc_frontdoor *fdr, int fd, struct pending *p) {
     tc_debug("http: could not hand a connection to microhttpd: %s", strerror(errno));
 }
 
-static void try_peek(struct tc_frontdoor *fdr, struct pending *p) {
+static void try_peek(struct tc_frontdoor *fdr, struct pending *p, uint32_t events) {
   ssize_t n;
   do n = recv(p->fd, fdr->peekbuf, TC_HTTP_HEAD_MAX + 1, MSG_PEEK | MSG_DONTWAIT);
   while (n < 0 && errno == EINTR);
@@ -580,6 +580,11 @@ static void try_peek(struct tc_frontdoor *fdr, struct pending *p) {
     if ((size_t)n > TC_HTTP_HEAD_MAX || head_len > TC_HTTP_HEAD_MAX) {
       tc_metrics_inc("tailcoat_http_connections_dropped_total", "reason=\"head_too_large\"");
       tc_http_refuse(pending_release(fdr, p), 431, "request head too large");
+    }
+    if (events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) {
+      /* the peer stopped sending before the head was complete */
+      close_quietly(pending_release(fdr, p));
+      return;
     }
     return; /* wait for more (edge-triggered: the next segment wakes us) */
   }
@@ -655,7 +660,7 @@ static void *listener_main(void *arg) {
       } else {
         /* A connection handled earlier in this batch cannot appear again:
          * each fd is registered once and events are per fd. */
-        try_peek(fdr, tag);
+        try_peek(fdr, tag, evs[i].events);
       }
     }
     int64_t now = tc_mono_ms();

@@ -413,6 +413,15 @@ TC_TEST(frontdoor_slow_head_is_closed) {
   TC_CHECK_INT(n, 0); /* closed without a response */
   TC_CHECK(dt >= 200 && dt < 3000);
   close(fd);
+  /* a peer that half-closes mid-head is closed at once, not at the timeout */
+  fd = connect_tcp(f.port);
+  send_all(fd, "GET /echo HTTP/1.1\r\n", 20);
+  shutdown(fd, SHUT_WR);
+  t0 = tc_mono_ms();
+  n = read(fd, &c, 1);
+  TC_CHECK_INT(n, 0);
+  TC_CHECK(tc_mono_ms() - t0 < 200);
+  close(fd);
   /* a client that sends nothing is closed too */
   fd = connect_tcp(f.port);
   n = read(fd, &c, 1);
