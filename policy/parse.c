@@ -1188,7 +1188,9 @@ static int parse_ssh(struct pctx *c, json_t *v)
         s->check_period_ms = 0;
       else if (tc_duration_parse(json_string_value(cp), &ms))
         rc = perr(c, "time: invalid duration \"%s\"", json_string_value(cp));
-      else if (ms <= 0)
+      else if (ms == 0)
+        s->check_period_ms = 0; /* zero: check every time, like "always" */
+      else if (ms < 0)
         rc = perr(c, "checkPeriod %s must be a positive duration",
                   ms < 0 ? (tc_duration_format(-ms, tb + 8), tb[7] = '-', tb + 7) : "0s");
       else if (ms > 168LL * 3600 * 1000)

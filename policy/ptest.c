@@ -19,6 +19,14 @@ static int resolve_text(const struct tc_policy *pol, const struct ctopo *ct, con
   return 0;
 }
 
+static bool host_is_cidr(const struct tc_policy *pol, const char *name)
+{
+  for (size_t i = 0; i < pol->nhosts; i++)
+    if (!strcmp(pol->hosts[i].name, name))
+      return pol->hosts[i].pfx.lo != pol->hosts[i].pfx.hi;
+  return false;
+}
+
 /* Decomposes a set into CIDR prefixes. */
 static void set_prefixes(const struct ipset *s, struct ip_range **out, size_t *n)
 {
@@ -87,6 +95,9 @@ static int run_acl_tests(const struct tc_policy *pol, const struct ctopo *ct, co
         else if (parse_alias_text(al, &a, why, sizeof(why)))
           rc = tc_policy_err_at(err, "test(s) failed: tests[%zu]: \"%s\": %s", ti, d, why);
         else if (a.kind == AL_PREFIX && strchr(al, '/'))
+          rc = tc_policy_err_at(err, "test(s) failed: tests[%zu]: \"%s\": test destination must be a single host, "
+                                     "not a CIDR range", ti, d);
+        else if (a.kind == AL_HOST && host_is_cidr(pol, a.s))
           rc = tc_policy_err_at(err, "test(s) failed: tests[%zu]: \"%s\": test destination must be a single host, "
                                      "not a CIDR range", ti, d);
         else if (a.kind == AL_AUTOGROUP && a.ag == AG_INTERNET)
