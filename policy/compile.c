@@ -1437,9 +1437,31 @@ static bool has_any_tag(const struct cnode *n, char *const *tags, size_t ntags)
  * routers carrying a via tag of a grant that covers this viewer and route,
  * the lowest id is the viewer's primary. Returns 1 when that is peer, 0 when
  * it is another router, -1 when no via grant applies. */
+/* Whether a grant without via lets viewer send into route. */
+static bool plain_reaches(const struct compiled *cp, const struct cnode *viewer, struct ip_range route)
+{
+  for (size_t g = 0; g < cp->ncg; g++) {
+    const struct cgrant *cg = &cp->cg[g];
+    if (cg->via)
+      continue;
+    for (size_t r = 0; r < cg->nrules; r++) {
+      const struct rule *ru = &cg->rules[r];
+      if (ru->capgrant || !(ru->src_all || node_in_set(viewer, &ru->srcset)))
+        continue;
+      for (size_t d = 0; d < ru->ndp; d++)
+        if (!ru->dp[d].star && ipset_overlaps(&ru->dp[d].set, route))
+          return true;
+    }
+  }
+  return false;
+}
+
 static int via_choice(const struct compiled *cp, const struct ctopo *ct, const struct cnode *viewer,
                       const struct cnode *peer, struct ip_range route)
 {
+  /* A plain grant to the route keeps the tailnet-wide primary router. */
+  if (cp && plain_reaches(cp, viewer, route))
+    return -1;
   for (size_t g = 0; cp && g < cp->ncg; g++) {
     const struct cgrant *cg = &cp->cg[g];
     if (!cg->via || !node_in_set(viewer, &cg->src))
