@@ -506,7 +506,7 @@ TC_TEST(frontdoor_survives_hostile_heads) {
       "GET /echo HTTP/1.1\r\n: novalue\r\n\r\n",
       "GET /echo HTTP/1.1\r\nNoColon\r\n\r\n",
       "GET /echo HTTP/1.1\r\nX: a\r\n folded\r\n\r\n",
-      "GET /up HTTP/1.1\r\nUpgrade:\r\n\r\n",
+      "GET /up HTTP/1.1\r\nUpgrade:\r\nConnection: close\r\n\r\n",
       "\r\n\r\n",
       "GET /echo\r\n\r\n",
       "POST /echo HTTP/1.1\r\nContent-Length: -5\r\n\r\n",
@@ -516,7 +516,9 @@ TC_TEST(frontdoor_survives_hostile_heads) {
   for (size_t i = 0; i < TC_ARRAY_LEN(fixed); i++) {
     int fd = connect_tcp(f.port);
     TC_REQUIRE(fd >= 0);
+    int64_t t0 = tc_mono_ms();
     char *resp = exchange(fd, fixed[i], strlen(fixed[i]));
+    if (tc_mono_ms() - t0 > 1000) fprintf(stderr, "  case %zu took %lld ms\n", i, (long long)(tc_mono_ms() - t0));
     int st = status_of(resp);
     /* an answer must be a 4xx, or nothing (closed); never a 2xx for garbage
      * (the absolute-form target is refused by design) */
@@ -542,5 +544,47 @@ TC_TEST(frontdoor_survives_hostile_heads) {
   char *resp = exchange(connect_tcp(f.port), req, strlen(req));
   TC_CHECK_INT(status_of(resp), 200);
   free(resp);
+  fixture_stop(&f);
+}
+
+struct par_arg {
+  int port;
+  int ok;
+};
+
+static void *par_client(void *arg) {
+  struct par_arg *a = arg;
+  for (int i = 0; i < 40; i++) {
+    /* alternate short-lived and keep-alive (two requests) connections */
+    const char *req = i % 2 ? "GET /echo HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+                            : "GET /echo HTTP/1.1\r\nHost: t\r\n\r\nGET /echo HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n";
+    int fd = connect_tcp(a->port);
+    if (fd < 0) continue;
+    char *resp = exchange(fd, req, strlen(req));
+    int n = 0;
+    for (const char *p = resp; (p = strstr(p, "HTTP/1.1 200")); p++) n++;
+    if (n == (i % 2 ? 1 : 2)) a->ok++;
+    free(resp);
+  }
+  return NULL;
+}
+
+TC_TEST(frontdoor_parallel_clients) {
+  struct fixture f;
+  TC_REQUIRE(fixture_start(&f, 2000));
+  enum { N = 8 };
+  pthread_t th[N];
+  struct par_arg args[N];
+  for (int i = 0; i < N; i++) {
+    args[i].port = f.port;
+    args[i].ok = 0;
+    pthread_create(&th[i], NULL, par_client, &args[i]);
+  }
+  int ok = 0;
+  for (int i = 0; i < N; i++) {
+    pthread_join(th[i], NULL);
+    ok += args[i].ok;
+  }
+  TC_CHECK_INT(ok, N * 40);
   fixture_stop(&f);
 }
