@@ -1699,7 +1699,10 @@ int tc_policy_parse(const char *text, size_t len, struct tc_policy **out, struct
     p->randomize_client_port = json_is_true(rcp);
   }
   p->has_acls_or_grants = json_object_get(doc, "acls") || json_object_get(doc, "grants");
-  if (!p->has_acls_or_grants) {
+  if (json_object_size(doc) == 0) {
+    /* "{}" says nothing, like empty text: Headscale's allow-all. */
+    p->allow_all = true;
+  } else if (!p->has_acls_or_grants) {
     /* A policy without acls or grants allows everything, as the
      * coordination service's default rule {src:*, dst:*:*} does. */
     p->grants = tc_xcalloc(1, sizeof(*p->grants));

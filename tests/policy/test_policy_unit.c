@@ -273,3 +273,75 @@ TC_TEST(hostile_inputs_do_not_crash)
     tc_policy_free(p);
   }
 }
+
+/* Random byte-level damage to a rich policy: every variant must either be
+ * refused with a message or parse, compile and test cleanly (ASan/UBSan
+ * builds catch memory errors). */
+TC_TEST(mutated_policies_never_crash)
+{
+  static const char base[] =
+      "// policy\n{\n \"groups\": {\"group:eng\": [\"alice@\", \"bob@example.com\"]},\n"
+      " \"hosts\": {\"lan\": \"10.1.0.0/16\", \"db\": \"100.64.0.3\"},\n"
+      " \"tagOwners\": {\"tag:srv\": [\"group:eng\"], \"tag:x\": [\"tag:srv\"]},\n"
+      " \"autoApprovers\": {\"routes\": {\"10.0.0.0/8\": [\"tag:srv\"]}, \"exitNode\": [\"tag:srv\"]},\n"
+      " \"acls\": [\n  {\"action\": \"accept\", \"proto\": \"tcp\", \"src\": [\"group:eng\", \"lan\"], \"dst\": "
+      "[\"tag:srv:22,80-90\", \"autogroup:internet:*\"]},\n"
+      "  {\"action\": \"accept\", \"src\": [\"autogroup:member\"], \"dst\": [\"autogroup:self:*\", \"db:5432\"]},\n ],\n"
+      " \"grants\": [{\"src\": [\"*\"], \"dst\": [\"tag:srv\"], \"ip\": [\"udp:53\"], \"app\": {\"example.com/cap/a\": "
+      "[{}]}},\n  {\"src\": [\"alice@\"], \"dst\": [\"10.1.0.0/16\"], \"ip\": [\"*\"], \"via\": [\"tag:srv\"]}],\n"
+      " \"ssh\": [{\"action\": \"check\", \"src\": [\"group:eng\"], \"dst\": [\"tag:srv\"], \"users\": "
+      "[\"root\", \"autogroup:nonroot\"], \"checkPeriod\": \"2h\"}],\n"
+      " \"nodeAttrs\": [{\"target\": [\"tag:srv\"], \"attr\": [\"funnel\"]}],\n"
+      " \"tests\": [{\"src\": \"alice@\", \"accept\": [\"tag:srv:22\"]}],\n"
+      " \"sshTests\": [{\"src\": \"alice@\", \"dst\": [\"tag:srv\"], \"check\": [\"root\"]}],\n}\n";
+  static const char alphabet[] = "{}[]\":,/*@-0123456789abcdefg :\n\\";
+  uint64_t st = 12345;
+  int parsed = 0;
+  for (int iter = 0; iter < 3000; iter++) {
+    char buf[sizeof(base) + 16];
+    size_t len = sizeof(base) - 1;
+    memcpy(buf, base, len);
+    int edits = 1 + iter % 4;
+    for (int e = 0; e < edits; e++) {
+      st = st * 6364136223846793005ULL + 1442695040888963407ULL;
+      size_t pos = (size_t)(st >> 33) % len;
+      char c = alphabet[(st >> 20) % (sizeof(alphabet) - 1)];
+      switch ((st >> 8) % 3) {
+      case 0: buf[pos] = c; break;
+      case 1:
+        if (len + 1 < sizeof(buf)) {
+          memmove(buf + pos + 1, buf + pos, len - pos);
+          buf[pos] = c;
+          len++;
+        }
+        break;
+      default:
+        memmove(buf + pos, buf + pos + 1, len - pos - 1);
+        len--;
+        break;
+      }
+    }
+    struct tc_policy *p = NULL;
+    struct tc_policy_err err;
+    if (tc_policy_parse(buf, len, &p, &err) == 0) {
+      parsed++;
+      struct tc_policy_result *res = NULL;
+      TC_CHECK_INT(tc_policy_compile(p, &topo3, &res, &err), 0);
+      tc_policy_result_free(res);
+      tc_policy_run_tests(p, &topo3, &err);
+      struct tc_buf b = TC_BUF_INIT;
+      tc_policy_print(p, &b);
+      tc_buf_free(&b);
+    } else {
+      TC_CHECK(err.msg[0] != 0);
+      TC_CHECK(err.line >= 0 && err.col >= 0);
+    }
+    tc_policy_free(p);
+  }
+  fprintf(stderr, "  %d of 3000 mutants still parsed\n", parsed);
+  /* The unmutated policy itself is valid and its tests pass. */
+  struct tc_policy_err err;
+  TC_CHECK_INT(tc_policy_check(base, sizeof(base) - 1, &topo3, &err), 0);
+  if (err.msg[0])
+    fprintf(stderr, "  base: %d:%d %s\n", err.line, err.col, err.msg);
+}
