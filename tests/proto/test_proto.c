@@ -339,7 +339,7 @@ TC_TEST(concurrent_streams_one_blocks) {
   int32_t hold = tc_tclient_submit(c, "POST", "/hold", NULL, "{}", 2);
   TC_REQUIRE(blk > 0 && hold > 0);
   TC_CHECK_INT(tc_tclient_wait_headers(c, hold, 5000), 200);
-  wait_for(&g.blocked, 1, 5000);
+  wait_for(&g.blocked, 1, 15000);
   /* The held stream (a map-poll stand-in) keeps flowing, as do others. */
   pthread_mutex_lock(&g.mu);
   struct tc_ctl_stream *held = g.held;
@@ -373,7 +373,7 @@ TC_TEST(concurrent_streams_one_blocks) {
   /* The client resets the held stream: the cancel callback fires and
    * writes fail; the holder still ends it. */
   TC_CHECK_INT(tc_tclient_reset(c, hold), 0);
-  wait_for(&g.cancels, 1, 5000);
+  wait_for(&g.cancels, 1, 15000);
   TC_CHECK_INT(g.cancels, 1);
   TC_CHECK(tc_ctl_stream_cancelled(held));
   TC_CHECK_INT(tc_ctl_stream_write(held, "x", 1), TC_EIO);
@@ -391,9 +391,9 @@ TC_TEST(cancel_on_connection_death) {
   int32_t blk = tc_tclient_submit(c, "POST", "/block", NULL, "{}", 2);
   TC_CHECK_INT(tc_tclient_wait_headers(c, hold, 5000), 200);
   TC_CHECK(blk > 0);
-  wait_for(&g.blocked, 1, 5000);
+  wait_for(&g.blocked, 1, 15000);
   tc_tclient_free(c); /* connection drops */
-  wait_for(&g.cancels, 2, 5000);
+  wait_for(&g.cancels, 2, 15000);
   TC_CHECK_INT(g.cancels, 2); /* the held stream and the blocked handler */
   pthread_mutex_lock(&g.mu);
   struct tc_ctl_stream *held = g.held;
@@ -762,7 +762,7 @@ TC_TEST(stop_with_open_streams) {
   int32_t hold = tc_tclient_submit(c, "POST", "/hold", NULL, "{}", 2);
   TC_CHECK(blk > 0);
   TC_CHECK_INT(tc_tclient_wait_headers(c, hold, 5000), 200);
-  wait_for(&g.blocked, 1, 5000);
+  wait_for(&g.blocked, 1, 15000);
   tc_tlistener_stop(f.lis);
   tc_ctl_server_stop(f.srv); /* cancels both; the blocked handler returns */
   TC_CHECK_INT(g.cancels, 2);
