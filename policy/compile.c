@@ -1128,25 +1128,37 @@ json_t *ssh_for_node(const struct tc_policy *pol, const struct ctopo *ct, const 
 }
 
 /* ---- node attributes --------------------------------------------------------------- */
-static json_t *capmap_for_node(const struct tc_policy *pol, const struct ctopo *ct, const struct cnode *n)
+/* nodeAttrs targets resolved once per compile. */
+static struct ipset *attr_targets(const struct tc_policy *pol, const struct ctopo *ct)
+{
+  struct ipset *t = tc_xcalloc(pol->nnattrs + 1, sizeof(*t));
+  for (size_t i = 0; i < pol->nnattrs; i++) {
+    ipset_init(&t[i]);
+    for (size_t k = 0; k < pol->nattrs[i].ntarget; k++)
+      resolve_alias(pol, ct, &pol->nattrs[i].target[k], &t[i]);
+    ipset_norm(&t[i]);
+  }
+  return t;
+}
+
+static void attr_targets_free(const struct tc_policy *pol, struct ipset *t)
+{
+  for (size_t i = 0; i < pol->nnattrs; i++)
+    ipset_free(&t[i]);
+  free(t);
+}
+
+static json_t *capmap_for_node(const struct tc_policy *pol, const struct ipset *targets, const struct cnode *n)
 {
   json_t *m = json_object();
   if (pol->randomize_client_port)
     json_object_set_new(m, "randomize-client-port", json_null());
   for (size_t i = 0; i < pol->nnattrs; i++) {
     const struct node_attr *na = &pol->nattrs[i];
-    if (!na->nattrs)
-      continue;
-    struct ipset s;
-    ipset_init(&s);
-    for (size_t t = 0; t < na->ntarget; t++)
-      resolve_alias(pol, ct, &na->target[t], &s);
-    ipset_norm(&s);
-    if (node_in_set(n, &s))
+    if (na->nattrs && node_in_set(n, &targets[i]))
       for (size_t a = 0; a < na->nattrs; a++)
         if (!json_object_get(m, na->attrs[a]))
           json_object_set_new(m, na->attrs[a], json_null());
-    ipset_free(&s);
   }
   return m;
 }
@@ -1572,6 +1584,7 @@ int tc_policy_compile(const struct tc_policy *pol, const struct tc_policy_topo *
     return rc;
   struct compiled *cp = compiled_build(pol, &ct);
   struct ssh_pres *sshp = pol->has_ssh ? ssh_prepare(pol, &ct) : NULL;
+  struct ipset *targets = attr_targets(pol, &ct);
   bool ssh_shareable = sshp && !ssh_has_localpart(sshp);
   char **ssh_keys = tc_xcalloc(ct.nn + 1, sizeof(char *));
   for (size_t i = 0; ssh_shareable && i < ct.nn; i++) {
@@ -1615,7 +1628,7 @@ int tc_policy_compile(const struct tc_policy *pol, const struct tc_policy_topo *
             break;
       nr->ssh_policy = ssh_shareable && g < i ? json_incref(res->nodes[g].ssh_policy) : ssh_node(sshp, &ct, n);
     }
-    nr->cap_map = capmap_for_node(pol, &ct, n);
+    nr->cap_map = capmap_for_node(pol, targets, n);
     ct.n[i].no_v4 = json_object_get(nr->cap_map, "disable-ipv4") != NULL;
     nr->self_allowed_ips = json_array();
     ipset_append_prefixes(&n->ips, nr->self_allowed_ips, false);
@@ -1736,6 +1749,7 @@ int tc_policy_compile(const struct tc_policy *pol, const struct tc_policy_topo *
   free(ssh_keys);
   compiled_free(cp);
   ssh_pres_free(sshp);
+  attr_targets_free(pol, targets);
   ctopo_free(&ct);
   *out = res;
   return 0;
