@@ -3,6 +3,7 @@
  * key text round trips. */
 #include <jansson.h>
 #include <string.h>
+#include <strings.h>
 
 #include "base/base.h"
 #include "crypto/crypto.h"
@@ -397,6 +398,88 @@ TC_TEST(key_text_round_trip_and_rejects) {
   TC_CHECK(!tc_key_is_zero(k));
   tc_key_format(TC_KEY_MACHINE, zero, txt);
   TC_CHECK_STR(txt, "mkey:0000000000000000000000000000000000000000000000000000000000000000");
+}
+
+/* Deterministic pseudo-random inputs (xorshift), so a failure replays. */
+static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
+static uint32_t rnd(void) {
+  rng_state ^= rng_state << 13;
+  rng_state ^= rng_state >> 7;
+  rng_state ^= rng_state << 17;
+  return (uint32_t)rng_state;
+}
+
+TC_TEST(key_parse_mutations) {
+  uint8_t k[32], back[32];
+  char txt[TC_KEY_TEXT_MAX], m[TC_KEY_TEXT_MAX + 8];
+  const char alphabet[] = "0123456789abcdefABCDEFgxz:- \t";
+  for (int i = 0; i < 20000; i++) {
+    for (int j = 0; j < 32; j++) k[j] = (uint8_t)rnd();
+    enum tc_key_kind kind = (enum tc_key_kind)(rnd() % 6);
+    tc_key_format(kind, k, txt);
+    size_t len = strlen(txt);
+    memcpy(m, txt, len + 1);
+    int op = rnd() % 4;
+    if (op == 0) {
+      m[rnd() % len] = alphabet[rnd() % (sizeof alphabet - 1)];
+    } else if (op == 1) {
+      len = rnd() % len; /* truncate */
+    } else if (op == 2) {
+      m[len] = alphabet[rnd() % 16];
+      len++; /* one digit too many */
+    } /* op 3: unchanged */
+    int rc = tc_key_parse(kind, m, len, back);
+    if (rc == 0) {
+      /* Anything accepted must be exactly prefix + 64 hex digits of the same key. */
+      char again[TC_KEY_TEXT_MAX];
+      tc_key_format(kind, back, again);
+      TC_CHECK(len == strlen(again) && !strncasecmp(again, m, len));
+    } else {
+      TC_CHECK_INT(rc, TC_EINVAL);
+      TC_CHECK(op != 3);
+    }
+    if (tc_test_failures) return;
+  }
+}
+
+TC_TEST(handshake_and_record_mutations) {
+  uint8_t spriv[32], spub[32], cpriv[32], init[TC_TS_INIT_LEN], resp[TC_TS_RESP_LEN];
+  seq_key(spriv, 1);
+  seq_key(cpriv, 2);
+  tc_x25519_public(spriv, spub);
+  struct tc_noise_hs hs;
+  TC_REQUIRE(tc_ts_client_initiate(&hs, 100, cpriv, spub, NULL, init) == 0);
+  tc_noise_hs_wipe(&hs);
+  struct tc_ts_session ss;
+  const char *emsg;
+  /* Any single-bit change to an initiation is refused. */
+  for (int bit = 0; bit < TC_TS_INIT_LEN * 8; bit++) {
+    uint8_t m[TC_TS_INIT_LEN];
+    memcpy(m, init, sizeof m);
+    m[bit / 8] ^= (uint8_t)(1u << (bit % 8));
+    int rc = tc_ts_server_accept(spriv, m, sizeof m, NULL, resp, &ss, &emsg);
+    TC_CHECK(rc == TC_EINVAL || rc == TC_EPROTO);
+    if (tc_test_failures) return;
+  }
+  /* Records: random headers never claim more than a record may hold. */
+  uint8_t rec[TC_TS_MAX_MSG], out[TC_TS_MAX_MSG];
+  uint8_t key[32];
+  seq_key(key, 9);
+  for (int i = 0; i < 20000; i++) {
+    for (int j = 0; j < 3; j++) rec[j] = (uint8_t)rnd();
+    if (i % 2) rec[0] = 4;
+    int n = tc_ts_record_len(rec, 3);
+    TC_CHECK(n == TC_EPROTO || (n >= 19 && n <= TC_TS_MAX_MSG));
+    if (n > 0) {
+      for (int j = 3; j < n; j++) rec[j] = (uint8_t)rnd();
+      struct tc_cipher rx;
+      tc_cipher_init(&rx, key, TC_NONCE_BIG_ENDIAN);
+      size_t ptlen;
+      TC_CHECK_INT(tc_ts_open_record(&rx, rec, (size_t)n, out, &ptlen), TC_EPROTO);
+      TC_CHECK(rx.dead);
+    }
+    if (tc_test_failures) return;
+  }
 }
 
 __attribute__((constructor)) static void init_crypto(void) {

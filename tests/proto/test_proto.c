@@ -228,6 +228,42 @@ TC_TEST(map_frame_round_trip) {
   tc_buf_free(&b);
 }
 
+TC_TEST(map_unframe_mutations) {
+  uint64_t x = 0x243f6a8885a308d3ull;
+  struct tc_buf good = TC_BUF_INIT;
+  const char *js = "{\"Peers\":[{\"ID\":1,\"Name\":\"a.example.com.\"},{\"ID\":2}],\"KeepAlive\":false}";
+  TC_REQUIRE(tc_map_frame(js, strlen(js), &good) == 0);
+  uint8_t m[512];
+  TC_REQUIRE(good.len < sizeof m);
+  int ok = 0;
+  for (int i = 0; i < 20000; i++) {
+    memcpy(m, good.data, good.len);
+    size_t len = good.len;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    int op = (int)(x % 3);
+    if (op == 0)
+      m[(x >> 8) % len] ^= (uint8_t)(1u << ((x >> 20) % 8));
+    else if (op == 1)
+      len = (size_t)((x >> 8) % len);
+    else
+      m[(x >> 8) % len] = (uint8_t)(x >> 32);
+    size_t used = 0, olen = 0;
+    char *out = NULL;
+    int rc = tc_map_unframe(m, len, 4096, &used, &out, &olen);
+    TC_CHECK(rc == 0 || rc == TC_EAGAIN || rc == TC_EPROTO || rc == TC_ETOOBIG);
+    if (rc == 0) {
+      ok++;
+      TC_CHECK(used <= len && strlen(out) <= olen && out[olen] == 0);
+      free(out);
+    }
+    if (tc_test_failures) break;
+  }
+  TC_CHECK(ok < 20000); /* mutations were noticed at all */
+  tc_buf_free(&good);
+}
+
 TC_TEST(key_response_logic) {
   uint8_t pub[32];
   for (int i = 0; i < 32; i++) pub[i] = (uint8_t)(0xf0 ^ i);
