@@ -62,6 +62,7 @@ struct tc_model {
   void *policy_ctx;
   struct tc_ippool pool4, pool6;
   struct tc_policy *pol; /* parsed current policy for autoApprovers; NULL = none (writer lock) */
+  bool names_follow;
 
   pthread_mutex_t wmu; /* the writer lock: everything below up to smu */
   uint64_t seq;
@@ -385,6 +386,7 @@ int tc_model_open(const struct tc_model_config *cfg, struct tc_store *store,
   m->pending_ttl_ms = cfg->pending_ttl_ms > 0 ? cfg->pending_ttl_ms : 15 * 60 * 1000;
   m->policy_validate = cfg->policy_validate;
   m->policy_ctx = cfg->policy_ctx;
+  m->names_follow = cfg->given_name_follows_hostname;
   pthread_mutex_init(&m->wmu, NULL);
   pthread_mutex_init(&m->smu, NULL);
   pthread_mutex_init(&m->pmu, NULL);
@@ -1206,7 +1208,7 @@ static int do_register(struct tc_model *m, const char *actor, const struct tc_re
     n->hostinfo_json = tc_xstrdup(req->hostinfo_json);
   }
   if (req->hostname && *req->hostname) {
-    bool follow = existing && n->hostname && strncmp(n->hostname, req->hostname, 255) &&
+    bool follow = m->names_follow && existing && n->hostname && strncmp(n->hostname, req->hostname, 255) &&
                   is_auto_derived_name(n->given_name, n->hostname);
     free(n->hostname);
     n->hostname = dup_bounded(req->hostname, 255);
@@ -1502,7 +1504,7 @@ static int apply_map(struct wr *w, struct tc_node *n, void *arg, unsigned *field
   if (u->hostname && *u->hostname && (!n->hostname || strncmp(n->hostname, u->hostname, 255))) {
     /* Like Headscale: a given name derived from the old hostname follows the
      * new one; a name an admin chose stays. */
-    bool derived = is_auto_derived_name(n->given_name, n->hostname);
+    bool derived = w->m->names_follow && is_auto_derived_name(n->given_name, n->hostname);
     free(n->hostname);
     n->hostname = dup_bounded(u->hostname, 255);
     *fields |= TC_NODE_F_HOSTNAME;

@@ -68,6 +68,10 @@ struct tc_model_config {
   int64_t pending_ttl_ms;       /* interactive registrations live this long; 0 = 15 min */
   tc_model_policy_validate_fn policy_validate; /* NULL = accept any text */
   void *policy_ctx;
+  /* Headscale behaviour: when a client reports a new hostname, a given name
+   * that was derived from the old one (not chosen by an admin) is derived
+   * again from the new one. Off by default. */
+  bool given_name_follows_hostname;
 };
 
 /* Loads everything from store (borrowed: must outlive the model) and returns

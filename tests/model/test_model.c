@@ -1699,6 +1699,25 @@ TC_TEST(given_name_follows_hostname_unless_renamed) {
   struct env e;
   TC_REQUIRE(env_open(&e, NULL, NULL) == 0);
   struct tc_err err = {0};
+  /* Off by default: a new hostname leaves the given name alone. */
+  {
+    int64_t uu = mkuser(e.m, "carol");
+    char *kk = mkkey(e.m, uu, true, false, NULL, NULL);
+    struct tc_register_req rr;
+    req_init(&rr, "static", kk);
+    int64_t id = 0;
+    TC_REQUIRE(tc_model_register_authkey(e.m, &rr, &id, &err) == 0);
+    struct tc_map_update m0 = {.hostname = "moved"};
+    TC_CHECK_INT(tc_model_node_update_from_map(e.m, id, &m0, NULL, &err), 0);
+    struct tc_snapshot *s0 = tc_model_snapshot(e.m);
+    TC_CHECK_STR(tc_snapshot_node(s0, id)->given_name, "static");
+    TC_CHECK_STR(tc_snapshot_node(s0, id)->hostname, "moved");
+    tc_snapshot_release(s0);
+    free_secret(kk);
+  }
+  tc_model_close(e.m);
+  e.mcfg.given_name_follows_hostname = true;
+  TC_REQUIRE(env_open_model(&e) == 0);
   int64_t u = mkuser(e.m, "alice");
   char *key = mkkey(e.m, u, true, false, NULL, NULL);
   int64_t a = 0, b = 0;
