@@ -1239,6 +1239,7 @@ struct compiled {
   struct ipset internet;
   json_t **self_src; /* [grant * nusers + user], filled lazily */
   size_t nusers;
+  bool any_via;
 };
 
 struct compiled *compiled_build(const struct tc_policy *pol, const struct ctopo *ct)
@@ -1250,6 +1251,8 @@ struct compiled *compiled_build(const struct tc_policy *pol, const struct ctopo 
   for (size_t i = 0; i < pol->ngrants; i++)
     compile_grant(pol, ct, &pol->grants[i], &cp->cg[cp->ncg++]);
   cp->nusers = ct->t->nusers;
+  for (size_t i = 0; i < cp->ncg; i++)
+    cp->any_via |= cp->cg[i].via;
   cp->self_src = tc_xcalloc(cp->ncg * cp->nusers + 1, sizeof(json_t *));
   return cp;
 }
@@ -1471,8 +1474,10 @@ static bool plain_reaches(const struct compiled *cp, const struct cnode *viewer,
 static int via_choice(const struct compiled *cp, const struct ctopo *ct, const struct cnode *viewer,
                       const struct cnode *peer, struct ip_range route)
 {
+  if (!cp || !cp->any_via)
+    return -1;
   /* A plain grant to the route keeps the tailnet-wide primary router. */
-  if (cp && plain_reaches(cp, viewer, route))
+  if (plain_reaches(cp, viewer, route))
     return -1;
   for (size_t g = 0; cp && g < cp->ncg; g++) {
     const struct cgrant *cg = &cp->cg[g];
