@@ -10,6 +10,8 @@
  * queued behind every event published before it, the full map it gets and
  * the deltas that follow never miss or repeat a change. Follow-up long polls
  * each get a short-lived thread so they never hold a transport worker. */
+#include <arpa/inet.h>
+#include <jansson.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -18,6 +20,7 @@
 
 #include "mapper/mapper_int.h"
 #include "model/model.h"
+#include "policy/policy.h"
 
 #define GRAVE_MS 30000 /* closed sessions outlive any in-flight cancel callback */
 
@@ -32,6 +35,7 @@ struct session {
   atomic_int pending_items; /* queue items naming this session */
   /* dispatcher-only: */
   int state; /* 0 queued, 1 open, 2 closed */
+  bool oneshot; /* a non-streaming full map: answered by the dispatcher, never registered */
   bool online_counted;
   int64_t next_ka_ms;
   int64_t closed_at_ms;
@@ -52,6 +56,24 @@ struct item {
 struct prim {
   char *prefix;
   int64_t node_id;
+};
+
+/* What the policy gives each node, compiled for one snapshot (dispatcher-only).
+ * pol == NULL means allow-all: everyone sees everyone, one shared filter. */
+struct pnode {
+  int64_t id;
+  char *filter; /* PacketFilter JSON */
+  char *ssh;    /* SSHPolicy JSON or NULL */
+  char *capmap; /* CapMap JSON (defaults + nodeAttrs) */
+};
+struct polview {
+  bool parsed;
+  int64_t policy_id;
+  struct tc_policy *pol;
+  struct tc_policy_result *res;
+  struct pnode *pn; /* sorted by id */
+  size_t npn;
+  uint64_t gen; /* bumps with every recompile: part of fragment versions */
 };
 
 /* node id -> version (the seq of the last event about that node). */
@@ -89,6 +111,7 @@ struct tc_mapper {
   size_t n_prims;
   struct session *grave;
   struct tc_buf ka_frame;
+  struct polview pv;
   int64_t offline_grace_ms; /* < 0: immediate */
   struct pending_off {
     int64_t node_id, due_ms;
@@ -319,9 +342,45 @@ static bool send_frame(struct tc_mapper *mp, struct session *s, const struct tc_
 
 /* ---- map building ------------------------------------------------------------------ */
 
-static void node_extra(const struct tc_snapshot *snap, const struct tc_node *n, struct tc_strv *prim,
-                       struct tc_mapper_node_extra *x) {
+static const struct pnode *pv_node(const struct polview *pv, int64_t id) {
+  size_t lo = 0, hi = pv->npn;
+  while (lo < hi) {
+    size_t mid = (lo + hi) / 2;
+    if (pv->pn[mid].id == id) return &pv->pn[mid];
+    if (pv->pn[mid].id < id) lo = mid + 1;
+    else hi = mid;
+  }
+  return NULL;
+}
+
+/* Whether viewer may see peer under res (NULL res: allow-all). */
+static bool res_visible(const struct tc_policy_result *res, int64_t viewer, int64_t peer) {
+  if (!res) return true;
+  const struct tc_policy_node_result *r = tc_policy_result_node(res, viewer);
+  if (!r) return false;
+  size_t lo = 0, hi = r->npeers;
+  while (lo < hi) {
+    size_t mid = (lo + hi) / 2;
+    if (r->peer_ids[mid] == peer) return true;
+    if (r->peer_ids[mid] < peer) lo = mid + 1;
+    else hi = mid;
+  }
+  return false;
+}
+
+static bool visible(const struct tc_mapper *mp, const struct tc_snapshot *snap, const struct tc_node *viewer,
+                    const struct tc_node *peer) {
+  if (!mp->pv.pol) return tc_mapper_visible(snap, viewer, peer);
+  return res_visible(mp->pv.res, viewer->id, peer->id);
+}
+
+static void node_extra(const struct tc_mapper *mp, const struct tc_snapshot *snap, const struct tc_node *n,
+                       struct tc_strv *prim, struct tc_mapper_node_extra *x) {
   memset(x, 0, sizeof *x);
+  if (mp->pv.pol) {
+    const struct pnode *p = pv_node(&mp->pv, n->id);
+    if (p) x->capmap_json = p->capmap;
+  }
   x->online_known = true;
   x->online = tc_snapshot_is_online(snap, n->id);
   tc_snapshot_primary_routes(snap, n->id, prim);
@@ -333,10 +392,12 @@ static struct tc_mapper_frag *peer_frag(struct tc_mapper *mp, const struct tc_sn
                                         const struct tc_node *n, bool cached, int64_t now) {
   struct tc_strv prim = {0};
   struct tc_mapper_node_extra x;
-  node_extra(snap, n, &prim, &x);
+  node_extra(mp, snap, n, &prim, &x);
   struct tc_mapper_frag *f;
   if (cached) {
-    f = tc_mapper_cache_peer(mp->cache, &mp->env, n, ver_get(&mp->vers, n->id), &x, now);
+    /* the policy generation is part of the version: CapMap comes from it */
+    uint64_t v = ver_get(&mp->vers, n->id) + (mp->pv.gen << 40);
+    f = tc_mapper_cache_peer(mp->cache, &mp->env, n, v, &x, now);
   } else {
     struct tc_buf b = TC_BUF_INIT;
     tc_mapper_encode_node(&b, &mp->env, n, &x, TC_MAPPER_PEER, now);
@@ -355,7 +416,7 @@ static void self_json(struct tc_mapper *mp, const struct tc_snapshot *snap, cons
                       struct tc_buf *out) {
   struct tc_strv prim = {0};
   struct tc_mapper_node_extra x;
-  node_extra(snap, n, &prim, &x);
+  node_extra(mp, snap, n, &prim, &x);
   tc_mapper_encode_node(out, &mp->env, n, &x, TC_MAPPER_SELF, now);
   tc_strv_free(&prim);
 }
@@ -401,7 +462,7 @@ static void build_full(struct tc_mapper *mp, const struct tc_snapshot *snap, con
   seen[ns++] = self;
   for (size_t i = 0; i < snap->n_nodes; i++) {
     const struct tc_node *p = snap->nodes[i];
-    if (p->id == self->id || !tc_mapper_visible(snap, self, p)) continue;
+    if (p->id == self->id || !visible(mp, snap, self, p)) continue;
     peers[np++] = peer_frag(mp, snap, p, cached, now);
     seen[ns++] = p;
   }
@@ -410,6 +471,11 @@ static void build_full(struct tc_mapper *mp, const struct tc_snapshot *snap, con
   size_t nu = collect_users(snap, seen, ns, &users, &tagged);
   struct tc_mapper_env env = mp->env;
   env.filter_json = (char *)tc_mapper_filter_for(&mp->env, snap, self);
+  if (mp->pv.pol) {
+    const struct pnode *pn = pv_node(&mp->pv, self->id);
+    env.filter_json = pn ? pn->filter : "[]"; /* unknown to the policy: deny */
+    env.ssh_json = pn ? pn->ssh : NULL;
+  }
   struct tc_mapper_full m = {.self_json = sj.data, .peers = peers, .n_peers = np, .users = users, .n_users = nu,
                              .tagged_profile = tagged, .now = now};
   tc_mapper_encode_full(out, &env, &m);
@@ -420,25 +486,381 @@ static void build_full(struct tc_mapper *mp, const struct tc_snapshot *snap, con
   tc_buf_free(&sj);
 }
 
+/* ---- policy (dispatcher thread) ------------------------------------------------------ */
+
+static void pv_free_compiled(struct tc_policy_result *res, struct pnode *pn, size_t npn) {
+  for (size_t i = 0; i < npn; i++) {
+    free(pn[i].filter);
+    free(pn[i].ssh);
+    free(pn[i].capmap);
+  }
+  free(pn);
+  tc_policy_result_free(res);
+}
+
+static void pv_free(struct polview *pv) {
+  pv_free_compiled(pv->res, pv->pn, pv->npn);
+  tc_policy_free(pv->pol);
+  memset(pv, 0, sizeof *pv);
+}
+
+static char *dump(const json_t *j, const char *dflt) {
+  char *s = j ? json_dumps(j, JSON_COMPACT) : NULL;
+  if (!s) return dflt ? tc_xstrdup(dflt) : NULL;
+  char *out = tc_xstrdup(s); /* keep every string on our allocator */
+  free(s);
+  return out;
+}
+
+static int cmp_pnode(const void *a, const void *b) {
+  int64_t x = ((const struct pnode *)a)->id, y = ((const struct pnode *)b)->id;
+  return x < y ? -1 : x > y;
+}
+
+/* Compiles pv->pol for snap into a fresh result. Returns false (keeping the
+ * old result) when the compiler refuses the topology. */
+static bool pv_compile(struct tc_mapper *mp, const struct tc_snapshot *snap) {
+  struct tc_policy_user *users = tc_xcalloc(snap->n_users + 1, sizeof *users);
+  for (size_t i = 0; i < snap->n_users; i++) {
+    users[i].id = snap->users[i]->id;
+    users[i].name = snap->users[i]->name;
+    users[i].email = snap->users[i]->email;
+  }
+  struct tc_policy_node *nodes = tc_xcalloc(snap->n_nodes + 1, sizeof *nodes);
+  char (*ip4)[INET_ADDRSTRLEN] = tc_xcalloc(snap->n_nodes + 1, sizeof *ip4);
+  char (*ip6)[INET6_ADDRSTRLEN] = tc_xcalloc(snap->n_nodes + 1, sizeof *ip6);
+  for (size_t i = 0; i < snap->n_nodes; i++) {
+    const struct tc_node *n = snap->nodes[i];
+    struct tc_policy_node *p = &nodes[i];
+    p->id = n->id;
+    p->hostname = n->given_name;
+    p->user_id = n->user_id;
+    p->tags = (const char *const *)n->tags.v;
+    p->ntags = n->tags.n;
+    if (n->has_ipv4) p->ipv4 = inet_ntop(AF_INET, n->ipv4, ip4[i], INET_ADDRSTRLEN);
+    if (n->has_ipv6) p->ipv6 = inet_ntop(AF_INET6, n->ipv6, ip6[i], INET6_ADDRSTRLEN);
+    p->announced = (const char *const *)n->announced_routes.v;
+    p->nannounced = n->announced_routes.n;
+    p->approved = (const char *const *)n->approved_routes.v;
+    p->napproved = n->approved_routes.n;
+  }
+  struct tc_policy_topo topo = {.users = users, .nusers = snap->n_users, .nodes = nodes, .nnodes = snap->n_nodes,
+                                .control_url = mp->server_url[0] ? mp->server_url : NULL};
+  struct tc_policy_result *res = NULL;
+  struct tc_policy_err perr = {0};
+  int rc = tc_policy_compile(mp->pv.pol, &topo, &res, &perr);
+  free(users);
+  free(nodes);
+  free(ip4);
+  free(ip6);
+  if (rc) {
+    tc_warn("mapper: policy compile failed, keeping the previous result: %s", perr.msg);
+    return false;
+  }
+  json_t *base = mp->env.capmap_json ? json_loads(mp->env.capmap_json, 0, NULL) : NULL;
+  struct pnode *pn = tc_xcalloc(res->nnodes + 1, sizeof *pn);
+  for (size_t i = 0; i < res->nnodes; i++) {
+    const struct tc_policy_node_result *r = &res->nodes[i];
+    pn[i].id = r->node_id;
+    pn[i].filter = dump(r->packet_filter, "[]");
+    pn[i].ssh = dump(r->ssh_policy, NULL);
+    json_t *cm = base ? json_deep_copy(base) : json_object();
+    if (json_is_object(r->cap_map)) json_object_update(cm, r->cap_map);
+    pn[i].capmap = dump(cm, "{}");
+    json_decref(cm);
+  }
+  json_decref(base);
+  qsort(pn, res->nnodes, sizeof *pn, cmp_pnode);
+  pv_free_compiled(mp->pv.res, mp->pv.pn, mp->pv.npn);
+  mp->pv.res = res;
+  mp->pv.pn = pn;
+  mp->pv.npn = res->nnodes;
+  mp->pv.gen++;
+  return true;
+}
+
+/* Brings the policy view up to date with snap. *text_changed when the policy
+ * itself changed (every stream then needs a resync). When a recompile
+ * happened, the previous result is handed to the caller (*old_*) for
+ * visibility diffs; it must be freed with pv_free_compiled. */
+static bool pv_refresh(struct tc_mapper *mp, const struct tc_snapshot *snap, bool topo, bool *text_changed,
+                       struct tc_policy_result **old_res, struct pnode **old_pn, size_t *old_npn) {
+  struct polview *pv = &mp->pv;
+  *text_changed = false;
+  *old_res = NULL, *old_pn = NULL, *old_npn = 0;
+  if (!pv->parsed || snap->policy_id != pv->policy_id) {
+    struct tc_policy *pol = NULL;
+    if (snap->policy && snap->policy_len) {
+      struct tc_policy_err perr = {0};
+      if (tc_policy_parse(snap->policy, snap->policy_len, &pol, &perr)) {
+        tc_warn("mapper: stored policy does not parse, serving allow-all: %s", perr.msg);
+        pol = NULL;
+      } else if (tc_policy_is_allow_all(pol)) {
+        tc_policy_free(pol);
+        pol = NULL;
+      }
+    }
+    bool was = pv->pol != NULL;
+    tc_policy_free(pv->pol);
+    pv->pol = pol;
+    pv->parsed = true;
+    pv->policy_id = snap->policy_id;
+    *text_changed = was || pol;
+    topo = true;
+  }
+  if (!topo) return false;
+  /* hand the old compiled view to the caller, then build the new one */
+  struct tc_policy_result *ores = pv->res;
+  struct pnode *opn = pv->pn;
+  size_t onpn = pv->npn;
+  pv->res = NULL, pv->pn = NULL, pv->npn = 0;
+  if (pv->pol && !pv_compile(mp, snap)) {
+    pv->res = ores, pv->pn = opn, pv->npn = onpn; /* compile refused: keep the old view */
+    return false;
+  }
+  if (!pv->pol) pv->gen++;
+  *old_res = ores, *old_pn = opn, *old_npn = onpn;
+  return true;
+}
+
+static bool pv_topology_event(const struct item *it) {
+  switch (it->ck) {
+  case TC_CHANGE_NODE_ADDED:
+  case TC_CHANGE_NODE_REMOVED:
+  case TC_CHANGE_NODE_ROUTES:
+  case TC_CHANGE_NODE_TAGS:
+  case TC_CHANGE_NODE_RENAMED:
+  case TC_CHANGE_USER_CHANGED:
+  case TC_CHANGE_USER_REMOVED:
+  case TC_CHANGE_POLICY:
+    return true;
+  case TC_CHANGE_NODE_CHANGED:
+  case TC_CHANGE_NODE_ENDPOINTS:
+    return (it->fields & (TC_NODE_F_USER | TC_NODE_F_TAGS | TC_NODE_F_ROUTES | TC_NODE_F_NAME)) != 0;
+  default:
+    return false;
+  }
+}
+
+static bool sorted_has(const int64_t *v, size_t n, int64_t id) {
+  size_t lo = 0, hi = n;
+  while (lo < hi) {
+    size_t mid = (lo + hi) / 2;
+    if (v[mid] == id) return true;
+    if (v[mid] < id) lo = mid + 1;
+    else hi = mid;
+  }
+  return false;
+}
+
+/* Do the two peer lists differ outside the ids in skip (sorted)? */
+static bool peers_differ(const struct tc_policy_node_result *a, const struct tc_policy_node_result *b,
+                         const int64_t *skip, size_t nskip) {
+  size_t i = 0, j = 0;
+  for (;;) {
+    while (i < a->npeers && sorted_has(skip, nskip, a->peer_ids[i])) i++;
+    while (j < b->npeers && sorted_has(skip, nskip, b->peer_ids[j])) j++;
+    if (i == a->npeers || j == b->npeers) return i != a->npeers || j != b->npeers;
+    if (a->peer_ids[i] != b->peer_ids[j]) return true;
+    i++, j++;
+  }
+}
+
+static bool str_differ(const char *a, const char *b) { return (a == NULL) != (b == NULL) || (a && strcmp(a, b)); }
+
+/* Deltas under a policy: per recipient, since who sees whom and the filter
+ * differ per node. ids (sorted) are the nodes this event/batch touched;
+ * their fragments go to whoever may see them now, PeersRemoved to whoever
+ * saw them before but no longer does. A stream whose visible set changed in
+ * any other way, or any stream after the policy text changed, is resynced
+ * with a complete "Peers" list, its filter and SSH policy. */
+static void policy_deltas(struct tc_mapper *mp, const struct tc_snapshot *snap, const int64_t *ids, size_t nid,
+                          bool text_changed, const struct tc_policy_result *old_res, const struct pnode *old_pn,
+                          size_t old_npn, bool recompiled, int64_t now) {
+  struct polview oldpv = {.res = (struct tc_policy_result *)old_res, .pn = (struct pnode *)old_pn, .npn = old_npn};
+  const struct tc_policy_result *ores = recompiled ? old_res : mp->pv.res;
+  struct tc_mapper_frag **fr = tc_xcalloc(nid + 1, sizeof *fr);
+  for (size_t i = 0; i < nid; i++) {
+    const struct tc_node *n = tc_snapshot_node(snap, ids[i]);
+    if (n) fr[i] = peer_frag(mp, snap, n, true, now);
+    else tc_mapper_cache_forget(mp->cache, ids[i]);
+  }
+  struct tc_mapper_frag **all = tc_xcalloc(snap->n_nodes + 1, sizeof *all);
+  struct tc_mapper_frag **inc = tc_xcalloc(nid + 1, sizeof *inc);
+  int64_t *rem = tc_xcalloc(snap->n_nodes + nid + 1, sizeof *rem);
+  const struct tc_node **owners = tc_xcalloc(snap->n_nodes + nid + 2, sizeof *owners);
+  for (size_t si = mp->n_sess; si-- > 0;) {
+    if (si >= mp->n_sess) continue;
+    struct session *s = mp->sess[si];
+    const struct tc_node *self = tc_snapshot_node(snap, s->node_id);
+    if (!self) {
+      close_session(mp, s);
+      continue;
+    }
+    const struct pnode *npn = mp->pv.pol ? pv_node(&mp->pv, self->id) : NULL;
+    const struct pnode *opn = recompiled ? pv_node(&oldpv, self->id) : npn;
+    const char *nfilter = mp->pv.pol ? (npn ? npn->filter : "[]") : mp->env.filter_json;
+    const char *ofilter = recompiled ? (opn ? opn->filter : old_res ? "[]" : mp->env.filter_json) : nfilter;
+    const char *nssh = mp->pv.pol ? (npn ? npn->ssh : NULL) : mp->env.ssh_json;
+    const char *ossh = recompiled ? (opn ? opn->ssh : old_res ? NULL : mp->env.ssh_json) : nssh;
+    bool self_changed = sorted_has(ids, nid, self->id) || str_differ(opn ? opn->capmap : NULL, npn ? npn->capmap : NULL);
+    const struct tc_policy_node_result *nr = mp->pv.res ? tc_policy_result_node(mp->pv.res, self->id) : NULL;
+    const struct tc_policy_node_result *or_ = ores ? tc_policy_result_node(ores, self->id) : NULL;
+    bool resync = text_changed || (mp->pv.res && !nr) || (ores && !or_) || ((ores == NULL) != (mp->pv.res == NULL)) ||
+                  (nr && or_ && nr != or_ && peers_differ(nr, or_, ids, nid));
+    struct tc_mapper_env env = mp->env;
+    env.filter_json = (char *)nfilter;
+    env.ssh_json = (char *)nssh;
+    struct tc_mapper_delta d = {.now = now};
+    size_t no = 0;
+    owners[no++] = self;
+    struct tc_buf sj = TC_BUF_INIT, json = TC_BUF_INIT, frame = TC_BUF_INIT;
+    size_t na = 0, ni = 0, nr2 = 0;
+    if (resync) {
+      for (size_t k = 0; k < snap->n_nodes; k++) {
+        const struct tc_node *p = snap->nodes[k];
+        if (p->id == self->id || !res_visible(mp->pv.res, self->id, p->id)) continue;
+        all[na++] = peer_frag(mp, snap, p, true, now);
+        owners[no++] = p;
+      }
+      if (na) {
+        d.peers = all, d.n_peers = na;
+      } else {
+        /* nothing visible: "Peers":[] would mean "unchanged", so remove all */
+        for (size_t k = 0; k < snap->n_nodes; k++)
+          if (snap->nodes[k]->id != self->id) rem[nr2++] = snap->nodes[k]->id;
+        for (size_t k = 0; k < nid; k++)
+          if (!fr[k]) rem[nr2++] = ids[k];
+      }
+      d.with_filter = d.with_ssh = true;
+      self_changed = true;
+    } else {
+      for (size_t k = 0; k < nid; k++) {
+        if (ids[k] == self->id) continue;
+        bool now_vis = fr[k] && res_visible(mp->pv.res, self->id, ids[k]);
+        bool was_vis = res_visible(ores, self->id, ids[k]);
+        if (now_vis) {
+          inc[ni++] = fr[k];
+          owners[no++] = tc_snapshot_node(snap, ids[k]);
+        } else if (was_vis || !fr[k]) {
+          rem[nr2++] = ids[k];
+        }
+      }
+      d.changed = inc, d.n_changed = ni;
+      d.with_filter = str_differ(ofilter, nfilter);
+      d.with_ssh = str_differ(ossh, nssh) && nssh;
+    }
+    d.removed = rem, d.n_removed = nr2;
+    if (self_changed) {
+      self_json(mp, snap, self, now, &sj);
+      d.self_json = sj.data;
+    }
+    struct tc_user *users = NULL;
+    bool tagged = false;
+    if (na || ni || self_changed) {
+      d.n_users = collect_users(snap, owners, no, &users, &tagged);
+      d.users = users;
+      d.tagged_profile = tagged;
+    }
+    if (tc_mapper_encode_delta(&json, &env, &d)) {
+      tc_mapper_frame(json.data, json.len, &frame);
+      send_frame(mp, s, &frame, false);
+    }
+    for (size_t k = 0; k < na; k++) tc_mapper_frag_unref(all[k]);
+    free(users);
+    tc_buf_free(&sj);
+    tc_buf_free(&json);
+    tc_buf_free(&frame);
+  }
+  for (size_t i = 0; i < nid; i++) tc_mapper_frag_unref(fr[i]);
+  free(fr);
+  free(all);
+  free(inc);
+  free(rem);
+  free(owners);
+}
+
+/* The policy path for events (single or merged): returns false when neither
+ * the old nor the new view has a policy, so the allow-all path applies. */
+static bool policy_events(struct tc_mapper *mp, struct item **items, size_t n, const int64_t *prim_ids, size_t npi) {
+  const struct tc_snapshot *snap = mp->last_snap;
+  bool topo = false;
+  for (size_t i = 0; i < n; i++) topo |= pv_topology_event(items[i]);
+  bool had = mp->pv.pol != NULL;
+  bool text_changed;
+  struct tc_policy_result *ores;
+  struct pnode *opn;
+  size_t onpn;
+  bool recompiled = pv_refresh(mp, snap, topo, &text_changed, &ores, &opn, &onpn);
+  if (!had && !mp->pv.pol) {
+    pv_free_compiled(ores, opn, onpn);
+    return false;
+  }
+  int64_t *ids = tc_xcalloc(n + npi + 1, sizeof *ids);
+  size_t nid = 0;
+  for (size_t i = 0; i < n; i++)
+    if (items[i]->node_id) ids[nid++] = items[i]->node_id;
+  for (size_t i = 0; i < npi; i++) ids[nid++] = prim_ids[i];
+  qsort(ids, nid, sizeof *ids, cmp_i64);
+  size_t m = 0;
+  for (size_t i = 0; i < nid; i++)
+    if (!m || ids[m - 1] != ids[i]) ids[m++] = ids[i];
+  nid = m;
+  /* streams of removed nodes end */
+  for (size_t i = 0; i < nid; i++)
+    if (!tc_snapshot_node(snap, ids[i])) {
+      struct session *s = sess_find(mp, ids[i]);
+      if (s) close_session(mp, s);
+    }
+  policy_deltas(mp, snap, ids, nid, text_changed, ores, opn, onpn, recompiled, tc_now());
+  pv_free_compiled(ores, opn, onpn);
+  free(ids);
+  return true;
+}
+
 /* ---- dispatcher: items ------------------------------------------------------------- */
 
 static void do_open(struct tc_mapper *mp, struct session *s) {
   if (s->state == 2) return; /* cancelled before it opened */
   struct tc_snapshot *snap = mp->last_snap ? tc_snapshot_ref(mp->last_snap) : tc_model_snapshot(mp->model);
   const struct tc_node *self = tc_snapshot_node(snap, s->node_id);
+  if (!self && s->oneshot) {
+    s->io->respond(s->st, 404, "text/plain; charset=utf-8", "node not found", 14);
+    s->state = 2;
+    atomic_store(&s->closed, 1);
+    s->closed_at_ms = tc_mono_ms();
+    s->next_grave = mp->grave;
+    mp->grave = s;
+    tc_snapshot_release(snap);
+    return;
+  }
   if (!self) {
     close_session(mp, s);
+    tc_snapshot_release(snap);
+    return;
+  }
+  struct tc_buf json = TC_BUF_INIT, frame = TC_BUF_INIT;
+  pthread_rwlock_rdlock(&mp->env_lock);
+  build_full(mp, snap, self, true, &json);
+  pthread_rwlock_unlock(&mp->env_lock);
+  tc_mapper_frame(json.data, json.len, &frame);
+  if (s->oneshot) {
+    /* one message, then the response ends; nothing is registered */
+    s->io->respond(s->st, 200, "application/json", frame.data, frame.len);
+    s->state = 2;
+    atomic_store(&s->closed, 1);
+    s->closed_at_ms = tc_mono_ms();
+    s->next_grave = mp->grave;
+    mp->grave = s;
+    atomic_fetch_add(&mp->st_full, 1);
+    tc_buf_free(&json);
+    tc_buf_free(&frame);
     tc_snapshot_release(snap);
     return;
   }
   /* A newer stream for a node supersedes the older one (§7.8). */
   struct session *old = sess_find(mp, s->node_id);
   if (old) close_session(mp, old);
-  struct tc_buf json = TC_BUF_INIT, frame = TC_BUF_INIT;
-  pthread_rwlock_rdlock(&mp->env_lock);
-  build_full(mp, snap, self, true, &json);
-  pthread_rwlock_unlock(&mp->env_lock);
-  tc_mapper_frame(json.data, json.len, &frame);
   s->state = 1;
   atomic_fetch_add(&mp->st_open, 1);
   if (mp->n_sess == mp->cap_sess) {
@@ -547,6 +969,10 @@ static void do_event(struct tc_mapper *mp, struct item *it) {
   int64_t prim_ids[64];
   size_t npi = primary_changes(mp, snap, prim_ids, 64);
   for (size_t i = 0; i < npi; i++) ver_set(&mp->vers, prim_ids[i], snap->seq);
+  if (policy_events(mp, &it, 1, prim_ids, npi)) {
+    pthread_rwlock_unlock(&mp->env_lock);
+    return;
+  }
 
   struct tc_mapper_delta d = {.now = now};
   struct tc_mapper_patch patch = {0};
@@ -680,6 +1106,11 @@ static void do_batch(struct tc_mapper *mp, struct item **items, size_t n) {
   for (size_t i = 0; i < nid; i++)
     if (!m || ids[m - 1] != ids[i]) ids[m++] = ids[i];
   nid = m;
+  for (size_t i = 0; i < nid; i++) ver_set(&mp->vers, ids[i], snap->seq);
+  if (policy_events(mp, items, n, ids, nid)) {
+    pthread_rwlock_unlock(&mp->env_lock);
+    return;
+  }
 
   struct tc_mapper_frag *changed[BATCH_MAX + 64];
   const struct tc_node *cnodes[BATCH_MAX + 64];
@@ -866,6 +1297,11 @@ int tc_mapper_new(const struct tc_mapper_opts *o, struct tc_mapper **out, struct
   struct tc_snapshot *snap = tc_model_snapshot(mp->model);
   int64_t dummy[1];
   primary_changes(mp, snap, dummy, 0);
+  bool tch;
+  struct tc_policy_result *ores;
+  struct pnode *opn;
+  size_t onpn;
+  if (pv_refresh(mp, snap, true, &tch, &ores, &opn, &onpn)) pv_free_compiled(ores, opn, onpn);
   tc_snapshot_release(snap);
   mp->sub_id = tc_model_subscribe(mp->model, on_change, mp);
   if (pthread_create(&mp->thread, NULL, dispatcher, mp)) {
@@ -904,6 +1340,7 @@ void tc_mapper_free(struct tc_mapper *mp) {
   for (size_t i = 0; i < mp->n_prims; i++) free(mp->prims[i].prefix);
   free(mp->prims);
   tc_snapshot_release(mp->last_snap);
+  pv_free(&mp->pv);
   tc_mapper_cache_free(mp->cache);
   tc_mapper_env_free(&mp->env);
   tc_buf_free(&mp->ka_frame);
@@ -1275,21 +1712,17 @@ static void handle_map(struct tc_mapper *mp, const uint8_t mk[TC_KEY_LEN], const
     goto out;
   }
   if (!r.stream) {
-    /* one-shot: fresh encoding from the current snapshot, no shared state */
-    snap = tc_model_snapshot(mp->model);
-    const struct tc_node *self = tc_snapshot_node(snap, node_id);
-    if (!self) {
-      respond_text(io, st, 404, "node not found");
-      goto out;
-    }
-    struct tc_buf json = TC_BUF_INIT, frame = TC_BUF_INIT;
-    pthread_rwlock_rdlock(&mp->env_lock);
-    build_full(mp, snap, self, false, &json);
-    pthread_rwlock_unlock(&mp->env_lock);
-    tc_mapper_frame(json.data, json.len, &frame);
-    io->respond(st, 200, "application/json", frame.data, frame.len);
-    tc_buf_free(&json);
-    tc_buf_free(&frame);
+    /* one-shot: built by the dispatcher, which owns the policy view */
+    struct session *os = tc_xcalloc(1, sizeof *os);
+    os->mp = mp;
+    os->io = io;
+    os->st = st;
+    os->node_id = node_id;
+    os->oneshot = true;
+    struct item *oit = tc_xcalloc(1, sizeof *oit);
+    oit->kind = IT_OPEN;
+    oit->s = os;
+    enqueue(mp, oit);
     goto out;
   }
 

@@ -392,7 +392,7 @@ static void put_patch(struct tc_buf *b, const struct tc_mapper_patch *p) {
 }
 
 bool tc_mapper_encode_delta(struct tc_buf *b, const struct tc_mapper_env *env, const struct tc_mapper_delta *d) {
-  bool any = d->self_json || d->n_changed || d->n_removed || d->n_patches || d->n_online || d->with_filter ||
+  bool any = d->self_json || d->n_peers || d->n_changed || d->n_removed || d->n_patches || d->n_online || d->with_filter ||
              d->with_dns || (d->with_derp && env->derp_json) || (d->with_ssh && env->ssh_json);
   if (!any) return false;
   bool first = true;
@@ -406,6 +406,10 @@ bool tc_mapper_encode_delta(struct tc_buf *b, const struct tc_mapper_env *env, c
   if (d->with_derp && env->derp_json) {
     tc_mapper_key(b, &first, "DERPMap");
     tc_buf_puts(b, env->derp_json);
+  }
+  if (d->n_peers) {
+    tc_mapper_key(b, &first, "Peers");
+    put_frags(b, d->peers, d->n_peers);
   }
   if (d->n_removed) {
     tc_mapper_key(b, &first, "PeersRemoved");

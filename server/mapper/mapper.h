@@ -240,6 +240,8 @@ struct tc_mapper_patch {
 
 struct tc_mapper_delta {
   const char *self_json;                 /* new self Node, or NULL */
+  struct tc_mapper_frag *const *peers;   /* non-empty: "Peers", a complete replacement (resync) */
+  size_t n_peers;
   struct tc_mapper_frag *const *changed; /* PeersChanged */
   size_t n_changed;
   const int64_t *removed;                /* PeersRemoved */

@@ -1023,3 +1023,112 @@ TC_TEST(offline_grace_hides_quick_reconnects) {
   fake_free(sb);
   fake_free(sb2);
 }
+
+static json_t *full_map(struct fake *f) { return wait_for(f, "Node", 0); }
+
+static bool has_peer_in(json_t *m, const char *key, int64_t id) {
+  json_t *v = json_object_get(m, key);
+  return !strcmp(key, "PeersRemoved") ? id_in(v, id) : find_peer(v, id) != NULL;
+}
+
+/* Under a policy every stream sees only what the policy allows, gets its own
+ * filter, and is resynced when the policy changes. */
+TC_TEST(policy_visibility_filters_and_resync) {
+  struct fx x;
+  TC_REQUIRE(fx_open(&x, 0));
+  struct tc_err err = {0};
+  int64_t bob = 0;
+  TC_REQUIRE(tc_model_user_create(x.model, "cli", "bob", NULL, NULL, &bob, &err) == 0);
+  char *bobkey = NULL;
+  struct tc_preauth_opts po = {.user_id = bob, .reusable = true};
+  TC_REQUIRE(tc_model_preauth_create(x.model, "cli", &po, NULL, &bobkey, &err) == 0);
+  const char *only_alice = "{\"acls\":[{\"action\":\"accept\",\"src\":[\"alice@\"],\"dst\":[\"alice@:*\"]}]}";
+  const char *everyone = "{\"acls\":[{\"action\":\"accept\",\"src\":[\"*\"],\"dst\":[\"*:*\"]}]}";
+  TC_REQUIRE(tc_model_policy_set(x.model, "cli", only_alice, strlen(only_alice), NULL, &err) == 0);
+  int64_t a1 = reg_node(&x, 1, 101, x.authkey, "a1");
+  int64_t a2 = reg_node(&x, 2, 102, x.authkey, "a2");
+  int64_t b1 = reg_node(&x, 3, 103, bobkey, "b1");
+  TC_REQUIRE(a1 > 0 && a2 > 0 && b1 > 0);
+  struct fake *s1 = open_stream(&x, 1, 101), *s3 = open_stream(&x, 3, 103);
+  json_t *m = full_map(s1);
+  TC_REQUIRE(m != NULL);
+  json_t *peers = json_object_get(m, "Peers");
+  TC_CHECK_INT(json_array_size(peers), 1);
+  TC_CHECK(find_peer(peers, a2) != NULL);
+  json_t *pf = json_object_get(m, "PacketFilter");
+  TC_CHECK(json_array_size(pf) >= 1);
+  char *pfs = json_dumps(pf, JSON_COMPACT);
+  TC_CHECK(pfs && strstr(pfs, "\"SrcIPs\":[\"*\"]") == NULL); /* alice's sources, not allow-all */
+  free(pfs);
+  json_decref(m);
+  m = full_map(s3);
+  TC_REQUIRE(m != NULL);
+  TC_CHECK(json_object_get(m, "Peers") == NULL); /* bob sees nobody */
+  TC_CHECK_INT(json_array_size(json_object_get(m, "PacketFilter")), 0); /* and accepts nothing */
+  json_decref(m);
+  drain(&x, s1);
+  drain(&x, s3);
+
+  /* a new alice node: a1 hears of it, bob does not */
+  int64_t a3 = reg_node(&x, 4, 104, x.authkey, "a3");
+  TC_REQUIRE(a3 > 0);
+  m = wait_for(s1, "PeersChanged", a3);
+  TC_CHECK(m != NULL);
+  json_decref(m);
+  tc_mapper_sync(x.mp);
+  bool leaked = false;
+  while ((m = next_msg(s3, 100, true))) {
+    char *ms = json_dumps(m, JSON_COMPACT);
+    leaked |= (ms && strstr(ms, "\"a3.") != NULL) || has_peer_in(m, "PeersChanged", a3);
+    free(ms);
+    json_decref(m);
+  }
+  TC_CHECK(!leaked);
+
+  /* open the tailnet: bob's stream is resynced with everyone */
+  TC_REQUIRE(tc_model_policy_set(x.model, "cli", everyone, strlen(everyone), NULL, &err) == 0);
+  m = wait_for(s3, "Node", 0);
+  TC_REQUIRE(m != NULL);
+  peers = json_object_get(m, "Peers");
+  TC_CHECK_INT(json_array_size(peers), 3);
+  TC_CHECK(find_peer(peers, a1) && find_peer(peers, a2) && find_peer(peers, a3));
+  TC_CHECK(json_array_size(json_object_get(m, "PacketFilter")) >= 1);
+  json_decref(m);
+  m = wait_for(s1, "Node", 0);
+  TC_REQUIRE(m != NULL);
+  TC_CHECK(find_peer(json_object_get(m, "Peers"), b1) != NULL);
+  json_decref(m);
+
+  /* close it again: bob loses every peer through PeersRemoved */
+  TC_REQUIRE(tc_model_policy_set(x.model, "cli", only_alice, strlen(only_alice), NULL, &err) == 0);
+  m = wait_for(s3, "Node", 0);
+  TC_REQUIRE(m != NULL);
+  TC_CHECK(json_object_get(m, "Peers") == NULL);
+  json_t *rm = json_object_get(m, "PeersRemoved");
+  TC_CHECK(id_in(rm, a1) && id_in(rm, a2) && id_in(rm, a3));
+  TC_CHECK_INT(json_array_size(json_object_get(m, "PacketFilter")), 0);
+  json_decref(m);
+  m = wait_for(s1, "Node", 0);
+  TC_REQUIRE(m != NULL);
+  TC_CHECK(find_peer(json_object_get(m, "Peers"), b1) == NULL);
+  TC_CHECK(find_peer(json_object_get(m, "Peers"), a2) != NULL);
+  json_decref(m);
+
+  /* a one-shot fetch follows the policy too */
+  char *nk = key_text(TC_MKEY_NODE, 103);
+  char *one = tc_xasprintf("{\"Version\":138,\"NodeKey\":\"%s\",\"Compress\":\"zstd\"}", nk);
+  struct fake *of = call(&x, 3, "/machine/map", one);
+  TC_CHECK(wait_done(of, 5000));
+  m = next_msg(of, 100, false);
+  TC_REQUIRE(m != NULL);
+  TC_CHECK(json_object_get(m, "Peers") == NULL);
+  json_decref(m);
+  free(nk);
+  free(one);
+  fake_free(of);
+
+  tc_free_secret(bobkey, strlen(bobkey));
+  fx_close(&x);
+  fake_free(s1);
+  fake_free(s3);
+}
