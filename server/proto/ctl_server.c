@@ -119,6 +119,7 @@ struct tc_ctl_server {
   nghttp2_session_callbacks *cbs;
   nghttp2_option *h2opt;
   atomic_uint_fast64_t st_conns_open, st_conns_total, st_hs_failed, st_streams_open, st_requests;
+  atomic_int slots; /* connections queued or open, against opts.max_conns */
 };
 
 /* ---- reference counting ---------------------------------------------------- */
@@ -681,6 +682,7 @@ static void conn_kill(struct conn *c) {
   c->next = srv->dead;
   srv->dead = c;
   atomic_fetch_sub(&srv->st_conns_open, 1);
+  atomic_fetch_sub(&srv->slots, 1);
 }
 
 static void conn_process_records(struct conn *c) {
@@ -1036,6 +1038,11 @@ static void refuse(int fd, int status, const char *reason, const char *body) {
   close(fd);
 }
 
+static bool refused(int fd, int status, const char *reason, const char *body) {
+  refuse(fd, status, reason, body);
+  return false;
+}
+
 /* Discards the request head, which the front door left unread. */
 static int discard_head(int fd, size_t n) {
   struct timeval tv = {.tv_sec = 2};
@@ -1052,7 +1059,8 @@ static int discard_head(int fd, size_t n) {
   return 0;
 }
 
-static void enqueue(struct tc_ctl_server *srv, struct incoming *in) {
+/* Hands in to the loop; false (fd closed) when the server is stopping. */
+static bool enqueue(struct tc_ctl_server *srv, struct incoming *in) {
   pthread_mutex_lock(&srv->mu);
   bool stopping = srv->stopping;
   if (!stopping) {
@@ -1065,6 +1073,7 @@ static void enqueue(struct tc_ctl_server *srv, struct incoming *in) {
     close(in->fd);
     free(in);
   }
+  return !stopping;
 }
 
 /* Standard base64 of the whole string into out (cap bytes). 0 or TC_EINVAL. */
@@ -1120,7 +1129,7 @@ static bool has_token(const char *list, const char *tok) {
 
 /* The WebSocket variant (browser clients): GET with the initiation in the
  * query; afterwards the Noise stream travels in binary messages. */
-static void upgrade_ws(struct tc_ctl_server *srv, int fd, const struct tc_http_head *head) {
+static bool upgrade_ws(struct tc_ctl_server *srv, int fd, const struct tc_http_head *head) {
   static const char guid[] = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
   const char *key = head_get(head, "Sec-WebSocket-Key");
   const char *ver = head_get(head, "Sec-WebSocket-Version");
@@ -1129,7 +1138,7 @@ static void upgrade_ws(struct tc_ctl_server *srv, int fd, const struct tc_http_h
   size_t klen = 0;
   if (!head->method || strcmp(head->method, "GET") || !conn || !has_token(conn, "upgrade") || !ver || strcmp(ver, "13") || !key ||
       strlen(key) > 40 || b64_decode(key, strlen(key), kbin, sizeof kbin, &klen) || klen != 16)
-    return refuse(fd, 400, "Bad Request", "bad websocket handshake");
+    return refused(fd, 400, "Bad Request", "bad websocket handshake");
   struct incoming *in = tc_xcalloc(1, sizeof *in);
   in->fd = fd;
   in->ws = true;
@@ -1154,8 +1163,10 @@ static void upgrade_ws(struct tc_ctl_server *srv, int fd, const struct tc_http_h
       memcpy(in->init, dec, TC_MIN(in->init_len, sizeof in->init));
     }
   }
-  enqueue(srv, in);
+  return enqueue(srv, in);
 }
+
+static bool upgrade_checked(struct tc_ctl_server *srv, int fd, const struct tc_http_head *head);
 
 void tc_ctl_upgrade(void *ctx, int fd, const struct tc_http_head *head) {
   struct tc_ctl_server *srv = ctx;
@@ -1163,19 +1174,30 @@ void tc_ctl_upgrade(void *ctx, int fd, const struct tc_http_head *head) {
     close(fd);
     return;
   }
+  /* A slot is taken here and given back when the connection dies (or is
+   * refused below), so a burst of upgrades cannot run the process out of fds. */
+  if (atomic_fetch_add(&srv->slots, 1) >= srv->opts.max_conns) {
+    atomic_fetch_sub(&srv->slots, 1);
+    return refuse(fd, 503, "Service Unavailable", "too many connections");
+  }
+  if (!upgrade_checked(srv, fd, head)) atomic_fetch_sub(&srv->slots, 1);
+}
+
+static bool upgrade_checked(struct tc_ctl_server *srv, int fd, const struct tc_http_head *head) {
   const char *up = head_get(head, "Upgrade");
-  if (!up || !*up) return refuse(fd, 400, "Bad Request", "missing next protocol");
+  if (!up || !*up) return refused(fd, 400, "Bad Request", "missing next protocol");
   if (tc_strieq(up, "websocket")) return upgrade_ws(srv, fd, head);
-  if (!tc_strieq(up, "tailscale-control-protocol")) return refuse(fd, 400, "Bad Request", "unknown next protocol");
+  if (!tc_strieq(up, "tailscale-control-protocol"))
+    return refused(fd, 400, "Bad Request", "unknown next protocol");
   const char *hs = head_get(head, "X-Tailscale-Handshake");
-  if (!hs || !*hs) return refuse(fd, 400, "Bad Request", "missing Tailscale handshake header");
+  if (!hs || !*hs) return refused(fd, 400, "Bad Request", "missing Tailscale handshake header");
   /* The head is bounded (TC_HTTP_HEAD_MAX), so the decoded size is too. */
   size_t hslen = strlen(hs);
   uint8_t *dec = tc_xmalloc(hslen / 4 * 3 + 3);
   size_t declen = 0;
   if (b64_decode(hs, hslen, dec, hslen / 4 * 3 + 3, &declen)) {
     free(dec);
-    return refuse(fd, 400, "Bad Request", "invalid tailscale handshake header");
+    return refused(fd, 400, "Bad Request", "invalid tailscale handshake header");
   }
   struct incoming *in = tc_xcalloc(1, sizeof *in);
   in->fd = fd;
@@ -1183,7 +1205,7 @@ void tc_ctl_upgrade(void *ctx, int fd, const struct tc_http_head *head) {
   memcpy(in->init, dec, TC_MIN(declen, sizeof in->init));
   snprintf(in->peer, sizeof in->peer, "%s", head->peer);
   free(dec);
-  enqueue(srv, in);
+  return enqueue(srv, in);
 }
 
 /* ---- server lifecycle ------------------------------------------------------------------ */
@@ -1199,6 +1221,7 @@ int tc_ctl_server_new(tc_ctl_handler_fn handler, void *ctx, const uint8_t server
   if (opts) srv->opts = *opts;
   if (srv->opts.workers <= 0) srv->opts.workers = 8;
   if (srv->opts.first_request_timeout_ms <= 0) srv->opts.first_request_timeout_ms = 30000;
+  if (srv->opts.max_conns <= 0) srv->opts.max_conns = 65536;
   pthread_mutex_init(&srv->mu, NULL);
   pthread_mutex_init(&srv->wmu, NULL);
   pthread_cond_init(&srv->wcond, NULL);

@@ -103,6 +103,7 @@ struct tc_ctl_server;
 struct tc_ctl_server_opts {
   int workers;          /* handler threads, default 8 */
   int first_request_timeout_ms; /* close a connection that sends no request, default 30000 */
+  int max_conns;        /* Noise connections at once (incl. ones being set up); more get 503. Default 65536 */
   /* Optional: bytes to send as the EarlyNoise payload (before SETTINGS);
    * called on the loop thread right after the handshake, must not block.
    * Return an owned JSON string or NULL for none. */
@@ -114,8 +115,9 @@ struct tc_ctl_server_opts {
  * Noise static private key (copied, wiped on free). opts may be NULL. */
 int tc_ctl_server_new(tc_ctl_handler_fn handler, void *ctx, const uint8_t server_priv[32],
                       const struct tc_ctl_server_opts *opts, struct tc_ctl_server **out, struct tc_err *err);
-/* Closes every connection (cancelling open streams), waits for the loop and
- * the workers to finish (handlers must return), frees the server. NULL ok.
+/* Closes every connection (cancelling open streams; clients get GOAWAY),
+ * waits for the loop and the workers to finish (handlers must return; never
+ * call this from a handler), frees the server. NULL ok.
  * Streams still referenced by holders stay valid memory; writes fail. */
 void tc_ctl_server_stop(struct tc_ctl_server *srv);
 /* The tc_upgrade_fn for "/ts2021"; ctx is the tc_ctl_server. Checks, in the

@@ -175,19 +175,21 @@ static bool closed_within(struct tc_tclient *c, int ms) {
   return false;
 }
 
-/* Waits until the server holds no connection and no stream. */
-static bool conns_drain(struct fx *f, int ms) {
+/* Waits until the server holds at most n connections (and, for 0, no stream). */
+static bool conns_drain_to(struct fx *f, uint64_t n, int ms) {
   int64_t deadline = tc_mono_ms() + ms;
   struct tc_ctl_stats s;
   do {
     tc_ctl_server_stats(f->srv, &s);
-    if (s.conns_open == 0 && s.streams_open == 0) return true;
+    if (s.conns_open <= n && (n > 0 || s.streams_open == 0)) return true;
     usleep(5000);
   } while (tc_mono_ms() < deadline);
   fprintf(stderr, "  still open: %llu conns, %llu streams\n", (unsigned long long)s.conns_open,
           (unsigned long long)s.streams_open);
   return false;
 }
+
+static bool conns_drain(struct fx *f, int ms) { return conns_drain_to(f, 0, ms); }
 
 static void wait_for(int *field, int want, int ms) {
   int64_t deadline = tc_mono_ms() + ms;
@@ -834,6 +836,46 @@ TC_TEST(early_payload_and_any_version) {
   TC_CHECK(ej && strstr(ej, "\"v\":9999}") != NULL);
   TC_CHECK(tc_tclient_first_frame_settings(c)); /* SETTINGS right after the payload */
   tc_tclient_free(c);
+  fx_stop(&f);
+}
+
+TC_TEST(connection_limit) {
+  struct fx f;
+  struct tc_ctl_server_opts o = {.workers = 2, .max_conns = 2};
+  TC_REQUIRE(fx_start_opts(&f, &o) == 0);
+  struct tc_tclient *a = client(&f, 138), *b = client(&f, 138);
+  TC_REQUIRE(a && b);
+  /* A third is refused with 503 before any Noise byte. */
+  uint8_t mpriv[32], init[TC_TS_INIT_LEN];
+  tc_random(mpriv, 32);
+  struct tc_noise_hs hs;
+  TC_REQUIRE(tc_ts_client_initiate(&hs, 138, mpriv, f.pub, NULL, init) == 0);
+  tc_noise_hs_wipe(&hs);
+  char *good = b64(init, sizeof init);
+  size_t len;
+  char *r = upgrade_raw(&f, "tailscale-control-protocol", good, &len);
+  TC_CHECK(tc_str_has_prefix(r, "HTTP/1.1 503 "));
+  free(r);
+  /* Refusals (400) do not leak slots. */
+  for (int i = 0; i < 5; i++) {
+    tc_tclient_free(b);
+    b = NULL;
+    TC_CHECK(conns_drain_to(&f, 1, 10000));
+    r = upgrade_raw(&f, "nope", good, &len);
+    TC_CHECK(tc_str_has_prefix(r, "HTTP/1.1 400 "));
+    free(r);
+    b = client(&f, 138);
+    TC_CHECK(b != NULL);
+    if (!b) break;
+  }
+  int status;
+  char *body = NULL;
+  TC_CHECK_INT(tc_tclient_request(a, "POST", "/echo", "a", 1, 10000, &status, &body, NULL), 0);
+  free(body);
+  tc_tclient_free(a);
+  tc_tclient_free(b);
+  free(good);
+  TC_CHECK(healthy(&f));
   fx_stop(&f);
 }
 
