@@ -756,31 +756,21 @@ int tc_api_policy_validate(void *ctx, const char *text, size_t len, struct tc_er
   return TC_OK;
 }
 
+/* The policy in force: the model's current text. In file mode that is the
+ * file as loaded at start or at the last SIGHUP (not edits made since). */
 static void h_policy_get(struct tc_api *api, const struct api_ctx *ac, const struct tc_http_req *req,
                          struct tc_http_resp *resp) {
   json_t *o = json_object();
-  if (api->o.policy_file_mode) {
-    char *text = NULL;
-    size_t len = 0;
-    struct tc_err e = {0};
-    if (!api->policy_path || !*api->policy_path) {
-      json_object_set_new(o, "policy", json_string(""));
-      json_object_set_new(o, "updatedAt", json_null());
-    } else if (tc_read_file(api->policy_path, 4 << 20, &text, &len, &e)) {
-      json_decref(o);
-      err_resp(resp, &e);
-      return;
-    } else {
-      json_object_set_new(o, "policy", json_stringn(text, len) ? json_stringn(text, len) : json_string(""));
-      json_object_set_new(o, "updatedAt", json_null());
-      free(text);
-    }
-    tc_http_resp_json(resp, 200, o);
-    return;
-  }
   struct tc_snapshot *s = tc_model_snapshot(api->o.model);
   if (!s->policy) {
     tc_snapshot_release(s);
+    if (api->o.policy_file_mode) {
+      /* file mode without a policy file: allow-all, like Headscale */
+      json_object_set_new(o, "policy", json_string(""));
+      json_object_set_new(o, "updatedAt", json_null());
+      tc_http_resp_json(resp, 200, o);
+      return;
+    }
     json_decref(o);
     tc_http_resp_error(resp, 404, TC_GRPC_NOT_FOUND, "no policy has been set");
     return;

@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -121,12 +122,13 @@ bool tc_srv_init_ex(struct tc_srv *s, const char *pg_url, const char *derp_yaml,
           "%s"
           "%s"
           "dns:\n  magic_dns: true\n  base_domain: tailnet.test\n  nameservers:\n    global: [1.1.1.1]\n"
-          "policy:\n  mode: database\n"
+          "%s"
           "log:\n  level: info\n"
           "unix_socket: \"%s\"\n"
           "unix_socket_permission: \"0770\"\n%s",
           s->tls ? "https" : "http", s->port, s->port, s->metrics_port, s->dir, dbsection,
-          derp_yaml ? derp_yaml : "derp:\n  server:\n    enabled: false\n  urls: []\n  paths: []\n", s->sock,
+          derp_yaml ? derp_yaml : "derp:\n  server:\n    enabled: false\n  urls: []\n  paths: []\n",
+          extra_yaml && strstr(extra_yaml, "policy:") ? "" : "policy:\n  mode: database\n", s->sock,
           extra_yaml ? extra_yaml : "");
   fclose(f);
   return true;
@@ -136,6 +138,8 @@ bool tc_srv_start(struct tc_srv *s) {
   pid_t pid = fork();
   if (pid < 0) return false;
   if (pid == 0) {
+    /* a test that dies (assertion, sanitizer abort) takes its server along */
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
     int fd = open(s->log, O_WRONLY | O_CREAT | O_APPEND, 0600);
     if (fd >= 0) {
       dup2(fd, 1);

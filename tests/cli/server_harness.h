@@ -26,7 +26,8 @@ struct tc_srv {
  * TC_TEST_PG_URL of the fixture (a fresh database is created). */
 bool tc_srv_init(struct tc_srv *s, const char *pg_url);
 /* Same, with the derp: section replaced by derp_yaml (NULL = DERP off) and
- * extra top-level YAML appended (NULL = none). */
+ * extra top-level YAML appended (NULL = none). A policy: section in extra
+ * replaces the default (database mode). */
 bool tc_srv_init_ex(struct tc_srv *s, const char *pg_url, const char *derp_yaml, const char *extra_yaml);
 /* Starts the server and waits (<= 30 s) until GET /health answers 200. */
 bool tc_srv_start(struct tc_srv *s);
