@@ -1789,3 +1789,100 @@ TC_TEST(tick_announces_key_expiry_once) {
   env_close(&e);
   free(rec);
 }
+
+/* ---- concurrent writers of different kinds ------------------------------------------------------------ */
+struct mixed {
+  struct tc_model *m;
+  int64_t ids[8][8];
+  atomic_int errors;
+};
+struct mixed_arg {
+  struct mixed *mx;
+  int t;
+};
+
+static void *mixed_thread(void *p) {
+  struct mixed_arg *a = p;
+  struct mixed *mx = a->mx;
+  struct tc_err err = {0};
+  for (int round = 0; round < 25; round++) {
+    for (int i = 0; i < 8; i++) {
+      int64_t id = mx->ids[a->t][i];
+      char ep[40];
+      snprintf(ep, sizeof ep, "203.0.113.%d:%d", a->t + 1, 1000 + round);
+      struct tc_strv eps = {0};
+      tc_strv_push(&eps, ep);
+      struct tc_map_update mu = {.endpoints = &eps, .home_derp = 1 + round % 3};
+      if (tc_model_node_update_from_map(mx->m, id, &mu, NULL, &err)) atomic_fetch_add(&mx->errors, 1);
+      tc_strv_free(&eps);
+      if (tc_model_node_set_online(mx->m, id, true, &err)) atomic_fetch_add(&mx->errors, 1);
+      if (round % 2 && tc_model_node_set_online(mx->m, id, false, &err)) atomic_fetch_add(&mx->errors, 1);
+    }
+  }
+  /* 25 opens and 12 closes so far: close the 13 streams still open, plus
+   * one unpaired close that must be ignored. */
+  for (int i = 0; i < 8; i++)
+    for (int k = 0; k < 14; k++) tc_model_node_set_online(mx->m, mx->ids[a->t][i], false, &err);
+  return NULL;
+}
+
+TC_TEST(concurrent_mixed_writers_stay_consistent) {
+  struct env e;
+  TC_REQUIRE(env_open(&e, NULL, NULL) == 0);
+  struct tc_err err = {0};
+  int64_t u = mkuser(e.m, "alice");
+  char *key = mkkey(e.m, u, true, false, NULL, NULL);
+  static struct mixed mx;
+  memset(&mx, 0, sizeof mx);
+  mx.m = e.m;
+  for (int t = 0; t < 8; t++)
+    for (int i = 0; i < 8; i++) {
+      struct tc_register_req r;
+      req_init(&r, "mixed", key);
+      TC_REQUIRE(tc_model_register_authkey(e.m, &r, &mx.ids[t][i], &err) == 0);
+    }
+  struct recorder *rec = recorder_new();
+  tc_model_subscribe(e.m, record, rec);
+  pthread_t th[8];
+  struct mixed_arg args[8];
+  for (int t = 0; t < 8; t++) {
+    args[t] = (struct mixed_arg){&mx, t};
+    pthread_create(&th[t], NULL, mixed_thread, &args[t]);
+  }
+  /* Meanwhile: admin writes on other nodes and users. */
+  for (int i = 0; i < 10; i++) {
+    char name[16];
+    snprintf(name, sizeof name, "extra%d", i);
+    int64_t x = mkuser(e.m, name);
+    struct tc_register_req r;
+    req_init(&r, name, key);
+    int64_t nid = 0;
+    TC_CHECK_INT(tc_model_register_authkey(e.m, &r, &nid, &err), 0);
+    TC_CHECK_INT(tc_model_node_set_user(e.m, "cli", nid, x, &err), 0);
+    TC_CHECK_INT(tc_model_node_delete(e.m, "cli", nid, &err), 0);
+    TC_CHECK_INT(tc_model_user_destroy(e.m, "cli", x, &err), 0);
+  }
+  for (int t = 0; t < 8; t++) pthread_join(th[t], NULL);
+  TC_CHECK_INT(atomic_load(&mx.errors), 0);
+  struct tc_snapshot *s = tc_model_snapshot(e.m);
+  TC_CHECK_INT(s->n_online, 0);
+  TC_CHECK_INT(s->n_nodes, 64);
+  for (int t = 0; t < 8; t++)
+    for (int i = 0; i < 8; i++) {
+      const struct tc_node *n = tc_snapshot_node(s, mx.ids[t][i]);
+      TC_REQUIRE(n != NULL);
+      char want[40];
+      snprintf(want, sizeof want, "203.0.113.%d:%d", t + 1, 1000 + 24);
+      TC_CHECK(n->endpoints.n == 1 && !strcmp(n->endpoints.v[0], want));
+      TC_CHECK(n->last_seen > 0);
+    }
+  tc_snapshot_release(s);
+  /* Events arrived in publication order. */
+  pthread_mutex_lock(&rec->mu);
+  for (size_t i = 1; i < rec->n; i++) TC_CHECK(rec->ev[i].seq >= rec->ev[i - 1].seq);
+  pthread_mutex_unlock(&rec->mu);
+  verify_mem_db(&e);
+  free_secret(key);
+  env_close(&e);
+  free(rec);
+}
