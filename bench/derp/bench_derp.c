@@ -10,7 +10,8 @@
  *
  * Usage: bench_derp [--pairs M] [--tls] [--seconds S] [--size BYTES]
  *                   [--latency-rounds N] [--window PKTS]
- * --window bounds the packets in flight per pair (0 = unbounded blast). */
+ * --window bounds the packets in flight per pair (0 = unbounded blast);
+ * --tls-threads sets tc_tls's epoll threads (default 1). */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
@@ -39,6 +40,7 @@ static int g_port;
 static bool g_tls;
 static char *g_ca;
 static int g_size = 1200;
+static int g_tls_threads = 1;
 
 /* ---- server side wiring: head reader -> tc_derp_server_accept ---- */
 
@@ -291,8 +293,9 @@ int main(int argc, char **argv) {
     else if (!strcmp(argv[i], "--size") && i + 1 < argc) g_size = atoi(argv[++i]);
     else if (!strcmp(argv[i], "--latency-rounds") && i + 1 < argc) g_rounds = atoi(argv[++i]);
     else if (!strcmp(argv[i], "--window") && i + 1 < argc) g_window = atoi(argv[++i]);
+    else if (!strcmp(argv[i], "--tls-threads") && i + 1 < argc) g_tls_threads = atoi(argv[++i]);
     else {
-      fprintf(stderr, "usage: %s [--pairs M] [--tls] [--seconds S] [--size BYTES] [--latency-rounds N] [--window PKTS]\n", argv[0]);
+      fprintf(stderr, "usage: %s [--pairs M] [--tls] [--seconds S] [--size BYTES] [--latency-rounds N] [--window PKTS] [--tls-threads N]\n", argv[0]);
       return 2;
     }
   }
@@ -323,7 +326,8 @@ int main(int argc, char **argv) {
     char tmpl[] = "/tmp/bench-derp-XXXXXX";
     dir = tc_xstrdup(mkdtemp(tmpl));
     if (tt_make_chain(dir, "bench", "localhost", &g_ca, &chain, &kp)) return 1;
-    struct tc_tls_params tp = {.cert_path = chain, .key_path = kp, .deliver = deliver, .max_conns = 20000};
+    struct tc_tls_params tp = {.cert_path = chain, .key_path = kp, .deliver = deliver, .max_conns = 20000,
+                               .threads = g_tls_threads};
     if (tc_tls_new(&tp, &tls, &err) || tc_tls_add_listener(tls, lfd, &err)) {
       fprintf(stderr, "%s\n", err.msg);
       return 1;
@@ -408,7 +412,7 @@ int main(int argc, char **argv) {
 
   printf("mode=%s pairs=%d size=%d window=%d seconds=%.1f connect_ms=%lld", g_tls ? "tls" : "plain", pairs, g_size,
          g_window, el, (long long)conn_ms);
-  if (tls) printf(" server_tls_handshake_cpu=%.1f ms/conn", hs_cpu_ms);
+  if (tls) printf(" tls_threads=%d server_tls_handshake_cpu=%.1f ms/conn", g_tls_threads, hs_cpu_ms);
   printf("\n");
   printf("throughput: %.0f packets/s, %.1f MB/s delivered (server relayed %.1f MB, dropped %llu)\n",
          (double)pk / el, (double)by / el / 1e6, (double)relayed / 1e6,

@@ -57,6 +57,7 @@ enum conn_state { ST_HANDSHAKE, ST_OPEN, ST_DEAD };
 
 struct conn {
   struct conn *prev, *next;
+  struct worker *w;
   enum conn_state state;
   struct item tcp, plain;
   int plain_peer_fd;        /* the end handed out; -1 once delivered */
@@ -84,6 +85,21 @@ struct conn {
   size_t rx_off, rx_len;
 };
 
+/* One epoll thread and the connections it owns. Listeners live on worker 0,
+ * which deals accepted sockets out round-robin. */
+struct worker {
+  struct tc_tls *t;
+  int ep, wake_fd;
+  struct item wake_item;
+  /* handed-off fds waiting for this thread; guarded by t->mu */
+  struct pending { int fd; char peer[64]; } *pend;
+  size_t npend, cappend;
+  struct conn *conns;       /* thread-only */
+  pthread_t thr;
+  clockid_t thr_clock;
+  bool started;
+};
+
 struct tc_tls {
   struct tc_tls_params p;
   char *cert_path, *key_path;
@@ -92,19 +108,12 @@ struct tc_tls {
   struct tc_tls_stats st;   /* guarded by mu */
   mbedtls_entropy_context entropy;
   mbedtls_ctr_drbg_context drbg; /* thread-safe: MBEDTLS_THREADING_C */
-  int ep, wake_fd;
-  struct item wake_item;
   struct item listeners[MAX_LISTENERS];
   int nlisteners;           /* guarded by mu (written by add_listener) */
-  /* handed-off fds waiting for the thread; guarded by mu */
-  struct pending { int fd; char peer[64]; } *pend;
-  size_t npend, cappend;
-  struct conn *conns;       /* thread-only */
-  size_t nconns;            /* thread-only */
-  pthread_t thr;
-  clockid_t thr_clock;
+  struct worker *w;
+  int nw;
+  unsigned next_w;          /* round-robin; guarded by mu */
   bool stop;                /* guarded by mu */
-  bool started;
 };
 
 /* Modern AEAD suites only; TLS 1.2 minimum. Go's client offers all of them. */
@@ -215,24 +224,24 @@ static int bio_recv(void *ctx, unsigned char *buf, size_t len) {
 
 /* ---- connection lifecycle (TLS thread only) ---- */
 
-static void ep_set(struct tc_tls *t, struct item *it, uint32_t *cur, uint32_t want) {
+static void ep_set(struct worker *w, struct item *it, uint32_t *cur, uint32_t want) {
   if (it->fd < 0 || *cur == want) return;
   struct epoll_event ev = {.events = want, .data.ptr = it};
-  epoll_ctl(t->ep, EPOLL_CTL_MOD, it->fd, &ev);
+  epoll_ctl(w->ep, EPOLL_CTL_MOD, it->fd, &ev);
   *cur = want;
 }
 
-static void conn_free(struct tc_tls *t, struct conn *c) {
+static void conn_free(struct worker *w, struct conn *c) {
+  struct tc_tls *t = w->t;
   if (c->prev) c->prev->next = c->next;
-  else t->conns = c->next;
+  else w->conns = c->next;
   if (c->next) c->next->prev = c->prev;
-  t->nconns--;
   if (c->tcp.fd >= 0) {
-    epoll_ctl(t->ep, EPOLL_CTL_DEL, c->tcp.fd, NULL);
+    epoll_ctl(w->ep, EPOLL_CTL_DEL, c->tcp.fd, NULL);
     close(c->tcp.fd);
   }
   if (c->plain.fd >= 0) {
-    epoll_ctl(t->ep, EPOLL_CTL_DEL, c->plain.fd, NULL);
+    epoll_ctl(w->ep, EPOLL_CTL_DEL, c->plain.fd, NULL);
     close(c->plain.fd);
   }
   if (c->plain_peer_fd >= 0) close(c->plain_peer_fd);
@@ -272,10 +281,11 @@ static void peer_of(int fd, char out[64]) {
   }
 }
 
-static void conn_start(struct tc_tls *t, int fd, const char *peer) {
+static void conn_start(struct worker *w, int fd, const char *peer) {
+  struct tc_tls *t = w->t;
   pthread_mutex_lock(&t->mu);
   t->st.accepted++;
-  bool full = t->nconns >= t->p.max_conns;
+  bool full = t->st.active >= t->p.max_conns;
   if (full) t->st.refused_full++;
   struct cred *cr = t->cur;
   if (!full) {
@@ -288,31 +298,31 @@ static void conn_start(struct tc_tls *t, int fd, const char *peer) {
     return;
   }
   struct conn *c = tc_xcalloc(1, sizeof(*c));
+  c->w = w;
   c->cred = cr;
   c->tcp = (struct item){K_TCP, fd, c};
   c->plain = (struct item){K_PLAIN, -1, c};
   c->plain_peer_fd = -1;
   if (peer && *peer) snprintf(c->peer, sizeof c->peer, "%s", peer);
   else peer_of(fd, c->peer);
-  c->next = t->conns;
-  if (t->conns) t->conns->prev = c;
-  t->conns = c;
-  t->nconns++;
+  c->next = w->conns;
+  if (w->conns) w->conns->prev = c;
+  w->conns = c;
   set_nonblock(fd);
   int one = 1;
   setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
   mbedtls_ssl_init(&c->ssl);
   c->ssl_init = true;
   if (mbedtls_ssl_setup(&c->ssl, &cr->conf) != 0) {
-    conn_free(t, c);
+    conn_free(w, c);
     return;
   }
   mbedtls_ssl_set_bio(&c->ssl, c, bio_send, bio_recv, NULL);
   c->deadline_ms = tc_mono_ms() + t->p.handshake_timeout_ms;
   c->tcp_ev = EPOLLIN;
   struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &c->tcp};
-  if (epoll_ctl(t->ep, EPOLL_CTL_ADD, fd, &ev) != 0) {
-    conn_free(t, c);
+  if (epoll_ctl(w->ep, EPOLL_CTL_ADD, fd, &ev) != 0) {
+    conn_free(w, c);
     return;
   }
 }
@@ -324,14 +334,15 @@ static void note_hs_failed(struct tc_tls *t) {
 }
 
 /* Finishes the handshake: creates the socketpair and delivers the far end. */
-static int conn_established(struct tc_tls *t, struct conn *c) {
+static int conn_established(struct worker *w, struct conn *c) {
+  struct tc_tls *t = w->t;
   int sv[2];
   if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) return -1;
   set_nonblock(sv[0]);
   c->plain.fd = sv[0];
   c->plain_ev = EPOLLIN;
   struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &c->plain};
-  if (epoll_ctl(t->ep, EPOLL_CTL_ADD, sv[0], &ev) != 0) {
+  if (epoll_ctl(w->ep, EPOLL_CTL_ADD, sv[0], &ev) != 0) {
     close(sv[1]);
     return -1;
   }
@@ -346,11 +357,12 @@ static int conn_established(struct tc_tls *t, struct conn *c) {
 
 /* Moves bytes until nothing more can move; returns -1 when the connection
  * is finished (either cleanly or by error) and must be freed. */
-static int conn_pump(struct tc_tls *t, struct conn *c) {
+static int conn_pump(struct worker *w, struct conn *c) {
+  struct tc_tls *t = w->t;
   if (c->state == ST_HANDSHAKE) {
     int r = mbedtls_ssl_handshake(&c->ssl);
     if (r == MBEDTLS_ERR_SSL_WANT_READ || r == MBEDTLS_ERR_SSL_WANT_WRITE) {
-      ep_set(t, &c->tcp, &c->tcp_ev, r == MBEDTLS_ERR_SSL_WANT_WRITE ? EPOLLOUT : EPOLLIN);
+      ep_set(w, &c->tcp, &c->tcp_ev, r == MBEDTLS_ERR_SSL_WANT_WRITE ? EPOLLOUT : EPOLLIN);
       return 0;
     }
     if (r != 0) {
@@ -362,7 +374,7 @@ static int conn_pump(struct tc_tls *t, struct conn *c) {
       note_hs_failed(t);
       return -1;
     }
-    if (conn_established(t, c) != 0) return -1;
+    if (conn_established(w, c) != 0) return -1;
   }
   uint64_t in_bytes = 0, out_bytes = 0;
   int rc = 0;
@@ -467,57 +479,89 @@ static int conn_pump(struct tc_tls *t, struct conn *c) {
   if (c->tcp_want_write || c->ssl.out_left > 0) tw |= EPOLLOUT;
   if (c->in_len > 0) pw |= EPOLLOUT;
   if (c->out_len == 0 && !c->plain_eof) pw |= EPOLLIN;
-  ep_set(t, &c->tcp, &c->tcp_ev, tw);
-  ep_set(t, &c->plain, &c->plain_ev, pw);
+  ep_set(w, &c->tcp, &c->tcp_ev, tw);
+  ep_set(w, &c->plain, &c->plain_ev, pw);
   return 0;
 }
 
-static void do_accept(struct tc_tls *t, int lfd) {
+static void wake_worker(struct worker *w) {
+  uint64_t one = 1;
+  ssize_t r = write(w->wake_fd, &one, sizeof one);
+  (void)r;
+}
+
+/* Queues fd for worker k (any thread). */
+static void push_pending(struct worker *w, int fd, const char *peer) {
+  struct tc_tls *t = w->t;
+  pthread_mutex_lock(&t->mu);
+  if (w->npend == w->cappend) {
+    w->cappend = w->cappend ? w->cappend * 2 : 16;
+    w->pend = tc_xrealloc(w->pend, w->cappend * sizeof(*w->pend));
+  }
+  struct pending *pd = &w->pend[w->npend++];
+  pd->fd = fd;
+  if (peer) snprintf(pd->peer, sizeof pd->peer, "%s", peer);
+  else peer_of(fd, pd->peer);
+  pthread_mutex_unlock(&t->mu);
+  wake_worker(w);
+}
+
+static struct worker *pick_worker(struct tc_tls *t) {
+  pthread_mutex_lock(&t->mu);
+  struct worker *w = &t->w[t->next_w++ % (unsigned)t->nw];
+  pthread_mutex_unlock(&t->mu);
+  return w;
+}
+
+static void do_accept(struct worker *self, int lfd) {
   for (int i = 0; i < 64; i++) {
     int fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
     if (fd < 0) return;
-    conn_start(t, fd, NULL);
+    struct worker *w = pick_worker(self->t);
+    if (w == self) conn_start(self, fd, NULL);
+    else push_pending(w, fd, NULL);
   }
 }
 
 static void *tls_thread(void *arg) {
-  struct tc_tls *t = arg;
+  struct worker *w = arg;
+  struct tc_tls *t = w->t;
   struct epoll_event evs[64];
   int64_t next_sweep = tc_mono_ms() + 100;
   for (;;) {
     pthread_mutex_lock(&t->mu);
     bool stop = t->stop;
-    struct pending *pend = t->pend;
-    size_t npend = t->npend;
-    t->pend = NULL;
-    t->npend = t->cappend = 0;
+    struct pending *pend = w->pend;
+    size_t npend = w->npend;
+    w->pend = NULL;
+    w->npend = w->cappend = 0;
     pthread_mutex_unlock(&t->mu);
     if (stop) {
       for (size_t i = 0; i < npend; i++) close(pend[i].fd);
       free(pend);
       break;
     }
-    for (size_t i = 0; i < npend; i++) conn_start(t, pend[i].fd, pend[i].peer);
+    for (size_t i = 0; i < npend; i++) conn_start(w, pend[i].fd, pend[i].peer);
     free(pend);
     bool any_again = false;
-    for (struct conn *c = t->conns; c && !any_again; c = c->next) any_again = c->again && c->state == ST_OPEN;
-    int n = epoll_wait(t->ep, evs, 64, any_again ? 0 : 100);
+    for (struct conn *c = w->conns; c && !any_again; c = c->next) any_again = c->again && c->state == ST_OPEN;
+    int n = epoll_wait(w->ep, evs, 64, any_again ? 0 : 100);
     if (any_again) {
-      for (struct conn *c = t->conns; c; c = c->next)
-        if (c->again && c->state == ST_OPEN && conn_pump(t, c) < 0) c->state = ST_DEAD;
+      for (struct conn *c = w->conns; c; c = c->next)
+        if (c->again && c->state == ST_OPEN && conn_pump(w, c) < 0) c->state = ST_DEAD;
     }
     for (int i = 0; i < n; i++) {
       struct item *it = evs[i].data.ptr;
       if (it->kind == K_WAKE) {
         uint64_t v;
-        ssize_t r = read(t->wake_fd, &v, sizeof v);
+        ssize_t r = read(w->wake_fd, &v, sizeof v);
         (void)r;
       } else if (it->kind == K_LISTEN) {
-        do_accept(t, it->fd);
+        do_accept(w, it->fd);
       } else {
         struct conn *c = it->c;
         if (c->state == ST_DEAD) continue;
-        if (conn_pump(t, c) < 0) c->state = ST_DEAD;
+        if (conn_pump(w, c) < 0) c->state = ST_DEAD;
       }
     }
     /* Free dead connections after the batch: later events in the same batch
@@ -525,7 +569,7 @@ static void *tls_thread(void *arg) {
     int64_t now = tc_mono_ms();
     bool sweep = now >= next_sweep;
     if (sweep) next_sweep = now + 100;
-    for (struct conn *c = t->conns, *nx; c; c = nx) {
+    for (struct conn *c = w->conns, *nx; c; c = nx) {
       nx = c->next;
       if (c->state != ST_DEAD && sweep && c->deadline_ms && now >= c->deadline_ms) {
         if (c->state == ST_HANDSHAKE) {
@@ -535,10 +579,10 @@ static void *tls_thread(void *arg) {
         }
         c->state = ST_DEAD;
       }
-      if (c->state == ST_DEAD) conn_free(t, c);
+      if (c->state == ST_DEAD) conn_free(w, c);
     }
   }
-  while (t->conns) conn_free(t, t->conns);
+  while (w->conns) conn_free(w, w->conns);
   return NULL;
 }
 
@@ -554,9 +598,14 @@ int tc_tls_new(const struct tc_tls_params *p, struct tc_tls **out, struct tc_err
   if (t->p.handshake_timeout_ms <= 0) t->p.handshake_timeout_ms = 10000;
   if (t->p.idle_close_timeout_ms <= 0) t->p.idle_close_timeout_ms = 10000;
   if (t->p.max_conns == 0) t->p.max_conns = 65536;
+  t->nw = t->p.threads > 0 ? TC_MIN(t->p.threads, 64) : 1;
+  t->w = tc_xcalloc((size_t)t->nw, sizeof *t->w);
+  for (int i = 0; i < t->nw; i++) {
+    t->w[i].t = t;
+    t->w[i].ep = t->w[i].wake_fd = -1;
+  }
   t->cert_path = tc_xstrdup(p->cert_path);
   t->key_path = tc_xstrdup(p->key_path);
-  t->ep = t->wake_fd = -1;
   pthread_mutex_init(&t->mu, NULL);
   mbedtls_entropy_init(&t->entropy);
   mbedtls_ctr_drbg_init(&t->drbg);
@@ -567,21 +616,24 @@ int tc_tls_new(const struct tc_tls_params *p, struct tc_tls **out, struct tc_err
     goto fail;
   }
   if ((rc = cred_load(t, &t->cur, err)) != 0) goto fail;
-  t->ep = epoll_create1(EPOLL_CLOEXEC);
-  t->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-  if (t->ep < 0 || t->wake_fd < 0) {
-    rc = tc_err_set(err, TC_EIO, "tls: epoll/eventfd: %s", strerror(errno));
-    goto fail;
+  for (int i = 0; i < t->nw; i++) {
+    struct worker *w = &t->w[i];
+    w->ep = epoll_create1(EPOLL_CLOEXEC);
+    w->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (w->ep < 0 || w->wake_fd < 0) {
+      rc = tc_err_set(err, TC_EIO, "tls: epoll/eventfd: %s", strerror(errno));
+      goto fail;
+    }
+    w->wake_item = (struct item){K_WAKE, w->wake_fd, NULL};
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &w->wake_item};
+    epoll_ctl(w->ep, EPOLL_CTL_ADD, w->wake_fd, &ev);
+    if (pthread_create(&w->thr, NULL, tls_thread, w) != 0) {
+      rc = tc_err_set(err, TC_EINTERNAL, "tls: cannot start thread");
+      goto fail;
+    }
+    pthread_getcpuclockid(w->thr, &w->thr_clock);
+    w->started = true;
   }
-  t->wake_item = (struct item){K_WAKE, t->wake_fd, NULL};
-  struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &t->wake_item};
-  epoll_ctl(t->ep, EPOLL_CTL_ADD, t->wake_fd, &ev);
-  if (pthread_create(&t->thr, NULL, tls_thread, t) != 0) {
-    rc = tc_err_set(err, TC_EINTERNAL, "tls: cannot start thread");
-    goto fail;
-  }
-  pthread_getcpuclockid(t->thr, &t->thr_clock);
-  t->started = true;
   *out = t;
   return 0;
 fail:
@@ -606,12 +658,6 @@ int tc_tls_reload(struct tc_tls *t, struct tc_err *err) {
   return 0;
 }
 
-static void wake(struct tc_tls *t) {
-  uint64_t one = 1;
-  ssize_t r = write(t->wake_fd, &one, sizeof one);
-  (void)r;
-}
-
 int tc_tls_add_listener(struct tc_tls *t, int listen_fd, struct tc_err *err) {
   pthread_mutex_lock(&t->mu);
   if (t->nlisteners >= MAX_LISTENERS) {
@@ -624,28 +670,20 @@ int tc_tls_add_listener(struct tc_tls *t, int listen_fd, struct tc_err *err) {
   pthread_mutex_unlock(&t->mu);
   set_nonblock(listen_fd);
   struct epoll_event ev = {.events = EPOLLIN, .data.ptr = it};
-  if (epoll_ctl(t->ep, EPOLL_CTL_ADD, listen_fd, &ev) != 0)
+  if (epoll_ctl(t->w[0].ep, EPOLL_CTL_ADD, listen_fd, &ev) != 0)
     return tc_err_set(err, TC_EIO, "tls: epoll add listener: %s", strerror(errno));
   return 0;
 }
 
 int tc_tls_handoff(struct tc_tls *t, int fd, const char *peer) {
   pthread_mutex_lock(&t->mu);
-  if (t->stop) {
-    pthread_mutex_unlock(&t->mu);
+  bool stop = t->stop;
+  pthread_mutex_unlock(&t->mu);
+  if (stop) {
     close(fd);
     return TC_EINVAL;
   }
-  if (t->npend == t->cappend) {
-    t->cappend = t->cappend ? t->cappend * 2 : 16;
-    t->pend = tc_xrealloc(t->pend, t->cappend * sizeof(*t->pend));
-  }
-  struct pending *pd = &t->pend[t->npend++];
-  pd->fd = fd;
-  if (peer) snprintf(pd->peer, sizeof pd->peer, "%s", peer);
-  else peer_of(fd, pd->peer);
-  pthread_mutex_unlock(&t->mu);
-  wake(t);
+  push_pending(pick_worker(t), fd, peer);
   return 0;
 }
 
@@ -656,25 +694,34 @@ void tc_tls_get_stats(struct tc_tls *t, struct tc_tls_stats *out) {
 }
 
 int64_t tc_tls_thread_cpu_ns(struct tc_tls *t) {
-  struct timespec ts;
-  if (!t->started || clock_gettime(t->thr_clock, &ts) != 0) return -1;
-  return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+  int64_t sum = 0;
+  for (int i = 0; i < t->nw; i++) {
+    struct timespec ts;
+    if (!t->w[i].started || clock_gettime(t->w[i].thr_clock, &ts) != 0) return -1;
+    sum += (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+  }
+  return sum;
 }
 
 void tc_tls_free(struct tc_tls *t) {
   if (!t) return;
-  if (t->started) {
-    pthread_mutex_lock(&t->mu);
-    t->stop = true;
-    pthread_mutex_unlock(&t->mu);
-    wake(t);
-    pthread_join(t->thr, NULL);
+  pthread_mutex_lock(&t->mu);
+  t->stop = true;
+  pthread_mutex_unlock(&t->mu);
+  for (int i = 0; i < t->nw; i++) {
+    if (!t->w[i].started) continue;
+    wake_worker(&t->w[i]);
+    pthread_join(t->w[i].thr, NULL);
   }
   for (int i = 0; i < t->nlisteners; i++) close(t->listeners[i].fd);
-  for (size_t i = 0; i < t->npend; i++) close(t->pend[i].fd);
-  free(t->pend);
-  if (t->ep >= 0) close(t->ep);
-  if (t->wake_fd >= 0) close(t->wake_fd);
+  for (int i = 0; i < t->nw; i++) {
+    struct worker *w = &t->w[i];
+    for (size_t k = 0; k < w->npend; k++) close(w->pend[k].fd);
+    free(w->pend);
+    if (w->ep >= 0) close(w->ep);
+    if (w->wake_fd >= 0) close(w->wake_fd);
+  }
+  free(t->w);
   cred_unref(t, t->cur);
   mbedtls_ctr_drbg_free(&t->drbg);
   mbedtls_entropy_free(&t->entropy);

@@ -8,8 +8,9 @@
  * treats it exactly like an accepted plain TCP connection, so /ts2021, /derp
  * and ordinary HTTP all work over TLS unchanged.
  *
- * Threads: one epoll thread per tc_tls does every handshake and all pumping
- * with non-blocking mbedTLS I/O. Every public function may be called from
+ * Threads: `threads` epoll threads (default 1) do the handshakes and all
+ * pumping with non-blocking mbedTLS I/O; each connection stays on one thread
+ * (accepted sockets are dealt out round-robin). Every public function may be called from
  * any thread; tc_tls_reload is meant for the SIGHUP path (call it from a
  * normal thread, never from inside a signal handler). The deliver callback
  * runs on the TLS thread and must not block. */
@@ -39,6 +40,7 @@ struct tc_tls_params {
   int handshake_timeout_ms;   /* 0 = 10000 */
   int idle_close_timeout_ms;  /* after one side closed, max wait to flush the other; 0 = 10000 */
   size_t max_conns;           /* connections (handshaking + open) at once; 0 = 65536 */
+  int threads;                /* epoll threads sharing the connections; 0 = 1 */
 };
 
 /* Counters; a snapshot copied under the module's lock. */
@@ -73,7 +75,7 @@ int tc_tls_add_listener(struct tc_tls *t, int listen_fd, struct tc_err *err);
 int tc_tls_handoff(struct tc_tls *t, int fd, const char *peer);
 
 void tc_tls_get_stats(struct tc_tls *t, struct tc_tls_stats *out);
-/* CPU time consumed by the TLS thread so far, in nanoseconds (-1 if unknown). */
+/* CPU time consumed by the TLS threads so far, in nanoseconds (-1 if unknown). */
 int64_t tc_tls_thread_cpu_ns(struct tc_tls *t);
 
 /* Stops the thread and closes every connection and listener. NULL ok. */

@@ -66,12 +66,14 @@ struct fixture {
   int port;
 };
 
+static int g_threads = 0;
+
 static int fixture_start(struct fixture *f, int hs_timeout_ms) {
   memset(f, 0, sizeof *f);
   f->dir = tc_test_tmpdir();
   if (tt_make_chain(f->dir, "a", "localhost", &f->ca, &f->chain, &f->key)) return -1;
   struct tc_tls_params p = {.cert_path = f->chain, .key_path = f->key, .deliver = deliver_echo,
-                            .handshake_timeout_ms = hs_timeout_ms};
+                            .handshake_timeout_ms = hs_timeout_ms, .threads = g_threads};
   struct tc_err err = {0};
   if (tc_tls_new(&p, &f->tls, &err)) {
     fprintf(stderr, "tc_tls_new: %s\n", err.msg);
@@ -319,4 +321,60 @@ TC_TEST(bad_parameters) {
   TC_CHECK(tc_tls_listen_tcp("example.com:80", NULL, &err) < 0);
   tc_tls_free(NULL);
   free(ca), free(chain), free(key), free(ca2), free(chain2), free(key2), free(dir);
+}
+
+struct par_client {
+  int port;
+  const char *ca;
+  int ok;
+};
+
+static void *par_client_thread(void *arg) {
+  struct par_client *pc = arg;
+  struct tt_client c;
+  if (tt_client_connect(&c, pc->port, pc->ca, "localhost") == 0) {
+    unsigned char out[50000], in[50000];
+    for (size_t i = 0; i < sizeof out; i++) out[i] = (unsigned char)(i ^ (size_t)pc);
+    if (tt_client_write(&c, out, sizeof out) == 0 && tt_client_read(&c, in, sizeof in) == 0 &&
+        !memcmp(in, out, sizeof in))
+      pc->ok = 1;
+  }
+  tt_client_close(&c);
+  return NULL;
+}
+
+TC_TEST(several_threads_share_connections) {
+  struct fixture f;
+  g_threads = 3;
+  int rc = fixture_start(&f, 0);
+  g_threads = 0;
+  TC_REQUIRE(rc == 0);
+  struct par_client pcs[8];
+  pthread_t th[8];
+  for (int i = 0; i < 8; i++) {
+    pcs[i] = (struct par_client){f.port, f.ca, 0};
+    pthread_create(&th[i], NULL, par_client_thread, &pcs[i]);
+  }
+  int ok = 0;
+  for (int i = 0; i < 8; i++) {
+    pthread_join(th[i], NULL);
+    ok += pcs[i].ok;
+  }
+  TC_CHECK_INT(ok, 8);
+  struct tc_err err = {0};
+  TC_CHECK_INT(tc_tls_reload(f.tls, &err), 0);
+  struct tt_client c;
+  TC_CHECK_INT(tt_client_connect(&c, f.port, f.ca, "localhost"), 0);
+  tt_client_close(&c);
+  /* the server counts a handshake just after sending its Finished, so the
+   * client can get there first */
+  struct tc_tls_stats st;
+  for (int i = 0; i < 200; i++) {
+    tc_tls_get_stats(f.tls, &st);
+    if (st.handshakes_ok >= 9) break;
+    usleep(10000);
+  }
+  TC_CHECK(st.handshakes_ok >= 9);
+  TC_CHECK(tc_tls_thread_cpu_ns(f.tls) > 0);
+  fixture_stop(&f);
 }
