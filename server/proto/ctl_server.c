@@ -80,6 +80,7 @@ struct conn {
   bool ws;
   bool established, closing, dead, want_out, got_request;
   int64_t deadline_ms;
+  int64_t last_input_ms; /* for the idle timeout */
   struct tc_ctl_stream *streams;
   struct conn *prev, *next;
 };
@@ -773,6 +774,7 @@ static void conn_read(struct conn *c) {
     if (n > 0) {
       budget = (size_t)n >= budget ? 0 : budget - (size_t)n;
       if (!c->established) continue; /* refused: drain and ignore */
+      c->last_input_ms = tc_mono_ms();
       if (c->ws) {
         tc_buf_append(&c->wsin, buf, (size_t)n);
         if (!ws_decode(c)) {
@@ -873,7 +875,8 @@ static void conn_start(struct tc_ctl_server *srv, struct incoming *in) {
     return;
   }
   c->established = true;
-  c->deadline_ms = tc_mono_ms() + srv->opts.first_request_timeout_ms;
+  c->last_input_ms = tc_mono_ms();
+  c->deadline_ms = c->last_input_ms + srv->opts.first_request_timeout_ms;
   tc_buf_append(&c->out, resp, sizeof resp);
   /* Go's server sends no early payload on the WebSocket path. */
   if (srv->opts.early_payload && !c->ws) {
@@ -966,7 +969,16 @@ static void check_deadlines(struct tc_ctl_server *srv) {
   int64_t now = tc_mono_ms();
   for (struct conn *c = srv->conns, *next; c; c = next) {
     next = c->next;
-    if (c->deadline_ms && now > c->deadline_ms && (c->closing || !c->got_request)) conn_kill(c);
+    if (c->deadline_ms && now > c->deadline_ms && (c->closing || !c->got_request)) {
+      conn_kill(c);
+    } else if (c->h2 && c->got_request && !c->streams && now - c->last_input_ms > srv->opts.idle_timeout_ms) {
+      /* Idle: real clients keep a map poll open and redial on demand, so
+       * this only trims abandoned connections. GOAWAY first, then close
+       * once it is out (conn_flush sees a finished session). */
+      nghttp2_session_terminate_session(c->h2, NGHTTP2_NO_ERROR);
+      c->last_input_ms = now; /* once */
+      conn_flush(c);
+    }
   }
 }
 
@@ -1222,6 +1234,7 @@ int tc_ctl_server_new(tc_ctl_handler_fn handler, void *ctx, const uint8_t server
   if (srv->opts.workers <= 0) srv->opts.workers = 8;
   if (srv->opts.first_request_timeout_ms <= 0) srv->opts.first_request_timeout_ms = 30000;
   if (srv->opts.max_conns <= 0) srv->opts.max_conns = 65536;
+  if (srv->opts.idle_timeout_ms <= 0) srv->opts.idle_timeout_ms = 300000;
   pthread_mutex_init(&srv->mu, NULL);
   pthread_mutex_init(&srv->wmu, NULL);
   pthread_cond_init(&srv->wcond, NULL);

@@ -104,6 +104,7 @@ struct tc_ctl_server_opts {
   int workers;          /* handler threads, default 8 */
   int first_request_timeout_ms; /* close a connection that sends no request, default 30000 */
   int max_conns;        /* Noise connections at once (incl. ones being set up); more get 503. Default 65536 */
+  int idle_timeout_ms;  /* GOAWAY + close after this long with no open stream and no input, default 300000 */
   /* Optional: bytes to send as the EarlyNoise payload (before SETTINGS);
    * called on the loop thread right after the handshake, must not block.
    * Return an owned JSON string or NULL for none. */

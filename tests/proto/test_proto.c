@@ -839,6 +839,39 @@ TC_TEST(early_payload_and_any_version) {
   fx_stop(&f);
 }
 
+TC_TEST(idle_connections_get_goaway) {
+  struct fx f;
+  struct tc_ctl_server_opts o = {.workers = 2, .idle_timeout_ms = 300};
+  TC_REQUIRE(fx_start_opts(&f, &o) == 0);
+  /* Busy: a held stream keeps the connection however quiet it is. */
+  struct tc_tclient *busy = client(&f, 138);
+  TC_REQUIRE(busy);
+  int32_t hold = tc_tclient_submit(busy, "POST", "/hold", NULL, "{}", 2);
+  TC_CHECK_INT(tc_tclient_wait_headers(busy, hold, 10000), 200);
+  /* Idle: one request, then silence. */
+  struct tc_tclient *idle = client(&f, 138);
+  TC_REQUIRE(idle);
+  int status;
+  char *body = NULL;
+  TC_CHECK_INT(tc_tclient_request(idle, "POST", "/echo", "x", 1, 10000, &status, &body, NULL), 0);
+  free(body);
+  int64_t t0 = tc_mono_ms();
+  TC_CHECK(closed_within(idle, 10000));
+  TC_CHECK(tc_mono_ms() - t0 >= 250);
+  TC_CHECK(tc_tclient_goaway(idle));
+  tc_tclient_free(idle);
+  TC_CHECK(tc_tclient_pump(busy, 500) == 0); /* still open */
+  TC_CHECK(!tc_tclient_closed(busy));
+  pthread_mutex_lock(&g.mu);
+  struct tc_ctl_stream *held = g.held;
+  pthread_mutex_unlock(&g.mu);
+  TC_REQUIRE(held);
+  tc_ctl_stream_end(held);
+  tc_tclient_free(busy);
+  TC_CHECK(conns_drain(&f, 10000));
+  fx_stop(&f);
+}
+
 TC_TEST(connection_limit) {
   struct fx f;
   struct tc_ctl_server_opts o = {.workers = 2, .max_conns = 2};
