@@ -268,6 +268,7 @@ struct rule {
   int proto;          /* -1: no IPProto */
   struct dport *dp;
   size_t ndp;
+  bool addr_dp;       /* some destination came from an address alias (IP, CIDR, host, internet) */
   size_t *single;     /* dports naming one address, sorted by that address */
   size_t nsingle;
   size_t *other;      /* the rest ("*", prefixes, ranges) */
@@ -517,6 +518,8 @@ static void compile_grant(const struct tc_policy *pol, const struct ctopo *ct, c
           dport_add(&r, "*", NULL, true, g->ip[p].ports[k]);
         continue;
       }
+      if (a->kind == AL_PREFIX || a->kind == AL_HOST || a->kind == AL_AUTOGROUP)
+        r.addr_dp = true;
       json_t *pf = json_array();
       ipset_append_prefixes(&dsets[i], pf, true);
       size_t k;
@@ -1397,17 +1400,28 @@ static bool route_reaches(const struct reach *rc, struct ip_range route)
   return false;
 }
 
+/* Nodes with the same identity (user or tags, addresses present, routes)
+ * match the same identity-derived destinations, each with its own address.
+ * The first node of a group records which rules applied to it (applies);
+ * the others skip every rule that did not apply to it unless the rule has
+ * address-derived destinations, which are checked for every node. */
 static json_t *node_filter(const struct tc_policy *pol, const struct ctopo *ct, struct compiled *cp,
-                           const struct cnode *n)
+                           const struct cnode *n, uint8_t *applies, bool record)
 {
   if (!pol->has_acls_or_grants)
     return json_pack("[{s:[s],s:[{s:s,s:{s:i,s:i}}]}]", "SrcIPs", "*", "DstPorts", "IP", "*", "Ports", "First", 0,
                      "Last", 65535);
   json_t *out = json_array();
+  size_t gi = 0;
   for (size_t i = 0; i < cp->ncg; i++) {
     const struct cgrant *cg = &cp->cg[i];
-    for (size_t r = 0; r < cg->nrules; r++) {
-      json_t *o = reduce_rule(n, &cg->rules[r], &cp->internet);
+    for (size_t r = 0; r < cg->nrules; r++, gi++) {
+      const struct rule *ru = &cg->rules[r];
+      if (!record && !applies[gi] && !ru->addr_dp && !ru->capgrant)
+        continue;
+      json_t *o = reduce_rule(n, ru, &cp->internet);
+      if (record)
+        applies[gi] = o != NULL;
       if (o)
         merge_into(out, o);
     }
@@ -1562,6 +1576,16 @@ static int addr_ix_cmp(const void *x, const void *y)
   return 0;
 }
 
+static __thread char **sort_keys_tl;
+
+static int key_cmp(const void *x, const void *y)
+{
+  int c = strcmp(sort_keys_tl[*(const size_t *)x], sort_keys_tl[*(const size_t *)y]);
+  if (c)
+    return c;
+  return *(const size_t *)x < *(const size_t *)y ? -1 : 1;
+}
+
 /* Identity key: nodes with equal keys get the same rule selection shape. */
 static char *identity_key(const struct cnode *n)
 {
@@ -1575,7 +1599,7 @@ static char *identity_key(const struct cnode *n)
     ip_range_prefix(n->subnets[i], t, sizeof(t));
     tc_buf_printf(&b, "%s,", t);
   }
-  tc_buf_printf(&b, "|%d%d", n->exit4, n->exit6);
+  tc_buf_printf(&b, "|%d%d|%d%d", n->exit4, n->exit6, n->has4, n->has6);
   return tc_buf_steal(&b, NULL);
 }
 
@@ -1606,19 +1630,31 @@ int tc_policy_compile(const struct tc_policy *pol, const struct tc_policy_topo *
   res->nodes = tc_xcalloc(ct.nn + 1, sizeof(*res->nodes));
   struct reach *reach = tc_xcalloc(ct.nn + 1, sizeof(*reach));
   char **keys = tc_xcalloc(ct.nn + 1, sizeof(char *));
+  size_t *order = tc_xcalloc(ct.nn + 1, sizeof(size_t)), *group = tc_xcalloc(ct.nn + 1, sizeof(size_t));
   for (size_t i = 0; i < ct.nn; i++) {
     keys[i] = identity_key(&ct.n[i]);
-    bool seen = false;
-    for (size_t j = 0; j < i && !seen; j++)
-      seen = !strcmp(keys[i], keys[j]);
-    if (!seen)
-      res->ngroups++;
+    order[i] = i;
   }
+  sort_keys_tl = keys;
+  qsort(order, ct.nn, sizeof(size_t), key_cmp);
+  sort_keys_tl = NULL;
+  for (size_t k = 0; k < ct.nn; k++) {
+    if (k == 0 || strcmp(keys[order[k]], keys[order[k - 1]]))
+      res->ngroups++;
+    group[order[k]] = res->ngroups - 1;
+  }
+  size_t nrules_all = 0;
+  for (size_t g = 0; g < cp->ncg; g++)
+    nrules_all += cp->cg[g].nrules;
+  uint8_t *applies = tc_xcalloc(res->ngroups * nrules_all + 1, 1);
+  bool *recorded = tc_xcalloc(res->ngroups + 1, sizeof(bool));
   for (size_t i = 0; i < ct.nn; i++) {
     const struct cnode *n = &ct.n[i];
     struct tc_policy_node_result *nr = &res->nodes[i];
     nr->node_id = n->id;
-    nr->packet_filter = node_filter(pol, &ct, cp, n);
+    size_t grp = group[i];
+    nr->packet_filter = node_filter(pol, &ct, cp, n, &applies[grp * nrules_all], !recorded[grp]);
+    recorded[grp] = true;
     build_reach(nr->packet_filter, &reach[i]);
     if (!pol->has_acls_or_grants)
       reach[i].all = true;
@@ -1743,6 +1779,10 @@ int tc_policy_compile(const struct tc_policy *pol, const struct tc_policy_topo *
     json_decref(shared[j]);
   free(shared);
   free(who);
+  free(applies);
+  free(recorded);
+  free(order);
+  free(group);
   for (size_t i = 0; i < ct.nn; i++) {
     free_reach(&reach[i]);
     free(keys[i]);
