@@ -619,7 +619,15 @@ static int cmd_nodes(struct cli *c) {
     }
     return show(c, r, "node", node_cols);
   }
-  return die("usage: tailcoat nodes list|expire|rename|delete|tag|list-routes|approve-routes|register|move");
+  if (is(sub, "pending", NULL)) {
+    static const struct tc_col cols[] = {{"Auth ID", "authId", TC_COL_STR},
+                                         {"Hostname", "hostname", TC_COL_STR},
+                                         {"Machine key", "machineKey", TC_COL_STR},
+                                         {"Expires", "expiresAt", TC_COL_TIME},
+                                         {NULL, NULL, 0}};
+    return show(c, call(c, "GET", "/api/v1/auth/pending", NULL), "registrations", cols);
+  }
+  return die("usage: tailcoat nodes list|expire|rename|delete|tag|list-routes|approve-routes|register|move|pending");
 }
 
 static int cmd_preauthkeys(struct cli *c) {
@@ -722,6 +730,33 @@ static int cmd_apikeys(struct cli *c) {
     return done(c, r, "Key deleted");
   }
   return die("usage: tailcoat apikeys create|list|expire|delete");
+}
+
+static int cmd_auth(struct cli *c) {
+  const char *id = flag(c, "auth-id", "a");
+  if (!id && c->npos) id = c->pos[0];
+  if (!id) return die("usage: tailcoat auth register|approve|reject --auth-id ID [--user USER]");
+  json_t *b = json_pack("{s:s}", "authId", id);
+  json_t *r = NULL;
+  int rc;
+  if (is(c->sub, "register", NULL)) {
+    const char *user = flag(c, "user", "u");
+    if (!user) {
+      json_decref(b);
+      return die("usage: tailcoat auth register --auth-id ID --user USER");
+    }
+    json_object_set_new(b, "user", json_string(user));
+    r = call(c, "POST", "/api/v1/auth/register", b);
+    rc = show(c, r, "node", node_cols);
+  } else if (is(c->sub, "approve", NULL)) {
+    rc = done(c, call(c, "POST", "/api/v1/auth/approve", b), "Registration approved");
+  } else if (is(c->sub, "reject", NULL)) {
+    rc = done(c, call(c, "POST", "/api/v1/auth/reject", b), "Registration rejected");
+  } else {
+    rc = die("usage: tailcoat auth register|approve|reject --auth-id ID [--user USER]");
+  }
+  json_decref(b);
+  return rc;
 }
 
 static int read_policy_file(const struct cli *c, char **text, size_t *len) {
@@ -854,7 +889,8 @@ static void usage(FILE *f) {
           "  config print | config init [-o FILE] [--data-dir DIR]\n"
           "  generate private-key\n"
           "  users create|list|rename|destroy\n"
-          "  nodes list|expire|rename|delete|tag|list-routes|approve-routes|register|move\n"
+          "  nodes list|expire|rename|delete|tag|list-routes|approve-routes|register|move|pending\n"
+          "  auth register|approve|reject --auth-id ID [--user USER]\n"
           "  preauthkeys create|list|expire|delete  (--user, --reusable, --ephemeral, --expiration, --tags)\n"
           "  apikeys create|list|expire|delete\n"
           "  policy get|set|check [-f FILE]\n\n"
@@ -901,6 +937,8 @@ int tc_cli_main(int argc, char **argv) {
     rc = cmd_apikeys(&c);
   } else if (is(cmd, "policy", NULL)) {
     rc = cmd_policy(&c);
+  } else if (is(cmd, "auth", NULL)) {
+    rc = cmd_auth(&c);
   } else if (is(cmd, "config", NULL)) {
     rc = cmd_config(&c);
   } else if (is(cmd, "configtest", NULL)) {

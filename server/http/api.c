@@ -544,6 +544,123 @@ static void h_node_register(struct tc_api *api, const struct api_ctx *ac, const 
     respond_node(api, nid, resp);
 }
 
+/* Interactive registrations (Headscale's /api/v1/auth/... routes): approve for a
+ * user, approve for the machine's existing owner, or reject. */
+static const char *auth_id_of(json_t *b) {
+  const char *id = opt_str(b, "authId");
+  if (id && tc_str_has_prefix(id, "hskey-reg-")) id += strlen("hskey-reg-");
+  return id;
+}
+
+static void h_auth_register(struct tc_api *api, const struct api_ctx *ac, const struct tc_http_req *req,
+                            struct tc_http_resp *resp) {
+  json_t *b = body_object(req, resp);
+  if (!b) return;
+  const char *id = auth_id_of(b);
+  json_t *ju = json_object_get(b, "user");
+  char ubuf[32];
+  const char *uref = json_is_string(ju) ? json_string_value(ju) : NULL;
+  if (json_is_integer(ju)) {
+    snprintf(ubuf, sizeof ubuf, "%lld", (long long)json_integer_value(ju));
+    uref = ubuf;
+  }
+  struct tc_snapshot *s = tc_model_snapshot(api->o.model);
+  const struct tc_user *u = uref ? find_user(s, uref) : NULL;
+  int64_t uid = u ? u->id : 0;
+  tc_snapshot_release(s);
+  int64_t nid = 0;
+  struct tc_err e = {0};
+  if (!id)
+    tc_http_resp_error(resp, 400, TC_GRPC_INVALID_ARGUMENT, "authId is required");
+  else if (!uid)
+    tc_http_resp_error(resp, 404, TC_GRPC_NOT_FOUND, "user not found");
+  else if (tc_model_pending_approve(api->o.model, ac->actor, id, uid, &nid, &e))
+    err_resp(resp, &e);
+  else
+    respond_node(api, nid, resp);
+  json_decref(b);
+}
+
+static void h_auth_approve(struct tc_api *api, const struct api_ctx *ac, const struct tc_http_req *req,
+                           struct tc_http_resp *resp) {
+  json_t *b = body_object(req, resp);
+  if (!b) return;
+  const char *id = auth_id_of(b);
+  struct tc_pending_info pi;
+  memset(&pi, 0, sizeof pi);
+  struct tc_err e = {0};
+  int64_t uid = 0, nid = 0;
+  if (!id) {
+    tc_http_resp_error(resp, 400, TC_GRPC_INVALID_ARGUMENT, "authId is required");
+    goto out;
+  }
+  if (tc_model_pending_get(api->o.model, id, &pi)) {
+    tc_http_resp_error(resp, 404, TC_GRPC_NOT_FOUND, "registration not found or expired");
+    goto out;
+  }
+  /* Without a user, only a machine that already has a node can be approved
+   * (re-authentication): it keeps its owner. */
+  struct tc_snapshot *s = tc_model_snapshot(api->o.model);
+  const struct tc_node *n = tc_snapshot_node_by_machine_key(s, pi.machine_key);
+  uid = n ? n->user_id : 0;
+  tc_snapshot_release(s);
+  if (!uid)
+    tc_http_resp_error(resp, 400, TC_GRPC_FAILED_PRECONDITION,
+                       "a new machine needs a user: use /api/v1/auth/register (tailcoat nodes register)");
+  else if (tc_model_pending_approve(api->o.model, ac->actor, id, uid, &nid, &e))
+    err_resp(resp, &e);
+  else
+    tc_http_resp_json(resp, 200, json_object());
+out:
+  free(pi.hostname);
+  json_decref(b);
+}
+
+static void h_auth_reject(struct tc_api *api, const struct api_ctx *ac, const struct tc_http_req *req,
+                          struct tc_http_resp *resp) {
+  json_t *b = body_object(req, resp);
+  if (!b) return;
+  const char *id = auth_id_of(b);
+  struct tc_err e = {0};
+  if (!id)
+    tc_http_resp_error(resp, 400, TC_GRPC_INVALID_ARGUMENT, "authId is required");
+  else if (tc_model_pending_reject(api->o.model, ac->actor, id, &e))
+    err_resp(resp, &e);
+  else
+    tc_http_resp_json(resp, 200, json_object());
+  json_decref(b);
+}
+
+/* tailcoat extension: the interactive registrations waiting for approval. */
+static void h_auth_pending(struct tc_api *api, const struct api_ctx *ac, const struct tc_http_req *req,
+                           struct tc_http_resp *resp) {
+  struct tc_pending_info *v = NULL;
+  size_t n = 0;
+  if (tc_model_pending_list(api->o.model, &v, &n)) {
+    tc_http_resp_error(resp, 500, TC_GRPC_INTERNAL, "could not list registrations");
+    return;
+  }
+  json_t *a = json_array();
+  for (size_t i = 0; i < n; i++) {
+    if (v[i].state != 0) continue;
+    char kt[80];
+    json_t *o = json_object();
+    json_object_set_new(o, "authId", json_string(v[i].reg_id));
+    json_object_set_new(o, "hostname", str_json(v[i].hostname));
+    tc_api_key_text("mkey:", v[i].machine_key, kt);
+    json_object_set_new(o, "machineKey", json_string(kt));
+    tc_api_key_text("nodekey:", v[i].node_key, kt);
+    json_object_set_new(o, "nodeKey", json_string(kt));
+    json_object_set_new(o, "createdAt", time_json(v[i].created_at));
+    json_object_set_new(o, "expiresAt", time_json(v[i].expires_at));
+    json_array_append_new(a, o);
+  }
+  tc_model_pending_free(v, n);
+  json_t *o = json_object();
+  json_object_set_new(o, "registrations", a);
+  tc_http_resp_json(resp, 200, o);
+}
+
 /* ---- pre-auth keys ------------------------------------------------------------------------- */
 
 static void h_preauth_list(struct tc_api *api, const struct api_ctx *ac, const struct tc_http_req *req,
@@ -882,6 +999,10 @@ static const struct route_def routes[] = {
     {"POST", "/api/v1/node/{id}/tags", h_node_tags},
     {"POST", "/api/v1/node/{id}/approve_routes", h_node_routes},
     {"POST", "/api/v1/node/{id}/user", h_node_user},
+    {"POST", "/api/v1/auth/register", h_auth_register},
+    {"POST", "/api/v1/auth/approve", h_auth_approve},
+    {"POST", "/api/v1/auth/reject", h_auth_reject},
+    {"GET", "/api/v1/auth/pending", h_auth_pending},
     {"GET", "/api/v1/preauthkey", h_preauth_list},
     {"POST", "/api/v1/preauthkey", h_preauth_create},
     {"POST", "/api/v1/preauthkey/expire", h_preauth_expire},

@@ -108,3 +108,70 @@ TC_TEST(e2e_register_with_authkey_then_manage_node) {
   TC_CHECK(WIFEXITED(ws) && WEXITSTATUS(ws) == 0);
   tc_srv_cleanup(&s);
 }
+
+/* Interactive login: the client gets an AuthURL, an admin approves it with
+ * the CLI (nodes pending + nodes register), and the node exists. */
+TC_TEST(e2e_interactive_registration_approved_by_cli) {
+  struct tc_srv s;
+  TC_REQUIRE(tc_srv_init(&s, NULL));
+  TC_REQUIRE(tc_srv_start(&s));
+  int rc;
+  json_t *u = tc_cli_json(&s, &rc, "users", "create", "bob", NULL);
+  TC_REQUIRE(rc == 0);
+  json_decref(u);
+  struct tc_tclient *c = NULL;
+  struct tc_err err = {0};
+  struct tc_tclient_opts o = {.timeout_ms = 10000};
+  TC_REQUIRE(tc_tclient_connect("127.0.0.1", s.port, &o, &c, &err) == 0);
+  uint8_t nk[32];
+  tc_random(nk, sizeof nk);
+  char nkhex[65];
+  tc_hex_encode(nk, 32, nkhex);
+  char *body = tc_xasprintf("{\"Version\":106,\"NodeKey\":\"nodekey:%s\",\"OldNodeKey\":\"nodekey:"
+                            "0000000000000000000000000000000000000000000000000000000000000000\","
+                            "\"Auth\":{\"AuthKey\":\"\"},\"Expiry\":\"0001-01-01T00:00:00Z\","
+                            "\"Hostinfo\":{\"Hostname\":\"laptop\",\"OS\":\"linux\"}}",
+                            nkhex);
+  int status = 0;
+  char *resp = NULL;
+  size_t rlen = 0;
+  rc = tc_tclient_request(c, "POST", "/machine/register", body, strlen(body), 10000, &status, &resp, &rlen);
+  free(body);
+  TC_REQUIRE(rc == 0 && status == 200);
+  json_t *rj = json_loadb(resp ? resp : "", rlen, 0, NULL);
+  free(resp);
+  const char *url = json_string_value(json_object_get(rj, "AuthURL"));
+  TC_REQUIRE(url && strstr(url, "/register/"));
+  char regid[64];
+  snprintf(regid, sizeof regid, "%s", strrchr(url, '/') + 1);
+  json_decref(rj);
+  tc_tclient_free(c);
+
+  json_t *pend = tc_cli_json(&s, &rc, "nodes", "pending", NULL);
+  TC_CHECK_INT(rc, 0);
+  TC_REQUIRE(json_is_array(pend) && json_array_size(pend) == 1);
+  TC_CHECK_STR(json_string_value(json_object_get(json_array_get(pend, 0), "authId")), regid);
+  TC_CHECK_STR(json_string_value(json_object_get(json_array_get(pend, 0), "hostname")), "laptop");
+  json_decref(pend);
+  /* approving without a user is refused for a new machine */
+  char *errs = NULL;
+  rc = tc_cli(&s, NULL, &errs, "auth", "approve", "--auth-id", regid, NULL);
+  TC_CHECK(rc != 0);
+  free(errs);
+  /* a wrong id is a clear not-found */
+  rc = tc_cli(&s, NULL, &errs, "nodes", "register", "--user", "bob", "--key", "nosuchregistration", NULL);
+  TC_CHECK(rc != 0);
+  free(errs);
+  json_t *n = tc_cli_json(&s, &rc, "nodes", "register", "--user", "bob", "--key", regid, NULL);
+  TC_CHECK_INT(rc, 0);
+  TC_CHECK_STR(json_string_value(json_object_get(json_object_get(n, "user"), "name")), "bob");
+  TC_CHECK_STR(json_string_value(json_object_get(n, "registerMethod")), "REGISTER_METHOD_CLI");
+  json_decref(n);
+  json_t *nodes = tc_cli_json(&s, &rc, "nodes", "list", "--user", "bob", NULL);
+  TC_CHECK(json_is_array(nodes) && json_array_size(nodes) == 1);
+  json_decref(nodes);
+  pend = tc_cli_json(&s, &rc, "nodes", "pending", NULL);
+  TC_CHECK(json_is_array(pend) && json_array_size(pend) == 0);
+  json_decref(pend);
+  tc_srv_cleanup(&s);
+}
