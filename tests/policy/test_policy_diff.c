@@ -1,4 +1,4 @@
-/* Differential test: random small tailnets and ACL policies, judged twice.
+/* Differential test: random small tailnets with ACL and grant policies, judged twice.
  * A deliberately naive evaluator answers "may node S reach node D on port p
  * with protocol x" straight from the policy's words (no address sets, no
  * compilation); the compiled packet filter of D must give the same answer.
@@ -19,7 +19,7 @@ static unsigned rnd(unsigned n)
   return (unsigned)(rng_state % n);
 }
 
-#define MAXN 7
+#define MAXN 10
 struct nnode {
   int user; /* 0 = tagged */
   bool tag[3];
@@ -58,12 +58,16 @@ static bool alias_is(const struct world *w, const char *a, int node)
   return false;
 }
 
+/* A rule as (source aliases) x (destination alias, protocol, ports)
+ * triples: an ACL pairs each dst with its own ports and the rule's proto, a
+ * grant pairs every dst with every ip entry. */
 struct nrule {
-  int nsrc, ndst;
+  int nsrc;
   char src[2][24];
-  char dst[2][24];
-  int lo[2], hi[2];
-  int proto; /* 0 none, 6, 17 */
+  int nt;
+  char dst[4][24];
+  char ports[4][16];
+  int proto[4]; /* 0 = tcp/udp/icmp default, else the number */
 };
 
 static bool port_in(const char *ports, int p)
@@ -85,26 +89,25 @@ static bool port_in(const char *ports, int p)
   return false;
 }
 
-static bool naive_allows(const struct world *w, struct nrule *rules, int nr, char dstports[][2][16], int s, int d,
-                         int port, int proto)
+static bool naive_allows(const struct world *w, const struct nrule *rules, int nr, int s, int d, int port, int proto)
 {
   for (int r = 0; r < nr; r++) {
     const struct nrule *ru = &rules[r];
-    bool pm = ru->proto ? ru->proto == proto : (proto == 6 || proto == 17 || proto == 1);
-    if (!pm)
-      continue;
     bool sm = false;
     for (int i = 0; i < ru->nsrc; i++)
       sm |= alias_is(w, ru->src[i], s);
     if (!sm)
       continue;
-    for (int i = 0; i < ru->ndst; i++) {
+    for (int i = 0; i < ru->nt; i++) {
+      bool pm = ru->proto[i] ? ru->proto[i] == proto : (proto == 6 || proto == 17 || proto == 1);
+      if (!pm)
+        continue;
       bool dm;
       if (!strcmp(ru->dst[i], "autogroup:self"))
         dm = w->n[d].user != 0 && w->n[s].user == w->n[d].user;
       else
         dm = alias_is(w, ru->dst[i], d);
-      if (dm && port_in(dstports[r][i], port))
+      if (dm && port_in(ru->ports[i], port))
         return true;
     }
   }
@@ -217,10 +220,72 @@ TC_TEST(compiled_filters_match_naive_evaluator)
     for (int u = 1; u <= 3; u++)
       w.group[u] = rnd(2);
     w.host_node = (int)rnd((unsigned)w.nn);
-    /* policy text */
+    /* policy text: ACLs and grants mixed */
     struct nrule rules[4];
-    char dstports[4][2][16];
     int nr = 1 + (int)rnd(4);
+    struct tc_buf acl = TC_BUF_INIT, grants = TC_BUF_INIT;
+    for (int r = 0; r < nr; r++) {
+      struct nrule *ru = &rules[r];
+      memset(ru, 0, sizeof(*ru));
+      bool as_grant = rnd(2);
+      ru->nsrc = 1 + (int)rnd(2);
+      bool identity_src = true, has_star = false;
+      for (int i = 0; i < ru->nsrc; i++) {
+        pick_alias(&w, ru->src[i], false, false);
+        const char *sa = ru->src[i];
+        has_star |= !strcmp(sa, "*");
+        identity_src &= !strcmp(sa, "*") || !strcmp(sa, "group:g") || !strcmp(sa, "autogroup:member") ||
+                        (sa[0] == 'u' && sa[2] == '@');
+      }
+      bool self_ok = identity_src && !(as_grant && has_star);
+      int ndst = 1 + (int)rnd(2);
+      char dsts[2][24];
+      for (int i = 0; i < ndst; i++)
+        pick_alias(&w, dsts[i], true, self_ok);
+      static const char *pname[] = {"", "tcp", "17"};
+      static const int pnum[] = {0, 6, 17};
+      struct tc_buf *b = as_grant ? &grants : &acl;
+      if (!as_grant) {
+        int pk = (int)rnd(3);
+        tc_buf_printf(b, "  {\"action\": \"accept\"%s%s%s, \"src\": [", pk ? ", \"proto\": \"" : "", pname[pk],
+                      pk ? "\"" : "");
+        for (int i = 0; i < ru->nsrc; i++)
+          tc_buf_printf(b, "%s\"%s\"", i ? ", " : "", ru->src[i]);
+        tc_buf_puts(b, "], \"dst\": [");
+        for (int i = 0; i < ndst; i++) {
+          const char *ps = portsets[rnd(TC_ARRAY_LEN(portsets))];
+          tc_buf_printf(b, "%s\"%s:%s\"", i ? ", " : "", dsts[i], ps);
+          snprintf(ru->dst[ru->nt], 24, "%s", dsts[i]);
+          snprintf(ru->ports[ru->nt], 16, "%s", ps);
+          ru->proto[ru->nt++] = pnum[pk];
+        }
+        tc_buf_puts(b, "]},\n");
+      } else {
+        int nip = 1 + (int)rnd(2);
+        int pks[2];
+        const char *pss[2];
+        for (int k = 0; k < nip; k++) {
+          pks[k] = (int)rnd(3);
+          pss[k] = portsets[rnd(TC_ARRAY_LEN(portsets))];
+        }
+        tc_buf_puts(b, "  {\"src\": [");
+        for (int i = 0; i < ru->nsrc; i++)
+          tc_buf_printf(b, "%s\"%s\"", i ? ", " : "", ru->src[i]);
+        tc_buf_puts(b, "], \"dst\": [");
+        for (int i = 0; i < ndst; i++)
+          tc_buf_printf(b, "%s\"%s\"", i ? ", " : "", dsts[i]);
+        tc_buf_puts(b, "], \"ip\": [");
+        for (int k = 0; k < nip; k++)
+          tc_buf_printf(b, "%s\"%s%s%s\"", k ? ", " : "", pname[pks[k]], pks[k] ? ":" : "", pss[k]);
+        tc_buf_puts(b, "]},\n");
+        for (int i = 0; i < ndst; i++)
+          for (int k = 0; k < nip; k++) {
+            snprintf(ru->dst[ru->nt], 24, "%s", dsts[i]);
+            snprintf(ru->ports[ru->nt], 16, "%s", pss[k]);
+            ru->proto[ru->nt++] = pnum[pks[k]];
+          }
+      }
+    }
     struct tc_buf b = TC_BUF_INIT;
     tc_buf_puts(&b, "{\"tagOwners\": {\"tag:a\": [\"u1@\"], \"tag:b\": [\"u1@\"], \"tag:c\": [\"tag:a\"]},\n");
     tc_buf_puts(&b, " \"groups\": {\"group:g\": [");
@@ -230,35 +295,11 @@ TC_TEST(compiled_filters_match_naive_evaluator)
         tc_buf_printf(&b, "%s\"u%d@\"", first ? "" : ", ", u);
         first = false;
       }
-    tc_buf_printf(&b, "]},\n \"hosts\": {\"h\": \"%s\"},\n \"acls\": [\n", w.n[w.host_node].ip);
-    for (int r = 0; r < nr; r++) {
-      struct nrule *ru = &rules[r];
-      memset(ru, 0, sizeof(*ru));
-      ru->nsrc = 1 + (int)rnd(2);
-      ru->ndst = 1 + (int)rnd(2);
-      bool identity_src = true;
-      for (int i = 0; i < ru->nsrc; i++) {
-        pick_alias(&w, ru->src[i], false, false);
-        const char *s = ru->src[i];
-        identity_src &= !strcmp(s, "*") || !strcmp(s, "group:g") || !strcmp(s, "autogroup:member") ||
-                        (s[0] == 'u' && s[2] == '@');
-      }
-      for (int i = 0; i < ru->ndst; i++) {
-        pick_alias(&w, ru->dst[i], true, identity_src);
-        snprintf(dstports[r][i], sizeof(dstports[r][i]), "%s", portsets[rnd(TC_ARRAY_LEN(portsets))]);
-      }
-      int pk = (int)rnd(3);
-      ru->proto = pk == 0 ? 0 : pk == 1 ? 6 : 17;
-      tc_buf_printf(&b, "  {\"action\": \"accept\"%s, \"src\": [", ru->proto == 6 ? ", \"proto\": \"tcp\""
-                                                                : ru->proto == 17 ? ", \"proto\": \"17\"" : "");
-      for (int i = 0; i < ru->nsrc; i++)
-        tc_buf_printf(&b, "%s\"%s\"", i ? ", " : "", ru->src[i]);
-      tc_buf_puts(&b, "], \"dst\": [");
-      for (int i = 0; i < ru->ndst; i++)
-        tc_buf_printf(&b, "%s\"%s:%s\"", i ? ", " : "", ru->dst[i], dstports[r][i]);
-      tc_buf_puts(&b, "]},\n");
-    }
-    tc_buf_puts(&b, " ]}\n");
+    tc_buf_printf(&b, "]},\n \"hosts\": {\"h\": \"%s\"},\n", w.n[w.host_node].ip);
+    tc_buf_printf(&b, " \"acls\": [\n%s ],\n \"grants\": [\n%s ]}\n", acl.data ? acl.data : "",
+                  grants.data ? grants.data : "");
+    tc_buf_free(&acl);
+    tc_buf_free(&grants);
     /* topology */
     struct tc_policy_user users[3] = {{1, "u1", "u1@ex.com"}, {2, "u2", "u2@ex.com"}, {3, "u3", "u3@ex.com"}};
     struct tc_policy_node nodes[MAXN];
@@ -293,7 +334,7 @@ TC_TEST(compiled_filters_match_naive_evaluator)
         for (size_t pi = 0; pi < TC_ARRAY_LEN(probe_ports); pi++)
           for (size_t qi = 0; qi < TC_ARRAY_LEN(probe_protos); qi++) {
             int port = probe_ports[pi], proto = probe_protos[qi];
-            bool want = naive_allows(&w, rules, nr, dstports, s, d, port, proto);
+            bool want = naive_allows(&w, rules, nr, s, d, port, proto);
             bool got = compiled_allows(res->nodes[d].packet_filter, w.n[s].ip, w.n[d].ip, port, proto);
             checked++;
             if (want != got && mismatches++ < 5) {
