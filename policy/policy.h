@@ -76,7 +76,9 @@ struct tc_policy_topo {
 struct tc_policy; /* opaque, immutable after parse */
 
 /* Parses and validates policy text. Empty text (or only whitespace and
- * comments) is Headscale's "no policy": allow all, everyone sees everyone.
+ * comments, or "{}") is Headscale's "no policy": allow all (SrcIPs "*"),
+ * everyone sees everyone. A policy with other sections but neither `acls`
+ * nor `grants` gets the coordination service's default rule {src:*, dst:*:*}.
  * On success *out is an owned policy (free with tc_policy_free). On failure
  * returns TC_EINVAL with err saying where (line:col when known) and why.
  * Does not run the policy's tests (see tc_policy_run_tests). */
@@ -96,8 +98,9 @@ int tc_policy_print(const struct tc_policy *pol, struct tc_buf *buf);
 struct tc_policy_node_result {
   int64_t node_id;
   json_t *packet_filter; /* array of tailcfg.FilterRule (SrcIPs, DstPorts, IPProto, CapGrant) */
-  /* Peers this node may see, ascending by id, with the AllowedIPs it
-   * installs for each (addresses + primary subnet routes + exit routes). */
+  /* Peers this node may see (in topology order), with the AllowedIPs it
+   * installs for each: addresses, the primary subnet routes it may use (or
+   * exchange traffic with), approved exit routes. */
   size_t npeers;
   int64_t *peer_ids;
   json_t **peer_allowed_ips; /* npeers arrays of prefix strings (may be shared between entries: read-only) */
@@ -115,10 +118,14 @@ struct tc_policy_result {
   size_t ngroups; /* distinct identity groups the compiler computed (for tests/bench) */
 };
 
-/* Compiles pol against topo. *out is owned (tc_policy_result_free). Nodes
- * the policy treats alike (same user, tags and routes) share the group-level
- * work; only address-dependent parts are computed per node. Returns 0, or
- * TC_EINVAL when the topology is malformed (bad address text). */
+/* Compiles pol against topo. *out is owned (tc_policy_result_free).
+ * Announced routes count as approved when listed in `approved` or approved
+ * by autoApprovers; among routers serving the same route the lowest node id
+ * (first registered) is primary. Grants resolve once for the tailnet; nodes
+ * the policy treats alike (same user or tags, routes) share rule
+ * applicability and SSH policy; only address-dependent parts are computed
+ * per node. Returns 0, or TC_EINVAL when the topology is malformed (bad
+ * address text). */
 int tc_policy_compile(const struct tc_policy *pol, const struct tc_policy_topo *topo,
                       struct tc_policy_result **out, struct tc_policy_err *err);
 void tc_policy_result_free(struct tc_policy_result *res);
@@ -131,8 +138,11 @@ json_t *tc_policy_auto_approve(const struct tc_policy *pol, const struct tc_poli
                                const struct tc_policy_node *node);
 
 /* ---- tests and the live editor ------------------------------------------------ */
-/* Runs the policy's `tests` and `sshTests` against topo. 0 when all pass;
- * TC_EINVAL with err naming the first failing test otherwise. */
+/* Checks what needs the tailnet (SSH `user:*@domain` and `localpart:*@domain`
+ * must name the tailnet's domain: the lowest-id user's email domain), then
+ * runs the policy's `tests` and `sshTests` against topo. 0 when all pass;
+ * TC_EINVAL with err naming the first failure ("test(s) failed: ...")
+ * otherwise. A policy must pass this before it replaces the current one. */
 int tc_policy_run_tests(const struct tc_policy *pol, const struct tc_policy_topo *topo,
                         struct tc_policy_err *err);
 /* Parse + validate + run tests, for the GUI's live editor. 0 or TC_EINVAL. */
