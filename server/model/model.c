@@ -80,6 +80,7 @@ struct tc_model {
   pthread_cond_t pcv;
   struct pending *pend;
   bool closing;
+  int waiters; /* threads inside tc_model_pending_wait; close waits for them */
 };
 
 static const struct tc_user zero_user;
@@ -471,6 +472,7 @@ void tc_model_close(struct tc_model *m) {
   pthread_mutex_lock(&m->pmu);
   m->closing = true;
   pthread_cond_broadcast(&m->pcv);
+  while (m->waiters > 0) pthread_cond_wait(&m->pcv, &m->pmu);
   struct pending *p = m->pend;
   m->pend = NULL;
   pthread_mutex_unlock(&m->pmu);
@@ -1832,6 +1834,7 @@ int tc_model_pending_wait(struct tc_model *m, const char *reg_id, int64_t timeou
   int64_t deadline = tc_mono_ms() + (timeout_ms > 0 ? timeout_ms : 0);
   int rc;
   pthread_mutex_lock(&m->pmu);
+  m->waiters++;
   for (;;) {
     struct pending *p = m->closing ? NULL : pending_find(m, reg_id);
     if (!p) {
@@ -1865,6 +1868,7 @@ int tc_model_pending_wait(struct tc_model *m, const char *reg_id, int64_t timeou
     }
     pthread_cond_timedwait(&m->pcv, &m->pmu, &ts);
   }
+  if (--m->waiters == 0 && m->closing) pthread_cond_broadcast(&m->pcv);
   pthread_mutex_unlock(&m->pmu);
   return rc;
 }

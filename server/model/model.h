@@ -79,9 +79,10 @@ struct tc_model_config {
  * TC_EINVAL on a bad config (bad prefix text), TC_EDB etc. from storage. */
 int tc_model_open(const struct tc_model_config *cfg, struct tc_store *store,
                   struct tc_model **out, struct tc_err *err);
-/* Wakes pending waiters (they fail TC_ENOENT), drops the current snapshot and
- * frees the model. Snapshots still held by readers stay valid until released.
- * NULL ok. No other call may be running or start. */
+/* Wakes threads blocked in tc_model_pending_wait (they return TC_ENOENT) and
+ * waits for them to leave, drops the current snapshot and frees the model.
+ * Snapshots still held by readers stay valid until released. NULL ok. Apart
+ * from such waiters, no other call may be running or start. */
 void tc_model_close(struct tc_model *m);
 /* The configured MagicDNS base domain (borrowed; "" when unset). */
 const char *tc_model_base_domain(const struct tc_model *m);

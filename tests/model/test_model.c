@@ -752,6 +752,31 @@ TC_TEST(pending_bounded_per_machine) {
   env_close(&e);
 }
 
+TC_TEST(close_wakes_blocked_waiters) {
+  struct env e;
+  TC_REQUIRE(env_open(&e, NULL, NULL) == 0);
+  struct tc_err err = {0};
+  struct tc_register_req r;
+  req_init(&r, "waiting", NULL);
+  char *id = NULL;
+  TC_REQUIRE(tc_model_pending_create(e.m, &r, &id, &err) == 0);
+  struct waiter w[3];
+  pthread_t th[3];
+  for (int i = 0; i < 3; i++) {
+    w[i] = (struct waiter){e.m, id, -100, 0};
+    pthread_create(&th[i], NULL, wait_thread, &w[i]);
+  }
+  usleep(100 * 1000);
+  int64_t t0 = tc_mono_ms();
+  env_close(&e); /* returns only after the waiters left */
+  TC_CHECK(tc_mono_ms() - t0 < 5000);
+  for (int i = 0; i < 3; i++) {
+    pthread_join(th[i], NULL);
+    TC_CHECK_INT(w[i].rc, TC_ENOENT);
+  }
+  free(id);
+}
+
 TC_TEST(pending_expires_after_ttl) {
   struct env e;
   memset(&e, 0, sizeof e);
