@@ -36,6 +36,9 @@ char *tc_hujson_standardize(const char *text, size_t len, struct tc_policy_err *
   char *o = tc_xmalloc(len + 1);
   memcpy(o, text, len);
   o[len] = 0;
+  /* A UTF-8 byte order mark is whitespace here (editors add it). */
+  if (len >= 3 && (unsigned char)o[0] == 0xef && (unsigned char)o[1] == 0xbb && (unsigned char)o[2] == 0xbf)
+    o[0] = o[1] = o[2] = ' ';
   /* Position of the last significant character written, for trailing commas. */
   ssize_t last = -1;
   size_t i = 0;

@@ -1406,10 +1406,11 @@ static int parse_tests(struct pctx *c, json_t *v)
     if (!rc) {
       json_object_foreach(r, k, m) {
         if (ignorable_key(k) || !strcmp(k, "src") || !strcmp(k, "proto") || !strcmp(k, "accept") ||
-            !strcmp(k, "deny") || !strcmp(k, "srcPostureAttrs"))
+            !strcmp(k, "deny"))
           continue;
         push_key(c, k);
-        rc = perr(c, "unknown field \"%s\"", k);
+        rc = !strcmp(k, "srcPostureAttrs") ? perr(c, "device posture is not supported")
+                                           : perr(c, "unknown field \"%s\"", k);
         pop(c);
         break;
       }
@@ -1470,10 +1471,11 @@ static int parse_ssh_tests(struct pctx *c, json_t *v)
     if (!rc) {
       json_object_foreach(r, k, m) {
         if (ignorable_key(k) || !strcmp(k, "src") || !strcmp(k, "dst") || !strcmp(k, "accept") ||
-            !strcmp(k, "check") || !strcmp(k, "deny") || !strcmp(k, "srcPostureAttrs"))
+            !strcmp(k, "check") || !strcmp(k, "deny"))
           continue;
         push_key(c, k);
-        rc = perr(c, "unknown field \"%s\"", k);
+        rc = !strcmp(k, "srcPostureAttrs") ? perr(c, "device posture is not supported")
+                                           : perr(c, "unknown field \"%s\"", k);
         pop(c);
         break;
       }

@@ -46,6 +46,15 @@ TC_TEST(hujson_errors_have_line_and_column)
   TC_CHECK(v == NULL);
 }
 
+TC_TEST(hujson_byte_order_mark_is_whitespace)
+{
+  struct tc_policy_err err;
+  json_t *v = hj("\xef\xbb\xbf{\"a\": 1,}", &err);
+  TC_REQUIRE(v != NULL);
+  TC_CHECK_INT(json_integer_value(json_object_get(v, "a")), 1);
+  json_decref(v);
+}
+
 TC_TEST(hujson_standardize_keeps_offsets)
 {
   const char *in = "{ // c\n \"a\": [1,], }";
