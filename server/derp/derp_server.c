@@ -31,6 +31,7 @@
 #include "derp/derp.h"
 
 #define IN_INITIAL (5 + 32 + TC_DERP_MAX_PACKET + 64)
+#define IN_HANDSHAKE 4096 /* before ClientInfo is accepted; grows on demand */
 #define OUT_FILL 65536
 #define READ_BUDGET (256 * 1024)
 #define MIN_BURST (TC_DERP_MAX_PACKET + 32)
@@ -548,6 +549,10 @@ static void register_client(struct tc_derp_server *s, struct client *c) {
   s->m.clients_connected++;
   s->m.handshakes_ok++;
   c->next_keepalive = tc_mono_ms() + keepalive_delay(s);
+  if (c->in_cap < IN_INITIAL) {
+    c->in = tc_xrealloc(c->in, IN_INITIAL);
+    c->in_cap = IN_INITIAL;
+  }
 }
 
 static int handle_client_info(struct tc_derp_server *s, struct client *c, const uint8_t *p, size_t n) {
@@ -1022,7 +1027,9 @@ static int accept_conn(struct tc_derp_server *s, int fd, const char *peer, size_
   c->fd = fd;
   c->seq = ++s->next_seq;
   snprintf(c->peer, sizeof c->peer, "%s", peer ? peer : "");
-  c->in_cap = IN_INITIAL;
+  /* small until the client is admitted: unauthenticated connections should
+   * cost little memory */
+  c->in_cap = IN_HANDSHAKE;
   c->in = tc_xmalloc(c->in_cap);
   c->fast_start = fast_start;
   c->ws = ws_resp != NULL;

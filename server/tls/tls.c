@@ -68,12 +68,12 @@ struct conn {
   char peer[64];
   int64_t deadline_ms;      /* handshake timeout or close-flush timeout; 0 none */
   /* TLS -> plain */
-  uint8_t in_buf[PUMP_BUF];
+  uint8_t *in_buf;          /* PUMP_BUF bytes, allocated once the handshake is done */
   size_t in_off, in_len;
   bool tls_eof;             /* client closed (close_notify or TCP EOF) */
   bool plain_wr_shut;
   /* plain -> TLS */
-  uint8_t out_buf[PUMP_BUF];
+  uint8_t *out_buf;         /* PUMP_BUF bytes, likewise */
   size_t out_off, out_len;
   bool plain_eof;           /* our plaintext user closed / shut its write side */
   bool tls_closed;          /* close_notify sent */
@@ -247,8 +247,8 @@ static void conn_free(struct worker *w, struct conn *c) {
   if (c->plain_peer_fd >= 0) close(c->plain_peer_fd);
   if (c->ssl_init) mbedtls_ssl_free(&c->ssl);
   cred_unref(t, c->cred);
-  tc_wipe(c->in_buf, sizeof c->in_buf);
-  tc_wipe(c->out_buf, sizeof c->out_buf);
+  tc_free_secret(c->in_buf, c->in_buf ? PUMP_BUF : 0);
+  tc_free_secret(c->out_buf, c->out_buf ? PUMP_BUF : 0);
   tc_wipe(c->rx, sizeof c->rx);
   free(c);
   pthread_mutex_lock(&t->mu);
@@ -336,6 +336,10 @@ static void note_hs_failed(struct tc_tls *t) {
 /* Finishes the handshake: creates the socketpair and delivers the far end. */
 static int conn_established(struct worker *w, struct conn *c) {
   struct tc_tls *t = w->t;
+  /* the pump buffers exist only for established connections, so a flood of
+   * handshakes that never finish costs less memory */
+  c->in_buf = tc_xmalloc(PUMP_BUF);
+  c->out_buf = tc_xmalloc(PUMP_BUF);
   int sv[2];
   if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) return -1;
   set_nonblock(sv[0]);
@@ -384,9 +388,9 @@ static int conn_pump(struct worker *w, struct conn *c) {
     progress = false;
     /* TLS -> plaintext: gather several records before one send() */
     if (c->in_len == 0) c->in_off = 0;
-    while (!c->tls_eof && c->in_off + c->in_len < sizeof c->in_buf) {
+    while (!c->tls_eof && c->in_off + c->in_len < PUMP_BUF) {
       size_t end = c->in_off + c->in_len;
-      int r = mbedtls_ssl_read(&c->ssl, c->in_buf + end, sizeof c->in_buf - end);
+      int r = mbedtls_ssl_read(&c->ssl, c->in_buf + end, PUMP_BUF - end);
       if (r > 0) {
         c->in_len += (size_t)r;
         in_bytes += (size_t)r;
@@ -422,7 +426,7 @@ static int conn_pump(struct worker *w, struct conn *c) {
     }
     /* plaintext -> TLS */
     if (c->out_len == 0 && !c->plain_eof) {
-      ssize_t n = recv(c->plain.fd, c->out_buf, sizeof c->out_buf, 0);
+      ssize_t n = recv(c->plain.fd, c->out_buf, PUMP_BUF, 0);
       if (n > 0) {
         c->out_off = 0;
         c->out_len = (size_t)n;
@@ -475,7 +479,7 @@ static int conn_pump(struct worker *w, struct conn *c) {
   if ((c->tls_eof || c->plain_eof) && (c->deadline_ms == 0 || in_bytes || out_bytes))
     c->deadline_ms = tc_mono_ms() + t->p.idle_close_timeout_ms;
   uint32_t tw = 0, pw = 0;
-  if (c->in_off + c->in_len < sizeof c->in_buf && !c->tls_eof) tw |= EPOLLIN;
+  if (c->in_off + c->in_len < PUMP_BUF && !c->tls_eof) tw |= EPOLLIN;
   if (c->tcp_want_write || c->ssl.out_left > 0) tw |= EPOLLOUT;
   if (c->in_len > 0) pw |= EPOLLOUT;
   if (c->out_len == 0 && !c->plain_eof) pw |= EPOLLIN;
