@@ -675,6 +675,8 @@ static void *listener_main(void *arg) {
 /* Counts every routed request as tailcoat_http_requests_total{route,code};
  * the route pattern (not the raw path) keeps the label set bounded. */
 static void count_request(void *ctx, const struct tc_http_req *req, int status) {
+  tc_debug("http: %s %s -> %d (%s%s)", req->method, req->path, status, req->peer ? req->peer : "?",
+           req->tls ? ", tls" : "");
   struct tc_buf b = TC_BUF_INIT;
   tc_buf_puts(&b, "route=\"");
   tc_metrics_label_escape(&b, req->route ? req->route : "");

@@ -231,6 +231,9 @@ static void roundtrip(bool pg) {
   TC_CHECK(strstr(m, "tailcoat_users 1\n") != NULL);
   free(m);
 
+  /* the socket carries unix_socket_permission */
+  struct stat sst;
+  TC_CHECK(stat(s.sock, &sst) == 0 && (sst.st_mode & 0777) == 0770);
   /* clean shutdown removes the socket; the CLI then works in-process */
   int ws = tc_srv_stop(&s, SIGTERM);
   TC_CHECK(WIFEXITED(ws) && WEXITSTATUS(ws) == 0);
