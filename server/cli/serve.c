@@ -257,6 +257,32 @@ static void tls_reload(void *ctx) {
   else tc_info("TLS certificate reloaded");
 }
 
+/* ---- GET /register/{id} ------------------------------------------------------------------- */
+
+/* The page a user's browser opens from the client's AuthURL: it tells an
+ * administrator the command that approves the machine (as Headscale's
+ * page does). Registered after the wiring section, so a web UI that
+ * handles /register/... itself takes precedence. */
+static void h_register_page(void *ctx, const struct tc_http_req *req, struct tc_http_resp *resp) {
+  const char *id = tc_http_param(req, "id");
+  size_t n = id ? strlen(id) : 0;
+  /* ids are [a-z0-9]; anything else is refused rather than echoed */
+  if (!n || n > 64 || strspn(id, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_") != n) {
+    tc_http_resp_error(resp, 400, TC_GRPC_INVALID_ARGUMENT, "invalid registration id");
+    return;
+  }
+  struct tc_buf b = TC_BUF_INIT;
+  tc_buf_printf(&b,
+                "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>Machine registration</title></head>\n"
+                "<body><h1>Machine registration</h1>\n"
+                "<p>Ask an administrator of this tailnet to run:</p>\n"
+                "<pre>tailcoat nodes register --user USERNAME --key %s</pre>\n"
+                "<p>The machine joins as soon as the command has run.</p></body></html>\n",
+                id);
+  tc_http_resp_text(resp, 200, "text/html; charset=utf-8", b.data, b.len);
+  tc_buf_free(&b);
+}
+
 /* ---- serve ---------------------------------------------------------------------------------- */
 
 static void banner(const struct tc_config *cfg, int port) {
@@ -439,6 +465,8 @@ int tc_cli_serve(const struct tc_config *cfg) {
     goto out;
   }
   /* ========================================================================= */
+  /* Fallback pages (a module wired above may have claimed these paths). */
+  tc_http_route(be->router, "GET", "/register/{id}", h_register_page, NULL);
 
   if (tc_frontdoor_start(fdr, &err)) {
     fprintf(stderr, "Error: %s\n", err.msg);

@@ -147,6 +147,13 @@ TC_TEST(e2e_interactive_registration_approved_by_cli) {
   json_decref(rj);
   tc_tclient_free(c);
 
+  /* the AuthURL page tells the admin what to run */
+  char path[128], *page = NULL;
+  snprintf(path, sizeof path, "/register/%s", regid);
+  TC_CHECK_INT(tc_http_do(&s, false, "GET", path, NULL, NULL, &page), 200);
+  TC_CHECK(page && strstr(page, "nodes register") && strstr(page, regid));
+  free(page);
+  TC_CHECK_INT(tc_http_do(&s, false, "GET", "/register/%3Cscript%3E", NULL, NULL, NULL), 400);
   json_t *pend = tc_cli_json(&s, &rc, "nodes", "pending", NULL);
   TC_CHECK_INT(rc, 0);
   TC_REQUIRE(json_is_array(pend) && json_array_size(pend) == 1);
