@@ -263,6 +263,51 @@ static void *pong_side(void *arg) {
   return NULL;
 }
 
+/* Baseline for "added" latency: the same ping-pong between the same kind of
+ * threads over a direct socketpair, no relay. */
+struct direct {
+  int fd;
+  int64_t *lat;
+  size_t nlat;
+};
+
+static int full_io(int fd, void *p, size_t n, bool wr) {
+  uint8_t *b = p;
+  while (n) {
+    ssize_t r = wr ? send(fd, b, n, MSG_NOSIGNAL) : recv(fd, b, n, 0);
+    if (r <= 0) return -1;
+    b += r;
+    n -= (size_t)r;
+  }
+  return 0;
+}
+
+static void *direct_ping(void *arg) {
+  struct direct *d = arg;
+  uint8_t *pkt = calloc(1, (size_t)g_size);
+  for (int i = 0; i < g_rounds; i++) {
+    int64_t now = tc_mono_ns();
+    memcpy(pkt, &now, 8);
+    if (full_io(d->fd, pkt, (size_t)g_size, true) || full_io(d->fd, pkt, (size_t)g_size, false)) break;
+  }
+  free(pkt);
+  return NULL;
+}
+
+static void *direct_pong(void *arg) {
+  struct direct *d = arg;
+  uint8_t *pkt = calloc(1, (size_t)g_size);
+  for (int i = 0; i < g_rounds; i++) {
+    if (full_io(d->fd, pkt, (size_t)g_size, false)) break;
+    int64_t sent;
+    memcpy(&sent, pkt, 8);
+    d->lat[d->nlat++] = tc_mono_ns() - sent;
+    if (full_io(d->fd, pkt, (size_t)g_size, true)) break;
+  }
+  free(pkt);
+  return NULL;
+}
+
 static int cmp64(const void *a, const void *b) {
   int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
   return x < y ? -1 : x > y;
@@ -410,6 +455,35 @@ int main(int argc, char **argv) {
   double p50 = nl ? (double)all[nl / 2] / 1000.0 : 0, p99 = nl ? (double)all[(nl * 99) / 100] / 1000.0 : 0;
   for (int i = 0; i < n; i++) close_cl(&lc[i]);
 
+  /* phase 3: the same ping-pong without the relay */
+  struct direct *dd = calloc((size_t)n, sizeof *dd);
+  for (int i = 0; i < pairs; i++) {
+    int sv[2];
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv)) return 1;
+    dd[2 * i].fd = sv[0];
+    dd[2 * i + 1].fd = sv[1];
+    dd[2 * i + 1].lat = calloc((size_t)g_rounds, sizeof(int64_t));
+  }
+  for (int i = 0; i < pairs; i++) {
+    th[2 * i + 1] = spawn(direct_pong, &dd[2 * i + 1]);
+    th[2 * i] = spawn(direct_ping, &dd[2 * i]);
+  }
+  for (int i = 0; i < n; i++) pthread_join(th[i], NULL);
+  size_t nd = 0;
+  for (int i = 0; i < pairs; i++) nd += dd[2 * i + 1].nlat;
+  int64_t *dall = calloc(nd ? nd : 1, sizeof *dall);
+  k = 0;
+  for (int i = 0; i < pairs; i++)
+    for (size_t j = 0; j < dd[2 * i + 1].nlat; j++) dall[k++] = dd[2 * i + 1].lat[j];
+  qsort(dall, nd, sizeof *dall, cmp64);
+  double d50 = nd ? (double)dall[nd / 2] / 1000.0 : 0, d99 = nd ? (double)dall[(nd * 99) / 100] / 1000.0 : 0;
+  for (int i = 0; i < n; i++) {
+    close(dd[i].fd);
+    free(dd[i].lat);
+  }
+  free(dd);
+  free(dall);
+
   printf("mode=%s pairs=%d size=%d window=%d seconds=%.1f connect_ms=%lld", g_tls ? "tls" : "plain", pairs, g_size,
          g_window, el, (long long)conn_ms);
   if (tls) printf(" tls_threads=%d server_tls_handshake_cpu=%.1f ms/conn", g_tls_threads, hs_cpu_ms);
@@ -424,6 +498,9 @@ int main(int argc, char **argv) {
   printf("whole process cpu (server + bench clients): %.2f s\n", proc_s);
   printf("latency (one-way through relay, %zu samples, %d concurrent pairs): p50 %.0f us, p99 %.0f us\n", nl,
          pairs, p50, p99);
+  printf("latency without relay (same threads, socketpair): p50 %.0f us, p99 %.0f us -> added by the relay: "
+         "p50 %.0f us, p99 %.0f us\n",
+         d50, d99, p50 - d50, p99 - d99);
   fflush(stdout);
   tc_derp_server_free(g_srv);
   tc_tls_free(tls);
