@@ -1671,11 +1671,21 @@ int tc_policy_compile(const struct tc_policy *pol, const struct tc_policy_topo *
     }
     nr->cap_map = capmap_for_node(pol, targets, n);
     ct.n[i].no_v4 = json_object_get(nr->cap_map, "disable-ipv4") != NULL;
-    nr->self_allowed_ips = json_array();
-    ipset_append_prefixes(&n->ips, nr->self_allowed_ips, false);
     json_t *prim;
     json_decref(allowed_ips(&ct, NULL, n, NULL, NULL, NULL, &prim));
     nr->primary_routes = prim;
+    /* Its own view: addresses, every approved route it serves, exit routes. */
+    nr->self_allowed_ips = json_array();
+    ipset_append_prefixes(&n->ips, nr->self_allowed_ips, false);
+    char t[160];
+    for (size_t k = 0; k < n->nsubnets; k++) {
+      ip_range_prefix(n->subnets[k], t, sizeof(t));
+      json_array_append_new(nr->self_allowed_ips, json_string(t));
+    }
+    if (n->exit4)
+      json_array_append_new(nr->self_allowed_ips, json_string("0.0.0.0/0"));
+    if (n->exit6)
+      json_array_append_new(nr->self_allowed_ips, json_string("::/0"));
     nr->auto_approved = auto_approve_node(pol, &ct, n);
   }
   /* A sees B when either may reach the other. who[j] marks the nodes that

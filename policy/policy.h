@@ -107,7 +107,7 @@ struct tc_policy_node_result {
   json_t *ssh_policy;        /* {"rules":[...]} tailcfg.SSHPolicy lowercase shape; NULL if no ssh section;
                               * may be shared by nodes of the same identity: read-only */
   json_t *cap_map;           /* object: node capability -> array|null, from nodeAttrs (+ randomizeClientPort) */
-  json_t *self_allowed_ips;  /* array: own addresses */
+  json_t *self_allowed_ips;  /* array: own addresses, approved subnet routes it serves, approved exit routes */
   json_t *primary_routes;    /* array: subnet routes this node is primary for */
   json_t *auto_approved;     /* array: announced routes autoApprovers approve for this node */
 };
