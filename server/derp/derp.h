@@ -132,13 +132,16 @@ void tc_derp_server_public_key(const struct tc_derp_server *s, uint8_t out[32]);
 void tc_derp_upgrade(void *ctx, int fd, const struct tc_http_head *head);
 
 /* Lower-level entry: takes ownership of a connected stream socket whose next
- * `discard` bytes are the request head; writes the 101 unless fast_start. */
+ * `discard` bytes are the request head; writes the 101 unless fast_start.
+ * peer is borrowed (copied). 0, or TC_EAGAIN when full or stopping (fd is
+ * closed either way on failure). */
 int tc_derp_server_accept(struct tc_derp_server *s, int fd, const char *peer, size_t discard, bool fast_start);
 
 /* Closes every connection using node_key (e.g. a node was deleted). Returns
  * how many were closed. */
 int tc_derp_server_disconnect_key(struct tc_derp_server *s, const uint8_t node_key[32]);
-/* Queues a Health frame (text "" clears) to node_key, or to all if NULL. */
+/* Queues a Health frame (text "" clears) to node_key, or to all if NULL.
+ * Returns the number of clients it was queued for, or TC_ETOOBIG (> 4 KiB). */
 int tc_derp_server_send_health(struct tc_derp_server *s, const uint8_t *node_key, const char *text);
 /* Queues a Restarting frame to every client. */
 void tc_derp_server_send_restarting(struct tc_derp_server *s, uint32_t reconnect_in_ms, uint32_t try_for_ms);
