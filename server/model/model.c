@@ -72,6 +72,7 @@ struct tc_model {
   struct online_count *oc;
   size_t n_oc;
   int64_t last_expiry_check;
+  int64_t opened_at; /* Unix s */
 
   pthread_mutex_t smu; /* guards cur only; held for a pointer copy */
   struct tc_snapshot *cur;
@@ -452,6 +453,7 @@ int tc_model_open(const struct tc_model_config *cfg, struct tc_store *store,
   tc_box_unref(rt);
   tc_store_data_free(&d);
   m->last_expiry_check = tc_now();
+  m->opened_at = m->last_expiry_check;
   *out = m;
   return 0;
 fail:
@@ -2021,7 +2023,10 @@ int tc_model_tick(struct tc_model *m, int64_t now_ms, struct tc_err *err) {
   for (size_t i = 0; i < s->n_nodes; i++) {
     const struct tc_node *n = s->nodes[i];
     if (!n->ephemeral || tc_snapshot_is_online(s, n->id)) continue;
-    int64_t since = n->last_seen ? n->last_seen : n->created_at;
+    /* Offline since its last stream ended, but never before this process
+     * started: after a crash last_seen is stale, and the node deserves the
+     * full timeout to reconnect (Headscale reschedules at startup too). */
+    int64_t since = TC_MAX(n->last_seen ? n->last_seen : n->created_at, m->opened_at);
     if (now_ms - since * 1000 < m->ephemeral_timeout_ms) continue;
     struct tc_err e2;
     int r = delete_locked(m, "system", n->id, "ephemeral inactivity", &e2);

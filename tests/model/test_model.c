@@ -1911,3 +1911,35 @@ TC_TEST(concurrent_mixed_writers_stay_consistent) {
   env_close(&e);
   free(rec);
 }
+
+TC_TEST(ephemeral_grace_after_restart) {
+  struct env e;
+  TC_REQUIRE(env_open(&e, NULL, NULL) == 0);
+  struct tc_err err = {0};
+  int64_t u = mkuser(e.m, "alice");
+  char *key = mkkey(e.m, u, true, true, NULL, NULL);
+  /* The node was last seen an hour ago (server down since). */
+  tc_clock_shift(-3600);
+  struct tc_register_req r;
+  req_init(&r, "eph", key);
+  int64_t nid = 0;
+  int rc = tc_model_register_authkey(e.m, &r, &nid, &err);
+  if (rc == 0) {
+    tc_model_node_set_online(e.m, nid, true, &err);
+    tc_model_node_set_online(e.m, nid, false, &err);
+  }
+  tc_clock_shift(3600);
+  TC_REQUIRE(rc == 0);
+  tc_model_close(e.m);
+  TC_REQUIRE(env_open_model(&e) == 0);
+  struct tc_snapshot *s = tc_model_snapshot(e.m);
+  TC_CHECK(tc_snapshot_node(s, nid)->last_seen <= tc_now() - 3500);
+  tc_snapshot_release(s);
+  /* Right after the restart it gets the full timeout to come back... */
+  TC_CHECK_INT(tc_model_tick(e.m, tc_now_ms(), &err), 0);
+  TC_CHECK_INT(tc_model_tick(e.m, tc_now_ms() + 29 * 60 * 1000, &err), 0);
+  /* ...and is collected once that passed. */
+  TC_CHECK_INT(tc_model_tick(e.m, tc_now_ms() + 31 * 60 * 1000, &err), 1);
+  free_secret(key);
+  env_close(&e);
+}
