@@ -308,9 +308,12 @@ struct tc_register_req {
  * transaction that also consumes a single-use key. The key decides the owner
  * (user and/or tags) and ephemerality (key or request). If a node with this
  * machine key exists it is reused: same ID and IPs, new node key, hostinfo,
- * expiry and owner. If old_node_key is set it must name a node with the same
- * machine key (rotation). *node_id_out gets the node id; the current snapshot
- * contains it when this returns.
+ * expiry and owner. If old_node_key names a known node, that node must have
+ * the same machine key (rotation); an unknown old key is ignored. Nodes
+ * without tags get the default expiry unless req->expiry is in the future;
+ * tagged nodes never expire by default. *node_id_out gets the node id; the
+ * current snapshot contains it when this returns. The audit actor is
+ * "preauthkey:<prefix>".
  * Errors: TC_EPERM "invalid pre auth key" (unknown, wrong secret, single-use
  * already used — also when another thread won the race), TC_EEXPIRED
  * "pre auth key expired", TC_EPERM when old_node_key or node_key belongs to a
