@@ -1122,14 +1122,6 @@ static bool ssh_has_localpart(const struct ssh_pres *sp)
   return false;
 }
 
-json_t *ssh_for_node(const struct tc_policy *pol, const struct ctopo *ct, const struct cnode *n)
-{
-  struct ssh_pres *sp = ssh_prepare(pol, ct);
-  json_t *out = ssh_node(sp, ct, n);
-  ssh_pres_free(sp);
-  return out;
-}
-
 /* ---- node attributes --------------------------------------------------------------- */
 /* nodeAttrs targets resolved once per compile. */
 static struct ipset *attr_targets(const struct tc_policy *pol, const struct ctopo *ct)

@@ -143,16 +143,6 @@ bool ipset_covers(const struct ipset *s, struct ip_range r)
 
 bool ipset_empty(const struct ipset *s) { return s->n == 0; }
 
-bool ipset_equal(const struct ipset *a, const struct ipset *b)
-{
-  if (a->n != b->n)
-    return false;
-  for (size_t i = 0; i < a->n; i++)
-    if (range_cmp(&a->r[i], &b->r[i]))
-      return false;
-  return true;
-}
-
 static int family_bits(uint8_t v6) { return v6 ? 128 : 32; }
 
 static tc_u128 host_mask(uint8_t v6, int bits)

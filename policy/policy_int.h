@@ -36,7 +36,6 @@ bool ipset_overlaps(const struct ipset *s, struct ip_range r);
 /* r fully inside the set. */
 bool ipset_covers(const struct ipset *s, struct ip_range r);
 bool ipset_empty(const struct ipset *s);
-bool ipset_equal(const struct ipset *a, const struct ipset *b);
 /* Appends strings: single address, CIDR when the range is one prefix, "a-b" otherwise. */
 void ipset_append_strings(const struct ipset *s, json_t *arr);
 /* Appends the minimal CIDR decomposition, single addresses without /len when bare. */
@@ -218,7 +217,6 @@ void compiled_free(struct compiled *cp);
 bool compiled_reach(const struct compiled *cp, const struct tc_policy *pol, struct ip_range src,
                     const struct ipset *dst, const struct port_range *ports, size_t nports, const int *protos,
                     size_t nprotos);
-json_t *ssh_for_node(const struct tc_policy *pol, const struct ctopo *ct, const struct cnode *n);
 /* SSH rules resolved once per compile; ssh_node gives one node's policy. */
 struct ssh_pres;
 struct ssh_pres *ssh_prepare(const struct tc_policy *pol, const struct ctopo *ct);
