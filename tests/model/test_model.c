@@ -1943,3 +1943,71 @@ TC_TEST(ephemeral_grace_after_restart) {
   free_secret(key);
   env_close(&e);
 }
+
+/* ---- two models on one database (two server processes) ------------------------------------------------ */
+struct race2 {
+  struct tc_model *m[2];
+  const char *key;
+  atomic_int go, ok, refused, other;
+};
+struct race2_arg {
+  struct race2 *r;
+  int i;
+};
+static void *race2_thread(void *p) {
+  struct race2_arg *a = p;
+  struct race2 *r = a->r;
+  char host[32];
+  snprintf(host, sizeof host, "twin-%d", a->i);
+  struct tc_register_req req;
+  req_init(&req, host, r->key);
+  while (!atomic_load(&r->go)) sched_yield();
+  struct tc_err err = {0};
+  int rc = tc_model_register_authkey(r->m[a->i % 2], &req, NULL, &err);
+  if (rc == 0) atomic_fetch_add(&r->ok, 1);
+  else if (rc == TC_EPERM) atomic_fetch_add(&r->refused, 1);
+  else {
+    fprintf(stderr, "twin %d: %d %s\n", a->i, rc, err.msg);
+    atomic_fetch_add(&r->other, 1);
+  }
+  return NULL;
+}
+
+/* The in-memory check cannot see the other process; the conditional UPDATE
+ * in the registering transaction must still let exactly one through. */
+TC_TEST(single_use_key_race_across_two_models) {
+  struct env e;
+  TC_REQUIRE(env_open(&e, NULL, NULL) == 0);
+  struct tc_err err = {0};
+  int64_t u = mkuser(e.m, "alice");
+  char *key = mkkey(e.m, u, false, false, NULL, NULL);
+  struct tc_store *st2 = NULL;
+  struct tc_model *m2 = NULL;
+  TC_REQUIRE(tc_store_open(&e.scfg, &st2, &err) == 0);
+  TC_REQUIRE(tc_model_open(&e.mcfg, st2, &m2, &err) == 0); /* sees the key unused */
+  static struct race2 r;
+  memset(&r, 0, sizeof r);
+  r.m[0] = e.m;
+  r.m[1] = m2;
+  r.key = key;
+  pthread_t th[32];
+  struct race2_arg args[32];
+  for (int i = 0; i < 32; i++) {
+    args[i] = (struct race2_arg){&r, i};
+    pthread_create(&th[i], NULL, race2_thread, &args[i]);
+  }
+  atomic_store(&r.go, 1);
+  for (int i = 0; i < 32; i++) pthread_join(th[i], NULL);
+  TC_CHECK_INT(atomic_load(&r.ok), 1);
+  TC_CHECK_INT(atomic_load(&r.refused), 31);
+  TC_CHECK_INT(atomic_load(&r.other), 0);
+  tc_model_close(m2);
+  tc_store_close(st2);
+  tc_model_close(e.m);
+  TC_REQUIRE(env_open_model(&e) == 0);
+  struct tc_snapshot *s = tc_model_snapshot(e.m);
+  TC_CHECK_INT(s->n_nodes, 1);
+  tc_snapshot_release(s);
+  free_secret(key);
+  env_close(&e);
+}
