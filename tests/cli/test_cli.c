@@ -311,3 +311,43 @@ TC_TEST(cli_offline_commands) {
   free(err);
   tc_srv_cleanup(&s);
 }
+
+/* cli.address + cli.api_key: the CLI talks HTTP(S) to a remote server with
+ * a bearer key instead of the local socket. */
+TC_TEST(cli_remote_address_with_api_key) {
+  struct tc_srv s;
+  TC_REQUIRE(tc_srv_init(&s, NULL));
+  TC_REQUIRE(tc_srv_start(&s));
+  int rc;
+  json_t *ak = tc_cli_json(&s, &rc, "apikeys", "create", NULL);
+  TC_REQUIRE(rc == 0 && json_is_string(ak));
+  char *base = NULL;
+  size_t n;
+  TC_REQUIRE(tc_read_file(s.config, 1 << 20, &base, &n, NULL) == 0);
+  struct tc_srv r = s; /* same server, another config for the CLI */
+  snprintf(r.config, sizeof r.config, "%s/remote.yaml", s.dir);
+  char *text = tc_xasprintf("%scli:\n  address: http://127.0.0.1:%d\n  api_key: %s\n  timeout: 5s\n", base, s.port,
+                            json_string_value(ak));
+  TC_REQUIRE(tc_write_file_atomic(r.config, text, strlen(text), 0600, NULL) == 0);
+  free(text);
+  json_t *u = tc_cli_json(&r, &rc, "users", "create", "remote-user", NULL);
+  TC_CHECK_INT(rc, 0);
+  TC_CHECK_STR(json_string_value(json_object_get(u, "name")), "remote-user");
+  json_decref(u);
+  /* it went over TCP with the key: the API key's prefix shows up as last seen */
+  json_t *keys = tc_cli_json(&s, &rc, "apikeys", "list", NULL);
+  TC_CHECK(json_is_string(json_object_get(json_array_get(keys, 0), "lastSeen")));
+  json_decref(keys);
+  /* a wrong key is refused with the server's message */
+  text = tc_xasprintf("%scli:\n  address: http://127.0.0.1:%d\n  api_key: hskey-api-aaaaaaaaaaaa-bbbb\n", base, s.port);
+  TC_REQUIRE(tc_write_file_atomic(r.config, text, strlen(text), 0600, NULL) == 0);
+  free(text);
+  char *err = NULL;
+  rc = tc_cli(&r, NULL, &err, "users", "list", NULL);
+  TC_CHECK(rc != 0);
+  TC_CHECK(err && strstr(err, "invalid API key") != NULL);
+  free(err);
+  free(base);
+  json_decref(ak);
+  tc_srv_cleanup(&s);
+}
