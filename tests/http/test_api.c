@@ -4,6 +4,7 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <pthread.h>
+#include <regex.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
@@ -57,6 +58,48 @@ static int raw_status(int port, const char *data, size_t len) {
   int st = 0;
   if (n > 0) sscanf(buf, "HTTP/1.%*d %d", &st);
   return st;
+}
+
+/* Checks Prometheus text format 0.0.4: every sample line is
+ * name{labels} value, every family has exactly one TYPE line before its
+ * samples, and no family appears twice. Returns the number of problems. */
+static int prom_problems(const char *text) {
+  regex_t sample, type;
+  regcomp(&sample, "^([a-zA-Z_:][a-zA-Z0-9_:]*)(\\{([a-zA-Z_][a-zA-Z0-9_]*=\"([^\"\\\\]|\\\\.)*\",?)*\\})? [-+0-9.eE]+(Inf|NaN)?$",
+          REG_EXTENDED);
+  regcomp(&type, "^# TYPE ([a-zA-Z_:][a-zA-Z0-9_:]*) (counter|gauge|histogram|summary|untyped)$", REG_EXTENDED);
+  int bad = 0;
+  char families[128][128];
+  int nfam = 0;
+  char current[128] = "";
+  char *copy = strdup(text);
+  for (char *save = NULL, *line = strtok_r(copy, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
+    regmatch_t m[2];
+    if (!strncmp(line, "# HELP ", 7)) continue;
+    if (!regexec(&type, line, 2, m, 0)) {
+      snprintf(current, sizeof current, "%.*s", (int)(m[1].rm_eo - m[1].rm_so), line + m[1].rm_so);
+      for (int i = 0; i < nfam; i++)
+        if (!strcmp(families[i], current)) {
+          fprintf(stderr, "  family %s declared twice\n", current);
+          bad++;
+        }
+      if (nfam < 128) snprintf(families[nfam++], sizeof families[0], "%s", current);
+      continue;
+    }
+    if (regexec(&sample, line, 2, m, 0)) {
+      fprintf(stderr, "  not a sample line: %s\n", line);
+      bad++;
+      continue;
+    }
+    if (strncmp(line, current, strlen(current)) || !current[0]) {
+      fprintf(stderr, "  sample outside its family: %s\n", line);
+      bad++;
+    }
+  }
+  free(copy);
+  regfree(&sample);
+  regfree(&type);
+  return bad;
 }
 
 TC_TEST(api_bad_requests_are_json_errors) {
@@ -135,6 +178,12 @@ TC_TEST(api_bad_requests_are_json_errors) {
                         "process_start_time_seconds ",
                         "process_open_fds ",
                         "# TYPE tailcoat_http_requests_total counter"};
+  /* the checker itself catches bad input */
+  TC_CHECK(prom_problems("orphan 1\n") > 0);
+  TC_CHECK(prom_problems("# TYPE a gauge\na{x=1} 2\n") > 0);
+  TC_CHECK(prom_problems("# TYPE a gauge\na 1\n# TYPE a gauge\na 2\n") > 0);
+  TC_CHECK_INT(prom_problems("# TYPE a gauge\na{x=\"q\\\"\",y=\"\"} 2.5\n"), 0);
+  TC_CHECK_INT(prom_problems(m), 0);
   for (size_t i = 0; i < TC_ARRAY_LEN(want); i++) {
     if (!strstr(m, want[i])) {
       fprintf(stderr, "  missing in /metrics: %s\n", want[i]);
