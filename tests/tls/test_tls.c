@@ -318,6 +318,15 @@ TC_TEST(bad_parameters) {
   p.deliver = NULL;
   TC_CHECK_INT(tc_tls_new(&p, &t, &err), TC_EINVAL);
   TC_CHECK(tc_tls_listen_tcp("nonsense", NULL, &err) < 0);
+  int port6 = 0, portany = 0;
+  int fd6 = tc_tls_listen_tcp("[::1]:0", &port6, &err);
+  TC_CHECK(fd6 >= 0 && port6 > 0);
+  int fdany = tc_tls_listen_tcp(":0", &portany, &err);
+  TC_CHECK(fdany >= 0 && portany > 0);
+  if (fd6 >= 0) close(fd6);
+  if (fdany >= 0) close(fdany);
+  TC_CHECK(tc_tls_listen_tcp("127.0.0.1:65536", NULL, &err) < 0);
+  TC_CHECK(tc_tls_listen_tcp("[::1:0", NULL, &err) < 0);
   TC_CHECK(tc_tls_listen_tcp("example.com:80", NULL, &err) < 0);
   tc_tls_free(NULL);
   free(ca), free(chain), free(key), free(ca2), free(chain2), free(key2), free(dir);
