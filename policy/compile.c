@@ -282,6 +282,8 @@ struct rule {
 struct cgrant {
   const struct grant *g;
   struct ipset src;     /* merged sources */
+  struct ipset srcset;  /* what SrcIPs covers: sources, plus approved subnet routes next to "*" */
+  bool src_all;         /* autogroup:danger-all: SrcIPs "*" */
   struct ipset *srcs;   /* per-source sets, for autogroup:self */
   size_t nsrcs;
   json_t *srcstr;       /* final SrcIPs */
@@ -416,8 +418,19 @@ static void dport_add(struct rule *r, const char *ip, const struct ipset *set, b
   d->pr = pr;
 }
 
+/* Gives r the grant's sources: the shared SrcIPs text (when built) and the
+ * address set it stands for. */
+static void rule_take_src(struct rule *r, const struct cgrant *cg)
+{
+  r->src = cg->srcstr ? json_incref(cg->srcstr) : NULL;
+  ipset_init(&r->srcset);
+  ipset_add_set(&r->srcset, &cg->srcset);
+  ipset_norm(&r->srcset);
+  r->src_all = cg->src_all;
+}
+
 static void compile_grant(const struct tc_policy *pol, const struct ctopo *ct, const struct grant *g,
-                          struct cgrant *cg)
+                          struct cgrant *cg, bool want_text)
 {
   memset(cg, 0, sizeof(*cg));
   cg->g = g;
@@ -435,10 +448,21 @@ static void compile_grant(const struct tc_policy *pol, const struct ctopo *ct, c
   cg->nsrcs = g->nsrc;
   ipset_norm(&cg->src);
   cg->any_src = !ipset_empty(&cg->src);
+  ipset_init(&cg->srcset);
   if (g->nsrc == 0 || g->ndst == 0)
     return;
-  cg->srcstr = json_array();
-  if (danger) {
+  cg->src_all = danger;
+  ipset_add_set(&cg->srcset, &cg->src);
+  if (wild)
+    for (size_t i = 0; i < ct->nn; i++)
+      for (size_t k = 0; k < ct->n[i].nsubnets; k++)
+        ipset_add(&cg->srcset, ct->n[i].subnets[k]);
+  ipset_norm(&cg->srcset);
+  if (want_text)
+    cg->srcstr = json_array();
+  if (!want_text) {
+    /* the tests only need the address sets */
+  } else if (danger) {
     json_array_append_new(cg->srcstr, json_string("*"));
   } else if (cg->any_src) {
     /* Node addresses stay separate entries even when adjacent. */
@@ -520,33 +544,34 @@ static void compile_grant(const struct tc_policy *pol, const struct ctopo *ct, c
       }
       if (a->kind == AL_PREFIX || a->kind == AL_HOST || a->kind == AL_AUTOGROUP)
         r.addr_dp = true;
-      json_t *pf = json_array();
-      ipset_append_prefixes(&dsets[i], pf, true);
-      size_t k;
-      json_t *v;
-      json_array_foreach(pf, k, v) {
+      struct ip_range *pr;
+      size_t npr = ipset_prefix_ranges(&dsets[i], &pr);
+      char t[160] = "";
+      for (size_t k = 0; k < npr; k++) {
         struct ipset one;
         ipset_init(&one);
-        add_src_string(&one, json_string_value(v), &(bool){false});
+        ipset_add(&one, pr[k]);
+        if (want_text)
+          ip_range_text(pr[k], true, t, sizeof(t));
         for (size_t q = 0; q < g->ip[p].nports; q++)
-          dport_add(&r, json_string_value(v), &one, false, g->ip[p].ports[q]);
+          dport_add(&r, t, &one, false, g->ip[p].ports[q]);
         ipset_free(&one);
       }
-      json_decref(pf);
+      free(pr);
     }
     if (r.ndp) {
       rule_index(&r);
-      rule_set_src(&r, json_deep_copy(cg->srcstr));
+      rule_take_src(&r, cg);
       cg->rules = tc_xrealloc(cg->rules, (cg->nrules + 1) * sizeof(*cg->rules));
       cg->rules[cg->nrules++] = r;
     } else {
       rule_free(&r);
     }
   }
-  if (g->app) {
+  if (g->app && want_text) {
     struct rule r = {0};
     r.proto = -1;
-    rule_set_src(&r, json_deep_copy(cg->srcstr));
+    rule_take_src(&r, cg);
     r.capgrant = json_array();
     r.capdst = tc_xcalloc(g->ndst, sizeof(struct ipset));
     json_t *dststrs = json_array();
@@ -601,6 +626,7 @@ static void compile_grant(const struct tc_policy *pol, const struct ctopo *ct, c
 static void cgrant_free(struct cgrant *cg)
 {
   ipset_free(&cg->src);
+  ipset_free(&cg->srcset);
   for (size_t i = 0; i < cg->nsrcs; i++)
     ipset_free(&cg->srcs[i]);
   free(cg->srcs);
@@ -741,7 +767,8 @@ static void merge_into(json_t *out, json_t *rule)
       if (json_object_get(o, "CapGrant"))
         continue;
       json_t *p1 = json_object_get(o, "IPProto"), *p2 = json_object_get(rule, "IPProto");
-      if (json_equal(json_object_get(o, "SrcIPs"), json_object_get(rule, "SrcIPs")) &&
+      json_t *s1 = json_object_get(o, "SrcIPs"), *s2 = json_object_get(rule, "SrcIPs");
+      if ((s1 == s2 || json_equal(s1, s2)) &&
           ((!p1 && !p2) || (p1 && p2 && json_equal(p1, p2)))) {
         json_array_extend(json_object_get(o, "DstPorts"), json_object_get(rule, "DstPorts"));
         json_decref(rule);
@@ -1237,14 +1264,14 @@ struct compiled {
   bool any_via;
 };
 
-struct compiled *compiled_build(const struct tc_policy *pol, const struct ctopo *ct)
+struct compiled *compiled_build(const struct tc_policy *pol, const struct ctopo *ct, bool want_text)
 {
   struct compiled *cp = tc_xcalloc(1, sizeof(*cp));
   ipset_init(&cp->internet);
   the_internet(&cp->internet);
   cp->cg = tc_xcalloc(pol->ngrants + 1, sizeof(*cp->cg));
   for (size_t i = 0; i < pol->ngrants; i++)
-    compile_grant(pol, ct, &pol->grants[i], &cp->cg[cp->ncg++]);
+    compile_grant(pol, ct, &pol->grants[i], &cp->cg[cp->ncg++], want_text);
   cp->nusers = ct->t->nusers;
   for (size_t i = 0; i < cp->ncg; i++)
     cp->any_via |= cp->cg[i].via;
@@ -1266,21 +1293,21 @@ void compiled_free(struct compiled *cp)
   free(cp);
 }
 
-/* Whether the global rules let src (a prefix) reach any of dst on one of the
- * requested ports with one of the protocols (the policy tests' semantics). */
-bool compiled_reach(const struct compiled *cp, const struct tc_policy *pol, struct ip_range src,
-                    const struct ipset *dst, const struct port_range *ports, size_t nports, const int *protos,
-                    size_t nprotos)
+/* Network rules that let traffic reach any of dst on one of the requested
+ * ports with one of the protocols (the policy tests' semantics). Returns an
+ * owned array of borrowed rule pointers; *n is its length. */
+const struct rule **compiled_rules_to(const struct compiled *cp, const struct ipset *dst,
+                                      const struct port_range *ports, size_t nports, const int *protos,
+                                      size_t nprotos, size_t *n)
 {
-  if (!pol->has_acls_or_grants)
-    return true;
+  size_t cap = 8;
+  const struct rule **out = tc_xmalloc(cap * sizeof(*out));
+  *n = 0;
   for (size_t g = 0; g < cp->ncg; g++) {
     const struct cgrant *cg = &cp->cg[g];
     for (size_t r = 0; r < cg->nrules; r++) {
       const struct rule *ru = &cg->rules[r];
       if (ru->capgrant)
-        continue;
-      if (!ru->src_all && !ipset_overlaps(&ru->srcset, src))
         continue;
       if (ru->proto >= 0) {
         bool pm = false;
@@ -1289,21 +1316,38 @@ bool compiled_reach(const struct compiled *cp, const struct tc_policy *pol, stru
         if (!pm)
           continue;
       }
-      for (size_t d = 0; d < ru->ndp; d++) {
+      bool ok = false;
+      for (size_t d = 0; d < ru->ndp && !ok; d++) {
         const struct dport *dp = &ru->dp[d];
         bool hit = dp->star;
-        for (size_t k = 0; !hit && k < dst->n; k++)
-          hit = ipset_overlaps(&dp->set, dst->r[k]);
+        /* dst is sorted: look each (usually single) entry range up in it. */
+        for (size_t k = 0; !hit && k < dp->set.n; k++)
+          hit = ipset_overlaps(dst, dp->set.r[k]);
         if (!hit)
           continue;
         if (!nports)
-          return true;
-        for (size_t k = 0; k < nports; k++)
-          if (ports[k].first >= dp->pr.first && ports[k].last <= dp->pr.last)
-            return true;
+          ok = true;
+        for (size_t k = 0; k < nports && !ok; k++)
+          ok = ports[k].first >= dp->pr.first && ports[k].last <= dp->pr.last;
       }
+      if (!ok)
+        continue;
+      if (*n == cap) {
+        cap *= 2;
+        out = tc_xrealloc(out, cap * sizeof(*out));
+      }
+      out[(*n)++] = ru;
     }
   }
+  return out;
+}
+
+/* Whether one of rules accepts traffic from src. */
+bool rules_accept_from(const struct rule *const *rules, size_t n, struct ip_range src)
+{
+  for (size_t i = 0; i < n; i++)
+    if (rules[i]->src_all || ipset_overlaps(&rules[i]->srcset, src))
+      return true;
   return false;
 }
 
@@ -1603,7 +1647,7 @@ int tc_policy_compile(const struct tc_policy *pol, const struct tc_policy_topo *
   int rc = ctopo_build(pol, topo, &ct, err);
   if (rc)
     return rc;
-  struct compiled *cp = compiled_build(pol, &ct);
+  struct compiled *cp = compiled_build(pol, &ct, true);
   struct ssh_pres *sshp = pol->has_ssh ? ssh_prepare(pol, &ct) : NULL;
   struct ipset *targets = attr_targets(pol, &ct);
   bool ssh_shareable = sshp && !ssh_has_localpart(sshp);

@@ -296,9 +296,10 @@ void ipset_append_strings(const struct ipset *s, json_t *arr)
   }
 }
 
-void ipset_append_prefixes(const struct ipset *s, json_t *arr, bool bare_single)
+size_t ipset_prefix_ranges(const struct ipset *s, struct ip_range **out)
 {
-  char t[160];
+  size_t n = 0, cap = s->n + 4;
+  *out = tc_xmalloc(cap * sizeof(**out));
   for (size_t i = 0; i < s->n; i++) {
     struct ip_range r = s->r[i];
     tc_u128 lo = r.lo;
@@ -315,15 +316,35 @@ void ipset_append_prefixes(const struct ipset *s, json_t *arr, bool bare_single)
       if (hb + 1 == 128 && lo == 0 && r.hi == ~(tc_u128)0)
         hb = 128;
       struct ip_range p = {r.v6, lo, hb >= 128 ? ~(tc_u128)0 : lo + (((tc_u128)1 << hb) - 1)};
-      if (bare_single && p.lo == p.hi) {
-        ip_format_addr(r.v6, p.lo, t, sizeof(t));
-      } else {
-        ip_range_prefix(p, t, sizeof(t));
+      if (n == cap) {
+        cap *= 2;
+        *out = tc_xrealloc(*out, cap * sizeof(**out));
       }
-      json_array_append_new(arr, json_string(t));
+      (*out)[n++] = p;
       if (p.hi >= r.hi)
         break;
       lo = p.hi + 1;
     }
   }
+  return n;
+}
+
+void ip_range_text(struct ip_range p, bool bare_single, char *out, size_t outsz)
+{
+  if (bare_single && p.lo == p.hi)
+    ip_format_addr(p.v6, p.lo, out, outsz);
+  else
+    ip_range_prefix(p, out, outsz);
+}
+
+void ipset_append_prefixes(const struct ipset *s, json_t *arr, bool bare_single)
+{
+  char t[160];
+  struct ip_range *pr;
+  size_t n = ipset_prefix_ranges(s, &pr);
+  for (size_t i = 0; i < n; i++) {
+    ip_range_text(pr[i], bare_single, t, sizeof(t));
+    json_array_append_new(arr, json_string(t));
+  }
+  free(pr);
 }

@@ -38,6 +38,10 @@ bool ipset_covers(const struct ipset *s, struct ip_range r);
 bool ipset_empty(const struct ipset *s);
 /* Appends strings: single address, CIDR when the range is one prefix, "a-b" otherwise. */
 void ipset_append_strings(const struct ipset *s, json_t *arr);
+/* The minimal CIDR decomposition as ranges (owned array); returns its length. */
+size_t ipset_prefix_ranges(const struct ipset *s, struct ip_range **out);
+/* Text of one prefix range: a bare address when single and bare_single. */
+void ip_range_text(struct ip_range p, bool bare_single, char *out, size_t outsz);
 /* Appends the minimal CIDR decomposition, single addresses without /len when bare. */
 void ipset_append_prefixes(const struct ipset *s, json_t *arr, bool bare_single);
 
@@ -212,11 +216,15 @@ const char *proto_name(int p);
 int proto_parse(const char *s);
 
 struct compiled;
-struct compiled *compiled_build(const struct tc_policy *pol, const struct ctopo *ct);
+/* want_text=false skips the text forms (for the policy tests, which only
+ * need address sets). */
+struct compiled *compiled_build(const struct tc_policy *pol, const struct ctopo *ct, bool want_text);
 void compiled_free(struct compiled *cp);
-bool compiled_reach(const struct compiled *cp, const struct tc_policy *pol, struct ip_range src,
-                    const struct ipset *dst, const struct port_range *ports, size_t nports, const int *protos,
-                    size_t nprotos);
+struct rule;
+const struct rule **compiled_rules_to(const struct compiled *cp, const struct ipset *dst,
+                                      const struct port_range *ports, size_t nports, const int *protos,
+                                      size_t nprotos, size_t *n);
+bool rules_accept_from(const struct rule *const *rules, size_t n, struct ip_range src);
 /* SSH rules resolved once per compile; ssh_node gives one node's policy. */
 struct ssh_pres;
 struct ssh_pres *ssh_prepare(const struct tc_policy *pol, const struct ctopo *ct);

@@ -110,8 +110,13 @@ static int run_acl_tests(const struct tc_policy *pol, const struct ctopo *ct, co
                                   ti, d);
         }
         bool allowed = true;
-        for (size_t k = 0; !rc && k < nsp && allowed; k++)
-          allowed = compiled_reach(cp, pol, sp[k], &dst, ports, nports, protos, nprotos);
+        if (!rc && pol->has_acls_or_grants) {
+          size_t nrules;
+          const struct rule **rules = compiled_rules_to(cp, &dst, ports, nports, protos, nprotos, &nrules);
+          for (size_t k = 0; k < nsp && allowed; k++)
+            allowed = rules_accept_from(rules, nrules, sp[k]);
+          free(rules);
+        }
         if (!rc && allowed != (pass == 0))
           rc = tc_policy_err_at(err, "test(s) failed: %s -> %s: expected %s, got %s", t->src, d,
                                 pass ? "DENIED" : "ALLOWED", allowed ? "ALLOWED" : "DENIED");
@@ -306,7 +311,7 @@ int tc_policy_run_tests(const struct tc_policy *pol, const struct tc_policy_topo
   if (rc)
     return rc;
   if (pol->ntests) {
-    struct compiled *cp = compiled_build(pol, &ct);
+    struct compiled *cp = compiled_build(pol, &ct, false);
     rc = run_acl_tests(pol, &ct, cp, err);
     compiled_free(cp);
   }
