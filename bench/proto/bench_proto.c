@@ -35,6 +35,7 @@
 #include "tclient.h"
 
 struct opts {
+  const char *policy_path; /* --self: policy file loaded into the model */
   int n, threads, joins, timeout_s;
   bool self, json;
   char host[256];
@@ -81,6 +82,14 @@ static int run_server_child(int wfd) {
   if (tc_model_user_create(model, "cli", "bench", NULL, NULL, &uid, &err)) goto fail;
   struct tc_preauth_opts po = {.user_id = uid, .reusable = true};
   if (tc_model_preauth_create(model, "cli", &po, NULL, &key, &err)) goto fail;
+  if (O.policy_path) {
+    char *text = NULL;
+    size_t tl = 0;
+    if (tc_read_file(O.policy_path, 1 << 20, &text, &tl, &err)) goto fail;
+    int prc = tc_model_policy_set(model, "cli", text, tl, NULL, &err);
+    free(text);
+    if (prc) goto fail;
+  }
   struct tc_mapper_env env = {.base_domain = "bench.example.com", .domain = "example.com", .disable_logtail = true,
                               .derp_json = "{\"Regions\":{\"999\":{\"RegionID\":999,\"RegionCode\":\"b\",\"Nodes\":[]}}}"};
   struct tc_mapper_opts mo = {.model = model, .env = &env, .server_url = "http://127.0.0.1"};
@@ -275,7 +284,7 @@ static int cmp_i64(const void *a, const void *b) {
 static void usage(void) {
   fprintf(stderr,
           "usage: bench-proto [--self | --host H --port P --authkey KEY [--server-pid PID]]\n"
-          "                   [-n clients] [--threads T] [--joins J] [--timeout S] [--json]\n");
+          "                   [-n clients] [--threads T] [--joins J] [--timeout S] [--json] [--policy FILE]\n");
   exit(2);
 }
 
@@ -283,7 +292,8 @@ int main(int argc, char **argv) {
   static const struct option lo[] = {{"self", 0, NULL, 's'},       {"host", 1, NULL, 'H'},    {"port", 1, NULL, 'p'},
                                      {"authkey", 1, NULL, 'k'},    {"server-pid", 1, NULL, 'P'},
                                      {"threads", 1, NULL, 't'},    {"joins", 1, NULL, 'j'},   {"timeout", 1, NULL, 'T'},
-                                     {"json", 0, NULL, 'J'},       {NULL, 0, NULL, 0}};
+                                     {"json", 0, NULL, 'J'},       {"policy", 1, NULL, 'Y'},
+                                     {NULL, 0, NULL, 0}};
   snprintf(O.host, sizeof O.host, "127.0.0.1");
   int ch;
   while ((ch = getopt_long(argc, argv, "n:", lo, NULL)) != -1) {
@@ -298,6 +308,7 @@ int main(int argc, char **argv) {
     case 'j': O.joins = atoi(optarg); break;
     case 'T': O.timeout_s = atoi(optarg); break;
     case 'J': O.json = true; break;
+    case 'Y': O.policy_path = optarg; break;
     default: usage();
     }
   }

@@ -123,11 +123,29 @@ struct tc_mapper {
 
 /* ---- small utilities ------------------------------------------------------------ */
 
+static pthread_key_t cctx_key;
+static pthread_once_t cctx_once = PTHREAD_ONCE_INIT;
+static void cctx_free(void *p) { ZSTD_freeCCtx(p); }
+static void cctx_init(void) { pthread_key_create(&cctx_key, cctx_free); }
+/* Arranges for the thread's context to be freed when the thread exits. */
+static void register_cctx_cleanup(ZSTD_CCtx *c) {
+  pthread_once(&cctx_once, cctx_init);
+  pthread_setspecific(cctx_key, c);
+}
+
 void tc_mapper_frame(const char *json, size_t len, struct tc_buf *out) {
   size_t bound = ZSTD_compressBound(len);
   tc_buf_reserve(out, 4 + bound + 1);
   uint8_t *p = (uint8_t *)out->data + out->len;
-  size_t z = ZSTD_compress(p + 4, bound, json, len, 1);
+  /* One compression context per thread: creating one per message costs more
+   * than compressing a small delta. Freed at thread exit. */
+  static __thread ZSTD_CCtx *cctx;
+  if (!cctx) {
+    cctx = ZSTD_createCCtx();
+    if (!cctx) abort();
+    register_cctx_cleanup(cctx);
+  }
+  size_t z = ZSTD_compressCCtx(cctx, p + 4, bound, json, len, 1);
   if (ZSTD_isError(z)) abort(); /* only possible on a bound bug or OOM */
   p[0] = (uint8_t)z, p[1] = (uint8_t)(z >> 8), p[2] = (uint8_t)(z >> 16), p[3] = (uint8_t)(z >> 24);
   out->len += 4 + z;
@@ -689,6 +707,9 @@ static void policy_deltas(struct tc_mapper *mp, const struct tc_snapshot *snap, 
   struct tc_mapper_frag **inc = tc_xcalloc(nid + 1, sizeof *inc);
   int64_t *rem = tc_xcalloc(snap->n_nodes + nid + 1, sizeof *rem);
   const struct tc_node **owners = tc_xcalloc(snap->n_nodes + nid + 2, sizeof *owners);
+  struct tc_buf shared[8];
+  uint64_t shared_inc[8], shared_rem[8];
+  size_t nshared = 0;
   for (size_t si = mp->n_sess; si-- > 0;) {
     if (si >= mp->n_sess) continue;
     struct session *s = mp->sess[si];
@@ -762,9 +783,30 @@ static void policy_deltas(struct tc_mapper *mp, const struct tc_snapshot *snap, 
       d.users = users;
       d.tagged_profile = tagged;
     }
-    if (tc_mapper_encode_delta(&json, &env, &d)) {
+    /* Recipients that get the same subset of the touched nodes and nothing
+     * of their own share one encoded, framed message. */
+    bool shareable = !resync && !self_changed && !d.with_filter && !d.with_ssh && nid <= 64;
+    uint64_t incm = 0, remm = 0;
+    if (shareable) {
+      for (size_t k = 0, a = 0, r = 0; k < nid; k++) {
+        if (a < ni && inc[a]->node_id == ids[k]) incm |= UINT64_C(1) << k, a++;
+        if (r < nr2 && rem[r] == ids[k]) remm |= UINT64_C(1) << k, r++;
+      }
+    }
+    long hit = -1;
+    for (size_t k = 0; shareable && k < nshared; k++)
+      if (shared_inc[k] == incm && shared_rem[k] == remm) hit = (long)k;
+    if (hit >= 0) {
+      if (shared[hit].len) send_frame(mp, s, &shared[hit], false);
+    } else if (tc_mapper_encode_delta(&json, &env, &d)) {
       tc_mapper_frame(json.data, json.len, &frame);
       send_frame(mp, s, &frame, false);
+    }
+    if (hit < 0 && shareable && nshared < TC_ARRAY_LEN(shared)) {
+      shared_inc[nshared] = incm;
+      shared_rem[nshared] = remm;
+      shared[nshared++] = frame; /* adopt (possibly empty: nothing to send) */
+      frame = (struct tc_buf)TC_BUF_INIT;
     }
     for (size_t k = 0; k < na; k++) tc_mapper_frag_unref(all[k]);
     free(users);
@@ -772,6 +814,7 @@ static void policy_deltas(struct tc_mapper *mp, const struct tc_snapshot *snap, 
     tc_buf_free(&json);
     tc_buf_free(&frame);
   }
+  for (size_t k = 0; k < nshared; k++) tc_buf_free(&shared[k]);
   for (size_t i = 0; i < nid; i++) tc_mapper_frag_unref(fr[i]);
   free(fr);
   free(all);
@@ -1226,34 +1269,44 @@ static void *dispatcher(void *arg) {
       if (ts.tv_nsec >= 1000000000L) ts.tv_sec++, ts.tv_nsec -= 1000000000L;
       if (pthread_cond_timedwait(&mp->qcv, &mp->qmu, &ts)) break;
     }
-    /* A run of queued events (up to BATCH_MAX) is merged into one delta:
-     * under a burst (many nodes joining) every stream gets one message per
-     * run instead of one per event. Opens/closes keep their queue position. */
-    struct item *batch[BATCH_MAX];
-    size_t nb = 0;
-    while (mp->qhead && nb < BATCH_MAX && (nb == 0 || (mp->qhead->kind == IT_EVENT && batch[0]->kind == IT_EVENT))) {
+    /* Everything queued (up to 256 items) is taken at once. Its events are
+     * merged into deltas of up to BATCH_MAX events: under a burst (many
+     * nodes joining, each recompiling the policy) every stream gets one
+     * message per batch instead of one per event. Opens, closes and env
+     * changes run after those events, in their own order: an open then
+     * builds its full map from the newest state, which already contains the
+     * events it was queued before, so nothing is lost or repeated. */
+    struct item *ev[256], *ot[256];
+    size_t nev = 0, not_ = 0;
+    while (mp->qhead && nev + not_ < 256) {
       struct item *it = mp->qhead;
       mp->qhead = it->next;
       if (!mp->qhead) mp->qtail = NULL;
-      batch[nb++] = it;
+      if (it->kind == IT_EVENT) ev[nev++] = it;
+      else ot[not_++] = it;
     }
+    size_t nb = nev + not_;
     if (!nb && mp->stopping) break;
     pthread_mutex_unlock(&mp->qmu);
-    if (nb > 1) {
-      do_batch(mp, batch, nb);
-    } else if (nb == 1) {
-      struct item *it = batch[0];
+    for (size_t i = 0; i < nev; i += BATCH_MAX) {
+      size_t k = TC_MIN((size_t)BATCH_MAX, nev - i);
+      if (k > 1) do_batch(mp, ev + i, k);
+      else do_event(mp, ev[i]);
+    }
+    for (size_t i = 0; i < not_; i++) {
+      struct item *it = ot[i];
       switch (it->kind) {
-      case IT_EVENT: do_event(mp, it); break;
+      case IT_EVENT: break;
       case IT_OPEN: do_open(mp, it->s); break;
       case IT_CLOSE: close_session(mp, it->s); break;
       case IT_ENV: do_env(mp, it->env); break;
       }
     }
     for (size_t i = 0; i < nb; i++) {
-      if (batch[i]->s) atomic_fetch_sub(&batch[i]->s->pending_items, 1);
-      tc_snapshot_release(batch[i]->snap);
-      free(batch[i]);
+      struct item *it = i < nev ? ev[i] : ot[i - nev];
+      if (it->s) atomic_fetch_sub(&it->s->pending_items, 1);
+      tc_snapshot_release(it->snap);
+      free(it);
     }
     do_keepalives(mp);
     flush_offline(mp, false);
