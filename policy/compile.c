@@ -664,7 +664,10 @@ static json_t *ports_json(struct port_range pr)
 
 /* Builds a FilterRule JSON from a rule restricted to the node's entries;
  * returns NULL when nothing applies. */
-static json_t *reduce_rule(const struct cnode *n, const struct rule *r, const struct ipset *internet)
+/* Also records in dst_out / dst_all what the kept entries cover (for peer
+ * visibility and route reachability). */
+static json_t *reduce_rule(const struct cnode *n, const struct rule *r, const struct ipset *internet,
+                           struct ipset *dst_out, bool *dst_all)
 {
   if (r->capgrant) {
     json_t *cgs = json_array();
@@ -690,6 +693,10 @@ static json_t *reduce_rule(const struct cnode *n, const struct rule *r, const st
           if (ip_range_overlaps(pr, n->subnets[s]) && !json_str_in(dsts, json_string_value(v)))
             json_array_append(dsts, v);
       }
+      ipset_add_set(dst_out, &m);
+      for (size_t sn = 0; sn < n->nsubnets; sn++)
+        if (ipset_overlaps(ds, n->subnets[sn]))
+          ipset_add(dst_out, n->subnets[sn]);
       ipset_free(&m);
       if (json_array_size(dsts))
         json_array_append_new(cgs, json_pack("{s:o,s:O}", "Dsts", dsts, "CapMap",
@@ -743,8 +750,13 @@ static json_t *reduce_rule(const struct cnode *n, const struct rule *r, const st
       hit[j - 1] = t;
     }
   json_t *dp = json_array();
-  for (size_t i = 0; i < nhit; i++)
+  for (size_t i = 0; i < nhit; i++) {
     json_array_append_new(dp, json_pack("{s:s,s:o}", "IP", r->dp[hit[i]].ip, "Ports", ports_json(r->dp[hit[i]].pr)));
+    if (r->dp[hit[i]].star)
+      *dst_all = true;
+    else
+      ipset_add_set(dst_out, &r->dp[hit[i]].set);
+  }
   free(hit);
   if (!json_array_size(dp)) {
     json_decref(dp);
@@ -782,22 +794,20 @@ static void merge_into(json_t *out, json_t *rule)
 /* Sources of an autogroup:self grant as seen by one user's devices: that
  * user's own devices that the grant's sources include. Every device of the
  * user gets the same list, so it is computed once per (grant, user). */
-static json_t *self_sources(const struct ctopo *ct, const struct cgrant *cg, int user)
+static json_t *self_sources(const struct ctopo *ct, const struct cgrant *cg, int user, struct ipset *src)
 {
-  struct ipset src;
-  ipset_init(&src);
+  ipset_init(src);
   for (size_t k = 0; k < ct->nuser_nodes[user]; k++) {
     const struct cnode *o = &ct->n[ct->user_nodes[user][k]];
     for (size_t s = 0; s < cg->nsrcs; s++)
       if (node_in_set(o, &cg->srcs[s])) {
-        ipset_add_set(&src, &o->ips);
+        ipset_add_set(src, &o->ips);
         break;
       }
   }
-  ipset_norm_overlap(&src);
+  ipset_norm_overlap(src);
   json_t *srcstr = json_array();
-  ipset_append_strings(&src, srcstr);
-  ipset_free(&src);
+  ipset_append_strings(src, srcstr);
   return srcstr;
 }
 
@@ -862,7 +872,45 @@ static void self_rules(const struct ctopo *ct, const struct cgrant *cg, json_t *
   }
 }
 
-static void via_rules(const struct cgrant *cg, const struct cnode *n, const struct ipset *internet, json_t *out)
+/* Per-node reachability, recorded while the node's filter is built: for
+ * every rule in it, who may send (sources, borrowed from the compiled rule)
+ * and to what (the entries kept for this node). */
+struct reach_rule {
+  const struct ipset *src;
+  bool src_all;
+  struct ipset dst;
+  bool dst_all;
+};
+
+struct reach {
+  struct reach_rule *r;
+  size_t n, cap;
+  bool all;
+};
+
+static struct reach_rule *reach_push(struct reach *rc, const struct ipset *src, bool src_all)
+{
+  if (rc->n == rc->cap) {
+    rc->cap = rc->cap ? rc->cap * 2 : 8;
+    rc->r = tc_xrealloc(rc->r, rc->cap * sizeof(*rc->r));
+  }
+  struct reach_rule *rr = &rc->r[rc->n++];
+  rr->src = src;
+  rr->src_all = src_all;
+  ipset_init(&rr->dst);
+  rr->dst_all = false;
+  return rr;
+}
+
+static void free_reach(struct reach *rc)
+{
+  for (size_t i = 0; i < rc->n; i++)
+    ipset_free(&rc->r[i].dst);
+  free(rc->r);
+}
+
+static void via_rules(const struct cgrant *cg, const struct cnode *n, const struct ipset *internet, json_t *out,
+                      struct reach *rc)
 {
   const struct grant *g = cg->g;
   bool match = false;
@@ -887,6 +935,14 @@ static void via_rules(const struct cgrant *cg, const struct cnode *n, const stru
     json_decref(pfx);
     return;
   }
+  struct reach_rule *rr = reach_push(rc, &cg->srcset, cg->src_all);
+  for (size_t i = 0; i < cg->nvia_pfx; i++)
+    for (size_t sn = 0; sn < n->nsubnets; sn++)
+      if (ip_range_overlaps(cg->via_pfx[i], n->subnets[sn]))
+        ipset_add(&rr->dst, cg->via_pfx[i]);
+  if (cg->via_internet && node_is_exit(n))
+    ipset_add_set(&rr->dst, internet);
+  ipset_norm(&rr->dst);
   for (size_t p = 0; p < g->nip; p++) {
     json_t *dp = json_array();
     size_t k;
@@ -1260,6 +1316,7 @@ struct compiled {
   size_t ncg;
   struct ipset internet;
   json_t **self_src; /* [grant * nusers + user], filled lazily */
+  struct ipset *self_set; /* the same sources as address sets */
   size_t nusers;
   bool any_via;
 };
@@ -1276,6 +1333,7 @@ struct compiled *compiled_build(const struct tc_policy *pol, const struct ctopo 
   for (size_t i = 0; i < cp->ncg; i++)
     cp->any_via |= cp->cg[i].via;
   cp->self_src = tc_xcalloc(cp->ncg * cp->nusers + 1, sizeof(json_t *));
+  cp->self_set = tc_xcalloc(cp->ncg * cp->nusers + 1, sizeof(struct ipset));
   return cp;
 }
 
@@ -1287,8 +1345,12 @@ void compiled_free(struct compiled *cp)
     cgrant_free(&cp->cg[i]);
   free(cp->cg);
   for (size_t i = 0; i < cp->ncg * cp->nusers; i++)
+  {
     json_decref(cp->self_src[i]);
+    ipset_free(&cp->self_set[i]);
+  }
   free(cp->self_src);
+  free(cp->self_set);
   ipset_free(&cp->internet);
   free(cp);
 }
@@ -1351,57 +1413,12 @@ bool rules_accept_from(const struct rule *const *rules, size_t n, struct ip_rang
   return false;
 }
 
-/* Parsed per-node reachability: for every network rule in the node's
- * filter, who may send (sources) and to what (destinations). */
-struct reach_rule {
-  struct ipset src, dst;
-  bool src_all, dst_all;
-};
-
-struct reach {
-  struct reach_rule *r;
-  size_t n;
-  bool all;
-};
-
-static void build_reach(json_t *filter, struct reach *rc)
-{
-  memset(rc, 0, sizeof(*rc));
-  size_t i, k;
-  json_t *o, *v;
-  rc->r = tc_xcalloc(json_array_size(filter) + 1, sizeof(*rc->r));
-  json_array_foreach(filter, i, o) {
-    /* App grants (CapGrant) make peers visible just as network rules do. */
-    json_t *dp = json_object_get(o, "DstPorts"), *cg = json_object_get(o, "CapGrant");
-    struct reach_rule *rr = &rc->r[rc->n++];
-    ipset_init(&rr->src);
-    ipset_init(&rr->dst);
-    json_array_foreach(json_object_get(o, "SrcIPs"), k, v) add_src_string(&rr->src, json_string_value(v), &rr->src_all);
-    json_array_foreach(dp, k, v) add_src_string(&rr->dst, json_string_value(json_object_get(v, "IP")), &rr->dst_all);
-    size_t c;
-    json_t *g;
-    json_array_foreach(cg, c, g) json_array_foreach(json_object_get(g, "Dsts"), k, v)
-        add_src_string(&rr->dst, json_string_value(v), &rr->dst_all);
-    ipset_norm(&rr->src);
-    ipset_norm(&rr->dst);
-  }
-}
-
-static void free_reach(struct reach *rc)
-{
-  for (size_t i = 0; i < rc->n; i++) {
-    ipset_free(&rc->r[i].src);
-    ipset_free(&rc->r[i].dst);
-  }
-  free(rc->r);
-}
-
 static bool rr_src_has(const struct reach_rule *rr, const struct cnode *a)
 {
-  if (rr->src_all || node_in_set(a, &rr->src))
+  if (rr->src_all || node_in_set(a, rr->src))
     return true;
   for (size_t i = 0; i < a->nsubnets; i++)
-    if (ipset_overlaps(&rr->src, a->subnets[i]))
+    if (ipset_overlaps(rr->src, a->subnets[i]))
       return true;
   return false;
 }
@@ -1431,7 +1448,7 @@ static bool route_reaches(const struct reach *rc, struct ip_range route)
   if (rc->all)
     return true;
   for (size_t i = 0; i < rc->n; i++)
-    if (rc->r[i].src_all || ipset_overlaps(&rc->r[i].src, route))
+    if (rc->r[i].src_all || ipset_overlaps(rc->r[i].src, route))
       return true;
   return false;
 }
@@ -1442,34 +1459,52 @@ static bool route_reaches(const struct reach *rc, struct ip_range route)
  * the others skip every rule that did not apply to it unless the rule has
  * address-derived destinations, which are checked for every node. */
 static json_t *node_filter(const struct tc_policy *pol, const struct ctopo *ct, struct compiled *cp,
-                           const struct cnode *n, uint8_t *applies, bool record)
+                           const struct cnode *n, uint8_t *applies, bool record, struct reach *rc)
 {
-  if (!pol->has_acls_or_grants)
+  memset(rc, 0, sizeof(*rc));
+  if (!pol->has_acls_or_grants) {
+    rc->all = true;
     return json_pack("[{s:[s],s:[{s:s,s:{s:i,s:i}}]}]", "SrcIPs", "*", "DstPorts", "IP", "*", "Ports", "First", 0,
                      "Last", 65535);
+  }
   json_t *out = json_array();
   size_t gi = 0;
+  struct ipset dst;
+  ipset_init(&dst);
   for (size_t i = 0; i < cp->ncg; i++) {
     const struct cgrant *cg = &cp->cg[i];
     for (size_t r = 0; r < cg->nrules; r++, gi++) {
       const struct rule *ru = &cg->rules[r];
       if (!record && !applies[gi] && !ru->addr_dp && !ru->capgrant)
         continue;
-      json_t *o = reduce_rule(n, ru, &cp->internet);
+      bool dst_all = false;
+      dst.n = 0;
+      json_t *o = reduce_rule(n, ru, &cp->internet, &dst, &dst_all);
       if (record)
         applies[gi] = o != NULL;
-      if (o)
-        merge_into(out, o);
+      if (!o)
+        continue;
+      merge_into(out, o);
+      struct reach_rule *rr = reach_push(rc, &ru->srcset, ru->src_all);
+      ipset_add_set(&rr->dst, &dst);
+      ipset_norm(&rr->dst);
+      rr->dst_all = dst_all;
     }
     if (cg->has_self && !n->tagged && n->user >= 0) {
-      json_t **slot = &cp->self_src[i * cp->nusers + (size_t)n->user];
-      if (!*slot)
-        *slot = self_sources(ct, cg, n->user);
-      self_rules(ct, cg, *slot, n, out);
+      size_t slot = i * cp->nusers + (size_t)n->user;
+      if (!cp->self_src[slot])
+        cp->self_src[slot] = self_sources(ct, cg, n->user, &cp->self_set[slot]);
+      if (json_array_size(cp->self_src[slot])) {
+        self_rules(ct, cg, cp->self_src[slot], n, out);
+        struct reach_rule *rr = reach_push(rc, &cp->self_set[slot], false);
+        ipset_add_set(&rr->dst, &n->ips);
+        ipset_norm(&rr->dst);
+      }
     }
     if (cg->via)
-      via_rules(cg, n, &cp->internet, out);
+      via_rules(cg, n, &cp->internet, out, rc);
   }
+  ipset_free(&dst);
   return out;
 }
 
@@ -1689,11 +1724,8 @@ int tc_policy_compile(const struct tc_policy *pol, const struct tc_policy_topo *
     struct tc_policy_node_result *nr = &res->nodes[i];
     nr->node_id = n->id;
     size_t grp = group[i];
-    nr->packet_filter = node_filter(pol, &ct, cp, n, &applies[grp * nrules_all], !recorded[grp]);
+    nr->packet_filter = node_filter(pol, &ct, cp, n, &applies[grp * nrules_all], !recorded[grp], &reach[i]);
     recorded[grp] = true;
-    build_reach(nr->packet_filter, &reach[i]);
-    if (!pol->has_acls_or_grants)
-      reach[i].all = true;
     if (sshp) {
       /* SSH policy depends only on identity (user or tags), unless a rule
        * maps local parts for sources outside its destinations: share it
@@ -1751,7 +1783,7 @@ int tc_policy_compile(const struct tc_policy *pol, const struct tc_policy_topo *
       continue;
     }
     for (size_t r = 0; r < rj->n; r++) {
-      const struct ipset *src = &rj->r[r].src;
+      const struct ipset *src = rj->r[r].src;
       for (size_t k = 0; k < src->n; k++) {
         size_t lo = 0, hi = nax;
         while (lo < hi) { /* first address >= range start */
