@@ -1132,3 +1132,49 @@ TC_TEST(policy_visibility_filters_and_resync) {
   fake_free(s1);
   fake_free(s3);
 }
+
+/* A burst under a policy: alice's nodes converge on each other only; bob's
+ * node never hears of them, whatever batches the dispatcher forms. */
+TC_TEST(burst_under_policy_keeps_isolation) {
+  struct fx x;
+  TC_REQUIRE(fx_open(&x, 0));
+  struct tc_err err = {0};
+  int64_t bob = 0;
+  TC_REQUIRE(tc_model_user_create(x.model, "cli", "bob", NULL, NULL, &bob, &err) == 0);
+  char *bobkey = NULL;
+  struct tc_preauth_opts po = {.user_id = bob, .reusable = true};
+  TC_REQUIRE(tc_model_preauth_create(x.model, "cli", &po, NULL, &bobkey, &err) == 0);
+  const char *only_alice = "{\"acls\":[{\"action\":\"accept\",\"src\":[\"alice@\"],\"dst\":[\"alice@:*\"]}]}";
+  TC_REQUIRE(tc_model_policy_set(x.model, "cli", only_alice, strlen(only_alice), NULL, &err) == 0);
+  int64_t a = reg_node(&x, 1, 101, x.authkey, "alpha");
+  int64_t b = reg_node(&x, 2, 102, bobkey, "bravo");
+  TC_REQUIRE(a > 0 && b > 0);
+  struct fake *sa = open_stream(&x, 1, 101), *sb = open_stream(&x, 2, 102);
+  enum { K = 24 };
+  struct fake *streams[K];
+  int64_t ids[K];
+  for (int i = 0; i < K; i++) {
+    char host[16];
+    snprintf(host, sizeof host, "p%d", i);
+    /* even: alice, odd: bob */
+    ids[i] = reg_node(&x, 10 + i, 110 + i, i % 2 ? bobkey : x.authkey, host);
+    TC_CHECK(ids[i] > 0);
+    streams[i] = open_stream(&x, 10 + i, 110 + i);
+  }
+  tc_mapper_sync(x.mp);
+  struct view va = {0}, vb = {0};
+  json_t *m;
+  while ((m = next_msg(sa, 200, true))) view_apply(&va, m), json_decref(m);
+  while ((m = next_msg(sb, 200, true))) view_apply(&vb, m), json_decref(m);
+  TC_CHECK_INT(va.n, K / 2); /* alice's other nodes only */
+  TC_CHECK_INT(vb.n, 0);     /* bob sees nobody, not even his own (only alice@ may talk) */
+  for (int i = 0; i < K; i++) {
+    TC_CHECK((view_find(&va, ids[i]) >= 0) == (i % 2 == 0));
+    if (i % 2 == 0) TC_CHECK(va.online[view_find(&va, ids[i])]);
+  }
+  tc_free_secret(bobkey, strlen(bobkey));
+  fx_close(&x);
+  fake_free(sa);
+  fake_free(sb);
+  for (int i = 0; i < K; i++) fake_free(streams[i]);
+}
