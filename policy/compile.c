@@ -1696,6 +1696,19 @@ int tc_policy_compile(const struct tc_policy *pol, const struct tc_policy_topo *
       tc_buf_printf(&kb, "user:%d", ct.n[i].user);
     ssh_keys[i] = tc_buf_steal(&kb, NULL);
   }
+  /* ssh_first[i]: the first node with i's SSH key (sorted by key, then index). */
+  size_t *ssh_first = tc_xcalloc(ct.nn + 1, sizeof(size_t));
+  if (ssh_shareable) {
+    size_t *ord = tc_xcalloc(ct.nn + 1, sizeof(size_t));
+    for (size_t i = 0; i < ct.nn; i++)
+      ord[i] = i;
+    sort_keys_tl = ssh_keys;
+    qsort(ord, ct.nn, sizeof(size_t), key_cmp);
+    sort_keys_tl = NULL;
+    for (size_t k = 0; k < ct.nn; k++)
+      ssh_first[ord[k]] = k > 0 && !strcmp(ssh_keys[ord[k]], ssh_keys[ord[k - 1]]) ? ssh_first[ord[k - 1]] : ord[k];
+    free(ord);
+  }
   struct tc_policy_result *res = tc_xcalloc(1, sizeof(*res));
   res->nnodes = ct.nn;
   res->nodes = tc_xcalloc(ct.nn + 1, sizeof(*res->nodes));
@@ -1730,12 +1743,8 @@ int tc_policy_compile(const struct tc_policy *pol, const struct tc_policy_topo *
       /* SSH policy depends only on identity (user or tags), unless a rule
        * maps local parts for sources outside its destinations: share it
        * across each identity group. */
-      size_t g = 0;
-      if (ssh_shareable)
-        for (; g < i; g++)
-          if (!strcmp(ssh_keys[g], ssh_keys[i]))
-            break;
-      nr->ssh_policy = ssh_shareable && g < i ? json_incref(res->nodes[g].ssh_policy) : ssh_node(sshp, &ct, n);
+      size_t g = ssh_shareable ? ssh_first[i] : i;
+      nr->ssh_policy = g < i ? json_incref(res->nodes[g].ssh_policy) : ssh_node(sshp, &ct, n);
     }
     nr->cap_map = capmap_for_node(pol, targets, n);
     ct.n[i].no_v4 = json_object_get(nr->cap_map, "disable-ipv4") != NULL;
@@ -1771,6 +1780,10 @@ int tc_policy_compile(const struct tc_policy *pol, const struct tc_policy_topo *
       ax[nax++] = (struct addr_ix){1, ct.n[i].a6, i};
   }
   qsort(ax, nax, sizeof(*ax), addr_ix_cmp);
+  size_t *routers = tc_xcalloc(ct.nn + 1, sizeof(size_t)), nrouters = 0;
+  for (size_t i = 0; i < ct.nn; i++)
+    if (ct.n[i].nsubnets)
+      routers[nrouters++] = i;
   for (size_t j = 0; j < ct.nn; j++) {
     uint64_t *w = &who[j * words];
     const struct reach *rj = &reach[j];
@@ -1797,13 +1810,16 @@ int tc_policy_compile(const struct tc_policy *pol, const struct tc_policy_topo *
           w[ax[q].ix / 64] |= 1ull << (ax[q].ix % 64);
       }
       /* Subnet routers also speak for their routes. */
-      for (size_t i = 0; i < ct.nn; i++)
+      for (size_t ri = 0; ri < nrouters; ri++) {
+        size_t i = routers[ri];
         for (size_t s = 0; s < ct.n[i].nsubnets; s++)
           if (ipset_overlaps(src, ct.n[i].subnets[s]))
             w[i / 64] |= 1ull << (i % 64);
+      }
     }
   }
   free(ax);
+  free(routers);
   /* App-only via grants put nothing in any filter, yet their sources and the
    * via routers serving the destinations see each other. */
   for (size_t g = 0; g < cp->ncg; g++) {
@@ -1870,6 +1886,7 @@ int tc_policy_compile(const struct tc_policy *pol, const struct tc_policy_topo *
   for (size_t i = 0; i < ct.nn; i++)
     free(ssh_keys[i]);
   free(ssh_keys);
+  free(ssh_first);
   compiled_free(cp);
   ssh_pres_free(sshp);
   attr_targets_free(pol, targets);
