@@ -1329,6 +1329,25 @@ struct compiled *compiled_build(const struct tc_policy *pol, const struct ctopo 
   cp->cg = tc_xcalloc(pol->ngrants + 1, sizeof(*cp->cg));
   for (size_t i = 0; i < pol->ngrants; i++)
     compile_grant(pol, ct, &pol->grants[i], &cp->cg[cp->ncg++], want_text);
+  /* Grants with the same sources share one SrcIPs array, so merging rules
+   * per node compares pointers instead of long address lists. */
+  for (size_t i = 0; want_text && i < cp->ncg; i++) {
+    struct cgrant *cg = &cp->cg[i];
+    for (size_t j = 0; cg->srcstr && j < i; j++) {
+      json_t *other = cp->cg[j].srcstr;
+      if (!other || other == cg->srcstr || json_array_size(other) != json_array_size(cg->srcstr) ||
+          !json_equal(other, cg->srcstr))
+        continue;
+      for (size_t r = 0; r < cg->nrules; r++)
+        if (cg->rules[r].src == cg->srcstr) {
+          json_decref(cg->rules[r].src);
+          cg->rules[r].src = json_incref(other);
+        }
+      json_decref(cg->srcstr);
+      cg->srcstr = json_incref(other);
+      break;
+    }
+  }
   cp->nusers = ct->t->nusers;
   for (size_t i = 0; i < cp->ncg; i++)
     cp->any_via |= cp->cg[i].via;
