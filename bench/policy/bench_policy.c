@@ -58,6 +58,10 @@ static char *make_policy(int nusers, int ntags, int nrules)
   tc_buf_puts(&b, "    {\"action\": \"accept\", \"src\": [\"autogroup:member\"], \"dst\": [\"autogroup:self\"], \"users\": "
                   "[\"autogroup:nonroot\", \"root\"]},\n");
   tc_buf_puts(&b, "    {\"action\": \"check\", \"src\": [\"group:g0\"], \"dst\": [\"tag:t2\"], \"users\": [\"root\"]},\n");
+  tc_buf_puts(&b, "  ],\n  // the policy's own tests, as the live editor runs them\n  \"tests\": [\n");
+  for (int r = 0; r < nrules; r += 12)
+    tc_buf_printf(&b, "    {\"src\": \"user%d@\", \"accept\": [\"tag:t%d:%d\"], \"deny\": [\"tag:t%d:9\"]},\n", r % 10,
+                  r % ntags, 1000 + r, r % ntags);
   tc_buf_puts(&b, "  ],\n}\n");
   return tc_buf_steal(&b, NULL);
 }
@@ -131,9 +135,17 @@ int main(int argc, char **argv)
     return 1;
   }
   double parse_ms = ms_since(t0);
-  t0 = tc_mono_ns();
-  int rc = tc_policy_check(text, strlen(text), &topo, &err);
-  double check_ms = ms_since(t0);
+  int rc = 0;
+  double check_ms = 1e18;
+  for (int r = 0; r < rounds; r++) {
+    t0 = tc_mono_ns();
+    rc = tc_policy_check(text, strlen(text), &topo, &err);
+    double c = ms_since(t0);
+    if (c < check_ms)
+      check_ms = c;
+  }
+  if (rc)
+    fprintf(stderr, "check: %s\n", err.msg);
   double best_full = 1e18, best_join = 1e18;
   size_t groups = 0, rules_total = 0, peers_total = 0;
   for (int r = 0; r < rounds; r++) {
@@ -161,7 +173,7 @@ int main(int argc, char **argv)
   }
   printf("policy: %d lines, %d rules; tailnet: %d nodes, %d users, %d tags\n", lines, nrules, nnodes, nusers, ntags);
   printf("parse+validate:            %8.2f ms\n", parse_ms);
-  printf("check (parse+tests):       %8.2f ms (rc %d)\n", check_ms, rc);
+  printf("check (parse+tests):       %8.2f ms (rc %d, best of %d)\n", check_ms, rc, rounds);
   printf("full compile, all nodes:   %8.2f ms (best of %d; %zu identity groups, %zu filter rules, %zu peer entries)\n",
          best_full, rounds, groups, rules_total, peers_total);
   printf("one node joins (recompile): %7.2f ms\n", best_join);
