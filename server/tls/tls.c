@@ -1,6 +1,7 @@
 /* tls: mbedTLS termination and the plaintext pump (see tls.h).
  *
- * One epoll thread owns every connection. A connection is a TCP socket (the
+ * Each connection belongs to one epoll worker thread for its whole life
+ * (worker 0 also accepts and deals sockets out). A connection is a TCP socket (the
  * TLS side) plus our end of a socketpair (the plaintext side); both are
  * non-blocking and watched level-triggered, with the interest set
  * recomputed after each pump step. Each direction has one bounded buffer, so
