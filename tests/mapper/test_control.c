@@ -1178,3 +1178,65 @@ TC_TEST(burst_under_policy_keeps_isolation) {
   fake_free(sb);
   for (int i = 0; i < K; i++) fake_free(streams[i]);
 }
+
+/* An admin tags one of alice's nodes: under an "alice@ only" policy it stops
+ * being alice's, so her other node loses it (PeersRemoved) and it sees
+ * nobody (resync with PeersRemoved); untagging brings it back. */
+TC_TEST(tag_change_under_policy_moves_visibility) {
+  struct fx x;
+  TC_REQUIRE(fx_open(&x, 0));
+  struct tc_err err = {0};
+  const char *pol = "{\"tagOwners\":{\"tag:srv\":[\"alice@\"]},"
+                    "\"acls\":[{\"action\":\"accept\",\"src\":[\"alice@\"],\"dst\":[\"alice@:*\"]}]}";
+  TC_REQUIRE(tc_model_policy_set(x.model, "cli", pol, strlen(pol), NULL, &err) == 0);
+  int64_t a1 = reg_node(&x, 1, 101, x.authkey, "a1");
+  int64_t a2 = reg_node(&x, 2, 102, x.authkey, "a2");
+  TC_REQUIRE(a1 > 0 && a2 > 0);
+  struct fake *s1 = open_stream(&x, 1, 101), *s2 = open_stream(&x, 2, 102);
+  json_t *m = full_map(s1);
+  TC_REQUIRE(m != NULL);
+  TC_CHECK(find_peer(json_object_get(m, "Peers"), a2) != NULL);
+  json_decref(m);
+  json_decref(full_map(s2));
+  drain(&x, s1);
+  drain(&x, s2);
+  struct tc_strv tags = {0};
+  tc_strv_push(&tags, "tag:srv");
+  TC_REQUIRE(tc_model_node_set_tags(x.model, "cli", a2, &tags, &err) == 0);
+  m = wait_for(s1, "PeersRemoved", a2);
+  TC_CHECK(m != NULL);
+  json_decref(m);
+  /* a2's view: it had a1, now it must have nobody */
+  struct view v2 = {0};
+  v2.ids[0] = a1, v2.n = 1;
+  m = wait_for(s2, "Node", 0);
+  TC_REQUIRE(m != NULL);
+  TC_CHECK_STR(json_string_value(json_array_get(json_object_get(json_object_get(m, "Node"), "Tags"), 0)), "tag:srv");
+  view_apply(&v2, m);
+  json_decref(m);
+  tc_mapper_sync(x.mp);
+  while ((m = next_msg(s2, 200, true))) view_apply(&v2, m), json_decref(m);
+  TC_CHECK_INT(v2.n, 0);
+  /* and a fresh one-shot map agrees */
+  char *nk = key_text(TC_MKEY_NODE, 102);
+  char *one = tc_xasprintf("{\"Version\":138,\"NodeKey\":\"%s\",\"Compress\":\"zstd\"}", nk);
+  struct fake *of = call(&x, 2, "/machine/map", one);
+  TC_CHECK(wait_done(of, 5000));
+  m = next_msg(of, 100, false);
+  TC_REQUIRE(m != NULL);
+  TC_CHECK(json_object_get(m, "Peers") == NULL);
+  json_decref(m);
+  fake_free(of);
+  /* untag: back in each other's maps */
+  struct tc_strv none = {0};
+  TC_REQUIRE(tc_model_node_set_tags(x.model, "cli", a2, &none, &err) == 0);
+  m = wait_for(s1, "PeersChanged", a2);
+  TC_CHECK(m != NULL);
+  json_decref(m);
+  free(nk);
+  free(one);
+  tc_strv_free(&tags);
+  fx_close(&x);
+  fake_free(s1);
+  fake_free(s2);
+}
