@@ -54,6 +54,19 @@ struct cli {
 
 static const char *const bool_flags[] = {"reusable", "ephemeral", "force", "help", "h", "all", NULL};
 
+/* Every flag any command reads; anything else is a typo worth refusing
+ * (an unknown flag would otherwise swallow the next argument). */
+static const char *const known_flags[] = {
+    "output", "o", "config", "c", "user", "u", "name", "n", "email", "e", "display-name", "d", "picture-url", "p",
+    "identifier", "i", "id", "new-name", "r", "expiry", "tags", "t", "routes", "key", "k", "expiration", "prefix",
+    "file", "f", "data-dir", "force", "reusable", "ephemeral", "help", "h", "all", "auth-id", "a", NULL};
+
+static bool is_known_flag(const char *name) {
+  for (int i = 0; known_flags[i]; i++)
+    if (!strcmp(known_flags[i], name)) return true;
+  return false;
+}
+
 static bool is_bool_flag(const char *name) {
   for (int i = 0; bool_flags[i]; i++)
     if (!strcmp(bool_flags[i], name)) return true;
@@ -108,12 +121,13 @@ static int parse_args(struct cli *c, int argc, char **argv) {
     char nm[32];
     memcpy(nm, name, nlen);
     nm[nlen] = 0;
+    if (!is_known_flag(nm)) return die("unknown flag %s (see tailcoat help)", a);
     const char *value;
     if (eq) {
       value = eq + 1;
     } else if (is_bool_flag(nm)) {
       value = "true";
-    } else if (i + 1 < argc) {
+    } else if (i + 1 < argc && strncmp(argv[i + 1], "--", 2)) {
       value = argv[++i];
     } else {
       return die("flag %s needs a value", a);

@@ -305,6 +305,13 @@ TC_TEST(cli_offline_commands) {
   rc = tc_cli(&s, NULL, &err, "frobnicate", NULL);
   TC_CHECK_INT(rc, 2);
   free(err);
+  rc = tc_cli(&s, NULL, &err, "preauthkeys", "create", "--user", "x", "--resuable", NULL);
+  TC_CHECK_INT(rc, 2);
+  TC_CHECK(strstr(err, "--resuable") != NULL);
+  free(err);
+  rc = tc_cli(&s, NULL, &err, "preauthkeys", "create", "--user", "--reusable", NULL);
+  TC_CHECK_INT(rc, 2);
+  free(err);
   rc = tc_cli(&s, NULL, &err, "-o", "xml", "users", "list", NULL);
   TC_CHECK(rc != 0);
   TC_CHECK(strstr(err, "xml") != NULL);
