@@ -328,6 +328,9 @@ static void h_user_create(struct tc_api *api, const struct api_ctx *ac, const st
   int64_t id = 0;
   if (!name) {
     tc_http_resp_error(resp, 400, TC_GRPC_INVALID_ARGUMENT, "name is required");
+  } else if ((display && strlen(display) > 255) || (email && strlen(email) > 320) || (pic && strlen(pic) > 2048)) {
+    tc_http_resp_error(resp, 400, TC_GRPC_INVALID_ARGUMENT,
+                       "displayName (255), email (320) or pictureUrl (2048 bytes) too long");
   } else if (tc_model_user_create(api->o.model, ac->actor, name, display, email, &id, &e)) {
     err_resp(resp, &e);
   } else if (pic && tc_model_user_update(api->o.model, ac->actor, id, NULL, NULL, pic, &e)) {

@@ -123,6 +123,12 @@ TC_TEST(api_bad_requests_are_json_errors) {
   TC_CHECK_INT(req(&s, "POST", "/api/v1/user", big, &g), 413);
   TC_CHECK_INT(g, 8);
   free(big);
+  char longname[600];
+  memset(longname, 'x', 300);
+  snprintf(longname + 300, sizeof longname - 300, "\"}");
+  char lbody[700];
+  snprintf(lbody, sizeof lbody, "{\"name\":\"longdisplay\",\"displayName\":\"%s", longname);
+  TC_CHECK_INT(req(&s, "POST", "/api/v1/user", lbody, &g), 400);
   TC_CHECK_INT(req(&s, "GET", "/api/v1/nothing/here", NULL, &g), 404);
   TC_CHECK_INT(g, 5);
   TC_CHECK_INT(req(&s, "PATCH", "/api/v1/user", "{}", &g), 405);
@@ -165,7 +171,7 @@ TC_TEST(api_bad_requests_are_json_errors) {
   TC_CHECK_INT(tc_http_do(&s, false, "GET", "/health", NULL, NULL, NULL), 200);
   char *m = tc_srv_metrics(&s);
   TC_REQUIRE(m);
-  const char *want[] = {"tailcoat_http_requests_total{route=\"/api/v1/user\",code=\"400\"} 6",
+  const char *want[] = {"tailcoat_http_requests_total{route=\"/api/v1/user\",code=\"400\"} 7",
                         "tailcoat_http_requests_total{route=\"/api/v1/user\",code=\"409\"} 1",
                         "tailcoat_http_requests_total{route=\"\",code=\"404\"} 1",
                         "tailcoat_http_requests_total{route=\"\",code=\"413\"} 1",
