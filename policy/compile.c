@@ -26,7 +26,7 @@ static int user_index(const struct tc_policy_topo *t, int64_t id)
 static bool route_auto_approved(const struct tc_policy *pol, const struct ctopo *ct, const struct cnode *n,
                                 struct ip_range r);
 
-int ctopo_build(const struct tc_policy *pol, const struct tc_policy_topo *t, struct ctopo *ct,
+int pol_ctopo_build(const struct tc_policy *pol, const struct tc_policy_topo *t, struct ctopo *ct,
                 struct tc_policy_err *err)
 {
   memset(ct, 0, sizeof(*ct));
@@ -40,40 +40,40 @@ int ctopo_build(const struct tc_policy *pol, const struct tc_policy_topo *t, str
     n->id = s->id;
     n->tagged = s->ntags > 0;
     n->user = s->user_id ? user_index(t, s->user_id) : -1;
-    ipset_init(&n->ips);
+    pol_ipset_init(&n->ips);
     uint8_t fam;
     if (s->ipv4 && *s->ipv4) {
-      if (ip_parse_addr(s->ipv4, &fam, &n->a4) || fam) {
-        ctopo_free(ct);
+      if (pol_ip_parse_addr(s->ipv4, &fam, &n->a4) || fam) {
+        pol_ctopo_free(ct);
         return tc_policy_err_at(err, "node %lld: bad IPv4 address \"%s\"", (long long)s->id, s->ipv4);
       }
       n->has4 = true;
-      ipset_add(&n->ips, (struct ip_range){0, n->a4, n->a4});
+      pol_ipset_add(&n->ips, (struct ip_range){0, n->a4, n->a4});
     }
     if (s->ipv6 && *s->ipv6) {
-      if (ip_parse_addr(s->ipv6, &fam, &n->a6) || !fam) {
-        ctopo_free(ct);
+      if (pol_ip_parse_addr(s->ipv6, &fam, &n->a6) || !fam) {
+        pol_ctopo_free(ct);
         return tc_policy_err_at(err, "node %lld: bad IPv6 address \"%s\"", (long long)s->id, s->ipv6);
       }
       n->has6 = true;
-      ipset_add(&n->ips, (struct ip_range){1, n->a6, n->a6});
+      pol_ipset_add(&n->ips, (struct ip_range){1, n->a6, n->a6});
     }
     n->subnets = tc_xcalloc(s->nannounced + 1, sizeof(struct ip_range));
     for (size_t j = 0; j < s->nannounced; j++) {
       struct ip_range r;
-      if (ip_parse_prefix(s->announced[j], &r, NULL))
+      if (pol_ip_parse_prefix(s->announced[j], &r, NULL))
         continue;
       bool approved = false;
       for (size_t k = 0; k < s->napproved && !approved; k++) {
         struct ip_range a;
-        approved = !ip_parse_prefix(s->approved[k], &a, NULL) && a.v6 == r.v6 && a.lo == r.lo && a.hi == r.hi;
+        approved = !pol_ip_parse_prefix(s->approved[k], &a, NULL) && a.v6 == r.v6 && a.lo == r.lo && a.hi == r.hi;
       }
       /* Routes autoApprovers approve count as approved. */
       if (!approved && pol)
         approved = route_auto_approved(pol, ct, n, r);
       if (!approved)
         continue;
-      if (ip_range_is_exit(r)) {
+      if (pol_ip_range_is_exit(r)) {
         if (r.v6)
           n->exit6 = true;
         else
@@ -96,21 +96,21 @@ int ctopo_build(const struct tc_policy *pol, const struct tc_policy_topo *t, str
   return 0;
 }
 
-void ctopo_free(struct ctopo *ct)
+void pol_ctopo_free(struct ctopo *ct)
 {
   for (size_t u = 0; ct->user_nodes && u < ct->t->nusers; u++)
     free(ct->user_nodes[u]);
   free(ct->user_nodes);
   free(ct->nuser_nodes);
   for (size_t i = 0; i < ct->nn; i++) {
-    ipset_free(&ct->n[i].ips);
+    pol_ipset_free(&ct->n[i].ips);
     free(ct->n[i].subnets);
   }
   free(ct->n);
   memset(ct, 0, sizeof(*ct));
 }
 
-bool node_has_tag(const struct cnode *n, const char *tag)
+bool pol_node_has_tag(const struct cnode *n, const char *tag)
 {
   for (size_t i = 0; i < n->src->ntags; i++)
     if (!strcmp(n->src->tags[i], tag))
@@ -118,15 +118,15 @@ bool node_has_tag(const struct cnode *n, const char *tag)
   return false;
 }
 
-bool node_in_set(const struct cnode *n, const struct ipset *s)
+bool pol_node_in_set(const struct cnode *n, const struct ipset *s)
 {
-  return (n->has4 && ipset_contains(s, 0, n->a4)) || (n->has6 && ipset_contains(s, 1, n->a6));
+  return (n->has4 && pol_ipset_contains(s, 0, n->a4)) || (n->has6 && pol_ipset_contains(s, 1, n->a6));
 }
 
 static bool node_is_exit(const struct cnode *n) { return n->exit4 || n->exit6; }
 
 /* Users match "name@" / "email" / "name"; ambiguous tokens match nobody. */
-int find_user(const struct ctopo *ct, const char *token)
+int pol_find_user(const struct ctopo *ct, const char *token)
 {
   size_t n = strlen(token);
   if (n && token[n - 1] == '@')
@@ -143,31 +143,31 @@ int find_user(const struct ctopo *ct, const char *token)
   return count == 1 ? found : -1;
 }
 
-void wildcard_set(struct ipset *s)
+void pol_wildcard_set(struct ipset *s)
 {
   struct ip_range r;
-  ip_parse_prefix("100.64.0.0/10", &r, NULL);
-  ipset_add(s, r);
-  ip_parse_prefix("fd7a:115c:a1e0::/48", &r, NULL);
-  ipset_add(s, r);
-  ipset_norm(s);
-  ip_parse_prefix("100.115.92.0/23", &r, NULL);
-  ipset_remove(s, r);
+  pol_ip_parse_prefix("100.64.0.0/10", &r, NULL);
+  pol_ipset_add(s, r);
+  pol_ip_parse_prefix("fd7a:115c:a1e0::/48", &r, NULL);
+  pol_ipset_add(s, r);
+  pol_ipset_norm(s);
+  pol_ip_parse_prefix("100.115.92.0/23", &r, NULL);
+  pol_ipset_remove(s, r);
 }
 
-void the_internet(struct ipset *s)
+void pol_the_internet(struct ipset *s)
 {
   struct ip_range r;
-  ip_parse_prefix("0.0.0.0/0", &r, NULL);
-  ipset_add(s, r);
-  ip_parse_prefix("2000::/3", &r, NULL);
-  ipset_add(s, r);
-  ipset_norm(s);
+  pol_ip_parse_prefix("0.0.0.0/0", &r, NULL);
+  pol_ipset_add(s, r);
+  pol_ip_parse_prefix("2000::/3", &r, NULL);
+  pol_ipset_add(s, r);
+  pol_ipset_norm(s);
   static const char *minus[] = {"fc00::/7", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
                                 "fd7a:115c:a1e0::/48", "100.64.0.0/10", "fe80::/10", "169.254.0.0/16"};
   for (size_t i = 0; i < TC_ARRAY_LEN(minus); i++) {
-    ip_parse_prefix(minus[i], &r, NULL);
-    ipset_remove(s, r);
+    pol_ip_parse_prefix(minus[i], &r, NULL);
+    pol_ipset_remove(s, r);
   }
 }
 
@@ -177,7 +177,7 @@ static void add_user_nodes(const struct ctopo *ct, int user, struct ipset *out)
     return;
   for (size_t i = 0; i < ct->nn; i++)
     if (!ct->n[i].tagged && ct->n[i].user == user)
-      ipset_add_set(out, &ct->n[i].ips);
+      pol_ipset_add_set(out, &ct->n[i].ips);
 }
 
 static const struct name_list *group_of(const struct tc_policy *pol, const char *name)
@@ -188,11 +188,11 @@ static const struct name_list *group_of(const struct tc_policy *pol, const char 
   return NULL;
 }
 
-void resolve_alias(const struct tc_policy *pol, const struct ctopo *ct, const struct alias *a, struct ipset *out)
+void pol_resolve_alias(const struct tc_policy *pol, const struct ctopo *ct, const struct alias *a, struct ipset *out)
 {
   switch (a->kind) {
   case AL_WILDCARD:
-    wildcard_set(out);
+    pol_wildcard_set(out);
     break;
   case AL_USER:
     if (tc_str_has_prefix(a->s, "user:*@")) {
@@ -203,45 +203,45 @@ void resolve_alias(const struct tc_policy *pol, const struct ctopo *ct, const st
           add_user_nodes(ct, (int)i, out);
       }
     } else {
-      add_user_nodes(ct, find_user(ct, a->s), out);
+      add_user_nodes(ct, pol_find_user(ct, a->s), out);
     }
     break;
   case AL_GROUP: {
     const struct name_list *g = group_of(pol, a->s);
     for (size_t i = 0; g && i < g->n; i++)
-      add_user_nodes(ct, find_user(ct, g->items[i]), out);
+      add_user_nodes(ct, pol_find_user(ct, g->items[i]), out);
     break;
   }
   case AL_TAG:
     for (size_t i = 0; i < ct->nn; i++)
-      if (node_has_tag(&ct->n[i], a->s))
-        ipset_add_set(out, &ct->n[i].ips);
+      if (pol_node_has_tag(&ct->n[i], a->s))
+        pol_ipset_add_set(out, &ct->n[i].ips);
     break;
   case AL_HOST:
     for (size_t i = 0; i < pol->nhosts; i++)
       if (!strcmp(pol->hosts[i].name, a->s))
-        ipset_add(out, pol->hosts[i].pfx);
+        pol_ipset_add(out, pol->hosts[i].pfx);
     break;
   case AL_PREFIX:
-    ipset_add(out, a->pfx);
+    pol_ipset_add(out, a->pfx);
     break;
   case AL_AUTOGROUP:
     switch (a->ag) {
     case AG_INTERNET:
-      the_internet(out);
+      pol_the_internet(out);
       break;
     case AG_MEMBER:
     case AG_TAGGED:
       for (size_t i = 0; i < ct->nn; i++)
         if (ct->n[i].tagged == (a->ag == AG_TAGGED) && (ct->n[i].tagged || ct->n[i].user >= 0))
-          ipset_add_set(out, &ct->n[i].ips);
+          pol_ipset_add_set(out, &ct->n[i].ips);
       break;
     case AG_DANGER_ALL: {
       struct ip_range r;
-      ip_parse_prefix("0.0.0.0/0", &r, NULL);
-      ipset_add(out, r);
-      ip_parse_prefix("::/0", &r, NULL);
-      ipset_add(out, r);
+      pol_ip_parse_prefix("0.0.0.0/0", &r, NULL);
+      pol_ipset_add(out, r);
+      pol_ip_parse_prefix("::/0", &r, NULL);
+      pol_ipset_add(out, r);
       break;
     }
     default:
@@ -250,7 +250,7 @@ void resolve_alias(const struct tc_policy *pol, const struct ctopo *ct, const st
     break;
   }
   /* Keep adjacent node addresses apart: filters list them one by one. */
-  ipset_norm_overlap(out);
+  pol_ipset_norm_overlap(out);
 }
 
 /* ---- global rules ---------------------------------------------------------------- */
@@ -333,15 +333,15 @@ static void rule_free(struct rule *r)
   free(r->single);
   free(r->other);
   json_decref(r->src);
-  ipset_free(&r->srcset);
+  pol_ipset_free(&r->srcset);
   for (size_t i = 0; i < r->ndp; i++) {
     free(r->dp[i].ip);
-    ipset_free(&r->dp[i].set);
+    pol_ipset_free(&r->dp[i].set);
   }
   free(r->dp);
   json_decref(r->capgrant);
   for (size_t i = 0; i < r->ncap; i++)
-    ipset_free(&r->capdst[i]);
+    pol_ipset_free(&r->capdst[i]);
   free(r->capdst);
 }
 
@@ -363,23 +363,23 @@ static void add_src_string(struct ipset *s, const char *str, bool *all)
     a[l] = 0;
     uint8_t f1, f2;
     tc_u128 lo, hi;
-    if (ip_parse_addr(a, &f1, &lo) || ip_parse_addr(dash + 1, &f2, &hi) || f1 != f2)
+    if (pol_ip_parse_addr(a, &f1, &lo) || pol_ip_parse_addr(dash + 1, &f2, &hi) || f1 != f2)
       return;
-    ipset_add(s, (struct ip_range){f1, lo, hi});
+    pol_ipset_add(s, (struct ip_range){f1, lo, hi});
     return;
   }
-  if (!ip_parse_prefix(str, &r, NULL))
-    ipset_add(s, r);
+  if (!pol_ip_parse_prefix(str, &r, NULL))
+    pol_ipset_add(s, r);
 }
 
 static void rule_set_src(struct rule *r, json_t *src)
 {
   r->src = src;
-  ipset_init(&r->srcset);
+  pol_ipset_init(&r->srcset);
   size_t i;
   json_t *v;
   json_array_foreach(src, i, v) add_src_string(&r->srcset, json_string_value(v), &r->src_all);
-  ipset_norm(&r->srcset);
+  pol_ipset_norm(&r->srcset);
 }
 
 static void append_subnet_routes(const struct ctopo *ct, json_t *arr)
@@ -387,7 +387,7 @@ static void append_subnet_routes(const struct ctopo *ct, json_t *arr)
   char t[160];
   for (size_t i = 0; i < ct->nn; i++) {
     for (size_t j = 0; j < ct->n[i].nsubnets; j++) {
-      ip_range_prefix(ct->n[i].subnets[j], t, sizeof(t));
+      pol_ip_range_prefix(ct->n[i].subnets[j], t, sizeof(t));
       bool seen = false;
       size_t k;
       json_t *v;
@@ -411,9 +411,9 @@ static void dport_add(struct rule *r, const char *ip, const struct ipset *set, b
   r->dp = tc_xrealloc(r->dp, (r->ndp + 1) * sizeof(*r->dp));
   struct dport *d = &r->dp[r->ndp++];
   d->ip = tc_xstrdup(ip);
-  ipset_init(&d->set);
+  pol_ipset_init(&d->set);
   if (set)
-    ipset_add_set(&d->set, set);
+    pol_ipset_add_set(&d->set, set);
   d->star = star;
   d->pr = pr;
 }
@@ -423,9 +423,9 @@ static void dport_add(struct rule *r, const char *ip, const struct ipset *set, b
 static void rule_take_src(struct rule *r, const struct cgrant *cg)
 {
   r->src = cg->srcstr ? json_incref(cg->srcstr) : NULL;
-  ipset_init(&r->srcset);
-  ipset_add_set(&r->srcset, &cg->srcset);
-  ipset_norm(&r->srcset);
+  pol_ipset_init(&r->srcset);
+  pol_ipset_add_set(&r->srcset, &cg->srcset);
+  pol_ipset_norm(&r->srcset);
   r->src_all = cg->src_all;
 }
 
@@ -434,30 +434,30 @@ static void compile_grant(const struct tc_policy *pol, const struct ctopo *ct, c
 {
   memset(cg, 0, sizeof(*cg));
   cg->g = g;
-  ipset_init(&cg->src);
+  pol_ipset_init(&cg->src);
   cg->srcs = tc_xcalloc(g->nsrc + 1, sizeof(struct ipset));
   bool wild = false, danger = false;
   for (size_t i = 0; i < g->nsrc; i++) {
     const struct alias *a = &g->src[i];
     wild |= a->kind == AL_WILDCARD;
     danger |= a->kind == AL_AUTOGROUP && a->ag == AG_DANGER_ALL;
-    ipset_init(&cg->srcs[i]);
-    resolve_alias(pol, ct, a, &cg->srcs[i]);
-    ipset_add_set(&cg->src, &cg->srcs[i]);
+    pol_ipset_init(&cg->srcs[i]);
+    pol_resolve_alias(pol, ct, a, &cg->srcs[i]);
+    pol_ipset_add_set(&cg->src, &cg->srcs[i]);
   }
   cg->nsrcs = g->nsrc;
-  ipset_norm(&cg->src);
-  cg->any_src = !ipset_empty(&cg->src);
-  ipset_init(&cg->srcset);
+  pol_ipset_norm(&cg->src);
+  cg->any_src = !pol_ipset_empty(&cg->src);
+  pol_ipset_init(&cg->srcset);
   if (g->nsrc == 0 || g->ndst == 0)
     return;
   cg->src_all = danger;
-  ipset_add_set(&cg->srcset, &cg->src);
+  pol_ipset_add_set(&cg->srcset, &cg->src);
   if (wild)
     for (size_t i = 0; i < ct->nn; i++)
       for (size_t k = 0; k < ct->n[i].nsubnets; k++)
-        ipset_add(&cg->srcset, ct->n[i].subnets[k]);
-  ipset_norm(&cg->srcset);
+        pol_ipset_add(&cg->srcset, ct->n[i].subnets[k]);
+  pol_ipset_norm(&cg->srcset);
   if (want_text)
     cg->srcstr = json_array();
   if (!want_text) {
@@ -467,12 +467,12 @@ static void compile_grant(const struct tc_policy *pol, const struct ctopo *ct, c
   } else if (cg->any_src) {
     /* Node addresses stay separate entries even when adjacent. */
     struct ipset txt;
-    ipset_init(&txt);
+    pol_ipset_init(&txt);
     for (size_t i = 0; i < g->nsrc; i++)
-      ipset_add_set(&txt, &cg->srcs[i]);
-    ipset_norm_overlap(&txt);
-    ipset_append_strings(&txt, cg->srcstr);
-    ipset_free(&txt);
+      pol_ipset_add_set(&txt, &cg->srcs[i]);
+    pol_ipset_norm_overlap(&txt);
+    pol_ipset_append_strings(&txt, cg->srcstr);
+    pol_ipset_free(&txt);
     if (wild) {
       append_subnet_routes(ct, cg->srcstr);
       /* Explicit sources next to "*" keep their own entries. */
@@ -480,7 +480,7 @@ static void compile_grant(const struct tc_policy *pol, const struct ctopo *ct, c
         if (g->src[i].kind == AL_WILDCARD)
           continue;
         json_t *tmp = json_array();
-        ipset_append_strings(&cg->srcs[i], tmp);
+        pol_ipset_append_strings(&cg->srcs[i], tmp);
         size_t k;
         json_t *v;
         json_array_foreach(tmp, k, v) if (!json_str_in(cg->srcstr, json_string_value(v)))
@@ -501,18 +501,18 @@ static void compile_grant(const struct tc_policy *pol, const struct ctopo *ct, c
       if (a->kind == AL_AUTOGROUP && a->ag == AG_SELF)
         continue;
       struct ipset s;
-      ipset_init(&s);
-      resolve_alias(pol, ct, a, &s);
+      pol_ipset_init(&s);
+      pol_resolve_alias(pol, ct, a, &s);
       json_t *pf = json_array();
-      ipset_append_prefixes(&s, pf, false);
+      pol_ipset_append_prefixes(&s, pf, false);
       size_t k;
       json_t *v;
       json_array_foreach(pf, k, v) {
         cg->via_pfx = tc_xrealloc(cg->via_pfx, (cg->nvia_pfx + 1) * sizeof(struct ip_range));
-        ip_parse_prefix(json_string_value(v), &cg->via_pfx[cg->nvia_pfx++], NULL);
+        pol_ip_parse_prefix(json_string_value(v), &cg->via_pfx[cg->nvia_pfx++], NULL);
       }
       json_decref(pf);
-      ipset_free(&s);
+      pol_ipset_free(&s);
     }
     return;
   }
@@ -526,9 +526,9 @@ static void compile_grant(const struct tc_policy *pol, const struct ctopo *ct, c
     return;
   struct ipset *dsets = tc_xcalloc(g->ndst, sizeof(struct ipset));
   for (size_t i = 0; i < g->ndst; i++) {
-    ipset_init(&dsets[i]);
+    pol_ipset_init(&dsets[i]);
     if (g->dst[i].kind != AL_WILDCARD && !(g->dst[i].kind == AL_AUTOGROUP && g->dst[i].ag == AG_SELF))
-      resolve_alias(pol, ct, &g->dst[i], &dsets[i]);
+      pol_resolve_alias(pol, ct, &g->dst[i], &dsets[i]);
   }
   for (size_t p = 0; p < g->nip && cg->any_src; p++) {
     struct rule r = {0};
@@ -545,17 +545,17 @@ static void compile_grant(const struct tc_policy *pol, const struct ctopo *ct, c
       if (a->kind == AL_PREFIX || a->kind == AL_HOST || a->kind == AL_AUTOGROUP)
         r.addr_dp = true;
       struct ip_range *pr;
-      size_t npr = ipset_prefix_ranges(&dsets[i], &pr);
+      size_t npr = pol_ipset_prefix_ranges(&dsets[i], &pr);
       char t[160] = "";
       for (size_t k = 0; k < npr; k++) {
         struct ipset one;
-        ipset_init(&one);
-        ipset_add(&one, pr[k]);
+        pol_ipset_init(&one);
+        pol_ipset_add(&one, pr[k]);
         if (want_text)
-          ip_range_text(pr[k], true, t, sizeof(t));
+          pol_ip_range_text(pr[k], true, t, sizeof(t));
         for (size_t q = 0; q < g->ip[p].nports; q++)
           dport_add(&r, t, &one, false, g->ip[p].ports[q]);
-        ipset_free(&one);
+        pol_ipset_free(&one);
       }
       free(pr);
     }
@@ -581,13 +581,13 @@ static void compile_grant(const struct tc_policy *pol, const struct ctopo *ct, c
       if (a->kind == AL_AUTOGROUP && a->ag == AG_SELF)
         continue;
       struct ipset s;
-      ipset_init(&s);
-      resolve_alias(pol, ct, a, &s);
+      pol_ipset_init(&s);
+      pol_resolve_alias(pol, ct, a, &s);
       dst_wild |= a->kind == AL_WILDCARD;
       json_t *pf = json_array();
-      ipset_append_prefixes(&s, pf, false);
+      pol_ipset_append_prefixes(&s, pf, false);
       json_array_append_new(r.capgrant, json_pack("{s:o,s:O}", "Dsts", pf, "CapMap", g->app));
-      ipset_append_strings(&s, dststrs);
+      pol_ipset_append_strings(&s, dststrs);
       r.capdst[r.ncap++] = s;
     }
     cg->rules = tc_xrealloc(cg->rules, (cg->nrules + 3) * sizeof(*cg->rules));
@@ -605,13 +605,13 @@ static void compile_grant(const struct tc_policy *pol, const struct ctopo *ct, c
       rule_set_src(&cr, json_deep_copy(dststrs));
       cr.capgrant = json_array();
       cr.capdst = tc_xcalloc(1, sizeof(struct ipset));
-      ipset_init(&cr.capdst[0]);
+      pol_ipset_init(&cr.capdst[0]);
       for (size_t i = 0; i < g->nsrc; i++)
-        ipset_add_set(&cr.capdst[0], &cg->srcs[i]);
-      ipset_norm(&cr.capdst[0]);
+        pol_ipset_add_set(&cr.capdst[0], &cg->srcs[i]);
+      pol_ipset_norm(&cr.capdst[0]);
       cr.ncap = 1;
       json_t *pf = json_array();
-      ipset_append_prefixes(&cr.capdst[0], pf, false);
+      pol_ipset_append_prefixes(&cr.capdst[0], pf, false);
       json_array_append_new(cr.capgrant,
                             json_pack("{s:o,s:{s:n}}", "Dsts", pf, "CapMap", companions[ci][1]));
       cg->rules[cg->nrules++] = cr;
@@ -619,16 +619,16 @@ static void compile_grant(const struct tc_policy *pol, const struct ctopo *ct, c
     json_decref(dststrs);
   }
   for (size_t i = 0; i < g->ndst; i++)
-    ipset_free(&dsets[i]);
+    pol_ipset_free(&dsets[i]);
   free(dsets);
 }
 
 static void cgrant_free(struct cgrant *cg)
 {
-  ipset_free(&cg->src);
-  ipset_free(&cg->srcset);
+  pol_ipset_free(&cg->src);
+  pol_ipset_free(&cg->srcset);
   for (size_t i = 0; i < cg->nsrcs; i++)
-    ipset_free(&cg->srcs[i]);
+    pol_ipset_free(&cg->srcs[i]);
   free(cg->srcs);
   json_decref(cg->srcstr);
   for (size_t i = 0; i < cg->nrules; i++)
@@ -642,15 +642,15 @@ static bool dport_matches(const struct cnode *n, const struct dport *d, const st
 {
   if (d->star)
     return true;
-  if (node_in_set(n, &d->set))
+  if (pol_node_in_set(n, &d->set))
     return true;
   for (size_t i = 0; i < n->nsubnets; i++)
-    if (ipset_overlaps(&d->set, n->subnets[i]))
+    if (pol_ipset_overlaps(&d->set, n->subnets[i]))
       return true;
   if (node_is_exit(n)) {
     bool sub = d->set.n > 0;
     for (size_t i = 0; i < d->set.n && sub; i++)
-      sub = ipset_covers(internet, d->set.r[i]);
+      sub = pol_ipset_covers(internet, d->set.r[i]);
     if (sub)
       return true;
   }
@@ -674,30 +674,30 @@ static json_t *reduce_rule(const struct cnode *n, const struct rule *r, const st
     for (size_t i = 0; i < r->ncap; i++) {
       const struct ipset *ds = &r->capdst[i];
       struct ipset m;
-      ipset_init(&m);
+      pol_ipset_init(&m);
       /* Addresses of this node inside the destination, and subnet routes overlapping it. */
-      if (n->has4 && ipset_contains(ds, 0, n->a4))
-        ipset_add(&m, (struct ip_range){0, n->a4, n->a4});
-      if (n->has6 && ipset_contains(ds, 1, n->a6))
-        ipset_add(&m, (struct ip_range){1, n->a6, n->a6});
+      if (n->has4 && pol_ipset_contains(ds, 0, n->a4))
+        pol_ipset_add(&m, (struct ip_range){0, n->a4, n->a4});
+      if (n->has6 && pol_ipset_contains(ds, 1, n->a6))
+        pol_ipset_add(&m, (struct ip_range){1, n->a6, n->a6});
       json_t *dsts = json_array();
-      ipset_norm(&m);
-      ipset_append_prefixes(&m, dsts, false);
+      pol_ipset_norm(&m);
+      pol_ipset_append_prefixes(&m, dsts, false);
       json_t *orig = json_object_get(json_array_get(r->capgrant, i), "Dsts");
       size_t k;
       json_t *v;
       json_array_foreach(orig, k, v) {
         struct ip_range pr;
-        ip_parse_prefix(json_string_value(v), &pr, NULL);
+        pol_ip_parse_prefix(json_string_value(v), &pr, NULL);
         for (size_t s = 0; s < n->nsubnets; s++)
-          if (ip_range_overlaps(pr, n->subnets[s]) && !json_str_in(dsts, json_string_value(v)))
+          if (pol_ip_range_overlaps(pr, n->subnets[s]) && !json_str_in(dsts, json_string_value(v)))
             json_array_append(dsts, v);
       }
-      ipset_add_set(dst_out, &m);
+      pol_ipset_add_set(dst_out, &m);
       for (size_t sn = 0; sn < n->nsubnets; sn++)
-        if (ipset_overlaps(ds, n->subnets[sn]))
-          ipset_add(dst_out, n->subnets[sn]);
-      ipset_free(&m);
+        if (pol_ipset_overlaps(ds, n->subnets[sn]))
+          pol_ipset_add(dst_out, n->subnets[sn]);
+      pol_ipset_free(&m);
       if (json_array_size(dsts))
         json_array_append_new(cgs, json_pack("{s:o,s:O}", "Dsts", dsts, "CapMap",
                                              json_object_get(json_array_get(r->capgrant, i), "CapMap")));
@@ -736,7 +736,7 @@ static json_t *reduce_rule(const struct cnode *n, const struct rule *r, const st
   if (n->nsubnets || node_is_exit(n)) {
     /* Routers also take single-address entries inside their routes. */
     for (size_t i = 0; i < r->nsingle; i++)
-      if (!node_in_set(n, &r->dp[r->single[i]].set) && dport_matches(n, &r->dp[r->single[i]], internet))
+      if (!pol_node_in_set(n, &r->dp[r->single[i]].set) && dport_matches(n, &r->dp[r->single[i]], internet))
         hit[nhit++] = r->single[i];
   }
   for (size_t i = 0; i < r->nother; i++)
@@ -755,7 +755,7 @@ static json_t *reduce_rule(const struct cnode *n, const struct rule *r, const st
     if (r->dp[hit[i]].star)
       *dst_all = true;
     else
-      ipset_add_set(dst_out, &r->dp[hit[i]].set);
+      pol_ipset_add_set(dst_out, &r->dp[hit[i]].set);
   }
   free(hit);
   if (!json_array_size(dp)) {
@@ -796,18 +796,18 @@ static void merge_into(json_t *out, json_t *rule)
  * user gets the same list, so it is computed once per (grant, user). */
 static json_t *self_sources(const struct ctopo *ct, const struct cgrant *cg, int user, struct ipset *src)
 {
-  ipset_init(src);
+  pol_ipset_init(src);
   for (size_t k = 0; k < ct->nuser_nodes[user]; k++) {
     const struct cnode *o = &ct->n[ct->user_nodes[user][k]];
     for (size_t s = 0; s < cg->nsrcs; s++)
-      if (node_in_set(o, &cg->srcs[s])) {
-        ipset_add_set(src, &o->ips);
+      if (pol_node_in_set(o, &cg->srcs[s])) {
+        pol_ipset_add_set(src, &o->ips);
         break;
       }
   }
-  ipset_norm_overlap(src);
+  pol_ipset_norm_overlap(src);
   json_t *srcstr = json_array();
-  ipset_append_strings(src, srcstr);
+  pol_ipset_append_strings(src, srcstr);
   return srcstr;
 }
 
@@ -824,11 +824,11 @@ static void self_rules(const struct ctopo *ct, const struct cgrant *cg, json_t *
     /* Only this node's own addresses survive reduction. */
     for (size_t k = 0; k < g->ip[p].nports; k++) {
       if (n->has4) {
-        ip_format_addr(0, n->a4, a, sizeof(a));
+        pol_ip_format_addr(0, n->a4, a, sizeof(a));
         json_array_append_new(dp, json_pack("{s:s,s:o}", "IP", a, "Ports", ports_json(g->ip[p].ports[k])));
       }
       if (n->has6) {
-        ip_format_addr(1, n->a6, a, sizeof(a));
+        pol_ip_format_addr(1, n->a6, a, sizeof(a));
         json_array_append_new(dp, json_pack("{s:s,s:o}", "IP", a, "Ports", ports_json(g->ip[p].ports[k])));
       }
     }
@@ -843,7 +843,7 @@ static void self_rules(const struct ctopo *ct, const struct cgrant *cg, json_t *
   }
   if (g->app) {
     json_t *dsts = json_array();
-    ipset_append_prefixes(&n->ips, dsts, false);
+    pol_ipset_append_prefixes(&n->ips, dsts, false);
     json_t *cgs = json_pack("[{s:o,s:O}]", "Dsts", dsts, "CapMap", g->app);
     json_array_append_new(out, json_pack("{s:O,s:o}", "SrcIPs", srcstr, "CapGrant", cgs));
     /* Companion capability back from the user's devices to this one, when
@@ -852,20 +852,20 @@ static void self_rules(const struct ctopo *ct, const struct cgrant *cg, json_t *
                                           {"tailscale.com/cap/relay", "tailscale.com/cap/relay-target"}};
     bool is_src = false;
     for (size_t s = 0; s < cg->nsrcs && !is_src; s++)
-      is_src = node_in_set(n, &cg->srcs[s]);
+      is_src = pol_node_in_set(n, &cg->srcs[s]);
     for (size_t ci = 0; is_src && ci < TC_ARRAY_LEN(companions); ci++) {
       if (!json_object_get(g->app, companions[ci][0]))
         continue;
       struct ipset own;
-      ipset_init(&own);
+      pol_ipset_init(&own);
       for (size_t k = 0; k < ct->nuser_nodes[n->user]; k++)
-        ipset_add_set(&own, &ct->n[ct->user_nodes[n->user][k]].ips);
-      ipset_norm_overlap(&own);
+        pol_ipset_add_set(&own, &ct->n[ct->user_nodes[n->user][k]].ips);
+      pol_ipset_norm_overlap(&own);
       json_t *srcs = json_array();
-      ipset_append_strings(&own, srcs);
-      ipset_free(&own);
+      pol_ipset_append_strings(&own, srcs);
+      pol_ipset_free(&own);
       json_t *d2 = json_array();
-      ipset_append_prefixes(&n->ips, d2, false);
+      pol_ipset_append_prefixes(&n->ips, d2, false);
       json_array_append_new(out, json_pack("{s:o,s:[{s:o,s:{s:n}}]}", "SrcIPs", srcs, "CapGrant", "Dsts", d2,
                                            "CapMap", companions[ci][1]));
     }
@@ -897,7 +897,7 @@ static struct reach_rule *reach_push(struct reach *rc, const struct ipset *src, 
   struct reach_rule *rr = &rc->r[rc->n++];
   rr->src = src;
   rr->src_all = src_all;
-  ipset_init(&rr->dst);
+  pol_ipset_init(&rr->dst);
   rr->dst_all = false;
   return rr;
 }
@@ -905,7 +905,7 @@ static struct reach_rule *reach_push(struct reach *rc, const struct ipset *src, 
 static void free_reach(struct reach *rc)
 {
   for (size_t i = 0; i < rc->n; i++)
-    ipset_free(&rc->r[i].dst);
+    pol_ipset_free(&rc->r[i].dst);
   free(rc->r);
 }
 
@@ -915,7 +915,7 @@ static void via_rules(const struct cgrant *cg, const struct cnode *n, const stru
   const struct grant *g = cg->g;
   bool match = false;
   for (size_t i = 0; i < g->nvia && !match; i++)
-    match = node_has_tag(n, g->via[i]);
+    match = pol_node_has_tag(n, g->via[i]);
   if (!match || !cg->srcstr || !json_array_size(cg->srcstr))
     return;
   json_t *pfx = json_array();
@@ -923,14 +923,14 @@ static void via_rules(const struct cgrant *cg, const struct cnode *n, const stru
   for (size_t i = 0; i < cg->nvia_pfx; i++) {
     bool ov = false;
     for (size_t s = 0; s < n->nsubnets && !ov; s++)
-      ov = ip_range_overlaps(cg->via_pfx[i], n->subnets[s]);
+      ov = pol_ip_range_overlaps(cg->via_pfx[i], n->subnets[s]);
     if (ov) {
-      ip_range_prefix(cg->via_pfx[i], t, sizeof(t));
+      pol_ip_range_prefix(cg->via_pfx[i], t, sizeof(t));
       json_array_append_new(pfx, json_string(t));
     }
   }
   if (cg->via_internet && node_is_exit(n))
-    ipset_append_prefixes(internet, pfx, false);
+    pol_ipset_append_prefixes(internet, pfx, false);
   if (!json_array_size(pfx)) {
     json_decref(pfx);
     return;
@@ -938,11 +938,11 @@ static void via_rules(const struct cgrant *cg, const struct cnode *n, const stru
   struct reach_rule *rr = reach_push(rc, &cg->srcset, cg->src_all);
   for (size_t i = 0; i < cg->nvia_pfx; i++)
     for (size_t sn = 0; sn < n->nsubnets; sn++)
-      if (ip_range_overlaps(cg->via_pfx[i], n->subnets[sn]))
-        ipset_add(&rr->dst, cg->via_pfx[i]);
+      if (pol_ip_range_overlaps(cg->via_pfx[i], n->subnets[sn]))
+        pol_ipset_add(&rr->dst, cg->via_pfx[i]);
   if (cg->via_internet && node_is_exit(n))
-    ipset_add_set(&rr->dst, internet);
-  ipset_norm(&rr->dst);
+    pol_ipset_add_set(&rr->dst, internet);
+  pol_ipset_norm(&rr->dst);
   for (size_t p = 0; p < g->nip; p++) {
     json_t *dp = json_array();
     size_t k;
@@ -978,7 +978,7 @@ static void append_addrs(json_t *arr, const struct ipset *s)
   char a[64];
   for (size_t r = 0; r < s->n; r++)
     for (tc_u128 x = s->r[r].lo;; x++) {
-      ip_format_addr(s->r[r].v6, x, a, sizeof(a));
+      pol_ip_format_addr(s->r[r].v6, x, a, sizeof(a));
       json_array_append_new(arr, json_pack("{s:s}", "nodeIP", a));
       if (x == s->r[r].hi)
         break;
@@ -989,15 +989,15 @@ static void append_addrs(json_t *arr, const struct ipset *s)
 static void user_principals(const struct ctopo *ct, const struct ipset *src, int u, json_t *arr)
 {
   struct ipset s;
-  ipset_init(&s);
+  pol_ipset_init(&s);
   for (size_t k = 0; k < ct->nuser_nodes[u]; k++) {
     const struct cnode *o = &ct->n[ct->user_nodes[u][k]];
-    if (node_in_set(o, src))
-      ipset_add_set(&s, &o->ips);
+    if (pol_node_in_set(o, src))
+      pol_ipset_add_set(&s, &o->ips);
   }
-  ipset_norm(&s);
+  pol_ipset_norm(&s);
   append_addrs(arr, &s);
-  ipset_free(&s);
+  pol_ipset_free(&s);
 }
 
 /* Tagged devices inside src, once per tag they carry (as the service does). */
@@ -1006,15 +1006,15 @@ static void tagged_principals(const struct ctopo *ct, const struct ipset *src, j
   char a[64];
   for (size_t i = 0; i < ct->nn; i++) {
     const struct cnode *n = &ct->n[i];
-    if (!n->tagged || !node_in_set(n, src))
+    if (!n->tagged || !pol_node_in_set(n, src))
       continue;
     for (size_t t = 0; t < n->src->ntags; t++) {
       if (n->has4) {
-        ip_format_addr(0, n->a4, a, sizeof(a));
+        pol_ip_format_addr(0, n->a4, a, sizeof(a));
         json_array_append_new(arr, json_pack("{s:s}", "nodeIP", a));
       }
       if (n->has6) {
-        ip_format_addr(1, n->a6, a, sizeof(a));
+        pol_ip_format_addr(1, n->a6, a, sizeof(a));
         json_array_append_new(arr, json_pack("{s:s}", "nodeIP", a));
       }
     }
@@ -1042,7 +1042,7 @@ struct ssh_pres {
   size_t nusers;
 };
 
-struct ssh_pres *ssh_prepare(const struct tc_policy *pol, const struct ctopo *ct)
+struct ssh_pres *pol_ssh_prepare(const struct tc_policy *pol, const struct ctopo *ct)
 {
   struct ssh_pres *sp = tc_xcalloc(1, sizeof(*sp));
   sp->r = tc_xcalloc(pol->nssh + 1, sizeof(*sp->r));
@@ -1054,12 +1054,12 @@ struct ssh_pres *ssh_prepare(const struct tc_policy *pol, const struct ctopo *ct
     struct ssh_pre *p = &sp->r[ri];
     const struct ssh_rule *sr = &pol->ssh[ri];
     p->sr = sr;
-    ipset_init(&p->src);
-    ipset_init(&p->dst);
+    pol_ipset_init(&p->src);
+    pol_ipset_init(&p->dst);
     for (size_t i = 0; i < sr->nsrc; i++)
-      resolve_alias(pol, ct, &sr->src[i], &p->src);
-    ipset_norm(&p->src);
-    if (ipset_empty(&p->src)) {
+      pol_resolve_alias(pol, ct, &sr->src[i], &p->src);
+    pol_ipset_norm(&p->src);
+    if (pol_ipset_empty(&p->src)) {
       p->skip = true;
       continue;
     }
@@ -1092,10 +1092,10 @@ struct ssh_pres *ssh_prepare(const struct tc_policy *pol, const struct ctopo *ct
         p->self_dst = true;
       } else {
         p->other = true;
-        resolve_alias(pol, ct, &sr->dst[i], &p->dst);
+        pol_resolve_alias(pol, ct, &sr->dst[i], &p->dst);
       }
     }
-    ipset_norm(&p->dst);
+    pol_ipset_norm(&p->dst);
     p->by_user = tc_xcalloc(sp->nusers + 1, sizeof(json_t *));
     p->lp = tc_xcalloc(sp->nusers + 1, sizeof(char *));
     p->all = json_array();
@@ -1116,14 +1116,14 @@ struct ssh_pres *ssh_prepare(const struct tc_policy *pol, const struct ctopo *ct
   return sp;
 }
 
-void ssh_pres_free(struct ssh_pres *sp)
+void pol_ssh_pres_free(struct ssh_pres *sp)
 {
   if (!sp)
     return;
   for (size_t i = 0; i < sp->n; i++) {
     struct ssh_pre *p = &sp->r[i];
-    ipset_free(&p->src);
-    ipset_free(&p->dst);
+    pol_ipset_free(&p->src);
+    pol_ipset_free(&p->dst);
     json_decref(p->action);
     json_decref(p->umap);
     for (size_t u = 0; p->by_user && u < sp->nusers; u++) {
@@ -1159,7 +1159,7 @@ static void ssh_emit(const struct ssh_pre *p, json_t *target, json_t *principals
   }
 }
 
-json_t *ssh_node(const struct ssh_pres *sp, const struct ctopo *ct, const struct cnode *n)
+json_t *pol_ssh_node(const struct ssh_pres *sp, const struct ctopo *ct, const struct cnode *n)
 {
   json_t *check_rules = json_array(), *accept_rules = json_array();
   for (size_t ri = 0; ri < sp->n; ri++) {
@@ -1169,7 +1169,7 @@ json_t *ssh_node(const struct ssh_pres *sp, const struct ctopo *ct, const struct
     json_t *target = p->sr->check ? check_rules : accept_rules;
     if (p->self_dst && !n->tagged && n->user >= 0)
       ssh_emit(p, target, p->by_user[n->user], n->user);
-    if (p->other && node_in_set(n, &p->dst)) {
+    if (p->other && pol_node_in_set(n, &p->dst)) {
       if (p->lp_domain) {
         /* Per user, so each user's local-part rule follows their own. */
         for (size_t ui = 0; ui < sp->nusers; ui++)
@@ -1178,7 +1178,7 @@ json_t *ssh_node(const struct ssh_pres *sp, const struct ctopo *ct, const struct
       } else {
         ssh_emit(p, target, p->all, -1);
       }
-    } else if (p->other && p->lp_domain && node_in_set(n, &p->src)) {
+    } else if (p->other && p->lp_domain && pol_node_in_set(n, &p->src)) {
       /* A source outside the destinations still gets its own user's rules. */
       if (n->tagged) {
         json_t *pr = json_array();
@@ -1211,10 +1211,10 @@ static struct ipset *attr_targets(const struct tc_policy *pol, const struct ctop
 {
   struct ipset *t = tc_xcalloc(pol->nnattrs + 1, sizeof(*t));
   for (size_t i = 0; i < pol->nnattrs; i++) {
-    ipset_init(&t[i]);
+    pol_ipset_init(&t[i]);
     for (size_t k = 0; k < pol->nattrs[i].ntarget; k++)
-      resolve_alias(pol, ct, &pol->nattrs[i].target[k], &t[i]);
-    ipset_norm(&t[i]);
+      pol_resolve_alias(pol, ct, &pol->nattrs[i].target[k], &t[i]);
+    pol_ipset_norm(&t[i]);
   }
   return t;
 }
@@ -1222,7 +1222,7 @@ static struct ipset *attr_targets(const struct tc_policy *pol, const struct ctop
 static void attr_targets_free(const struct tc_policy *pol, struct ipset *t)
 {
   for (size_t i = 0; i < pol->nnattrs; i++)
-    ipset_free(&t[i]);
+    pol_ipset_free(&t[i]);
   free(t);
 }
 
@@ -1233,7 +1233,7 @@ static json_t *capmap_for_node(const struct tc_policy *pol, const struct ipset *
     json_object_set_new(m, "randomize-client-port", json_null());
   for (size_t i = 0; i < pol->nnattrs; i++) {
     const struct node_attr *na = &pol->nattrs[i];
-    if (na->nattrs && node_in_set(n, &targets[i]))
+    if (na->nattrs && pol_node_in_set(n, &targets[i]))
       for (size_t a = 0; a < na->nattrs; a++)
         if (!json_object_get(m, na->attrs[a]))
           json_object_set_new(m, na->attrs[a], json_null());
@@ -1246,23 +1246,23 @@ static bool approver_matches(const struct tc_policy *pol, const struct ctopo *ct
                              const char *ap)
 {
   if (tc_str_has_prefix(ap, "tag:"))
-    return node_has_tag(n, ap);
+    return pol_node_has_tag(n, ap);
   if (n->tagged)
     return false;
   if (tc_str_has_prefix(ap, "group:")) {
     const struct name_list *g = group_of(pol, ap);
     for (size_t i = 0; g && i < g->n; i++)
-      if (n->user >= 0 && find_user(ct, g->items[i]) == n->user)
+      if (n->user >= 0 && pol_find_user(ct, g->items[i]) == n->user)
         return true;
     return false;
   }
-  return n->user >= 0 && find_user(ct, ap) == n->user;
+  return n->user >= 0 && pol_find_user(ct, ap) == n->user;
 }
 
 static bool route_auto_approved(const struct tc_policy *pol, const struct ctopo *ct, const struct cnode *n,
                                 struct ip_range r)
 {
-  if (ip_range_is_exit(r)) {
+  if (pol_ip_range_is_exit(r)) {
     for (size_t a = 0; a < pol->nexit; a++)
       if (approver_matches(pol, ct, n, pol->exit_approvers[a]))
         return true;
@@ -1287,7 +1287,7 @@ static json_t *auto_approve_node(const struct tc_policy *pol, const struct ctopo
   json_t *out = json_array();
   for (size_t i = 0; i < n->src->nannounced; i++) {
     struct ip_range r;
-    if (!ip_parse_prefix(n->src->announced[i], &r, NULL) && route_auto_approved(pol, ct, n, r))
+    if (!pol_ip_parse_prefix(n->src->announced[i], &r, NULL) && route_auto_approved(pol, ct, n, r))
       json_array_append_new(out, json_string(n->src->announced[i]));
   }
   return out;
@@ -1297,7 +1297,7 @@ json_t *tc_policy_auto_approve(const struct tc_policy *pol, const struct tc_poli
                                const struct tc_policy_node *node)
 {
   struct ctopo ct;
-  if (ctopo_build(pol, topo, &ct, NULL))
+  if (pol_ctopo_build(pol, topo, &ct, NULL))
     return json_array();
   json_t *out = json_array();
   for (size_t i = 0; i < ct.nn; i++)
@@ -1306,7 +1306,7 @@ json_t *tc_policy_auto_approve(const struct tc_policy *pol, const struct tc_poli
       out = auto_approve_node(pol, &ct, &ct.n[i]);
       break;
     }
-  ctopo_free(&ct);
+  pol_ctopo_free(&ct);
   return out;
 }
 
@@ -1321,11 +1321,11 @@ struct compiled {
   bool any_via;
 };
 
-struct compiled *compiled_build(const struct tc_policy *pol, const struct ctopo *ct, bool want_text)
+struct compiled *pol_compiled_build(const struct tc_policy *pol, const struct ctopo *ct, bool want_text)
 {
   struct compiled *cp = tc_xcalloc(1, sizeof(*cp));
-  ipset_init(&cp->internet);
-  the_internet(&cp->internet);
+  pol_ipset_init(&cp->internet);
+  pol_the_internet(&cp->internet);
   cp->cg = tc_xcalloc(pol->ngrants + 1, sizeof(*cp->cg));
   for (size_t i = 0; i < pol->ngrants; i++)
     compile_grant(pol, ct, &pol->grants[i], &cp->cg[cp->ncg++], want_text);
@@ -1356,7 +1356,7 @@ struct compiled *compiled_build(const struct tc_policy *pol, const struct ctopo 
   return cp;
 }
 
-void compiled_free(struct compiled *cp)
+void pol_compiled_free(struct compiled *cp)
 {
   if (!cp)
     return;
@@ -1366,18 +1366,18 @@ void compiled_free(struct compiled *cp)
   for (size_t i = 0; i < cp->ncg * cp->nusers; i++)
   {
     json_decref(cp->self_src[i]);
-    ipset_free(&cp->self_set[i]);
+    pol_ipset_free(&cp->self_set[i]);
   }
   free(cp->self_src);
   free(cp->self_set);
-  ipset_free(&cp->internet);
+  pol_ipset_free(&cp->internet);
   free(cp);
 }
 
 /* Network rules that let traffic reach any of dst on one of the requested
  * ports with one of the protocols (the policy tests' semantics). Returns an
  * owned array of borrowed rule pointers; *n is its length. */
-const struct rule **compiled_rules_to(const struct compiled *cp, const struct ipset *dst,
+const struct rule **pol_compiled_rules_to(const struct compiled *cp, const struct ipset *dst,
                                       const struct port_range *ports, size_t nports, const int *protos,
                                       size_t nprotos, size_t *n)
 {
@@ -1403,7 +1403,7 @@ const struct rule **compiled_rules_to(const struct compiled *cp, const struct ip
         bool hit = dp->star;
         /* dst is sorted: look each (usually single) entry range up in it. */
         for (size_t k = 0; !hit && k < dp->set.n; k++)
-          hit = ipset_overlaps(dst, dp->set.r[k]);
+          hit = pol_ipset_overlaps(dst, dp->set.r[k]);
         if (!hit)
           continue;
         if (!nports)
@@ -1424,20 +1424,20 @@ const struct rule **compiled_rules_to(const struct compiled *cp, const struct ip
 }
 
 /* Whether one of rules accepts traffic from src. */
-bool rules_accept_from(const struct rule *const *rules, size_t n, struct ip_range src)
+bool pol_rules_accept_from(const struct rule *const *rules, size_t n, struct ip_range src)
 {
   for (size_t i = 0; i < n; i++)
-    if (rules[i]->src_all || ipset_overlaps(&rules[i]->srcset, src))
+    if (rules[i]->src_all || pol_ipset_overlaps(&rules[i]->srcset, src))
       return true;
   return false;
 }
 
 static bool rr_src_has(const struct reach_rule *rr, const struct cnode *a)
 {
-  if (rr->src_all || node_in_set(a, rr->src))
+  if (rr->src_all || pol_node_in_set(a, rr->src))
     return true;
   for (size_t i = 0; i < a->nsubnets; i++)
-    if (ipset_overlaps(rr->src, a->subnets[i]))
+    if (pol_ipset_overlaps(rr->src, a->subnets[i]))
       return true;
   return false;
 }
@@ -1448,7 +1448,7 @@ static bool reach_route(const struct reach *rc, const struct cnode *a, struct ip
   if (rc->all)
     return true;
   for (size_t i = 0; i < rc->n; i++)
-    if (rr_src_has(&rc->r[i], a) && (rc->r[i].dst_all || ipset_overlaps(&rc->r[i].dst, route)))
+    if (rr_src_has(&rc->r[i], a) && (rc->r[i].dst_all || pol_ipset_overlaps(&rc->r[i].dst, route)))
       return true;
   return false;
 }
@@ -1467,7 +1467,7 @@ static bool route_reaches(const struct reach *rc, struct ip_range route)
   if (rc->all)
     return true;
   for (size_t i = 0; i < rc->n; i++)
-    if (rc->r[i].src_all || ipset_overlaps(rc->r[i].src, route))
+    if (rc->r[i].src_all || pol_ipset_overlaps(rc->r[i].src, route))
       return true;
   return false;
 }
@@ -1489,7 +1489,7 @@ static json_t *node_filter(const struct tc_policy *pol, const struct ctopo *ct, 
   json_t *out = json_array();
   size_t gi = 0;
   struct ipset dst;
-  ipset_init(&dst);
+  pol_ipset_init(&dst);
   for (size_t i = 0; i < cp->ncg; i++) {
     const struct cgrant *cg = &cp->cg[i];
     for (size_t r = 0; r < cg->nrules; r++, gi++) {
@@ -1505,8 +1505,8 @@ static json_t *node_filter(const struct tc_policy *pol, const struct ctopo *ct, 
         continue;
       merge_into(out, o);
       struct reach_rule *rr = reach_push(rc, &ru->srcset, ru->src_all);
-      ipset_add_set(&rr->dst, &dst);
-      ipset_norm(&rr->dst);
+      pol_ipset_add_set(&rr->dst, &dst);
+      pol_ipset_norm(&rr->dst);
       rr->dst_all = dst_all;
     }
     if (cg->has_self && !n->tagged && n->user >= 0) {
@@ -1516,14 +1516,14 @@ static json_t *node_filter(const struct tc_policy *pol, const struct ctopo *ct, 
       if (json_array_size(cp->self_src[slot])) {
         self_rules(ct, cg, cp->self_src[slot], n, out);
         struct reach_rule *rr = reach_push(rc, &cp->self_set[slot], false);
-        ipset_add_set(&rr->dst, &n->ips);
-        ipset_norm(&rr->dst);
+        pol_ipset_add_set(&rr->dst, &n->ips);
+        pol_ipset_norm(&rr->dst);
       }
     }
     if (cg->via)
       via_rules(cg, n, &cp->internet, out, rc);
   }
-  ipset_free(&dst);
+  pol_ipset_free(&dst);
   return out;
 }
 
@@ -1547,7 +1547,7 @@ static bool is_primary(const struct ctopo *ct, const struct cnode *n, struct ip_
 static bool has_any_tag(const struct cnode *n, char *const *tags, size_t ntags)
 {
   for (size_t t = 0; t < ntags; t++)
-    if (node_has_tag(n, tags[t]))
+    if (pol_node_has_tag(n, tags[t]))
       return true;
   return false;
 }
@@ -1565,10 +1565,10 @@ static bool plain_reaches(const struct compiled *cp, const struct cnode *viewer,
       continue;
     for (size_t r = 0; r < cg->nrules; r++) {
       const struct rule *ru = &cg->rules[r];
-      if (ru->capgrant || !(ru->src_all || node_in_set(viewer, &ru->srcset)))
+      if (ru->capgrant || !(ru->src_all || pol_node_in_set(viewer, &ru->srcset)))
         continue;
       for (size_t d = 0; d < ru->ndp; d++)
-        if (!ru->dp[d].star && ipset_overlaps(&ru->dp[d].set, route))
+        if (!ru->dp[d].star && pol_ipset_overlaps(&ru->dp[d].set, route))
           return true;
     }
   }
@@ -1585,11 +1585,11 @@ static int via_choice(const struct compiled *cp, const struct ctopo *ct, const s
     return -1;
   for (size_t g = 0; cp && g < cp->ncg; g++) {
     const struct cgrant *cg = &cp->cg[g];
-    if (!cg->via || !node_in_set(viewer, &cg->src))
+    if (!cg->via || !pol_node_in_set(viewer, &cg->src))
       continue;
     bool covers = false;
     for (size_t i = 0; i < cg->nvia_pfx && !covers; i++)
-      covers = ip_range_overlaps(cg->via_pfx[i], route);
+      covers = pol_ip_range_overlaps(cg->via_pfx[i], route);
     if (!covers)
       continue;
     const struct cnode *best = NULL;
@@ -1618,18 +1618,18 @@ static json_t *allowed_ips(const struct ctopo *ct, const struct compiled *via_cp
   *primary = json_array();
   /* nodeAttrs disable-ipv4: no IPv4 peering to or from such a node. */
   if (n->has4 && !(viewer && (n->no_v4 || viewer->no_v4))) {
-    ip_format_addr(0, n->a4, t, sizeof(t));
+    pol_ip_format_addr(0, n->a4, t, sizeof(t));
     json_array_append_new(a, json_sprintf("%s/32", t));
   }
   if (n->has6) {
-    ip_format_addr(1, n->a6, t, sizeof(t));
+    pol_ip_format_addr(1, n->a6, t, sizeof(t));
     json_array_append_new(a, json_sprintf("%s/128", t));
   }
   for (size_t i = 0; i < n->nsubnets; i++) {
     int via = viewer ? via_choice(via_cp, ct, viewer, n, n->subnets[i]) : -1;
     if (via == 0 || (via < 0 && !is_primary(ct, n, n->subnets[i])))
       continue;
-    ip_range_prefix(n->subnets[i], t, sizeof(t));
+    pol_ip_range_prefix(n->subnets[i], t, sizeof(t));
     json_array_append_new(*primary, json_string(t));
     if (via == 1) {
       json_array_append_new(a, json_string(t));
@@ -1686,7 +1686,7 @@ static char *identity_key(const struct cnode *n)
   tc_buf_putc(&b, '|');
   char t[160];
   for (size_t i = 0; i < n->nsubnets; i++) {
-    ip_range_prefix(n->subnets[i], t, sizeof(t));
+    pol_ip_range_prefix(n->subnets[i], t, sizeof(t));
     tc_buf_printf(&b, "%s,", t);
   }
   tc_buf_printf(&b, "|%d%d|%d%d", n->exit4, n->exit6, n->has4, n->has6);
@@ -1698,11 +1698,11 @@ int tc_policy_compile(const struct tc_policy *pol, const struct tc_policy_topo *
 {
   *out = NULL;
   struct ctopo ct;
-  int rc = ctopo_build(pol, topo, &ct, err);
+  int rc = pol_ctopo_build(pol, topo, &ct, err);
   if (rc)
     return rc;
-  struct compiled *cp = compiled_build(pol, &ct, true);
-  struct ssh_pres *sshp = pol->has_ssh ? ssh_prepare(pol, &ct) : NULL;
+  struct compiled *cp = pol_compiled_build(pol, &ct, true);
+  struct ssh_pres *sshp = pol->has_ssh ? pol_ssh_prepare(pol, &ct) : NULL;
   struct ipset *targets = attr_targets(pol, &ct);
   bool ssh_shareable = sshp && !ssh_has_localpart(sshp);
   char **ssh_keys = tc_xcalloc(ct.nn + 1, sizeof(char *));
@@ -1763,7 +1763,7 @@ int tc_policy_compile(const struct tc_policy *pol, const struct tc_policy_topo *
        * maps local parts for sources outside its destinations: share it
        * across each identity group. */
       size_t g = ssh_shareable ? ssh_first[i] : i;
-      nr->ssh_policy = g < i ? json_incref(res->nodes[g].ssh_policy) : ssh_node(sshp, &ct, n);
+      nr->ssh_policy = g < i ? json_incref(res->nodes[g].ssh_policy) : pol_ssh_node(sshp, &ct, n);
     }
     nr->cap_map = capmap_for_node(pol, targets, n);
     ct.n[i].no_v4 = json_object_get(nr->cap_map, "disable-ipv4") != NULL;
@@ -1772,10 +1772,10 @@ int tc_policy_compile(const struct tc_policy *pol, const struct tc_policy_topo *
     nr->primary_routes = prim;
     /* Its own view: addresses, every approved route it serves, exit routes. */
     nr->self_allowed_ips = json_array();
-    ipset_append_prefixes(&n->ips, nr->self_allowed_ips, false);
+    pol_ipset_append_prefixes(&n->ips, nr->self_allowed_ips, false);
     char t[160];
     for (size_t k = 0; k < n->nsubnets; k++) {
-      ip_range_prefix(n->subnets[k], t, sizeof(t));
+      pol_ip_range_prefix(n->subnets[k], t, sizeof(t));
       json_array_append_new(nr->self_allowed_ips, json_string(t));
     }
     if (n->exit4)
@@ -1832,7 +1832,7 @@ int tc_policy_compile(const struct tc_policy *pol, const struct tc_policy_topo *
       for (size_t ri = 0; ri < nrouters; ri++) {
         size_t i = routers[ri];
         for (size_t s = 0; s < ct.n[i].nsubnets; s++)
-          if (ipset_overlaps(src, ct.n[i].subnets[s]))
+          if (pol_ipset_overlaps(src, ct.n[i].subnets[s]))
             w[i / 64] |= 1ull << (i % 64);
       }
     }
@@ -1851,9 +1851,9 @@ int tc_policy_compile(const struct tc_policy *pol, const struct tc_policy_topo *
       bool serves = false;
       for (size_t k = 0; k < ct.n[o].nsubnets && !serves; k++)
         for (size_t q = 0; q < cg->nvia_pfx && !serves; q++)
-          serves = ip_range_overlaps(ct.n[o].subnets[k], cg->via_pfx[q]);
+          serves = pol_ip_range_overlaps(ct.n[o].subnets[k], cg->via_pfx[q]);
       for (size_t i = 0; serves && i < ct.nn; i++)
-        if (node_in_set(&ct.n[i], &cg->src))
+        if (pol_node_in_set(&ct.n[i], &cg->src))
           who[o * words + i / 64] |= 1ull << (i % 64);
     }
   }
@@ -1906,10 +1906,10 @@ int tc_policy_compile(const struct tc_policy *pol, const struct tc_policy_topo *
     free(ssh_keys[i]);
   free(ssh_keys);
   free(ssh_first);
-  compiled_free(cp);
-  ssh_pres_free(sshp);
+  pol_compiled_free(cp);
+  pol_ssh_pres_free(sshp);
   attr_targets_free(pol, targets);
-  ctopo_free(&ct);
+  pol_ctopo_free(&ct);
   *out = res;
   return 0;
 }

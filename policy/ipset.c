@@ -6,15 +6,15 @@
 
 #include "policy/policy_int.h"
 
-void ipset_init(struct ipset *s) { memset(s, 0, sizeof(*s)); }
+void pol_ipset_init(struct ipset *s) { memset(s, 0, sizeof(*s)); }
 
-void ipset_free(struct ipset *s)
+void pol_ipset_free(struct ipset *s)
 {
   free(s->r);
   memset(s, 0, sizeof(*s));
 }
 
-void ipset_add(struct ipset *s, struct ip_range r)
+void pol_ipset_add(struct ipset *s, struct ip_range r)
 {
   if (s->n == s->cap) {
     s->cap = s->cap ? s->cap * 2 : 4;
@@ -24,10 +24,10 @@ void ipset_add(struct ipset *s, struct ip_range r)
   s->sorted = s->n == 1;
 }
 
-void ipset_add_set(struct ipset *s, const struct ipset *o)
+void pol_ipset_add_set(struct ipset *s, const struct ipset *o)
 {
   for (size_t i = 0; i < o->n; i++)
-    ipset_add(s, o->r[i]);
+    pol_ipset_add(s, o->r[i]);
 }
 
 static int range_cmp(const void *a, const void *b)
@@ -62,23 +62,23 @@ static void norm(struct ipset *s, bool adjacent)
   s->n = w + 1;
 }
 
-void ipset_norm(struct ipset *s) { norm(s, true); }
-void ipset_norm_overlap(struct ipset *s) { norm(s, false); }
+void pol_ipset_norm(struct ipset *s) { norm(s, true); }
+void pol_ipset_norm_overlap(struct ipset *s) { norm(s, false); }
 
-void ipset_remove(struct ipset *s, struct ip_range r)
+void pol_ipset_remove(struct ipset *s, struct ip_range r)
 {
   struct ipset out;
-  ipset_init(&out);
+  pol_ipset_init(&out);
   for (size_t i = 0; i < s->n; i++) {
     struct ip_range c = s->r[i];
     if (c.v6 != r.v6 || c.hi < r.lo || c.lo > r.hi) {
-      ipset_add(&out, c);
+      pol_ipset_add(&out, c);
       continue;
     }
     if (c.lo < r.lo)
-      ipset_add(&out, (struct ip_range){c.v6, c.lo, r.lo - 1});
+      pol_ipset_add(&out, (struct ip_range){c.v6, c.lo, r.lo - 1});
     if (c.hi > r.hi)
-      ipset_add(&out, (struct ip_range){c.v6, r.hi + 1, c.hi});
+      pol_ipset_add(&out, (struct ip_range){c.v6, r.hi + 1, c.hi});
   }
   free(s->r);
   *s = out;
@@ -100,7 +100,7 @@ static size_t lower_bound(const struct ipset *s, uint8_t v6, tc_u128 a)
   return lo;
 }
 
-bool ipset_contains(const struct ipset *s, uint8_t v6, tc_u128 a)
+bool pol_ipset_contains(const struct ipset *s, uint8_t v6, tc_u128 a)
 {
   if (s->sorted) {
     size_t i = lower_bound(s, v6, a);
@@ -112,24 +112,24 @@ bool ipset_contains(const struct ipset *s, uint8_t v6, tc_u128 a)
   return false;
 }
 
-bool ip_range_overlaps(struct ip_range a, struct ip_range b)
+bool pol_ip_range_overlaps(struct ip_range a, struct ip_range b)
 {
   return a.v6 == b.v6 && a.lo <= b.hi && b.lo <= a.hi;
 }
 
-bool ipset_overlaps(const struct ipset *s, struct ip_range r)
+bool pol_ipset_overlaps(const struct ipset *s, struct ip_range r)
 {
   if (s->sorted) {
     size_t i = lower_bound(s, r.v6, r.lo);
     return i < s->n && s->r[i].v6 == r.v6 && s->r[i].lo <= r.hi;
   }
   for (size_t i = 0; i < s->n; i++)
-    if (ip_range_overlaps(s->r[i], r))
+    if (pol_ip_range_overlaps(s->r[i], r))
       return true;
   return false;
 }
 
-bool ipset_covers(const struct ipset *s, struct ip_range r)
+bool pol_ipset_covers(const struct ipset *s, struct ip_range r)
 {
   if (s->sorted) {
     size_t i = lower_bound(s, r.v6, r.lo);
@@ -141,7 +141,7 @@ bool ipset_covers(const struct ipset *s, struct ip_range r)
   return false;
 }
 
-bool ipset_empty(const struct ipset *s) { return s->n == 0; }
+bool pol_ipset_empty(const struct ipset *s) { return s->n == 0; }
 
 static int family_bits(uint8_t v6) { return v6 ? 128 : 32; }
 
@@ -155,7 +155,7 @@ static tc_u128 host_mask(uint8_t v6, int bits)
   return ((tc_u128)1 << hb) - 1;
 }
 
-int ip_parse_addr(const char *s, uint8_t *v6, tc_u128 *a)
+int pol_ip_parse_addr(const char *s, uint8_t *v6, tc_u128 *a)
 {
   unsigned char b[16];
   if (strchr(s, ':')) {
@@ -180,7 +180,7 @@ int ip_parse_addr(const char *s, uint8_t *v6, tc_u128 *a)
   return 0;
 }
 
-int ip_parse_prefix(const char *s, struct ip_range *out, int *bits_out)
+int pol_ip_parse_prefix(const char *s, struct ip_range *out, int *bits_out)
 {
   char buf[128];
   size_t n = strlen(s);
@@ -205,7 +205,7 @@ int ip_parse_prefix(const char *s, struct ip_range *out, int *bits_out)
   }
   uint8_t v6;
   tc_u128 a;
-  if (ip_parse_addr(buf, &v6, &a))
+  if (pol_ip_parse_addr(buf, &v6, &a))
     return -1;
   if (bits < 0)
     bits = family_bits(v6);
@@ -224,7 +224,7 @@ int ip_parse_prefix(const char *s, struct ip_range *out, int *bits_out)
   return 0;
 }
 
-void ip_format_addr(uint8_t v6, tc_u128 a, char *out, size_t outsz)
+void pol_ip_format_addr(uint8_t v6, tc_u128 a, char *out, size_t outsz)
 {
   unsigned char b[16];
   if (!v6) {
@@ -261,42 +261,42 @@ static int range_prefix_bits(struct ip_range r)
   return fb - hb;
 }
 
-bool ip_range_prefix(struct ip_range r, char *out, size_t outsz)
+bool pol_ip_range_prefix(struct ip_range r, char *out, size_t outsz)
 {
   int bits = range_prefix_bits(r);
   if (bits < 0)
     return false;
   char a[64];
-  ip_format_addr(r.v6, r.lo, a, sizeof(a));
+  pol_ip_format_addr(r.v6, r.lo, a, sizeof(a));
   snprintf(out, outsz, "%s/%d", a, bits);
   return true;
 }
 
-bool ip_range_is_exit(struct ip_range r)
+bool pol_ip_range_is_exit(struct ip_range r)
 {
   return r.lo == 0 && (r.v6 ? r.hi == ~(tc_u128)0 : r.hi == 0xffffffffu);
 }
 
-void ipset_append_strings(const struct ipset *s, json_t *arr)
+void pol_ipset_append_strings(const struct ipset *s, json_t *arr)
 {
   char a[64], b[64], t[160];
   for (size_t i = 0; i < s->n; i++) {
     struct ip_range r = s->r[i];
     if (r.lo == r.hi) {
-      ip_format_addr(r.v6, r.lo, a, sizeof(a));
+      pol_ip_format_addr(r.v6, r.lo, a, sizeof(a));
       json_array_append_new(arr, json_string(a));
-    } else if (ip_range_prefix(r, t, sizeof(t))) {
+    } else if (pol_ip_range_prefix(r, t, sizeof(t))) {
       json_array_append_new(arr, json_string(t));
     } else {
-      ip_format_addr(r.v6, r.lo, a, sizeof(a));
-      ip_format_addr(r.v6, r.hi, b, sizeof(b));
+      pol_ip_format_addr(r.v6, r.lo, a, sizeof(a));
+      pol_ip_format_addr(r.v6, r.hi, b, sizeof(b));
       snprintf(t, sizeof(t), "%s-%s", a, b);
       json_array_append_new(arr, json_string(t));
     }
   }
 }
 
-size_t ipset_prefix_ranges(const struct ipset *s, struct ip_range **out)
+size_t pol_ipset_prefix_ranges(const struct ipset *s, struct ip_range **out)
 {
   size_t n = 0, cap = s->n + 4;
   *out = tc_xmalloc(cap * sizeof(**out));
@@ -329,21 +329,21 @@ size_t ipset_prefix_ranges(const struct ipset *s, struct ip_range **out)
   return n;
 }
 
-void ip_range_text(struct ip_range p, bool bare_single, char *out, size_t outsz)
+void pol_ip_range_text(struct ip_range p, bool bare_single, char *out, size_t outsz)
 {
   if (bare_single && p.lo == p.hi)
-    ip_format_addr(p.v6, p.lo, out, outsz);
+    pol_ip_format_addr(p.v6, p.lo, out, outsz);
   else
-    ip_range_prefix(p, out, outsz);
+    pol_ip_range_prefix(p, out, outsz);
 }
 
-void ipset_append_prefixes(const struct ipset *s, json_t *arr, bool bare_single)
+void pol_ipset_append_prefixes(const struct ipset *s, json_t *arr, bool bare_single)
 {
   char t[160];
   struct ip_range *pr;
-  size_t n = ipset_prefix_ranges(s, &pr);
+  size_t n = pol_ipset_prefix_ranges(s, &pr);
   for (size_t i = 0; i < n; i++) {
-    ip_range_text(pr[i], bare_single, t, sizeof(t));
+    pol_ip_range_text(pr[i], bare_single, t, sizeof(t));
     json_array_append_new(arr, json_string(t));
   }
   free(pr);

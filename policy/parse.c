@@ -270,7 +270,7 @@ static const struct {
     {"udp", 17}, {"gre", 47}, {"esp", 50}, {"ah", 51}, {"ipv6-icmp", 58}, {"sctp", 132}, {"fc", 133},
 };
 
-const char *proto_name(int p)
+const char *pol_proto_name(int p)
 {
   for (size_t i = 0; i < TC_ARRAY_LEN(protos); i++)
     if (protos[i].num == p)
@@ -279,7 +279,7 @@ const char *proto_name(int p)
 }
 
 /* -1 = any/empty, -2 = invalid, else number. */
-int proto_parse(const char *s)
+int pol_proto_parse(const char *s)
 {
   if (!*s)
     return -1;
@@ -308,7 +308,7 @@ static bool proto_allows_ports(int p)
 static const char *ag_names[] = {"autogroup:internet", "autogroup:member", "autogroup:tagged",
                                  "autogroup:self", "autogroup:danger-all", "autogroup:nonroot"};
 
-int parse_alias_text(const char *s, struct alias *a, char *why, size_t whysz)
+int pol_parse_alias_text(const char *s, struct alias *a, char *why, size_t whysz)
 {
   memset(a, 0, sizeof(*a));
   a->s = tc_xstrdup(s);
@@ -316,7 +316,7 @@ int parse_alias_text(const char *s, struct alias *a, char *why, size_t whysz)
     a->kind = AL_WILDCARD;
     return 0;
   }
-  if (!ip_parse_prefix(s, &a->pfx, NULL)) {
+  if (!pol_ip_parse_prefix(s, &a->pfx, NULL)) {
     a->kind = AL_PREFIX;
     return 0;
   }
@@ -480,7 +480,7 @@ static int alias_list(struct pctx *c, json_t *v, enum side side, const char *sid
     }
     char *s = trim_dup(json_string_value(e));
     char why[300];
-    int rc = parse_alias_text(s, &(*out)[*n], why, sizeof(why));
+    int rc = pol_parse_alias_text(s, &(*out)[*n], why, sizeof(why));
     free(s);
     if (rc) {
       (*n)++;
@@ -572,7 +572,7 @@ bad:
   return -1;
 }
 
-int parse_ports_text(const char *s, struct port_range **out, size_t *n, char *why, size_t whysz)
+int pol_parse_ports_text(const char *s, struct port_range **out, size_t *n, char *why, size_t whysz)
 {
   return parse_ports(s, out, n, why, whysz);
 }
@@ -653,14 +653,14 @@ static int parse_hosts(struct pctx *c, json_t *v)
     struct alias a;
     char why[300];
     int rc = 0;
-    if (parse_alias_text(k, &a, why, sizeof(why)) || a.kind != AL_HOST)
+    if (pol_parse_alias_text(k, &a, why, sizeof(why)) || a.kind != AL_HOST)
       rc = perr(c, "host name \"%s\" is not valid (no '@', ':' or '/'; not an address)", k);
     alias_free(&a);
     if (!rc && !json_is_string(m))
       rc = perr(c, "must be an IP address or CIDR string");
     if (!rc) {
       p->hosts[p->nhosts].name = tc_xstrdup(k);
-      if (ip_parse_prefix(json_string_value(m), &p->hosts[p->nhosts].pfx, NULL))
+      if (pol_ip_parse_prefix(json_string_value(m), &p->hosts[p->nhosts].pfx, NULL))
         rc = perr(c, "\"%s\": invalid IP address or CIDR", json_string_value(m));
       p->nhosts++;
     }
@@ -731,7 +731,7 @@ static int parse_tag_owners(struct pctx *c, json_t *v)
 
 static int check_dst_prefix_all(struct pctx *c, const struct alias *a)
 {
-  if (a->kind == AL_PREFIX && ip_range_is_exit(a->pfx))
+  if (a->kind == AL_PREFIX && pol_ip_range_is_exit(a->pfx))
     return perr(c, "dst \"%s\": to allow all IP addresses, use \"*\" or \"autogroup:internet\"", a->s);
   return 0;
 }
@@ -782,7 +782,7 @@ static int parse_acls(struct pctx *c, json_t *v)
       int rc = 0;
       if (!json_is_string(pr))
         rc = perr(c, "must be a string");
-      else if ((proto = proto_parse(json_string_value(pr))) == -2)
+      else if ((proto = pol_proto_parse(json_string_value(pr))) == -2)
         rc = perr(c, "proto name \"%s\" not known; use protocol number 0-255 or protocol name (icmp, tcp, "
                      "udp, etc.)", json_string_value(pr));
       pop(c);
@@ -814,7 +814,7 @@ static int parse_acls(struct pctx *c, json_t *v)
           rc = perr(c, "dst=\"%s\": missing port (want host:ports)", s);
         } else if (parse_ports(ports, &dp[ndp].ports, &dp[ndp].nports, why, sizeof(why))) {
           rc = perr(c, "dst=\"%s\": %s", s, why);
-        } else if (parse_alias_text(al, &dp[ndp].a, why, sizeof(why))) {
+        } else if (pol_parse_alias_text(al, &dp[ndp].a, why, sizeof(why))) {
           ndp++;
           rc = perr(c, "dst=\"%s\": %s", s, why);
         } else {
@@ -929,7 +929,7 @@ static int parse_ip_list(struct pctx *c, json_t *v, struct grant *g)
           rc = perr(c, "\"%s\": expected only one colon in Internet protocol and port type", s);
         } else {
           char *pn = tc_xstrndup(s, (size_t)(colon - s));
-          pp->proto = proto_parse(pn);
+          pp->proto = pol_proto_parse(pn);
           if (pp->proto == -2 || !*pn)
             rc = perr(c, "proto name \"%s\" not known; use protocol number 0-255 or protocol name (icmp, tcp, "
                          "udp, etc.)", pn);
@@ -1287,17 +1287,17 @@ static int parse_node_attrs(struct pctx *c, json_t *v)
       size_t pn = 0;
       rc = str_list(c, pool, &pv, &pn, true);
       struct ip_range cgnat, r1, r2;
-      ip_parse_prefix("100.64.0.0/10", &cgnat, NULL);
-      ip_parse_prefix("100.100.100.0/24", &r1, NULL);
-      ip_parse_prefix("100.115.92.0/23", &r2, NULL);
+      pol_ip_parse_prefix("100.64.0.0/10", &cgnat, NULL);
+      pol_ip_parse_prefix("100.100.100.0/24", &r1, NULL);
+      pol_ip_parse_prefix("100.115.92.0/23", &r2, NULL);
       for (size_t i = 0; !rc && i < pn; i++) {
         struct ip_range pr;
         push_idx(c, (int)i);
-        if (ip_parse_prefix(pv[i], &pr, NULL))
+        if (pol_ip_parse_prefix(pv[i], &pr, NULL))
           rc = perr(c, "\"%s\": invalid prefix", pv[i]);
         else if (pr.v6 || pr.lo < cgnat.lo || pr.hi > cgnat.hi)
           rc = perr(c, "IPPool(%s): network must be within 100.64.0.0/10", pv[i]);
-        else if (ip_range_overlaps(pr, r1) || ip_range_overlaps(pr, r2))
+        else if (pol_ip_range_overlaps(pr, r1) || pol_ip_range_overlaps(pr, r2))
           rc = perr(c, "IPPool(%s): network within reserved range", pv[i]);
         pop(c);
       }
@@ -1352,7 +1352,7 @@ static int parse_auto_approvers(struct pctx *c, json_t *v)
         json_object_foreach(m, rk, rv) {
           push_key(c, rk);
           struct auto_route *ar = &p->routes[p->nroutes];
-          if (ip_parse_prefix(rk, &ar->pfx, NULL)) {
+          if (pol_ip_parse_prefix(rk, &ar->pfx, NULL)) {
             rc = perr(c, "\"%s\": invalid route prefix", rk);
           } else {
             ar->text = tc_xstrdup(rk);
@@ -1711,10 +1711,10 @@ int tc_policy_parse(const char *text, size_t len, struct tc_policy **out, struct
     struct grant *g = &p->grants[p->ngrants++];
     char why[64];
     g->src = tc_xcalloc(1, sizeof(struct alias));
-    parse_alias_text("*", &g->src[0], why, sizeof(why));
+    pol_parse_alias_text("*", &g->src[0], why, sizeof(why));
     g->nsrc = 1;
     g->dst = tc_xcalloc(1, sizeof(struct alias));
-    parse_alias_text("*", &g->dst[0], why, sizeof(why));
+    pol_parse_alias_text("*", &g->dst[0], why, sizeof(why));
     g->ndst = 1;
     g->ip = tc_xcalloc(1, sizeof(struct proto_ports));
     g->ip[0].proto = -1;

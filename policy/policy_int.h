@@ -22,38 +22,38 @@ struct ipset {
   bool sorted; /* sorted and disjoint: lookups may binary-search */
 };
 
-void ipset_init(struct ipset *s);
-void ipset_free(struct ipset *s);
-void ipset_add(struct ipset *s, struct ip_range r);
-void ipset_add_set(struct ipset *s, const struct ipset *o);
-void ipset_norm(struct ipset *s);
+void pol_ipset_init(struct ipset *s);
+void pol_ipset_free(struct ipset *s);
+void pol_ipset_add(struct ipset *s, struct ip_range r);
+void pol_ipset_add_set(struct ipset *s, const struct ipset *o);
+void pol_ipset_norm(struct ipset *s);
 /* Sorts and merges overlapping ranges only (adjacent ones stay apart). */
-void ipset_norm_overlap(struct ipset *s);
+void pol_ipset_norm_overlap(struct ipset *s);
 /* Removes r (s must be normalised; stays normalised). */
-void ipset_remove(struct ipset *s, struct ip_range r);
-bool ipset_contains(const struct ipset *s, uint8_t v6, tc_u128 a);
-bool ipset_overlaps(const struct ipset *s, struct ip_range r);
+void pol_ipset_remove(struct ipset *s, struct ip_range r);
+bool pol_ipset_contains(const struct ipset *s, uint8_t v6, tc_u128 a);
+bool pol_ipset_overlaps(const struct ipset *s, struct ip_range r);
 /* r fully inside the set. */
-bool ipset_covers(const struct ipset *s, struct ip_range r);
-bool ipset_empty(const struct ipset *s);
+bool pol_ipset_covers(const struct ipset *s, struct ip_range r);
+bool pol_ipset_empty(const struct ipset *s);
 /* Appends strings: single address, CIDR when the range is one prefix, "a-b" otherwise. */
-void ipset_append_strings(const struct ipset *s, json_t *arr);
+void pol_ipset_append_strings(const struct ipset *s, json_t *arr);
 /* The minimal CIDR decomposition as ranges (owned array); returns its length. */
-size_t ipset_prefix_ranges(const struct ipset *s, struct ip_range **out);
+size_t pol_ipset_prefix_ranges(const struct ipset *s, struct ip_range **out);
 /* Text of one prefix range: a bare address when single and bare_single. */
-void ip_range_text(struct ip_range p, bool bare_single, char *out, size_t outsz);
+void pol_ip_range_text(struct ip_range p, bool bare_single, char *out, size_t outsz);
 /* Appends the minimal CIDR decomposition, single addresses without /len when bare. */
-void ipset_append_prefixes(const struct ipset *s, json_t *arr, bool bare_single);
+void pol_ipset_append_prefixes(const struct ipset *s, json_t *arr, bool bare_single);
 
 /* Parses "a.b.c.d", "v6", or either with "/bits". Masks host bits. Returns 0 or -1.
  * bits_out may be NULL; exact_out (may be NULL) says whether host bits were zero. */
-int ip_parse_prefix(const char *s, struct ip_range *out, int *bits_out);
-int ip_parse_addr(const char *s, uint8_t *v6, tc_u128 *a);
-void ip_format_addr(uint8_t v6, tc_u128 a, char *out, size_t outsz);
+int pol_ip_parse_prefix(const char *s, struct ip_range *out, int *bits_out);
+int pol_ip_parse_addr(const char *s, uint8_t *v6, tc_u128 *a);
+void pol_ip_format_addr(uint8_t v6, tc_u128 a, char *out, size_t outsz);
 /* Formats a range as prefix text if it is exactly one prefix (always with /len). */
-bool ip_range_prefix(struct ip_range r, char *out, size_t outsz);
-bool ip_range_overlaps(struct ip_range a, struct ip_range b);
-bool ip_range_is_exit(struct ip_range r);
+bool pol_ip_range_prefix(struct ip_range r, char *out, size_t outsz);
+bool pol_ip_range_overlaps(struct ip_range a, struct ip_range b);
+bool pol_ip_range_is_exit(struct ip_range r);
 
 /* ---- parsed policy --------------------------------------------------------- */
 enum alias_kind { AL_WILDCARD, AL_USER, AL_GROUP, AL_TAG, AL_HOST, AL_PREFIX, AL_AUTOGROUP };
@@ -199,37 +199,37 @@ struct ctopo {
   size_t *nuser_nodes;
 };
 
-int ctopo_build(const struct tc_policy *pol, const struct tc_policy_topo *t, struct ctopo *ct, struct tc_policy_err *err);
-void ctopo_free(struct ctopo *ct);
+int pol_ctopo_build(const struct tc_policy *pol, const struct tc_policy_topo *t, struct ctopo *ct, struct tc_policy_err *err);
+void pol_ctopo_free(struct ctopo *ct);
 /* Resolves an alias into addresses. self_user >= 0 restricts autogroup:self. */
-void resolve_alias(const struct tc_policy *pol, const struct ctopo *ct, const struct alias *a,
+void pol_resolve_alias(const struct tc_policy *pol, const struct ctopo *ct, const struct alias *a,
                    struct ipset *out);
-int find_user(const struct ctopo *ct, const char *token);
-bool node_has_tag(const struct cnode *n, const char *tag);
-bool node_in_set(const struct cnode *n, const struct ipset *s);
-void the_internet(struct ipset *s);
-void wildcard_set(struct ipset *s);
+int pol_find_user(const struct ctopo *ct, const char *token);
+bool pol_node_has_tag(const struct cnode *n, const char *tag);
+bool pol_node_in_set(const struct cnode *n, const struct ipset *s);
+void pol_the_internet(struct ipset *s);
+void pol_wildcard_set(struct ipset *s);
 
-int parse_alias_text(const char *s, struct alias *a, char *why, size_t whysz);
+int pol_parse_alias_text(const char *s, struct alias *a, char *why, size_t whysz);
 int tc_policy_err_at(struct tc_policy_err *err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-const char *proto_name(int p);
-int proto_parse(const char *s);
+const char *pol_proto_name(int p);
+int pol_proto_parse(const char *s);
 
 struct compiled;
 /* want_text=false skips the text forms (for the policy tests, which only
  * need address sets). */
-struct compiled *compiled_build(const struct tc_policy *pol, const struct ctopo *ct, bool want_text);
-void compiled_free(struct compiled *cp);
+struct compiled *pol_compiled_build(const struct tc_policy *pol, const struct ctopo *ct, bool want_text);
+void pol_compiled_free(struct compiled *cp);
 struct rule;
-const struct rule **compiled_rules_to(const struct compiled *cp, const struct ipset *dst,
+const struct rule **pol_compiled_rules_to(const struct compiled *cp, const struct ipset *dst,
                                       const struct port_range *ports, size_t nports, const int *protos,
                                       size_t nprotos, size_t *n);
-bool rules_accept_from(const struct rule *const *rules, size_t n, struct ip_range src);
+bool pol_rules_accept_from(const struct rule *const *rules, size_t n, struct ip_range src);
 /* SSH rules resolved once per compile; ssh_node gives one node's policy. */
 struct ssh_pres;
-struct ssh_pres *ssh_prepare(const struct tc_policy *pol, const struct ctopo *ct);
-json_t *ssh_node(const struct ssh_pres *sp, const struct ctopo *ct, const struct cnode *n);
-void ssh_pres_free(struct ssh_pres *sp);
-int parse_ports_text(const char *s, struct port_range **out, size_t *n, char *why, size_t whysz);
+struct ssh_pres *pol_ssh_prepare(const struct tc_policy *pol, const struct ctopo *ct);
+json_t *pol_ssh_node(const struct ssh_pres *sp, const struct ctopo *ct, const struct cnode *n);
+void pol_ssh_pres_free(struct ssh_pres *sp);
+int pol_parse_ports_text(const char *s, struct port_range **out, size_t *n, char *why, size_t whysz);
 
 #endif

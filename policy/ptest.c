@@ -10,11 +10,11 @@ static int resolve_text(const struct tc_policy *pol, const struct ctopo *ct, con
 {
   struct alias a;
   char why[300];
-  if (parse_alias_text(s, &a, why, sizeof(why))) {
+  if (pol_parse_alias_text(s, &a, why, sizeof(why))) {
     free(a.s);
     return -1;
   }
-  resolve_alias(pol, ct, &a, out);
+  pol_resolve_alias(pol, ct, &a, out);
   free(a.s);
   return 0;
 }
@@ -31,11 +31,11 @@ static bool host_is_cidr(const struct tc_policy *pol, const char *name)
 static void set_prefixes(const struct ipset *s, struct ip_range **out, size_t *n)
 {
   json_t *arr = json_array();
-  ipset_append_prefixes(s, arr, false);
+  pol_ipset_append_prefixes(s, arr, false);
   *n = json_array_size(arr);
   *out = tc_xcalloc(*n + 1, sizeof(**out));
   for (size_t i = 0; i < *n; i++)
-    ip_parse_prefix(json_string_value(json_array_get(arr, i)), &(*out)[i], NULL);
+    pol_ip_parse_prefix(json_string_value(json_array_get(arr, i)), &(*out)[i], NULL);
   json_decref(arr);
 }
 
@@ -50,7 +50,7 @@ static int run_acl_tests(const struct tc_policy *pol, const struct ctopo *ct, co
     int protos[4] = {6, 17, 1, 58};
     size_t nprotos = 4;
     if (t->proto && *t->proto) {
-      int p = proto_parse(t->proto);
+      int p = pol_proto_parse(t->proto);
       if (p != 6 && p != 17 && p != 132)
         return tc_policy_err_at(err, "test(s) failed: tests[%zu]: test protocol must be tcp, udp, sctp, or empty: "
                                      "\"%s\"", ti, t->proto);
@@ -58,16 +58,16 @@ static int run_acl_tests(const struct tc_policy *pol, const struct ctopo *ct, co
       nprotos = 1;
     }
     struct ipset src;
-    ipset_init(&src);
-    if (!*t->src || resolve_text(pol, ct, t->src, &src) || ipset_empty(&src)) {
-      ipset_free(&src);
+    pol_ipset_init(&src);
+    if (!*t->src || resolve_text(pol, ct, t->src, &src) || pol_ipset_empty(&src)) {
+      pol_ipset_free(&src);
       return tc_policy_err_at(err, "test(s) failed: tests[%zu]: source \"%s\" resolved to no IP addresses", ti,
                               t->src);
     }
     struct ip_range *sp;
     size_t nsp;
     set_prefixes(&src, &sp, &nsp);
-    ipset_free(&src);
+    pol_ipset_free(&src);
     for (int pass = 0; pass < 2; pass++) {
       char **list = pass ? t->deny : t->accept;
       size_t nl = pass ? t->ndeny : t->naccept;
@@ -84,15 +84,15 @@ static int run_acl_tests(const struct tc_policy *pol, const struct ctopo *ct, co
         size_t nports = 0;
         char why[300];
         struct ipset dst;
-        ipset_init(&dst);
+        pol_ipset_init(&dst);
         int rc = 0;
         struct alias a = {0};
-        if (!colon || parse_ports_text(colon + 1, &ports, &nports, why, sizeof(why)))
+        if (!colon || pol_parse_ports_text(colon + 1, &ports, &nports, why, sizeof(why)))
           rc = tc_policy_err_at(err, "test(s) failed: tests[%zu]: bad destination \"%s\" (want host:port)", ti, d);
         else if (nports != 1 || ports[0].first != ports[0].last)
           rc = tc_policy_err_at(err, "test(s) failed: tests[%zu]: \"%s\": test destination port must be a single "
                                      "port", ti, d);
-        else if (parse_alias_text(al, &a, why, sizeof(why)))
+        else if (pol_parse_alias_text(al, &a, why, sizeof(why)))
           rc = tc_policy_err_at(err, "test(s) failed: tests[%zu]: \"%s\": %s", ti, d, why);
         else if (a.kind == AL_PREFIX && strchr(al, '/'))
           rc = tc_policy_err_at(err, "test(s) failed: tests[%zu]: \"%s\": test destination must be a single host, "
@@ -104,17 +104,17 @@ static int run_acl_tests(const struct tc_policy *pol, const struct ctopo *ct, co
           rc = tc_policy_err_at(err, "test(s) failed: tests[%zu]: autogroup:internet not valid as a test "
                                      "destination", ti);
         else {
-          resolve_alias(pol, ct, &a, &dst);
-          if (ipset_empty(&dst))
+          pol_resolve_alias(pol, ct, &a, &dst);
+          if (pol_ipset_empty(&dst))
             rc = tc_policy_err_at(err, "test(s) failed: tests[%zu]: destination \"%s\" resolved to no IP addresses",
                                   ti, d);
         }
         bool allowed = true;
         if (!rc && pol->has_acls_or_grants) {
           size_t nrules;
-          const struct rule **rules = compiled_rules_to(cp, &dst, ports, nports, protos, nprotos, &nrules);
+          const struct rule **rules = pol_compiled_rules_to(cp, &dst, ports, nports, protos, nprotos, &nrules);
           for (size_t k = 0; k < nsp && allowed; k++)
-            allowed = rules_accept_from(rules, nrules, sp[k]);
+            allowed = pol_rules_accept_from(rules, nrules, sp[k]);
           free(rules);
         }
         if (!rc && allowed != (pass == 0))
@@ -123,7 +123,7 @@ static int run_acl_tests(const struct tc_policy *pol, const struct ctopo *ct, co
         free(a.s);
         free(al);
         free(ports);
-        ipset_free(&dst);
+        pol_ipset_free(&dst);
         if (rc) {
           free(sp);
           return rc;
@@ -177,24 +177,24 @@ static void ssh_reach(json_t *pol, const char *ip, const char *user, bool *acc, 
 static int run_ssh_tests(const struct tc_policy *pol, const struct ctopo *ct, struct tc_policy_err *err)
 {
   json_t **cache = tc_xcalloc(ct->nn + 1, sizeof(json_t *));
-  struct ssh_pres *sp = pol->has_ssh ? ssh_prepare(pol, ct) : NULL;
+  struct ssh_pres *sp = pol->has_ssh ? pol_ssh_prepare(pol, ct) : NULL;
   int rc = 0;
   for (size_t ti = 0; !rc && ti < pol->nssh_tests; ti++) {
     const struct ssh_test *t = &pol->ssh_tests[ti];
     struct ipset src;
-    ipset_init(&src);
+    pol_ipset_init(&src);
     int src_user = -1;
     struct alias sa;
     char why[300];
-    if (parse_alias_text(t->src, &sa, why, sizeof(why))) {
+    if (pol_parse_alias_text(t->src, &sa, why, sizeof(why))) {
       rc = tc_policy_err_at(err, "test(s) failed: sshTests[%zu]: %s", ti, why);
     } else {
-      resolve_alias(pol, ct, &sa, &src);
+      pol_resolve_alias(pol, ct, &sa, &src);
       if (sa.kind == AL_USER)
-        src_user = find_user(ct, sa.s);
+        src_user = pol_find_user(ct, sa.s);
     }
     free(sa.s);
-    if (!rc && ipset_empty(&src))
+    if (!rc && pol_ipset_empty(&src))
       rc = tc_policy_err_at(err, "test(s) failed: sshTests[%zu]: source \"%s\" resolved to no IP addresses", ti,
                             t->src);
     if (!rc && !t->naccept && !t->ndeny && !t->ncheck)
@@ -203,7 +203,7 @@ static int run_ssh_tests(const struct tc_policy *pol, const struct ctopo *ct, st
     for (size_t d = 0; !rc && d < t->ndst; d++) {
       bool matched = false;
       struct alias da;
-      if (parse_alias_text(t->dst[d], &da, why, sizeof(why))) {
+      if (pol_parse_alias_text(t->dst[d], &da, why, sizeof(why))) {
         rc = tc_policy_err_at(err, "test(s) failed: sshTests[%zu]: %s", ti, why);
         free(da.s);
         break;
@@ -214,12 +214,12 @@ static int run_ssh_tests(const struct tc_policy *pol, const struct ctopo *ct, st
             dsel[i] = matched = true;
       } else {
         struct ipset ds;
-        ipset_init(&ds);
-        resolve_alias(pol, ct, &da, &ds);
+        pol_ipset_init(&ds);
+        pol_resolve_alias(pol, ct, &da, &ds);
         for (size_t i = 0; i < ct->nn; i++)
-          if (node_in_set(&ct->n[i], &ds))
+          if (pol_node_in_set(&ct->n[i], &ds))
             dsel[i] = matched = true;
-        ipset_free(&ds);
+        pol_ipset_free(&ds);
       }
       if (!matched)
         rc = tc_policy_err_at(err, "test(s) failed: sshTests[%zu]: dst alias \"%s\" resolved to no nodes", ti,
@@ -230,7 +230,7 @@ static int run_ssh_tests(const struct tc_policy *pol, const struct ctopo *ct, st
       if (!dsel[i])
         continue;
       if (!cache[i])
-        cache[i] = pol->has_ssh ? ssh_node(sp, ct, &ct->n[i]) : json_pack("{s:[]}", "rules");
+        cache[i] = pol->has_ssh ? pol_ssh_node(sp, ct, &ct->n[i]) : json_pack("{s:[]}", "rules");
       char **lists[] = {t->accept, t->deny, t->check};
       size_t ns[] = {t->naccept, t->ndeny, t->ncheck};
       for (int kind = 0; !rc && kind < 3; kind++) {
@@ -239,7 +239,7 @@ static int run_ssh_tests(const struct tc_policy *pol, const struct ctopo *ct, st
             for (tc_u128 x = src.r[r].lo;; x++) {
               char ip[64];
               bool acc, chk;
-              ip_format_addr(src.r[r].v6, x, ip, sizeof(ip));
+              pol_ip_format_addr(src.r[r].v6, x, ip, sizeof(ip));
               ssh_reach(cache[i], ip, lists[kind][u], &acc, &chk);
               bool ok = kind == 0 ? acc : kind == 1 ? !acc : chk;
               if (!ok) {
@@ -258,12 +258,12 @@ static int run_ssh_tests(const struct tc_policy *pol, const struct ctopo *ct, st
       }
     }
     free(dsel);
-    ipset_free(&src);
+    pol_ipset_free(&src);
   }
   for (size_t i = 0; i < ct->nn; i++)
     json_decref(cache[i]);
   free(cache);
-  ssh_pres_free(sp);
+  pol_ssh_pres_free(sp);
   return rc;
 }
 
@@ -307,17 +307,17 @@ int tc_policy_run_tests(const struct tc_policy *pol, const struct tc_policy_topo
   if (!pol->ntests && !pol->nssh_tests)
     return 0;
   struct ctopo ct;
-  rc = ctopo_build(pol, topo, &ct, err);
+  rc = pol_ctopo_build(pol, topo, &ct, err);
   if (rc)
     return rc;
   if (pol->ntests) {
-    struct compiled *cp = compiled_build(pol, &ct, false);
+    struct compiled *cp = pol_compiled_build(pol, &ct, false);
     rc = run_acl_tests(pol, &ct, cp, err);
-    compiled_free(cp);
+    pol_compiled_free(cp);
   }
   if (!rc && pol->nssh_tests)
     rc = run_ssh_tests(pol, &ct, err);
-  ctopo_free(&ct);
+  pol_ctopo_free(&ct);
   return rc;
 }
 
