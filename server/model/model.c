@@ -170,7 +170,21 @@ static int op_exec(struct tc_tx *tx, struct op *o, struct tc_err *err) {
 
 static int64_t op_rec_id(const struct op *o) { return *(const int64_t *)o->rec; }
 
+static int plan_attempts(struct tc_model *m, struct plan *p, struct tc_err *err);
+
 int tcm_plan_run(struct tc_model *m, struct plan *p, struct tc_err *err) {
+  int64_t t0 = tc_mono_ns();
+  int rc = plan_attempts(m, p, err);
+  int64_t us = (tc_mono_ns() - t0) / 1000;
+  atomic_fetch_add_explicit(rc ? &m->st_tx_failed : &m->st_tx_ok, 1, memory_order_relaxed);
+  atomic_store_explicit(&m->st_last_tx_us, us, memory_order_relaxed);
+  int64_t mx = atomic_load_explicit(&m->st_max_tx_us, memory_order_relaxed);
+  while (us > mx && !atomic_compare_exchange_weak(&m->st_max_tx_us, &mx, us)) {
+  }
+  return rc;
+}
+
+static int plan_attempts(struct tc_model *m, struct plan *p, struct tc_err *err) {
   int rc = 0;
   for (int attempt = 0;; attempt++) {
     struct tc_tx *tx = NULL;
@@ -190,6 +204,7 @@ int tcm_plan_run(struct tc_model *m, struct plan *p, struct tc_err *err) {
       else tc_tx_rollback(tx);
     }
     if (rc != TC_EAGAIN || attempt >= 2) return rc;
+    atomic_fetch_add_explicit(&m->st_tx_retries, 1, memory_order_relaxed);
   }
 }
 
@@ -373,6 +388,27 @@ void tc_model_close(struct tc_model *m) {
 
 const char *tc_model_base_domain(const struct tc_model *m) { return m->base_domain; }
 
+void tc_model_stats(struct tc_model *m, struct tc_model_stats *out) {
+  memset(out, 0, sizeof *out);
+  pthread_mutex_lock(&m->smu);
+  out->seq = m->cur->seq;
+  out->nodes = m->cur->n_nodes;
+  out->online = m->cur->n_online;
+  out->users = m->cur->n_users;
+  pthread_mutex_unlock(&m->smu);
+  out->tx_ok = atomic_load(&m->st_tx_ok);
+  out->tx_failed = atomic_load(&m->st_tx_failed);
+  out->tx_retries = atomic_load(&m->st_tx_retries);
+  out->last_tx_us = atomic_load(&m->st_last_tx_us);
+  out->max_tx_us = atomic_load(&m->st_max_tx_us);
+  out->subscribers = (size_t)atomic_load(&m->st_subs);
+  pthread_mutex_lock(&m->pmu);
+  int64_t now = tc_mono_ms();
+  for (struct pending *p = m->pend; p; p = p->next)
+    if (p->expires_mono > now && p->state != PEND_APPROVED && p->state != PEND_REJECTED) out->pending++;
+  pthread_mutex_unlock(&m->pmu);
+}
+
 struct tc_snapshot *tc_model_snapshot(struct tc_model *m) {
   pthread_mutex_lock(&m->smu);
   struct tc_snapshot *s = tc_snapshot_ref(m->cur);
@@ -410,6 +446,7 @@ int64_t tc_model_subscribe(struct tc_model *m, tc_change_fn fn, void *ctx) {
   m->subs = tc_xrealloc(m->subs, (m->n_subs + 1) * sizeof *m->subs);
   int64_t id = ++m->next_sub;
   m->subs[m->n_subs++] = (struct sub){id, fn, ctx};
+  atomic_store(&m->st_subs, (long)m->n_subs);
   pthread_mutex_unlock(&m->wmu);
   return id;
 }
@@ -420,6 +457,7 @@ void tc_model_unsubscribe(struct tc_model *m, int64_t sub_id) {
     if (m->subs[i].id != sub_id) continue;
     memmove(&m->subs[i], &m->subs[i + 1], (m->n_subs - i - 1) * sizeof *m->subs);
     m->n_subs--;
+    atomic_store(&m->st_subs, (long)m->n_subs);
     break;
   }
   pthread_mutex_unlock(&m->wmu);

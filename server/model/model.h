@@ -87,6 +87,18 @@ void tc_model_close(struct tc_model *m);
 /* The configured MagicDNS base domain (borrowed; "" when unset). */
 const char *tc_model_base_domain(const struct tc_model *m);
 
+/* Counters for /metrics and the GUI; cheap, any thread. */
+struct tc_model_stats {
+  uint64_t seq;          /* current snapshot */
+  size_t users, nodes, online, pending, subscribers;
+  uint64_t tx_ok;        /* storage transactions committed by writes */
+  uint64_t tx_failed;    /* writes whose transaction failed (after retries) */
+  uint64_t tx_retries;   /* TC_EAGAIN retries */
+  int64_t last_tx_us;    /* duration of the latest write transaction */
+  int64_t max_tx_us;     /* slowest since open */
+};
+void tc_model_stats(struct tc_model *m, struct tc_model_stats *out);
+
 /* ---- snapshots ----------------------------------------------------------- */
 /* The primary router chosen for one subnet route among online nodes that
  * announce it and have it approved. Exit routes (0.0.0.0/0, ::/0) are not

@@ -80,6 +80,11 @@ struct tc_model {
   struct pending *pend;
   bool closing;
   int waiters; /* threads inside tc_model_pending_wait; close waits for them */
+
+  /* counters for tc_model_stats, read without locks */
+  _Atomic uint64_t st_tx_ok, st_tx_failed, st_tx_retries;
+  _Atomic int64_t st_last_tx_us, st_max_tx_us;
+  _Atomic long st_subs;
 };
 
 static const struct tc_user zero_user;

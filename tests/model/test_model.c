@@ -2011,3 +2011,42 @@ TC_TEST(single_use_key_race_across_two_models) {
   free_secret(key);
   env_close(&e);
 }
+
+TC_TEST(stats_counters) {
+  struct env e;
+  TC_REQUIRE(env_open(&e, NULL, NULL) == 0);
+  struct tc_err err = {0};
+  struct tc_model_stats st;
+  tc_model_stats(e.m, &st);
+  TC_CHECK_INT(st.tx_ok, 0);
+  TC_CHECK_INT(st.nodes, 0);
+  int64_t u = mkuser(e.m, "alice");
+  char *key = mkkey(e.m, u, true, false, NULL, NULL);
+  struct tc_register_req r;
+  req_init(&r, "n", key);
+  int64_t nid = 0;
+  TC_REQUIRE(tc_model_register_authkey(e.m, &r, &nid, &err) == 0);
+  tc_model_node_set_online(e.m, nid, true, &err);
+  TC_CHECK_INT(tc_model_user_create(e.m, "cli", "alice", NULL, NULL, NULL, &err), TC_EEXIST);
+  struct recorder *rec = recorder_new();
+  int64_t sub = tc_model_subscribe(e.m, record, rec);
+  char *pid = NULL;
+  TC_REQUIRE(tc_model_pending_create(e.m, &r, &pid, &err) == 0);
+  tc_model_stats(e.m, &st);
+  TC_CHECK_INT(st.tx_ok, 3); /* user, key, node; the refused user never reached storage */
+  TC_CHECK_INT(st.tx_failed, 0);
+  TC_CHECK_INT(st.users, 1);
+  TC_CHECK_INT(st.nodes, 1);
+  TC_CHECK_INT(st.online, 1);
+  TC_CHECK_INT(st.pending, 1);
+  TC_CHECK_INT(st.subscribers, 1);
+  TC_CHECK(st.seq >= 5);
+  TC_CHECK(st.max_tx_us >= st.last_tx_us && st.last_tx_us > 0);
+  tc_model_unsubscribe(e.m, sub);
+  tc_model_stats(e.m, &st);
+  TC_CHECK_INT(st.subscribers, 0);
+  free(pid);
+  free_secret(key);
+  env_close(&e);
+  free(rec);
+}
