@@ -250,6 +250,11 @@ static void tls_deliver(void *ctx, int plain_fd, const char *peer) {
   tc_frontdoor_add_connection(w->fdr, plain_fd, sl ? (struct sockaddr *)&ss : NULL, sl, true);
 }
 
+static void derpmap_reload(void *ctx) {
+  struct tc_err err = {0};
+  if (tc_derpmap_refresh_now(ctx, &err)) tc_warn("reload: DERP map: %s (keeping the last good sources)", err.msg);
+}
+
 static void tls_reload(void *ctx) {
   struct wiring *w = ctx;
   struct tc_err err = {0};
@@ -417,6 +422,7 @@ int tc_cli_serve(const struct tc_config *cfg) {
   free(env.derp_json);
   env.derp_json = tc_derpmap_json(dm);
   pthread_mutex_unlock(&w.mu);
+  tc_cli_on_reload(derpmap_reload, dm); /* re-read derp.paths / derp.urls */
 
   /* Embedded DERP relay on /derp, plus its plain endpoints and STUN. */
   if (cfg->derp.server.enabled) {
