@@ -168,6 +168,36 @@ TC_TEST(empty_policy_allows_all)
   tc_policy_free(p);
 }
 
+TC_TEST(empty_and_odd_topologies_compile)
+{
+  const char *pol = "{\"acls\": [{\"action\": \"accept\", \"src\": [\"*\"], \"dst\": [\"*:*\"]}],"
+                    " \"ssh\": [{\"action\": \"accept\", \"src\": [\"autogroup:member\"], \"dst\": [\"autogroup:self\"],"
+                    " \"users\": [\"root\"]}]}";
+  struct tc_policy *p;
+  struct tc_policy_err err;
+  TC_REQUIRE(tc_policy_parse(pol, strlen(pol), &p, &err) == 0);
+  struct tc_policy_topo empty = {NULL, 0, NULL, 0, NULL};
+  struct tc_policy_result *res;
+  TC_CHECK_INT(tc_policy_compile(p, &empty, &res, &err), 0);
+  TC_CHECK_INT(res->nnodes, 0);
+  tc_policy_result_free(res);
+  /* A node whose owner is unknown and one without addresses. */
+  static const struct tc_policy_node odd[] = {
+      {7, "orphan", 99, NULL, 0, "100.64.0.7", NULL, NULL, 0, NULL, 0},
+      {8, "bare", 1, NULL, 0, NULL, NULL, NULL, 0, NULL, 0},
+  };
+  struct tc_policy_topo t = {users3, 2, odd, 2, NULL};
+  TC_CHECK_INT(tc_policy_compile(p, &t, &res, &err), 0);
+  TC_CHECK_INT(res->nnodes, 2);
+  tc_policy_result_free(res);
+  /* Bad address text is refused with the node named. */
+  static const struct tc_policy_node bad[] = {{9, "bad", 1, NULL, 0, "300.1.1.1", NULL, NULL, 0, NULL, 0}};
+  struct tc_policy_topo tb = {users3, 2, bad, 1, NULL};
+  TC_CHECK_INT(tc_policy_compile(p, &tb, &res, &err), TC_EINVAL);
+  TC_CHECK(strstr(err.msg, "node 9") != NULL);
+  tc_policy_free(p);
+}
+
 TC_TEST(auto_approvers_and_exit_nodes)
 {
   const char *pol = "{\"tagOwners\": {\"tag:srv\": [\"alice@\"]},"
