@@ -539,6 +539,27 @@ static void h_node_register(struct tc_api *api, const struct api_ctx *ac, const 
   }
   /* Headscale prints registration ids with this prefix in its login page. */
   if (tc_str_has_prefix(key, "hskey-reg-")) key += strlen("hskey-reg-");
+  /* Older Headscale CLIs pass the machine's node or machine key instead:
+   * find the pending registration that carries it. */
+  char found[32] = "";
+  bool is_nk = tc_str_has_prefix(key, "nodekey:"), is_mk = tc_str_has_prefix(key, "mkey:");
+  if (is_nk || is_mk) {
+    const char *hex = key + (is_nk ? 8 : 5);
+    uint8_t want[32];
+    struct tc_pending_info *v = NULL;
+    size_t n = 0;
+    if (strlen(hex) == 64 && !tc_hex_decode(hex, 64, want, 32) && !tc_model_pending_list(api->o.model, &v, &n)) {
+      for (size_t i = 0; i < n; i++)
+        if (v[i].state == 0 && !memcmp(is_nk ? v[i].node_key : v[i].machine_key, want, 32))
+          snprintf(found, sizeof found, "%s", v[i].reg_id);
+      tc_model_pending_free(v, n);
+    }
+    if (!found[0]) {
+      tc_http_resp_error(resp, 404, TC_GRPC_NOT_FOUND, "no pending registration for that key");
+      return;
+    }
+    key = found;
+  }
   int64_t nid = 0;
   struct tc_err e = {0};
   if (tc_model_pending_approve(api->o.model, ac->actor, key, uid, &nid, &e))

@@ -169,7 +169,14 @@ TC_TEST(e2e_interactive_registration_approved_by_cli) {
   rc = tc_cli(&s, NULL, &errs, "nodes", "register", "--user", "bob", "--key", "nosuchregistration", NULL);
   TC_CHECK(rc != 0);
   free(errs);
-  json_t *n = tc_cli_json(&s, &rc, "nodes", "register", "--user", "bob", "--key", regid, NULL);
+  /* by node key (older Headscale CLIs): an unknown one is not found */
+  rc = tc_cli(&s, NULL, &errs, "nodes", "register", "--user", "bob", "--key",
+              "nodekey:1111111111111111111111111111111111111111111111111111111111111111", NULL);
+  TC_CHECK(rc != 0);
+  free(errs);
+  char bynk[80];
+  snprintf(bynk, sizeof bynk, "nodekey:%s", nkhex);
+  json_t *n = tc_cli_json(&s, &rc, "nodes", "register", "--user", "bob", "--key", bynk, NULL);
   TC_CHECK_INT(rc, 0);
   TC_CHECK_STR(json_string_value(json_object_get(json_object_get(n, "user"), "name")), "bob");
   TC_CHECK_STR(json_string_value(json_object_get(n, "registerMethod")), "REGISTER_METHOD_CLI");
