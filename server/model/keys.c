@@ -32,6 +32,7 @@ int tc_model_preauth_create(struct tc_model *m, const char *actor,
   int64_t now = tc_now();
   if (opts->expiration != 0 && opts->expiration <= now)
     return tc_err_set(err, TC_EINVAL, "expiration must be in the future");
+  if (opts->expiration > TIME_MAX_S) return tc_err_set(err, TC_EINVAL, "expiration is too far in the future");
   if (opts->user_id == 0 && (!opts->tags || !opts->tags->n))
     return tc_err_set(err, TC_EINVAL, "a pre-auth key needs a user or at least one tag");
   struct wr w;
@@ -172,6 +173,7 @@ int tc_model_apikey_create(struct tc_model *m, const char *actor, int64_t expira
   *token_out = NULL;
   if (expiration != 0 && expiration <= tc_now())
     return tc_err_set(err, TC_EINVAL, "expiration must be in the future");
+  if (expiration > TIME_MAX_S) return tc_err_set(err, TC_EINVAL, "expiration is too far in the future");
   struct wr w;
   int rc;
   pthread_mutex_lock(&m->wmu);

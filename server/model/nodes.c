@@ -102,7 +102,7 @@ static void filter_endpoints(const struct tc_strv *in, struct tc_strv *out) {
 
 static int64_t default_expiry(const struct tc_model *m, int64_t requested, bool tagged) {
   int64_t now = tc_now();
-  if (requested > now) return requested;
+  if (requested > now) return TC_MIN(requested, TIME_MAX_S);
   if (tagged || m->node_expiry_ms <= 0) return 0;
   return now + m->node_expiry_ms / 1000;
 }
@@ -357,6 +357,7 @@ static int apply_expire(struct wr *w, struct tc_node *n, void *arg, unsigned *fi
 int tc_model_node_expire(struct tc_model *m, const char *actor, int64_t node_id, int64_t at,
                          struct tc_err *err) {
   if (at <= 0) at = tc_now();
+  if (at > TIME_MAX_S) return tc_err_set(err, TC_EINVAL, "expiry is too far in the future");
   return node_edit(m, actor, "node.expire", node_id, TC_CHANGE_NODE_EXPIRED, TC_TX_DURABLE, true,
                    apply_expire, &at, NULL, err);
 }

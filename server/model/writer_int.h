@@ -23,6 +23,8 @@
 #define PENDING_PER_MACHINE 4
 #define PENDING_MAX 10000
 #define MAX_PROFILE_FIELD 1024
+/* Latest time we accept (9999-12-31T23:59:59Z): RFC 3339 output stays 4-digit. */
+#define TIME_MAX_S 253402300799LL
 
 struct sub {
   int64_t id;

@@ -1394,6 +1394,19 @@ TC_TEST(hostile_input_bounded) {
   TC_CHECK_INT(tc_snapshot_node(s, nid)->endpoints.n, 64);
   tc_snapshot_release(s);
   tc_strv_free(&eps);
+  /* Times past year 9999 are refused (admin) or clamped (client). */
+  struct tc_preauth_opts fo = {.user_id = u, .expiration = INT64_MAX};
+  TC_CHECK_INT(tc_model_preauth_create(e.m, "cli", &fo, NULL, &sec, &err), TC_EINVAL);
+  TC_CHECK_INT(tc_model_apikey_create(e.m, "cli", INT64_MAX, NULL, &sec, &err), TC_EINVAL);
+  TC_CHECK_INT(tc_model_node_expire(e.m, "cli", nid, INT64_MAX, &err), TC_EINVAL);
+  struct tc_register_req far;
+  req_init(&far, "far", key);
+  far.expiry = INT64_MAX;
+  int64_t fid = 0;
+  TC_REQUIRE(tc_model_register_authkey(e.m, &far, &fid, &err) == 0);
+  s = tc_model_snapshot(e.m);
+  TC_CHECK_INT(tc_snapshot_node(s, fid)->expiry, 253402300799LL);
+  tc_snapshot_release(s);
   /* Zero keys are refused, not registered. */
   memset(r.node_key, 0, TC_KEY_LEN);
   TC_CHECK_INT(tc_model_register_authkey(e.m, &r, NULL, &err), TC_EINVAL);
