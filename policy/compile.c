@@ -1630,17 +1630,14 @@ static json_t *allowed_ips(const struct ctopo *ct, const struct compiled *via_cp
     if (via == 0 || (via < 0 && !is_primary(ct, n, n->subnets[i])))
       continue;
     pol_ip_range_prefix(n->subnets[i], t, sizeof(t));
-    json_array_append_new(*primary, json_string(t));
-    if (via == 1) {
-      json_array_append_new(a, json_string(t));
-      continue;
-    }
     /* A peer's route is installed when traffic may flow between the viewer
-     * and the route in either direction, or when the viewer serves an
-     * the same route itself (HA standby routers). */
-    if (viewer && !reach_route(nreach, viewer, n->subnets[i]) && !route_reaches(vreach, n->subnets[i]) &&
-        !serves_same(viewer, n->subnets[i]))
+     * and the route in either direction, or when the viewer serves the same
+     * route itself (HA standby routers); a via grant decides on its own. */
+    if (via != 1 && viewer && !reach_route(nreach, viewer, n->subnets[i]) &&
+        !route_reaches(vreach, n->subnets[i]) && !serves_same(viewer, n->subnets[i]))
       continue;
+    /* Primary routes as this viewer knows them: the ones it installs. */
+    json_array_append_new(*primary, json_string(t));
     json_array_append_new(a, json_string(t));
   }
   if (n->exit4)
@@ -1860,6 +1857,7 @@ int tc_policy_compile(const struct tc_policy *pol, const struct tc_policy_topo *
   /* Most peers look the same to every viewer (no routes to filter): build
    * their AllowedIPs once and share the array. */
   json_t **shared = tc_xcalloc(ct.nn + 1, sizeof(json_t *));
+  json_t *no_routes = json_array();
   for (size_t j = 0; j < ct.nn; j++) {
     if (ct.n[j].nsubnets || ct.n[j].no_v4)
       continue;
@@ -1871,6 +1869,7 @@ int tc_policy_compile(const struct tc_policy *pol, const struct tc_policy_topo *
     struct tc_policy_node_result *nr = &res->nodes[i];
     nr->peer_ids = tc_xcalloc(ct.nn + 1, sizeof(int64_t));
     nr->peer_allowed_ips = tc_xcalloc(ct.nn + 1, sizeof(json_t *));
+    nr->peer_primary_routes = tc_xcalloc(ct.nn + 1, sizeof(json_t *));
     for (size_t j = 0; j < ct.nn; j++) {
       if (i == j)
         continue;
@@ -1880,10 +1879,10 @@ int tc_policy_compile(const struct tc_policy *pol, const struct tc_policy_topo *
       nr->peer_ids[nr->npeers] = ct.n[j].id;
       if (shared[j] && !ct.n[i].no_v4) {
         nr->peer_allowed_ips[nr->npeers] = json_incref(shared[j]);
+        nr->peer_primary_routes[nr->npeers] = json_incref(no_routes);
       } else {
-        json_t *prim;
-        nr->peer_allowed_ips[nr->npeers] = allowed_ips(&ct, cp, &ct.n[j], &ct.n[i], &reach[j], &reach[i], &prim);
-        json_decref(prim);
+        nr->peer_allowed_ips[nr->npeers] = allowed_ips(&ct, cp, &ct.n[j], &ct.n[i], &reach[j], &reach[i],
+                                                       &nr->peer_primary_routes[nr->npeers]);
       }
       nr->npeers++;
     }
@@ -1891,6 +1890,7 @@ int tc_policy_compile(const struct tc_policy *pol, const struct tc_policy_topo *
   for (size_t j = 0; j < ct.nn; j++)
     json_decref(shared[j]);
   free(shared);
+  json_decref(no_routes);
   free(who);
   free(applies);
   free(recorded);
@@ -1921,9 +1921,12 @@ void tc_policy_result_free(struct tc_policy_result *res)
   for (size_t i = 0; i < res->nnodes; i++) {
     struct tc_policy_node_result *nr = &res->nodes[i];
     json_decref(nr->packet_filter);
-    for (size_t j = 0; j < nr->npeers; j++)
+    for (size_t j = 0; j < nr->npeers; j++) {
       json_decref(nr->peer_allowed_ips[j]);
+      json_decref(nr->peer_primary_routes[j]);
+    }
     free(nr->peer_allowed_ips);
+    free(nr->peer_primary_routes);
     free(nr->peer_ids);
     json_decref(nr->ssh_policy);
     json_decref(nr->cap_map);

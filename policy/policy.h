@@ -105,11 +105,12 @@ struct tc_policy_node_result {
   size_t npeers;
   int64_t *peer_ids;
   json_t **peer_allowed_ips; /* npeers arrays of prefix strings (may be shared between entries: read-only) */
+  json_t **peer_primary_routes; /* npeers arrays: the peer's subnet routes this node installs (PrimaryRoutes) */
   json_t *ssh_policy;        /* {"rules":[...]} tailcfg.SSHPolicy lowercase shape; NULL if no ssh section;
                               * may be shared by nodes of the same identity: read-only */
   json_t *cap_map;           /* object: node capability -> array|null, from nodeAttrs (+ randomizeClientPort) */
   json_t *self_allowed_ips;  /* array: own addresses, approved subnet routes it serves, approved exit routes */
-  json_t *primary_routes;    /* array: subnet routes this node is primary for */
+  json_t *primary_routes;    /* array: subnet routes this node is primary for (tailnet-wide election) */
   json_t *auto_approved;     /* array: announced routes autoApprovers approve for this node */
 };
 

@@ -1,7 +1,7 @@
 /* policy-conformance: runs the Tailscale policy captures (one JSON file per
  * case: policy, topology, and what the real coordination service gave each
  * node) through tc_policy and compares, per node: the packet filter, the
- * visible peers and their AllowedIPs, the SSH policy, and the policy-derived
+ * visible peers with their AllowedIPs and PrimaryRoutes, the SSH policy, the policy-derived
  * node capabilities. Order is ignored only where it carries no meaning
  * (addresses inside a rule, rules of an accept-only filter, principals of an
  * SSH rule); SSH rule order is compared exactly (first match wins).
@@ -291,12 +291,18 @@ static bool run_case(json_t *c, struct tc_buf *why)
     json_t *wp = json_object(), *gp = json_object();
     size_t i;
     json_t *p;
-    json_array_foreach(json_object_get(e, "peers"), i, p)
-        json_object_set_new(wp, json_string_value(json_object_get(p, "name")), sorted(json_object_get(p, "allowed_ips")));
+    json_array_foreach(json_object_get(e, "peers"), i, p) {
+      json_t *pr = json_object_get(p, "primary_routes");
+      json_object_set_new(wp, json_string_value(json_object_get(p, "name")),
+                          json_pack("{s:o,s:o}", "allowed_ips", sorted(json_object_get(p, "allowed_ips")),
+                                    "primary_routes", pr ? sorted(pr) : json_array()));
+    }
     for (size_t j = 0; j < nr->npeers; j++)
-      json_object_set_new(gp, topo.names[nr->peer_ids[j] - 1], sorted(nr->peer_allowed_ips[j]));
+      json_object_set_new(gp, topo.names[nr->peer_ids[j] - 1],
+                          json_pack("{s:o,s:o}", "allowed_ips", sorted(nr->peer_allowed_ips[j]), "primary_routes",
+                                    sorted(nr->peer_primary_routes[j])));
     if (!json_equal(wp, gp)) {
-      diff_note(why, node, "peers/AllowedIPs", wp, gp);
+      diff_note(why, node, "peers/AllowedIPs/PrimaryRoutes", wp, gp);
       pass = false;
     }
     json_decref(wp);
