@@ -325,7 +325,21 @@ static int listen_unix(const char *path, unsigned mode, struct tc_err *err) {
 struct mhd_conn {
   struct tc_buf body;
   bool too_big;
+  int64_t start_ns; /* first callback of this request */
 };
+
+static const double duration_buckets[] = {0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10};
+
+static void observe_duration(const char *route, int64_t start_ns) {
+  struct tc_buf lb = TC_BUF_INIT;
+  tc_buf_puts(&lb, "route=\"");
+  tc_metrics_label_escape(&lb, route ? route : "");
+  tc_buf_putc(&lb, '"');
+  struct tc_histogram *h = tc_metrics_histogram("tailcoat_http_request_duration_seconds", lb.data,
+                                                duration_buckets, TC_ARRAY_LEN(duration_buckets));
+  tc_histogram_observe(h, (double)(tc_mono_ns() - start_ns) / 1e9);
+  tc_buf_free(&lb);
+}
 
 static const char *mhd_header(const struct tc_http_req *req, const char *name) {
   return MHD_lookup_connection_value((struct MHD_Connection *)req->transport, MHD_HEADER_KIND, name);
@@ -365,6 +379,7 @@ static enum MHD_Result access_cb(void *cls, struct MHD_Connection *c, const char
   struct mhd_conn *st = *con_cls;
   if (!st) {
     st = tc_xcalloc(1, sizeof *st);
+    st->start_ns = tc_mono_ns();
     *con_cls = st;
     const char *cl = MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
     if (cl && strtoull(cl, NULL, 10) > max) {
@@ -411,6 +426,7 @@ static enum MHD_Result access_cb(void *cls, struct MHD_Connection *c, const char
     req.peer = peer;
     MHD_get_connection_values(c, MHD_GET_ARGUMENT_KIND, collect_arg, &req);
     tc_router_dispatch(fdr->opts.router, &req, &resp);
+    observe_duration(req.route, st->start_ns);
   }
   enum MHD_Result ret = send_resp(c, &resp);
   tc_http_resp_free(&resp);
@@ -746,6 +762,8 @@ int tc_frontdoor_start(struct tc_frontdoor *fdr, struct tc_err *err) {
   tc_metrics_declare("tailcoat_http_connections_dropped_total", TC_METRIC_COUNTER,
                      "Connections closed before routing, by reason.");
   tc_metrics_declare("tailcoat_http_upgrades_total", TC_METRIC_COUNTER, "Connections handed to upgrade handlers.");
+  tc_metrics_declare("tailcoat_http_request_duration_seconds", TC_METRIC_GAUGE,
+                     "Time from the request head to the response being queued, by route.");
   tc_router_set_observer(fdr->opts.router, count_request, NULL);
   for (int i = 0; i < fdr->opts.threads; i++) {
     fdr->daemons[i] = MHD_start_daemon(

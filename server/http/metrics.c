@@ -27,6 +27,17 @@ struct tc_metric {
 };
 
 #define MAX_HOOKS 16
+#define MAX_BOUNDS 16
+
+struct tc_histogram {
+  struct family *fam;
+  char *labels;
+  size_t nb;
+  double bounds[MAX_BOUNDS];
+  _Atomic uint64_t counts[MAX_BOUNDS + 1]; /* per bucket, not cumulative; last = +Inf */
+  _Atomic uint64_t count;
+  _Atomic double sum;
+};
 
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static struct family **fams;
@@ -38,6 +49,8 @@ static struct {
   void *ctx;
 } hooks[MAX_HOOKS];
 static size_t nhooks;
+static struct tc_histogram **hists;
+static size_t nhists, caphists;
 static int64_t start_time_ms;
 
 static struct family *family_get(const char *name, enum tc_metric_type type) {
@@ -107,6 +120,76 @@ void tc_metrics_add(const char *name, const char *labels, int64_t delta) {
 }
 void tc_metrics_set(const char *name, const char *labels, int64_t value) {
   tc_metric_set(tc_metrics_series(name, labels), value);
+}
+
+struct tc_histogram *tc_metrics_histogram(const char *name, const char *labels, const double *bounds,
+                                          size_t nbounds) {
+  if (!labels) labels = "";
+  pthread_mutex_lock(&mu);
+  if (!start_time_ms) start_time_ms = tc_now_ms();
+  struct tc_histogram *h = NULL;
+  for (size_t i = 0; i < nhists; i++)
+    if (!strcmp(hists[i]->fam->name, name) && !strcmp(hists[i]->labels, labels)) {
+      h = hists[i];
+      goto out;
+    }
+  if (nhists == caphists) {
+    caphists = caphists ? caphists * 2 : 32;
+    hists = tc_xrealloc(hists, caphists * sizeof *hists);
+  }
+  h = tc_xcalloc(1, sizeof *h);
+  h->fam = family_get(name, TC_METRIC_GAUGE); /* type printed as histogram */
+  h->labels = tc_xstrdup(labels);
+  h->nb = TC_MIN(nbounds, (size_t)MAX_BOUNDS);
+  memcpy(h->bounds, bounds, h->nb * sizeof *bounds);
+  hists[nhists++] = h;
+out:
+  pthread_mutex_unlock(&mu);
+  return h;
+}
+
+void tc_histogram_observe(struct tc_histogram *h, double v) {
+  size_t i = 0;
+  while (i < h->nb && v > h->bounds[i]) i++;
+  atomic_fetch_add(&h->counts[i], 1);
+  atomic_fetch_add(&h->count, 1);
+  /* C11 has no atomic add for double: compare-and-swap loop */
+  double old = atomic_load(&h->sum);
+  while (!atomic_compare_exchange_weak(&h->sum, &old, old + v)) {
+  }
+}
+
+static void render_histograms(struct tc_buf *out) {
+  for (size_t i = 0; i < nfams; i++) {
+    struct family *f = fams[i];
+    bool any = false;
+    for (size_t j = 0; j < nhists; j++) {
+      struct tc_histogram *h = hists[j];
+      if (h->fam != f) continue;
+      if (!any) {
+        if (f->help && *f->help) tc_buf_printf(out, "# HELP %s %s\n", f->name, f->help);
+        tc_buf_printf(out, "# TYPE %s histogram\n", f->name);
+        any = true;
+      }
+      const char *sep = *h->labels ? "," : "";
+      uint64_t cum = 0;
+      for (size_t b = 0; b <= h->nb; b++) {
+        cum += atomic_load(&h->counts[b]);
+        if (b < h->nb)
+          tc_buf_printf(out, "%s_bucket{%s%sle=\"%g\"} %llu\n", f->name, h->labels, sep, h->bounds[b],
+                        (unsigned long long)cum);
+        else
+          tc_buf_printf(out, "%s_bucket{%s%sle=\"+Inf\"} %llu\n", f->name, h->labels, sep, (unsigned long long)cum);
+      }
+      if (*h->labels) {
+        tc_buf_printf(out, "%s_sum{%s} %.9g\n", f->name, h->labels, atomic_load(&h->sum));
+        tc_buf_printf(out, "%s_count{%s} %llu\n", f->name, h->labels, (unsigned long long)atomic_load(&h->count));
+      } else {
+        tc_buf_printf(out, "%s_sum %.9g\n", f->name, atomic_load(&h->sum));
+        tc_buf_printf(out, "%s_count %llu\n", f->name, (unsigned long long)atomic_load(&h->count));
+      }
+    }
+  }
 }
 
 int tc_metrics_add_hook(tc_metrics_hook fn, void *ctx) {
@@ -205,6 +288,7 @@ void tc_metrics_render(struct tc_buf *out) {
         tc_buf_printf(out, " %lld\n", (long long)atomic_load(&m->value));
     }
   }
+  render_histograms(out);
   size_t nh = nhooks;
   typeof(hooks[0]) hk[MAX_HOOKS];
   memcpy(hk, hooks, sizeof hk);
@@ -223,6 +307,13 @@ void tc_metrics_reset(void) {
     free(fams[i]->help);
     free(fams[i]);
   }
+  for (size_t i = 0; i < nhists; i++) {
+    free(hists[i]->labels);
+    free(hists[i]);
+  }
+  free(hists);
+  hists = NULL;
+  nhists = caphists = 0;
   free(series);
   free(fams);
   series = NULL;

@@ -41,6 +41,14 @@ void tc_metrics_inc(const char *name, const char *labels);
 void tc_metrics_add(const char *name, const char *labels, int64_t delta);
 void tc_metrics_set(const char *name, const char *labels, int64_t value);
 
+/* Histograms: fixed upper bounds (ascending, +Inf implied), one series per
+ * label set. Observations are lock-free (atomics). Borrowed pointer, valid
+ * for the process lifetime; bounds are copied on first creation. */
+struct tc_histogram;
+struct tc_histogram *tc_metrics_histogram(const char *name, const char *labels, const double *bounds,
+                                          size_t nbounds);
+void tc_histogram_observe(struct tc_histogram *h, double v);
+
 /* A hook appends Prometheus text of its own (e.g. DERP counters, model
  * gauges) at render time. Called on the metrics thread without the registry
  * lock held. Returns 0 or TC_E* (hook table full). */

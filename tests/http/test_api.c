@@ -183,7 +183,10 @@ TC_TEST(api_bad_requests_are_json_errors) {
                         "process_resident_memory_bytes ",
                         "process_start_time_seconds ",
                         "process_open_fds ",
-                        "# TYPE tailcoat_http_requests_total counter"};
+                        "# TYPE tailcoat_http_requests_total counter",
+                        "# TYPE tailcoat_http_request_duration_seconds histogram",
+                        "tailcoat_http_request_duration_seconds_bucket{route=\"/health\",le=\"+Inf\"} ",
+                        "tailcoat_http_request_duration_seconds_count{route=\"/api/v1/user\"} "};
   /* the checker itself catches bad input */
   TC_CHECK(prom_problems("orphan 1\n") > 0);
   TC_CHECK(prom_problems("# TYPE a gauge\na{x=1} 2\n") > 0);

@@ -588,3 +588,24 @@ TC_TEST(frontdoor_parallel_clients) {
   TC_CHECK_INT(ok, N * 40);
   fixture_stop(&f);
 }
+
+TC_TEST(metrics_histogram_renders_cumulative_buckets) {
+  static const double b[] = {0.001, 0.01, 1};
+  struct tc_histogram *h = tc_metrics_histogram("tailcoat_test_latency_seconds", "op=\"x\"", b, 3);
+  TC_REQUIRE(h == tc_metrics_histogram("tailcoat_test_latency_seconds", "op=\"x\"", b, 3));
+  tc_histogram_observe(h, 0.0005);
+  tc_histogram_observe(h, 0.001); /* le is inclusive */
+  tc_histogram_observe(h, 0.02);
+  tc_histogram_observe(h, 3);
+  tc_histogram_observe(h, 100);
+  struct tc_buf out = TC_BUF_INIT;
+  tc_metrics_render(&out);
+  TC_CHECK(strstr(out.data, "# TYPE tailcoat_test_latency_seconds histogram\n"
+                            "tailcoat_test_latency_seconds_bucket{op=\"x\",le=\"0.001\"} 2\n"
+                            "tailcoat_test_latency_seconds_bucket{op=\"x\",le=\"0.01\"} 2\n"
+                            "tailcoat_test_latency_seconds_bucket{op=\"x\",le=\"1\"} 3\n"
+                            "tailcoat_test_latency_seconds_bucket{op=\"x\",le=\"+Inf\"} 5\n"
+                            "tailcoat_test_latency_seconds_sum{op=\"x\"} 103.0215\n"
+                            "tailcoat_test_latency_seconds_count{op=\"x\"} 5\n") != NULL);
+  tc_buf_free(&out);
+}
