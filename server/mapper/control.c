@@ -430,6 +430,52 @@ static struct tc_mapper_frag *peer_frag(struct tc_mapper *mp, const struct tc_sn
   return f;
 }
 
+static bool has_routes(const struct tc_node *n) {
+  for (size_t i = 0; i < n->approved_routes.n; i++)
+    if (tc_strv_contains(&n->announced_routes, n->approved_routes.v[i])) return true;
+  return false;
+}
+
+/* n's fragment as viewer sees it. Under a policy a router's AllowedIPs depend
+ * on what the viewer may reach, so routers get a per-viewer encoding (routers
+ * are few); every other node shares its cached fragment. New reference. */
+static struct tc_mapper_frag *viewer_frag(struct tc_mapper *mp, const struct tc_snapshot *snap, int64_t viewer,
+                                          const struct tc_node *n, int64_t now, bool *per_viewer) {
+  if (per_viewer) *per_viewer = false;
+  if (!mp->pv.pol || !mp->pv.res || !has_routes(n)) return peer_frag(mp, snap, n, true, now);
+  const struct tc_policy_node_result *r = tc_policy_result_node(mp->pv.res, viewer);
+  long idx = -1;
+  for (size_t lo = 0, hi = r ? r->npeers : 0; lo < hi;) {
+    size_t mid = (lo + hi) / 2;
+    if (r->peer_ids[mid] == n->id) {
+      idx = (long)mid;
+      break;
+    }
+    if (r->peer_ids[mid] < n->id) lo = mid + 1;
+    else hi = mid;
+  }
+  if (idx < 0 || !json_is_array(r->peer_allowed_ips[idx])) return peer_frag(mp, snap, n, true, now);
+  struct tc_strv allowed = {0}, prim = {0};
+  size_t i;
+  json_t *v;
+  json_array_foreach(r->peer_allowed_ips[idx], i, v) if (json_is_string(v)) tc_strv_push(&allowed, json_string_value(v));
+  struct tc_mapper_node_extra x;
+  node_extra(mp, snap, n, &prim, &x);
+  x.allowed_ips = &allowed;
+  struct tc_buf b = TC_BUF_INIT;
+  tc_mapper_encode_node(&b, &mp->env, n, &x, TC_MAPPER_PEER, now);
+  struct tc_mapper_frag *f = tc_xmalloc(sizeof *f + b.len + 1);
+  f->node_id = n->id;
+  f->len = b.len;
+  f->refs = 1;
+  memcpy(f->data, b.data, b.len + 1);
+  tc_buf_free(&b);
+  tc_strv_free(&allowed);
+  tc_strv_free(&prim);
+  if (per_viewer) *per_viewer = true;
+  return f;
+}
+
 static void self_json(struct tc_mapper *mp, const struct tc_snapshot *snap, const struct tc_node *n, int64_t now,
                       struct tc_buf *out) {
   struct tc_strv prim = {0};
@@ -481,7 +527,7 @@ static void build_full(struct tc_mapper *mp, const struct tc_snapshot *snap, con
   for (size_t i = 0; i < snap->n_nodes; i++) {
     const struct tc_node *p = snap->nodes[i];
     if (p->id == self->id || !visible(mp, snap, self, p)) continue;
-    peers[np++] = peer_frag(mp, snap, p, cached, now);
+    peers[np++] = cached ? viewer_frag(mp, snap, self->id, p, now, NULL) : peer_frag(mp, snap, p, false, now);
     seen[ns++] = p;
   }
   struct tc_user *users;
@@ -705,6 +751,7 @@ static void policy_deltas(struct tc_mapper *mp, const struct tc_snapshot *snap, 
   }
   struct tc_mapper_frag **all = tc_xcalloc(snap->n_nodes + 1, sizeof *all);
   struct tc_mapper_frag **inc = tc_xcalloc(nid + 1, sizeof *inc);
+  struct tc_mapper_frag **own = tc_xcalloc(nid + 1, sizeof *own);
   int64_t *rem = tc_xcalloc(snap->n_nodes + nid + 1, sizeof *rem);
   const struct tc_node **owners = tc_xcalloc(snap->n_nodes + nid + 2, sizeof *owners);
   struct tc_buf shared[8];
@@ -736,12 +783,13 @@ static void policy_deltas(struct tc_mapper *mp, const struct tc_snapshot *snap, 
     size_t no = 0;
     owners[no++] = self;
     struct tc_buf sj = TC_BUF_INIT, json = TC_BUF_INIT, frame = TC_BUF_INIT;
-    size_t na = 0, ni = 0, nr2 = 0;
+    size_t na = 0, ni = 0, nr2 = 0, nown = 0;
+    bool per_viewer = false;
     if (resync) {
       for (size_t k = 0; k < snap->n_nodes; k++) {
         const struct tc_node *p = snap->nodes[k];
         if (p->id == self->id || !res_visible(mp->pv.res, self->id, p->id)) continue;
-        all[na++] = peer_frag(mp, snap, p, true, now);
+        all[na++] = viewer_frag(mp, snap, self->id, p, now, NULL);
         owners[no++] = p;
       }
       if (na) {
@@ -761,8 +809,18 @@ static void policy_deltas(struct tc_mapper *mp, const struct tc_snapshot *snap, 
         bool now_vis = fr[k] && res_visible(mp->pv.res, self->id, ids[k]);
         bool was_vis = res_visible(ores, self->id, ids[k]);
         if (now_vis) {
-          inc[ni++] = fr[k];
-          owners[no++] = tc_snapshot_node(snap, ids[k]);
+          const struct tc_node *pn = tc_snapshot_node(snap, ids[k]);
+          bool pv_own = false;
+          struct tc_mapper_frag *vf = viewer_frag(mp, snap, self->id, pn, now, &pv_own);
+          if (pv_own) {
+            inc[ni++] = vf;
+            own[nown++] = vf;
+            per_viewer = true;
+          } else {
+            tc_mapper_frag_unref(vf); /* the same cached fragment as fr[k] */
+            inc[ni++] = fr[k];
+          }
+          owners[no++] = pn;
         } else if (was_vis || !fr[k]) {
           rem[nr2++] = ids[k];
         }
@@ -785,7 +843,7 @@ static void policy_deltas(struct tc_mapper *mp, const struct tc_snapshot *snap, 
     }
     /* Recipients that get the same subset of the touched nodes and nothing
      * of their own share one encoded, framed message. */
-    bool shareable = !resync && !self_changed && !d.with_filter && !d.with_ssh && nid <= 64;
+    bool shareable = !resync && !self_changed && !d.with_filter && !d.with_ssh && !per_viewer && nid <= 64;
     uint64_t incm = 0, remm = 0;
     if (shareable) {
       for (size_t k = 0, a = 0, r = 0; k < nid; k++) {
@@ -809,6 +867,7 @@ static void policy_deltas(struct tc_mapper *mp, const struct tc_snapshot *snap, 
       frame = (struct tc_buf)TC_BUF_INIT;
     }
     for (size_t k = 0; k < na; k++) tc_mapper_frag_unref(all[k]);
+    for (size_t k = 0; k < nown; k++) tc_mapper_frag_unref(own[k]);
     free(users);
     tc_buf_free(&sj);
     tc_buf_free(&json);
@@ -819,6 +878,7 @@ static void policy_deltas(struct tc_mapper *mp, const struct tc_snapshot *snap, 
   free(fr);
   free(all);
   free(inc);
+  free(own);
   free(rem);
   free(owners);
 }
@@ -1746,6 +1806,9 @@ static void handle_map(struct tc_mapper *mp, const uint8_t mk[TC_KEY_LEN], const
                             .cap_version = r.version,
                             .announced_routes = r.hostinfo_json ? &r.hi.routable_ips : NULL};
   if (r.has_endpoints && (lite || r.endpoints.n)) u.endpoints = &r.endpoints;
+  /* Likewise routes: a withdrawal arrives as a lite update; a streaming
+   * request without RoutableIPs must not un-announce a router's subnets. */
+  if (!lite && r.stream && u.announced_routes && u.announced_routes->n == 0) u.announced_routes = NULL;
   if (r.has_disco_key) u.disco_key = r.disco_key;
   int rc = tc_model_node_update_from_map(mp->model, node_id, &u, NULL, &err);
   if (rc == TC_ETOOBIG || rc == TC_EINVAL) {

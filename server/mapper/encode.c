@@ -208,7 +208,8 @@ void tc_mapper_encode_node(struct tc_buf *b, const struct tc_mapper_env *env, co
   /* AllowedIPs = addresses + primary subnet routes + exit routes. Always
    * sent: clients below capver 112 need it. */
   tc_mapper_key(b, &first, "AllowedIPs");
-  put_addrs(b, n, &allowed);
+  if (x->allowed_ips) tc_mapper_json_strv(b, x->allowed_ips);
+  else put_addrs(b, n, &allowed);
   if (prim.n) {
     tc_mapper_key(b, &first, "PrimaryRoutes");
     tc_mapper_json_strv(b, &prim);

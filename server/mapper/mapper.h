@@ -151,6 +151,10 @@ struct tc_mapper_node_extra {
    * announced subnet route (no HA decision made). */
   const struct tc_strv *primary_routes;
   const char *capmap_json;              /* overrides env->capmap_json when non-NULL */
+  /* The complete AllowedIPs as one viewer installs them (a policy may hide a
+   * subnet route from viewers that cannot reach it); NULL = the node's own
+   * addresses + primary subnet routes + approved exit routes. */
+  const struct tc_strv *allowed_ips;
 };
 
 enum tc_mapper_form { TC_MAPPER_SELF = 0, TC_MAPPER_PEER = 1 };

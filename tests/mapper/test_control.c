@@ -1240,3 +1240,61 @@ TC_TEST(tag_change_under_policy_moves_visibility) {
   fake_free(s1);
   fake_free(s2);
 }
+
+static bool allowed_has(json_t *peer, const char *prefix) {
+  size_t i;
+  json_t *v;
+  json_array_foreach(json_object_get(peer, "AllowedIPs"), i, v) if (!strcmp(json_string_value(v), prefix)) return true;
+  return false;
+}
+
+/* Under a policy a subnet router's AllowedIPs are per viewer: the route is
+ * installed only by peers that may reach the subnet. */
+TC_TEST(router_allowed_ips_follow_the_policy_per_viewer) {
+  struct fx x;
+  TC_REQUIRE(fx_open(&x, 0));
+  struct tc_err err = {0};
+  int64_t bob = 0;
+  TC_REQUIRE(tc_model_user_create(x.model, "cli", "bob", NULL, NULL, &bob, &err) == 0);
+  char *bobkey = NULL;
+  struct tc_preauth_opts po = {.user_id = bob, .reusable = true};
+  TC_REQUIRE(tc_model_preauth_create(x.model, "cli", &po, NULL, &bobkey, &err) == 0);
+  const char *pol = "{\"acls\":[{\"action\":\"accept\",\"src\":[\"alice@\"],\"dst\":[\"alice@:*\",\"10.1.0.0/16:*\"]},"
+                    "{\"action\":\"accept\",\"src\":[\"bob@\"],\"dst\":[\"alice@:*\"]}]}";
+  TC_REQUIRE(tc_model_policy_set(x.model, "cli", pol, strlen(pol), NULL, &err) == 0);
+  int64_t r = reg_node(&x, 1, 101, x.authkey, "router");
+  int64_t a2 = reg_node(&x, 2, 102, x.authkey, "a2");
+  int64_t b1 = reg_node(&x, 3, 103, bobkey, "b1");
+  TC_REQUIRE(r > 0 && a2 > 0 && b1 > 0);
+  /* the router announces its subnet (lite update) and an admin approves it */
+  char *nk = key_text(TC_MKEY_NODE, 101);
+  char *lite = tc_xasprintf("{\"Version\":138,\"NodeKey\":\"%s\",\"OmitPeers\":true,"
+                            "\"Hostinfo\":{\"Hostname\":\"router\",\"RoutableIPs\":[\"10.1.0.0/16\"]}}", nk);
+  struct fake *lf = call(&x, 1, "/machine/map", lite);
+  TC_CHECK(wait_done(lf, 5000) && lf->status == 200);
+  fake_free(lf);
+  struct tc_strv routes = {0};
+  tc_strv_push(&routes, "10.1.0.0/16");
+  TC_REQUIRE(tc_model_node_approve_routes(x.model, "cli", r, &routes, &err) == 0);
+  tc_strv_free(&routes);
+  struct fake *sr = open_stream(&x, 1, 101); /* the router online: it becomes primary */
+  json_decref(full_map(sr));
+  struct fake *s2 = open_stream(&x, 2, 102), *s3 = open_stream(&x, 3, 103);
+  json_t *m2 = full_map(s2), *m3 = full_map(s3);
+  TC_REQUIRE(m2 && m3);
+  json_t *r_for_alice = find_peer(json_object_get(m2, "Peers"), r);
+  json_t *r_for_bob = find_peer(json_object_get(m3, "Peers"), r);
+  TC_REQUIRE(r_for_alice && r_for_bob);
+  TC_CHECK(allowed_has(r_for_alice, "10.1.0.0/16"));
+  TC_CHECK(!allowed_has(r_for_bob, "10.1.0.0/16"));
+  TC_CHECK(json_array_size(json_object_get(r_for_bob, "AllowedIPs")) >= 1);
+  json_decref(m2);
+  json_decref(m3);
+  free(nk);
+  free(lite);
+  tc_free_secret(bobkey, strlen(bobkey));
+  fx_close(&x);
+  fake_free(sr);
+  fake_free(s2);
+  fake_free(s3);
+}
