@@ -1497,9 +1497,13 @@ static int parse_ssh_tests(struct pctx *c, json_t *v)
         for (size_t i = 0; !rc && i < t->ndst; i++) {
           push_idx(c, (int)i);
           const char *d = t->dst[i];
+          struct ip_range v6r;
           if (tc_str_has_prefix(d, "autogroup:") && strcmp(d, "autogroup:member") && strcmp(d, "autogroup:tagged") &&
               strcmp(d, "autogroup:self"))
             rc = perr(c, "SSH tests dst contains disallowed element \"%s\"", d);
+          else if (strchr(d, ':') && !pol_ip_parse_prefix(d, &v6r, NULL))
+            /* The service refuses bare IPv6 addresses as SSH test destinations. */
+            rc = perr(c, "SSH tests dst contains disallowed element \"%s\" (IPv6 address)", d);
           else if (tc_str_has_prefix(d, "tag:") && !find_list(p->tag_owners, p->ntag_owners, d))
             rc = perr(c, "SSH tests dst contains unknown tag \"%s\"", d);
           pop(c);
