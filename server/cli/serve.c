@@ -392,7 +392,9 @@ int tc_cli_serve(const struct tc_config *cfg) {
    * Protocol modules plug in here, before the front door starts; every
    * route and upgrade handler is registered before the first request. Stop
    * them in the shutdown block below (transports first, then handlers,
-   * then the model). Reload hooks: tc_cli_on_reload(fn, ctx). */
+   * then the model). Reload hooks: tc_cli_on_reload(fn, ctx). Plain routes
+   * (web UI, OIDC callbacks) go on be->router with tc_http_route; the model
+   * is be->model. */
   tc_mapper_env_from_config(&env, cfg);
 
   /* DERP map: embedded region + derp.urls + derp.paths; changes reach every
