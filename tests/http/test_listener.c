@@ -609,3 +609,42 @@ TC_TEST(metrics_histogram_renders_cumulative_buckets) {
                             "tailcoat_test_latency_seconds_count{op=\"x\"} 5\n") != NULL);
   tc_buf_free(&out);
 }
+
+TC_TEST(listen_addresses_parse_and_bind) {
+  struct tc_err err = {0};
+  int fd = tc_http_listen_tcp("127.0.0.1:0", &err);
+  TC_CHECK(fd >= 0);
+  if (fd >= 0) close(fd);
+  fd = tc_http_listen_tcp(":0", &err); /* all addresses, dual stack when possible */
+  TC_CHECK(fd >= 0);
+  if (fd >= 0) close(fd);
+  fd = tc_http_listen_tcp("[::1]:0", &err);
+  if (fd >= 0) close(fd);
+  else fprintf(stderr, "  (no IPv6 loopback here: %s)\n", err.msg);
+  static const char *const bad[] = {"nonsense", "127.0.0.1", "127.0.0.1:99999", "127.0.0.1:-1", "::1:80",
+                                    "[::1]80", "127.0.0.1:8x", ""};
+  for (size_t i = 0; i < TC_ARRAY_LEN(bad); i++) {
+    memset(&err, 0, sizeof err);
+    fd = tc_http_listen_tcp(bad[i], &err);
+    if (fd >= 0) {
+      fprintf(stderr, "  \"%s\" was accepted\n", bad[i]);
+      tc_test_failures++;
+      close(fd);
+    } else {
+      TC_CHECK(err.msg[0] != 0);
+    }
+  }
+  /* a port in use is an error naming the address */
+  int a = tc_http_listen_tcp("127.0.0.1:0", &err);
+  TC_REQUIRE(a >= 0);
+  struct sockaddr_in sa;
+  socklen_t sl = sizeof sa;
+  getsockname(a, (struct sockaddr *)&sa, &sl);
+  char addr[64];
+  snprintf(addr, sizeof addr, "127.0.0.1:%d", ntohs(sa.sin_port));
+  fd = tc_http_listen_tcp(addr, &err);
+  TC_CHECK(fd < 0);
+  TC_CHECK(strstr(err.msg, addr) != NULL);
+  if (fd >= 0) close(fd);
+  close(a);
+}
