@@ -4,12 +4,21 @@
  *
  * Threads: tc_mapper_serve runs on the transport's workers. Everything about
  * open streams (the session table, per-node versions, keep-alive timers) is
- * owned by one dispatcher thread, fed through a FIFO queue by the model's
- * change subscriber (which must not block), by the workers (stream opens) and
- * by the transport's cancel callbacks (stream closes). Because an open is
- * queued behind every event published before it, the full map it gets and
- * the deltas that follow never miss or repeat a change. Follow-up long polls
- * each get a short-lived thread so they never hold a transport worker. */
+ * owned by one dispatcher thread, fed through a queue by the model's change
+ * subscriber (which must not block), by the workers (stream opens) and by
+ * the transport's cancel callbacks (stream closes). The dispatcher takes the
+ * whole queue at once, handles its events first (merged into batches) and
+ * then the opens: an open is always answered from a state that contains
+ * every event queued before it, and gets every event handled after it, so
+ * its full map and the deltas that follow never miss a change.
+ *
+ * Without a policy (or with the empty allow-all one) a delta is encoded and
+ * framed once and written to every stream. With a policy the dispatcher
+ * compiles it (policy/) on each topology change and works per recipient:
+ * visible peers, its own filter, SSH policy and CapMap, per-viewer AllowedIPs
+ * of subnet routers, and a full resync when a stream's visible set changed.
+ * Follow-up long polls each get a short-lived thread so they never hold a
+ * transport worker. */
 #include <arpa/inet.h>
 #include <jansson.h>
 #include <pthread.h>
@@ -1287,24 +1296,27 @@ static void do_batch(struct tc_mapper *mp, struct item **items, size_t n) {
 
 static void do_env(struct tc_mapper *mp, struct tc_mapper_env *env) {
   pthread_rwlock_wrlock(&mp->env_lock);
+  /* what every Node or per-node message depends on: names, CapMap, and the
+   * allow-all filter / SSH policy */
+  bool nodes_change = str_differ(mp->env.base_domain, env->base_domain) ||
+                      str_differ(mp->env.capmap_json, env->capmap_json) ||
+                      str_differ(mp->env.filter_json, env->filter_json) || str_differ(mp->env.ssh_json, env->ssh_json);
   tc_mapper_env_free(&mp->env);
   mp->env = *env;
   free(env);
-  /* every fragment depends on the env (names, CapMap) */
-  tc_mapper_cache_free(mp->cache);
-  mp->cache = tc_mapper_cache_new();
+  if (nodes_change) {
+    tc_mapper_cache_free(mp->cache);
+    mp->cache = tc_mapper_cache_new();
+  }
   pthread_rwlock_unlock(&mp->env_lock);
   pthread_rwlock_rdlock(&mp->env_lock);
-  struct tc_mapper_delta d = {.with_derp = true, .with_dns = true, .with_filter = true, .with_ssh = true,
-                              .now = tc_now()};
   struct tc_snapshot *snap = mp->last_snap ? tc_snapshot_ref(mp->last_snap) : tc_model_snapshot(mp->model);
+  if (nodes_change && mp->pv.pol) pv_compile(mp, snap); /* CapMaps merge the env's defaults */
+  struct tc_mapper_delta d = {.with_derp = true, .with_dns = true, .now = tc_now()};
   broadcast(mp, snap, &d, 0, NULL);
-  /* names may have changed with the base domain: resend self nodes */
-  for (size_t i = mp->n_sess; i-- > 0;) {
-    if (i >= mp->n_sess) continue;
-    const struct tc_node *n = tc_snapshot_node(snap, mp->sess[i]->node_id);
-    if (n) send_self(mp, snap, n, d.now);
-  }
+  /* every stream again gets its self node, complete peer list, filter and
+   * SSH policy, since all of them embed what changed */
+  if (nodes_change) policy_deltas(mp, snap, NULL, 0, true, NULL, NULL, 0, false, d.now);
   tc_snapshot_release(snap);
   pthread_rwlock_unlock(&mp->env_lock);
 }

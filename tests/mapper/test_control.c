@@ -1181,7 +1181,7 @@ TC_TEST(burst_under_policy_keeps_isolation) {
 
 /* An admin tags one of alice's nodes: under an "alice@ only" policy it stops
  * being alice's, so her other node loses it (PeersRemoved) and it sees
- * nobody (resync with PeersRemoved); untagging brings it back. */
+ * nobody (resync with PeersRemoved). (Tags cannot be removed again: Headscale rule.) */
 TC_TEST(tag_change_under_policy_moves_visibility) {
   struct fx x;
   TC_REQUIRE(fx_open(&x, 0));
@@ -1227,12 +1227,6 @@ TC_TEST(tag_change_under_policy_moves_visibility) {
   TC_CHECK(json_object_get(m, "Peers") == NULL);
   json_decref(m);
   fake_free(of);
-  /* untag: back in each other's maps */
-  struct tc_strv none = {0};
-  TC_REQUIRE(tc_model_node_set_tags(x.model, "cli", a2, &none, &err) == 0);
-  m = wait_for(s1, "PeersChanged", a2);
-  TC_CHECK(m != NULL);
-  json_decref(m);
   free(nk);
   free(one);
   tc_strv_free(&tags);
@@ -1297,4 +1291,44 @@ TC_TEST(router_allowed_ips_follow_the_policy_per_viewer) {
   fake_free(sr);
   fake_free(s2);
   fake_free(s3);
+}
+
+/* A config reload / new DERP map reaches every open stream: DERPMap and
+ * DNSConfig; a new base domain renames every node (self and peers). */
+TC_TEST(env_change_reaches_streams) {
+  struct fx x;
+  TC_REQUIRE(fx_open(&x, 0));
+  int64_t a = reg_node(&x, 1, 101, x.authkey, "alpha");
+  int64_t b = reg_node(&x, 2, 102, x.authkey, "beta");
+  TC_REQUIRE(a > 0 && b > 0);
+  struct fake *sa = open_stream(&x, 1, 101), *sb = open_stream(&x, 2, 102);
+  json_decref(full_map(sa));
+  json_decref(full_map(sb));
+  drain(&x, sa);
+  drain(&x, sb);
+  /* only the DERP map changes: one shared message, no node traffic */
+  struct tc_mapper_env env = {.base_domain = "tail.example.com", .domain = "example.com",
+                              .derp_json = "{\"Regions\":{\"900\":{\"RegionID\":900,\"Nodes\":[]}}}",
+                              .dns_json = "{\"Proxied\":true}", .disable_logtail = true};
+  tc_mapper_set_env(x.mp, &env);
+  tc_mapper_sync(x.mp);
+  json_t *m = next_msg(sa, 2000, true);
+  TC_REQUIRE(m != NULL);
+  TC_CHECK(json_object_get(json_object_get(json_object_get(m, "DERPMap"), "Regions"), "900") != NULL);
+  TC_CHECK(json_is_true(json_object_get(json_object_get(m, "DNSConfig"), "Proxied")));
+  TC_CHECK(json_object_get(m, "Node") == NULL && json_object_get(m, "Peers") == NULL);
+  json_decref(m);
+  TC_CHECK(next_msg(sa, 200, true) == NULL);
+  /* a new base domain: self and peers renamed */
+  env.base_domain = "new.example.org";
+  tc_mapper_set_env(x.mp, &env);
+  m = wait_for(sa, "Node", 0);
+  TC_REQUIRE(m != NULL);
+  TC_CHECK_STR(json_string_value(json_object_get(json_object_get(m, "Node"), "Name")), "alpha.new.example.org.");
+  json_t *pb = find_peer(json_object_get(m, "Peers"), b);
+  TC_CHECK(pb && !strcmp(json_string_value(json_object_get(pb, "Name")), "beta.new.example.org."));
+  json_decref(m);
+  fx_close(&x);
+  fake_free(sa);
+  fake_free(sb);
 }
