@@ -377,10 +377,16 @@ int tc_cli_serve(const struct tc_config *cfg) {
 
   /* With TLS, listen_addr belongs to the TLS module, which feeds decrypted
    * connections to the front door. */
+  const char *proxies[64];
+  size_t nproxies = 0;
+  for (size_t i = 0; i < cfg->trusted_proxies.n && nproxies < TC_ARRAY_LEN(proxies); i++)
+    proxies[nproxies++] = cfg->trusted_proxies.v[i].text;
   struct tc_frontdoor_opts fo = {.listen_addr = use_tls ? NULL : cfg->listen_addr,
                                  .unix_socket = cfg->unix_socket,
                                  .unix_socket_mode = cfg->unix_socket_permission,
-                                 .router = be->router};
+                                 .router = be->router,
+                                 .trusted_proxies = proxies,
+                                 .n_trusted_proxies = nproxies};
   if (tc_frontdoor_new(&fo, &fdr, &err)) {
     fprintf(stderr, "Error: %s\n", err.msg);
     goto out;

@@ -153,6 +153,12 @@ struct tc_frontdoor_opts {
   int head_timeout_ms;      /* 0 = 10 s: a request head must be complete by then */
   size_t body_max;          /* 0 = TC_HTTP_BODY_MAX_DEFAULT -> 413 above */
   int threads;              /* libmicrohttpd worker threads, 0 = 4 */
+  /* CIDRs ("10.0.0.0/8", "::1/128") of reverse proxies whose
+   * X-Forwarded-For is believed: a request from one of them gets the
+   * forwarded client address as its peer (for logs and handlers).
+   * Copied; NULL/0 = trust nobody. Malformed entries fail tc_frontdoor_new. */
+  const char *const *trusted_proxies;
+  size_t n_trusted_proxies;
   struct tc_router *router; /* borrowed; must outlive the front door */
 };
 

@@ -48,8 +48,16 @@ struct pending {
   struct pending *prev, *next;
 };
 
+struct cidr {
+  int family; /* AF_INET / AF_INET6 */
+  uint8_t addr[16];
+  int bits;
+};
+
 struct tc_frontdoor {
   struct tc_frontdoor_opts opts;
+  struct cidr *trusted;
+  size_t ntrusted;
   char *unix_path;
   int tcp_fd, unix_fd, ep, wake_fd;
   int port;
@@ -320,6 +328,107 @@ static int listen_unix(const char *path, unsigned mode, struct tc_err *err) {
   return fd;
 }
 
+/* ---- trusted proxies ---------------------------------------------------------------- */
+
+static int parse_cidr(const char *s, struct cidr *c) {
+  char buf[80];
+  const char *slash = strchr(s, '/');
+  size_t hl = slash ? (size_t)(slash - s) : strlen(s);
+  if (hl >= sizeof buf) return TC_EINVAL;
+  memcpy(buf, s, hl);
+  buf[hl] = 0;
+  memset(c, 0, sizeof *c);
+  if (inet_pton(AF_INET, buf, c->addr) == 1) c->family = AF_INET;
+  else if (inet_pton(AF_INET6, buf, c->addr) == 1) c->family = AF_INET6;
+  else return TC_EINVAL;
+  int max = c->family == AF_INET ? 32 : 128;
+  c->bits = max;
+  if (slash) {
+    const char *b = slash + 1;
+    if (!*b || strlen(b) > 3 || strspn(b, "0123456789") != strlen(b)) return TC_EINVAL;
+    c->bits = atoi(b);
+    if (c->bits > max) return TC_EINVAL;
+  }
+  return TC_OK;
+}
+
+/* Address of "ip" text (v4, v6, or v4-mapped v6 normalised to v4). */
+static bool addr_parse(const char *ip, int *family, uint8_t out[16]) {
+  if (inet_pton(AF_INET, ip, out) == 1) {
+    *family = AF_INET;
+    return true;
+  }
+  if (inet_pton(AF_INET6, ip, out) == 1) {
+    *family = AF_INET6;
+    if (IN6_IS_ADDR_V4MAPPED((struct in6_addr *)out)) {
+      memmove(out, out + 12, 4);
+      *family = AF_INET;
+    }
+    return true;
+  }
+  return false;
+}
+
+static bool cidr_contains(const struct cidr *c, int family, const uint8_t *a) {
+  if (c->family != family) return false;
+  int full = c->bits / 8, rest = c->bits % 8;
+  if (memcmp(c->addr, a, (size_t)full)) return false;
+  if (!rest) return true;
+  uint8_t mask = (uint8_t)(0xFF << (8 - rest));
+  return (c->addr[full] & mask) == (a[full] & mask);
+}
+
+static bool is_trusted(const struct tc_frontdoor *fdr, const char *ip) {
+  int fam;
+  uint8_t a[16];
+  if (!fdr->ntrusted || !addr_parse(ip, &fam, a)) return false;
+  for (size_t i = 0; i < fdr->ntrusted; i++)
+    if (cidr_contains(&fdr->trusted[i], fam, a)) return true;
+  return false;
+}
+
+/* The client behind trusted proxies: walking X-Forwarded-For from the right,
+ * the first address that is not a trusted proxy. Writes "ip" into out when
+ * peer_ip (the TCP peer) is trusted and a usable address is found. */
+static bool forwarded_client(const struct tc_frontdoor *fdr, const char *peer_ip, const char *xff, char *out,
+                             size_t outlen) {
+  if (!xff || !*xff || !is_trusted(fdr, peer_ip)) return false;
+  char buf[1024];
+  snprintf(buf, sizeof buf, "%s", xff);
+  for (;;) {
+    char *comma = strrchr(buf, ',');
+    char *item = comma ? comma + 1 : buf;
+    while (*item == ' ' || *item == '\t') item++;
+    char *end = item + strlen(item);
+    while (end > item && (end[-1] == ' ' || end[-1] == '\t')) *--end = 0;
+    int fam;
+    uint8_t a[16];
+    if (!addr_parse(item, &fam, a)) return false; /* garbage: keep the TCP peer */
+    if (!is_trusted(fdr, item) || !comma) {
+      snprintf(out, outlen, "%s", item);
+      return true;
+    }
+    *comma = 0;
+  }
+}
+
+/* "ip" part of a "ip:port" / "[v6]:port" peer string. */
+static void peer_ip(const char *peer, char *out, size_t outlen) {
+  if (peer[0] == '[') {
+    const char *rb = strchr(peer, ']');
+    size_t l = rb ? (size_t)(rb - peer - 1) : 0;
+    if (l >= outlen) l = 0;
+    memcpy(out, peer + 1, l);
+    out[l] = 0;
+    return;
+  }
+  const char *colon = strrchr(peer, ':');
+  size_t l = colon ? (size_t)(colon - peer) : strlen(peer);
+  if (l >= outlen) l = outlen - 1;
+  memcpy(out, peer, l);
+  out[l] = 0;
+}
+
 /* ---- libmicrohttpd glue --------------------------------------------------------------- */
 
 struct mhd_conn {
@@ -423,6 +532,12 @@ static enum MHD_Result access_cb(void *cls, struct MHD_Connection *c, const char
     }
     const union MHD_ConnectionInfo *fi = MHD_get_connection_info(c, MHD_CONNECTION_INFO_CONNECTION_FD);
     if (fi && fi->connect_fd >= 0 && fi->connect_fd < FD_FLAGS_MAX) req.tls = atomic_load(&fd_flags[fi->connect_fd]) & 1;
+    char fwd[64];
+    char pip[64];
+    peer_ip(peer, pip, sizeof pip);
+    if (forwarded_client(fdr, pip, MHD_lookup_connection_value(c, MHD_HEADER_KIND, "X-Forwarded-For"), fwd,
+                         sizeof fwd))
+      snprintf(peer, sizeof peer, "%s", fwd);
     req.peer = peer;
     MHD_get_connection_values(c, MHD_GET_ARGUMENT_KIND, collect_arg, &req);
     tc_router_dispatch(fdr->opts.router, &req, &resp);
@@ -617,6 +732,12 @@ static void try_peek(struct tc_frontdoor *fdr, struct pending *p, uint32_t event
   h->head_len = head_len;
   h->tls = p->tls;
   format_peer((struct sockaddr *)&p->addr, p->addrlen, h->peer, sizeof h->peer);
+  if (fdr->ntrusted) {
+    char pip[64], fwd[64];
+    peer_ip(h->peer, pip, sizeof pip);
+    if (forwarded_client(fdr, pip, tc_http_head_get(h, "X-Forwarded-For"), fwd, sizeof fwd))
+      snprintf(h->peer, sizeof h->peer, "%s", fwd);
+  }
   const char *upg = tc_http_head_get(h, "Upgrade");
   if (upg && *upg) {
     for (size_t i = 0; i < fdr->nupgrades; i++) {
@@ -715,9 +836,21 @@ int tc_frontdoor_new(const struct tc_frontdoor_opts *opts, struct tc_frontdoor *
   if (!fdr->opts.body_max) fdr->opts.body_max = TC_HTTP_BODY_MAX_DEFAULT;
   if (fdr->opts.threads <= 0) fdr->opts.threads = 4;
   if (fdr->opts.threads > MAX_DAEMONS) fdr->opts.threads = MAX_DAEMONS;
+  fdr->opts.trusted_proxies = NULL;
   fdr->tcp_fd = fdr->unix_fd = fdr->ep = fdr->wake_fd = -1;
   fdr->port = -1;
   pthread_mutex_init(&fdr->qmu, NULL);
+  if (opts->n_trusted_proxies) {
+    fdr->trusted = tc_xcalloc(opts->n_trusted_proxies, sizeof *fdr->trusted);
+    for (size_t i = 0; i < opts->n_trusted_proxies; i++) {
+      if (parse_cidr(opts->trusted_proxies[i], &fdr->trusted[i])) {
+        rc = tc_err_set(err, TC_EINVAL, "trusted_proxies: \"%s\" is not an address or CIDR",
+                        opts->trusted_proxies[i]);
+        goto fail;
+      }
+      fdr->ntrusted++;
+    }
+  }
   fdr->ep = epoll_create1(EPOLL_CLOEXEC);
   fdr->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   if (fdr->ep < 0 || fdr->wake_fd < 0) {
@@ -842,6 +975,7 @@ void tc_frontdoor_free(struct tc_frontdoor *fdr) {
   if (fdr->wake_fd >= 0) close(fdr->wake_fd);
   for (size_t i = 0; i < fdr->nupgrades; i++) free(fdr->upgrades[i].path);
   free(fdr->unix_path);
+  free(fdr->trusted);
   pthread_mutex_destroy(&fdr->qmu);
   free(fdr);
 }

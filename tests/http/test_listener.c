@@ -648,3 +648,63 @@ TC_TEST(listen_addresses_parse_and_bind) {
   if (fd >= 0) close(fd);
   close(a);
 }
+
+static void peer_handler(void *ctx, const struct tc_http_req *req, struct tc_http_resp *resp) {
+  tc_http_resp_text(resp, 200, "text/plain", req->peer, strlen(req->peer));
+}
+
+static char *peer_seen(int port, const char *xff) {
+  char req[512];
+  snprintf(req, sizeof req, "GET /peer HTTP/1.1\r\nHost: t\r\n%s%s%sConnection: close\r\n\r\n",
+           xff ? "X-Forwarded-For: " : "", xff ? xff : "", xff ? "\r\n" : "");
+  char *resp = exchange(connect_tcp(port), req, strlen(req));
+  const char *b = strstr(resp, "\r\n\r\n");
+  char *out = strdup(b ? b + 4 : "");
+  free(resp);
+  return out;
+}
+
+TC_TEST(frontdoor_trusted_proxies_forwarded_for) {
+  struct tc_router *r = tc_router_new();
+  tc_http_route(r, "GET", "/peer", peer_handler, NULL);
+  struct tc_err err = {0};
+  struct tc_frontdoor *fdr = NULL;
+  const char *bad[] = {"10.0.0.0/33"};
+  struct tc_frontdoor_opts o = {.listen_addr = "127.0.0.1:0", .router = r, .trusted_proxies = bad,
+                                .n_trusted_proxies = 1};
+  TC_CHECK(tc_frontdoor_new(&o, &fdr, &err) == TC_EINVAL);
+  TC_CHECK(strstr(err.msg, "10.0.0.0/33") != NULL);
+  /* first: nobody trusted, the header is ignored */
+  o.trusted_proxies = NULL;
+  o.n_trusted_proxies = 0;
+  TC_REQUIRE(tc_frontdoor_new(&o, &fdr, &err) == 0);
+  TC_REQUIRE(tc_frontdoor_start(fdr, &err) == 0);
+  char *p = peer_seen(tc_frontdoor_port(fdr), "203.0.113.7");
+  TC_CHECK(tc_str_has_prefix(p, "127.0.0.1:"));
+  free(p);
+  tc_frontdoor_free(fdr);
+  /* loopback trusted: the right-most untrusted hop is the client */
+  const char *trusted[] = {"127.0.0.0/8", "10.1.0.0/16"};
+  o.trusted_proxies = trusted;
+  o.n_trusted_proxies = 2;
+  TC_REQUIRE(tc_frontdoor_new(&o, &fdr, &err) == 0);
+  TC_REQUIRE(tc_frontdoor_start(fdr, &err) == 0);
+  int port = tc_frontdoor_port(fdr);
+  p = peer_seen(port, "203.0.113.7");
+  TC_CHECK_STR(p, "203.0.113.7");
+  free(p);
+  p = peer_seen(port, "198.51.100.1, 203.0.113.7, 10.1.2.3");
+  TC_CHECK_STR(p, "203.0.113.7"); /* spoofed left-most entries are not believed */
+  free(p);
+  p = peer_seen(port, "2001:db8::5");
+  TC_CHECK_STR(p, "2001:db8::5");
+  free(p);
+  p = peer_seen(port, "not-an-ip");
+  TC_CHECK(tc_str_has_prefix(p, "127.0.0.1:"));
+  free(p);
+  p = peer_seen(port, NULL);
+  TC_CHECK(tc_str_has_prefix(p, "127.0.0.1:"));
+  free(p);
+  tc_frontdoor_free(fdr);
+  tc_router_free(r);
+}
