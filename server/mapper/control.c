@@ -937,7 +937,7 @@ static void do_open(struct tc_mapper *mp, struct session *s) {
   struct tc_snapshot *snap = mp->last_snap ? tc_snapshot_ref(mp->last_snap) : tc_model_snapshot(mp->model);
   const struct tc_node *self = tc_snapshot_node(snap, s->node_id);
   if (!self && s->oneshot) {
-    s->io->respond(s->st, 404, "text/plain; charset=utf-8", "node not found", 14);
+    s->io->end(s->st); /* deleted meanwhile: an empty body, the client retries */
     s->state = 2;
     atomic_store(&s->closed, 1);
     s->closed_at_ms = tc_mono_ms();
@@ -958,7 +958,8 @@ static void do_open(struct tc_mapper *mp, struct session *s) {
   tc_mapper_frame(json.data, json.len, &frame);
   if (s->oneshot) {
     /* one message, then the response ends; nothing is registered */
-    s->io->respond(s->st, 200, "application/json", frame.data, frame.len);
+    s->io->write(s->st, frame.data, frame.len);
+    s->io->end(s->st);
     s->state = 2;
     atomic_store(&s->closed, 1);
     s->closed_at_ms = tc_mono_ms();
@@ -1840,7 +1841,13 @@ static void handle_map(struct tc_mapper *mp, const uint8_t mk[TC_KEY_LEN], const
     goto out;
   }
   if (!r.stream) {
-    /* one-shot: built by the dispatcher, which owns the policy view */
+    /* one-shot: built by the dispatcher, which owns the policy view. The
+     * response is begun here (the transport answers 500 for a handler that
+     * returns without starting one) and finished by the dispatcher. */
+    if (io->begin(st, 200, "application/json")) {
+      io->end(st);
+      goto out;
+    }
     struct session *os = tc_xcalloc(1, sizeof *os);
     os->mp = mp;
     os->io = io;

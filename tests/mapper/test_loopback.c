@@ -231,6 +231,21 @@ TC_TEST(official_like_clients_register_and_map) {
   free(resp);
   free(b);
   TC_CHECK(map_wait_text(c1, s1, "203.0.113.44:41641"));
+  /* a one-shot fetch over the real transport: 200 and exactly one framed map */
+  nk2 = nodekey(2);
+  b = tc_xasprintf("{\"Version\":138,\"Compress\":\"zstd\",\"NodeKey\":\"%s\"}", nk2);
+  free(nk2);
+  resp = NULL;
+  TC_CHECK(tc_tclient_request(c2, "POST", "/machine/map", b, strlen(b), 5000, &st, &resp, &rl) == 0);
+  free(b);
+  TC_CHECK_INT(st, 200);
+  size_t used = 0, jl = 0;
+  char *js = NULL;
+  TC_CHECK(resp && tc_map_unframe((const uint8_t *)resp, rl, 1 << 24, &used, &js, &jl) == 0);
+  TC_CHECK_INT(used, rl);
+  TC_CHECK(js && strstr(js, "\"Peers\":[") != NULL);
+  free(js);
+  free(resp);
   /* a third client joins: both streams get it as a delta */
   struct tc_tclient *c3 = client(&x, 95);
   TC_REQUIRE(c3 != NULL);
