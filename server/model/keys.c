@@ -21,6 +21,7 @@ void tcm_strv_dedup(struct tc_strv *dst, const struct tc_strv *src) {
   dst->n = 0;
   for (size_t i = 0; src && i < src->n; i++)
     if (!tc_strv_contains(dst, src->v[i])) tc_strv_push(dst, src->v[i]);
+  if (dst->n > 1) qsort(dst->v, dst->n, sizeof *dst->v, tcm_cmp_str); /* canonical order */
 }
 
 int tc_model_preauth_create(struct tc_model *m, const char *actor,

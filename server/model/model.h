@@ -320,7 +320,10 @@ struct tc_register_req {
  * transaction that also consumes a single-use key. The key decides the owner
  * (user and/or tags) and ephemerality (key or request). If a node with this
  * machine key exists it is reused: same ID and IPs, new node key, hostinfo,
- * expiry and owner. If old_node_key names a known node, that node must have
+ * expiry and owner (a tagged key makes the node tag-owned, with no expiry by
+ * default and user_id = the key's user, possibly 0; a tagged node stays
+ * tagged when it re-registers with an untagged key). If old_node_key names
+ * a known node, that node must have
  * the same machine key (rotation); an unknown old key is ignored. Nodes
  * without tags get the default expiry unless req->expiry is in the future;
  * tagged nodes never expire by default. *node_id_out gets the node id; the
@@ -424,8 +427,9 @@ int tc_model_node_rename(struct tc_model *m, const char *actor, int64_t node_id,
 /* Deletes the node and frees its addresses. */
 int tc_model_node_delete(struct tc_model *m, const char *actor, int64_t node_id,
                          struct tc_err *err);
-/* Replaces the node's tags ("tag:<name>" each; empty clears them, returning
- * ownership to node->user_id, which must then be non-zero). */
+/* Replaces the node's tags ("tag:<name>" each, de-duplicated and sorted;
+ * empty clears them, returning ownership to node->user_id, which must then
+ * be non-zero). */
 int tc_model_node_set_tags(struct tc_model *m, const char *actor, int64_t node_id,
                            const struct tc_strv *tags, struct tc_err *err);
 /* Replaces the approved routes (valid prefixes, canonicalised). Like Headscale

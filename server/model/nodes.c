@@ -188,10 +188,20 @@ int tcm_register(struct tc_model *m, const char *actor, const struct tc_register
     tc_strv_free(&n->announced_routes);
     tcm_canon_routes(req->announced_routes, false, &n->announced_routes, NULL);
   }
-  if (n->user_id != ra->user_id) fields |= TC_NODE_F_USER;
-  n->user_id = ra->user_id;
-  struct tc_strv tags;
-  tcm_strv_dedup(&tags, ra->tags);
+  /* Ownership: a tagged key makes the node owned by its tags (no key expiry
+   * by default); otherwise the node belongs to the user. As in Headscale 0.29
+   * a node that is tagged already stays so when it registers again with an
+   * untagged key or through interactive login. */
+  struct tc_strv tags = {NULL, 0};
+  int64_t owner = ra->user_id; /* for tagged nodes: the user who registered it (types.h) */
+  if (tagged) {
+    tcm_strv_dedup(&tags, ra->tags);
+  } else if (existing && existing->tags.n) {
+    tc_strv_copy(&tags, &existing->tags);
+    tagged = true;
+  }
+  if (n->user_id != owner) fields |= TC_NODE_F_USER;
+  n->user_id = owner;
   if (!strv_equal(&tags, &n->tags)) fields |= TC_NODE_F_TAGS;
   tc_strv_free(&n->tags);
   n->tags = tags;
@@ -441,6 +451,7 @@ static int apply_user(struct wr *w, struct tc_node *n, void *arg, unsigned *fiel
   int64_t uid = *(int64_t *)arg;
   if (!tc_snapshot_user(w->base, uid))
     return tc_err_set(err, TC_ENOENT, "user %lld not found", (long long)uid);
+
   if (n->user_id == uid) return 0;
   n->user_id = uid;
   *fields |= TC_NODE_F_USER;

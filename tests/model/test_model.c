@@ -512,6 +512,33 @@ TC_TEST(register_single_use_tagged_ephemeral_and_expiry) {
   /* Untagging a node without a user is refused. */
   struct tc_strv none = {0};
   TC_CHECK_INT(tc_model_node_set_tags(e.m, "cli", nid, &none, &err), TC_EINVAL);
+  /* A tagged node re-registering with a user's key stays tagged... */
+  char *ukey = mkkey(e.m, u, true, false, NULL, NULL);
+  struct tc_register_req again = r;
+  rand_key(again.node_key);
+  again.authkey = ukey;
+  int64_t same = 0;
+  TC_REQUIRE(tc_model_register_authkey(e.m, &again, &same, &err) == 0);
+  TC_CHECK_INT(same, nid);
+  s = tc_model_snapshot(e.m);
+  TC_CHECK_INT(tc_snapshot_node(s, nid)->tags.n, 2);
+  TC_CHECK_INT(tc_snapshot_node(s, nid)->user_id, u); /* registered by u now */
+  tc_snapshot_release(s);
+  /* ...and a user's node re-registering with a tagged key becomes tagged. */
+  struct tc_register_req un;
+  req_init(&un, "userbox", ukey);
+  int64_t uid_node = 0;
+  TC_REQUIRE(tc_model_register_authkey(e.m, &un, &uid_node, &err) == 0);
+  rand_key(un.node_key);
+  un.authkey = tk;
+  TC_REQUIRE(tc_model_register_authkey(e.m, &un, &same, &err) == 0);
+  TC_CHECK_INT(same, uid_node);
+  s = tc_model_snapshot(e.m);
+  TC_CHECK_INT(tc_snapshot_node(s, uid_node)->user_id, 0); /* the tagged key has no user */
+  TC_CHECK_INT(tc_snapshot_node(s, uid_node)->tags.n, 2);
+  TC_CHECK_INT(tc_snapshot_node(s, uid_node)->expiry, 0);
+  tc_snapshot_release(s);
+  free_secret(ukey);
   tc_strv_free(&tags);
   free_secret(once);
   free_secret(tk);
@@ -1062,23 +1089,36 @@ TC_TEST(node_admin_rename_tags_delete_frees_ips) {
   TC_CHECK(strstr(err.msg, "already used") != NULL);
   TC_CHECK_INT(tc_model_node_rename(e.m, "cli", id[0], "main", &err), 0);
   TC_CHECK_INT(tc_model_node_rename(e.m, "cli", 4242, "zzz", &err), TC_ENOENT);
-  struct tc_strv tags = {0};
+  TC_CHECK_INT(tc_model_node_set_user(e.m, "cli", id[0], u2, &err), 0);
+  TC_CHECK_INT(tc_model_node_set_user(e.m, "cli", id[0], 999, &err), TC_ENOENT);
+  s = tc_model_snapshot(e.m);
+  TC_CHECK_INT(tc_snapshot_node(s, id[0])->user_id, u2);
+  tc_snapshot_release(s);
+  /* Tags: de-duplicated and sorted; the registering user stays recorded, so
+   * a user-owned node can be untagged again. */
+  struct tc_strv tags = {0}, none = {0};
+  tc_strv_push(&tags, "tag:zz");
+  tc_strv_push(&tags, "tag:ok");
   tc_strv_push(&tags, "tag:ok");
   TC_CHECK_INT(tc_model_node_set_tags(e.m, "cli", id[0], &tags, &err), 0);
   tc_strv_push(&tags, "bad");
   TC_CHECK_INT(tc_model_node_set_tags(e.m, "cli", id[0], &tags, &err), TC_EINVAL);
   tc_strv_free(&tags);
-  TC_CHECK_INT(tc_model_node_set_user(e.m, "cli", id[0], u2, &err), 0);
-  TC_CHECK_INT(tc_model_node_set_user(e.m, "cli", id[0], 999, &err), TC_ENOENT);
   int64_t at = tc_now() + 100;
   TC_CHECK_INT(tc_model_node_expire(e.m, "cli", id[0], at, &err), 0);
   s = tc_model_snapshot(e.m);
   const struct tc_node *n = tc_snapshot_node(s, id[0]);
   TC_CHECK_STR(n->given_name, "main");
   TC_CHECK(tc_snapshot_node_by_given_name(s, "box") == NULL);
-  TC_CHECK_INT(n->tags.n, 1);
+  TC_REQUIRE(n->tags.n == 2);
+  TC_CHECK_STR(n->tags.v[0], "tag:ok");
+  TC_CHECK_STR(n->tags.v[1], "tag:zz");
   TC_CHECK_INT(n->user_id, u2);
   TC_CHECK_INT(n->expiry, at);
+  tc_snapshot_release(s);
+  TC_CHECK_INT(tc_model_node_set_tags(e.m, "cli", id[0], &none, &err), 0);
+  s = tc_model_snapshot(e.m);
+  TC_CHECK_INT(tc_snapshot_node(s, id[0])->tags.n, 0);
   tc_snapshot_release(s);
   free_secret(key);
   env_close(&e);
