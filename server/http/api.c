@@ -1086,6 +1086,11 @@ static void api_entry(void *ctx, const struct tc_http_req *req, struct tc_http_r
 static void metrics_hook(void *ctx, struct tc_buf *out) {
   struct tc_api *api = ctx;
   struct tc_snapshot *s = tc_model_snapshot(api->o.model);
+  size_t n_pak = s->n_preauth_keys;
+  tc_snapshot_release(s);
+  struct tc_model_stats st;
+  memset(&st, 0, sizeof st);
+  tc_model_stats(api->o.model, &st);
   tc_buf_printf(out,
                 "# HELP tailcoat_nodes Registered nodes.\n# TYPE tailcoat_nodes gauge\ntailcoat_nodes %zu\n"
                 "# HELP tailcoat_users Users.\n# TYPE tailcoat_users gauge\ntailcoat_users %zu\n"
@@ -1093,10 +1098,23 @@ static void metrics_hook(void *ctx, struct tc_buf *out) {
                 "# TYPE tailcoat_nodes_online gauge\ntailcoat_nodes_online %zu\n"
                 "# HELP tailcoat_preauth_keys Pre-auth keys.\n# TYPE tailcoat_preauth_keys gauge\n"
                 "tailcoat_preauth_keys %zu\n"
+                "# HELP tailcoat_pending_registrations Interactive registrations waiting for approval.\n"
+                "# TYPE tailcoat_pending_registrations gauge\ntailcoat_pending_registrations %zu\n"
                 "# HELP tailcoat_snapshot_seq Sequence number of the current model snapshot.\n"
-                "# TYPE tailcoat_snapshot_seq gauge\ntailcoat_snapshot_seq %llu\n",
-                s->n_nodes, s->n_users, s->n_online, s->n_preauth_keys, (unsigned long long)s->seq);
-  tc_snapshot_release(s);
+                "# TYPE tailcoat_snapshot_seq gauge\ntailcoat_snapshot_seq %llu\n"
+                "# HELP tailcoat_model_transactions_total Model write transactions by result.\n"
+                "# TYPE tailcoat_model_transactions_total counter\n"
+                "tailcoat_model_transactions_total{result=\"ok\"} %llu\n"
+                "tailcoat_model_transactions_total{result=\"failed\"} %llu\n"
+                "# HELP tailcoat_model_transaction_retries_total Write transactions retried after a transient error.\n"
+                "# TYPE tailcoat_model_transaction_retries_total counter\n"
+                "tailcoat_model_transaction_retries_total %llu\n"
+                "# HELP tailcoat_model_transaction_max_seconds Slowest write transaction since start.\n"
+                "# TYPE tailcoat_model_transaction_max_seconds gauge\n"
+                "tailcoat_model_transaction_max_seconds %.6f\n",
+                st.nodes, st.users, st.online, n_pak, st.pending, (unsigned long long)st.seq,
+                (unsigned long long)st.tx_ok, (unsigned long long)st.tx_failed, (unsigned long long)st.tx_retries,
+                (double)st.max_tx_us / 1e6);
 }
 
 int tc_api_register(struct tc_router *r, const struct tc_api_opts *opts, struct tc_api **out) {

@@ -179,6 +179,8 @@ TC_TEST(api_bad_requests_are_json_errors) {
                         "tailcoat_users 1\n",
                         "tailcoat_nodes 0\n",
                         "tailcoat_nodes_online 0\n",
+                        "tailcoat_pending_registrations 0\n",
+                        "tailcoat_model_transactions_total{result=\"ok\"} ",
                         "process_cpu_seconds_total ",
                         "process_resident_memory_bytes ",
                         "process_start_time_seconds ",
