@@ -45,7 +45,7 @@ static bool fx_open(struct fx *x) {
   if (tc_model_preauth_create(x->model, "cli", &po, NULL, &x->authkey, &err)) return false;
   struct tc_mapper_env env = {.base_domain = "tail.example.com", .domain = "example.com",
                               .derp_json = "{\"Regions\":{\"999\":{\"RegionID\":999,\"Nodes\":[]}}}"};
-  struct tc_mapper_opts mo = {.model = x->model, .env = &env, .server_url = "http://127.0.0.1"};
+  struct tc_mapper_opts mo = {.model = x->model, .env = &env, .server_url = "http://127.0.0.1", .offline_grace_ms = -1};
   if (tc_mapper_new(&mo, &x->mp, &err)) return false;
   tc_x25519_keygen(x->priv, x->pub);
   struct tc_ctl_server_opts so = {.workers = 4};
@@ -268,6 +268,22 @@ TC_TEST(official_like_clients_register_and_map) {
   m = map_wait(c1, s1, "PeersRemoved", n3);
   TC_CHECK(m != NULL);
   json_decref(m);
+
+  /* c2 resets its map stream (RST_STREAM): the transport's cancel reaches
+   * the mapper, the node goes offline and c1 is told */
+  TC_CHECK(tc_tclient_reset(c2, s2) == 0);
+  TC_CHECK(map_wait_text(c1, s1, "\"Online\":false"));
+  struct tc_snapshot *snap = tc_model_snapshot(x.model);
+  TC_CHECK(!tc_snapshot_is_online(snap, n2));
+  tc_snapshot_release(snap);
+  /* and a dropped connection does the same for c1's own node, seen by a new c2 stream */
+  int32_t s2b = open_map(c2, 138, 2);
+  m = map_wait(c2, s2b, "Node", 0);
+  TC_CHECK(m != NULL);
+  json_decref(m);
+  tc_tclient_free(c1);
+  c1 = NULL;
+  TC_CHECK(map_wait_text(c2, s2b, "\"Online\":false"));
 
   tc_tclient_free(c1);
   tc_tclient_free(c2);
