@@ -212,6 +212,51 @@ static void derp_metrics(void *ctx, struct tc_buf *out) {
                 (unsigned long long)m.drops_queue_full, (unsigned long long)m.drops_gone);
 }
 
+/* Control-protocol and TLS counters on /metrics. */
+struct transport_metrics {
+  struct tc_ctl_server *ctl;
+  struct tc_tls *tls;
+};
+
+static void transport_metrics_hook(void *ctx, struct tc_buf *out) {
+  struct transport_metrics *tm = ctx;
+  if (tm->ctl) {
+    struct tc_ctl_stats cs;
+    memset(&cs, 0, sizeof cs);
+    tc_ctl_server_stats(tm->ctl, &cs);
+    tc_buf_printf(out,
+                  "# HELP tailcoat_control_connections Open /ts2021 connections.\n"
+                  "# TYPE tailcoat_control_connections gauge\ntailcoat_control_connections %llu\n"
+                  "# HELP tailcoat_control_connections_total /ts2021 connections accepted.\n"
+                  "# TYPE tailcoat_control_connections_total counter\ntailcoat_control_connections_total %llu\n"
+                  "# HELP tailcoat_control_handshakes_failed_total Noise handshakes that failed.\n"
+                  "# TYPE tailcoat_control_handshakes_failed_total counter\n"
+                  "tailcoat_control_handshakes_failed_total %llu\n"
+                  "# HELP tailcoat_control_streams Open HTTP/2 streams (map polls included).\n"
+                  "# TYPE tailcoat_control_streams gauge\ntailcoat_control_streams %llu\n"
+                  "# HELP tailcoat_control_requests_total Control requests handled.\n"
+                  "# TYPE tailcoat_control_requests_total counter\ntailcoat_control_requests_total %llu\n",
+                  (unsigned long long)cs.conns_open, (unsigned long long)cs.conns_total,
+                  (unsigned long long)cs.handshakes_failed, (unsigned long long)cs.streams_open,
+                  (unsigned long long)cs.requests_total);
+  }
+  if (tm->tls) {
+    struct tc_tls_stats ts;
+    memset(&ts, 0, sizeof ts);
+    tc_tls_get_stats(tm->tls, &ts);
+    tc_buf_printf(out,
+                  "# HELP tailcoat_tls_connections Connections held by the TLS terminator.\n"
+                  "# TYPE tailcoat_tls_connections gauge\ntailcoat_tls_connections %llu\n"
+                  "# HELP tailcoat_tls_handshakes_total TLS handshakes by result.\n"
+                  "# TYPE tailcoat_tls_handshakes_total counter\n"
+                  "tailcoat_tls_handshakes_total{result=\"ok\"} %llu\n"
+                  "tailcoat_tls_handshakes_total{result=\"failed\"} %llu\n"
+                  "tailcoat_tls_handshakes_total{result=\"timeout\"} %llu\n",
+                  (unsigned long long)ts.active, (unsigned long long)ts.handshakes_ok,
+                  (unsigned long long)ts.handshakes_failed, (unsigned long long)ts.handshake_timeouts);
+  }
+}
+
 /* TLS delivers "ip:port" / "[v6]:port"; the front door wants a sockaddr. */
 static void tls_deliver(void *ctx, int plain_fd, const char *peer) {
   struct wiring *w = ctx;
@@ -338,6 +383,8 @@ int tc_cli_serve(const struct tc_config *cfg) {
   pthread_mutex_init(&w.mu, NULL);
   w.env = &env;
   bool derp_hook = false;
+  struct transport_metrics tm = {NULL, NULL};
+  bool tm_hook = false;
   struct key_ctx keyctx;
   uint8_t noise_priv[32];
   memset(noise_priv, 0, sizeof noise_priv);
@@ -502,6 +549,10 @@ int tc_cli_serve(const struct tc_config *cfg) {
     }
     tc_cli_on_reload(tls_reload, &w);
   }
+  tm.ctl = ctl;
+  tm.tls = tls;
+  tc_metrics_add_hook(transport_metrics_hook, &tm);
+  tm_hook = true;
   if (cfg->metrics_listen_addr && *cfg->metrics_listen_addr &&
       tc_metrics_server_start(cfg->metrics_listen_addr, &ms, &err)) {
     fprintf(stderr, "Error: metrics_listen_addr: %s\n", err.msg);
@@ -539,6 +590,7 @@ out:
   nreloads = 0;
   pthread_mutex_unlock(&reload_mu);
   tc_metrics_server_stop(ms);
+  if (tm_hook) tc_metrics_remove_hook(transport_metrics_hook, &tm);
   tc_tls_free(tls);
   tc_frontdoor_free(fdr);
   if (derp_hook) tc_metrics_remove_hook(derp_metrics, &w);

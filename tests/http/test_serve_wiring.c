@@ -56,6 +56,7 @@ TC_TEST(serve_wires_derp_and_key) {
   free(body);
   char *m = tc_srv_metrics(&s);
   TC_CHECK(m && strstr(m, "tailcoat_derp_clients ") != NULL);
+  TC_CHECK(m && strstr(m, "tailcoat_control_connections 0\n") != NULL);
   TC_CHECK(m && strstr(m, "tailcoat_http_upgrades_total{path=\"/derp\"}") != NULL);
   free(m);
   /* SIGHUP reloads without dying */
@@ -88,6 +89,9 @@ TC_TEST(serve_terminates_tls) {
   TC_CHECK_INT(tc_http_do(&s, false, "GET", "/api/v1/user", NULL, NULL, &body), 401);
   TC_CHECK(body && strstr(body, "\"code\":16") != NULL);
   free(body);
+  char *m = tc_srv_metrics(&s);
+  TC_CHECK(m && strstr(m, "tailcoat_tls_handshakes_total{result=\"ok\"} ") != NULL);
+  free(m);
   /* the CLI still reaches the live server over the unix socket */
   int rc;
   json_t *u = tc_cli_json(&s, &rc, "users", "create", "tls-user", NULL);
