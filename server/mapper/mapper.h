@@ -1,16 +1,22 @@
-/* mapper: the tailcfg JSON codecs of the control protocol and the pieces a
- * map session is assembled from.
+/* mapper: everything between a client's Noise session and the model —
+ * the tailcfg JSON codecs, the /machine/register and /machine/map handler,
+ * and the map streams.
  *
- * Owns: parsing RegisterRequest / MapRequest bodies (strict, bounded: every
- * byte is hostile), encoding RegisterResponse, tailcfg.Node (self and peer
- * forms), UserProfile, DNSConfig (from the config's dns section) and whole
- * MapResponse messages (full maps, deltas, keep-alives) as JSON text. The
- * framing (uint32le + zstd) is the transport's job.
+ * Codecs (text.c, request.c, encode.c): parsing RegisterRequest /
+ * MapRequest bodies (strict, bounded: every byte is hostile), encoding
+ * RegisterResponse, tailcfg.Node (self and peer forms), UserProfile,
+ * DNSConfig (from the config's dns section) and whole MapResponse messages
+ * (full maps, deltas, keep-alives) as JSON text; framing is LE uint32 + zstd.
  *
  * Performance rule: a node's peer JSON is produced once per change of that
  * node and shared, read-only and refcounted, by every recipient
  * (struct tc_mapper_frag, struct tc_mapper_cache); full maps are made by
  * concatenating fragments, so a change costs O(peers), not O(N^2).
+ *
+ * Control logic (control.c, handle.c; needs the model and policy/): see the
+ * section "control logic" below. The policy stored in the model decides
+ * visibility, filters, SSH policy and CapMap per node; without one (or with
+ * the empty policy) everyone sees everyone and the filter allows all.
  *
  * Threads: every function is reentrant. A tc_mapper_cache is internally
  * locked and may be shared by all threads; fragments are immutable once
@@ -352,8 +358,9 @@ void tc_mapper_set_env(struct tc_mapper *mp, const struct tc_mapper_env *env);
 /* Deep copy of an env. */
 void tc_mapper_env_copy(struct tc_mapper_env *dst, const struct tc_mapper_env *src);
 
-/* Who sees whom and which filter a node gets. Allow-all for now: the policy
- * engine replaces these two functions. */
+/* Who sees whom and which filter a node gets when the model holds no policy
+ * (or the empty allow-all one): everyone, and the env's filter (NULL = allow
+ * all). With a policy the dispatcher uses the compiled policy instead. */
 bool tc_mapper_visible(const struct tc_snapshot *snap, const struct tc_node *viewer, const struct tc_node *peer);
 const char *tc_mapper_filter_for(const struct tc_mapper_env *env, const struct tc_snapshot *snap,
                                  const struct tc_node *node);
