@@ -5,6 +5,8 @@
 #include <string.h>
 #include <strings.h>
 
+#include <jansson.h>
+
 #include "model/writer_int.h"
 
 /* ---- node helpers ---------------------------------------------------------------------------- */
@@ -12,6 +14,19 @@ bool tcm_key_is_zero(const uint8_t *k) {
   uint8_t acc = 0;
   for (size_t i = 0; i < TC_KEY_LEN; i++) acc |= k[i];
   return acc == 0;
+}
+
+/* Hostinfo is stored verbatim and re-sent to every peer, so one malformed
+ * value must not reach storage: bounded, and a JSON object. */
+int tcm_check_hostinfo(const char *json, struct tc_err *err) {
+  size_t len = strnlen(json, HOSTINFO_MAX + 1);
+  if (len > HOSTINFO_MAX) return tc_err_set(err, TC_ETOOBIG, "hostinfo larger than %d bytes", HOSTINFO_MAX);
+  json_error_t je;
+  json_t *v = json_loadb(json, len, 0, &je);
+  bool ok = v && json_is_object(v);
+  json_decref(v);
+  if (!ok) return tc_err_set(err, TC_EINVAL, "hostinfo is not a JSON object");
+  return 0;
 }
 
 static bool ip_in_use(void *ctx, const uint8_t *addr, size_t len) {
@@ -122,10 +137,7 @@ int tcm_register(struct tc_model *m, const char *actor, const struct tc_register
     rc = tc_err_set(err, TC_EINVAL, "machine key and node key are required");
     goto out;
   }
-  if (req->hostinfo_json && strnlen(req->hostinfo_json, HOSTINFO_MAX + 1) > HOSTINFO_MAX) {
-    rc = tc_err_set(err, TC_ETOOBIG, "hostinfo larger than %d bytes", HOSTINFO_MAX);
-    goto out;
-  }
+  if (req->hostinfo_json && (rc = tcm_check_hostinfo(req->hostinfo_json, err))) goto out;
   const struct tc_node *old = NULL;
   if (!tcm_key_is_zero(req->old_node_key)) {
     old = tc_snapshot_node_by_node_key(w.base, req->old_node_key);
@@ -472,6 +484,8 @@ static int apply_map(struct wr *w, struct tc_node *n, void *arg, unsigned *field
     if (strnlen(u->hostinfo_json, HOSTINFO_MAX + 1) > HOSTINFO_MAX)
       return tc_err_set(err, TC_ETOOBIG, "hostinfo larger than %d bytes", HOSTINFO_MAX);
     if (!n->hostinfo_json || strcmp(n->hostinfo_json, u->hostinfo_json)) {
+      int rc = tcm_check_hostinfo(u->hostinfo_json, err); /* parse only when it changed */
+      if (rc) return rc;
       free(n->hostinfo_json);
       n->hostinfo_json = tc_xstrdup(u->hostinfo_json);
       *fields |= TC_NODE_F_HOSTINFO;

@@ -28,8 +28,8 @@ int tc_model_pending_create(struct tc_model *m, const struct tc_register_req *re
   *reg_id_out = NULL;
   if (tcm_key_is_zero(req->machine_key) || tcm_key_is_zero(req->node_key))
     return tc_err_set(err, TC_EINVAL, "machine key and node key are required");
-  if (req->hostinfo_json && strnlen(req->hostinfo_json, HOSTINFO_MAX + 1) > HOSTINFO_MAX)
-    return tc_err_set(err, TC_ETOOBIG, "hostinfo larger than %d bytes", HOSTINFO_MAX);
+  int rc;
+  if (req->hostinfo_json && (rc = tcm_check_hostinfo(req->hostinfo_json, err))) return rc;
   struct pending *p = tc_xcalloc(1, sizeof *p);
   char *tok = tc_random_token(15); /* 120 bits -> 24 chars */
   snprintf(p->id, sizeof p->id, "%s", tok);

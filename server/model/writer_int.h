@@ -169,6 +169,8 @@ const char *tcm_actor(const char *a);
 /* Copies at most max bytes of a NUL-terminated string. Owned. */
 char *tcm_dup_bounded(const char *s, size_t max);
 bool tcm_key_is_zero(const uint8_t *k);
+/* 0 when json is a JSON object of at most HOSTINFO_MAX bytes. */
+int tcm_check_hostinfo(const char *json, struct tc_err *err);
 int tcm_cmp_str(const void *a, const void *b);
 int tcm_canon_routes(const struct tc_strv *in, bool strict, struct tc_strv *out, struct tc_err *err);
 void tcm_strv_dedup(struct tc_strv *dst, const struct tc_strv *src);

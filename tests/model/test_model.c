@@ -1434,6 +1434,20 @@ TC_TEST(hostile_input_bounded) {
   TC_CHECK_INT(tc_snapshot_node(s, nid)->endpoints.n, 64);
   tc_snapshot_release(s);
   tc_strv_free(&eps);
+  /* Hostinfo is re-sent to peers verbatim: it must be a JSON object. */
+  struct tc_register_req bad;
+  req_init(&bad, "badjson", key);
+  bad.hostinfo_json = "{\"Hostname\":";
+  TC_CHECK_INT(tc_model_register_authkey(e.m, &bad, NULL, &err), TC_EINVAL);
+  bad.hostinfo_json = "[1,2]";
+  TC_CHECK_INT(tc_model_register_authkey(e.m, &bad, NULL, &err), TC_EINVAL);
+  char *bpid = NULL;
+  TC_CHECK_INT(tc_model_pending_create(e.m, &bad, &bpid, &err), TC_EINVAL);
+  struct tc_map_update hu = {.hostinfo_json = "{\"OS\":\"linux\"} trailing"};
+  TC_CHECK_INT(tc_model_node_update_from_map(e.m, nid, &hu, NULL, &err), TC_EINVAL);
+  s = tc_model_snapshot(e.m);
+  TC_CHECK(strstr(tc_snapshot_node(s, nid)->hostinfo_json, "trailing") == NULL);
+  tc_snapshot_release(s);
   /* Times past year 9999 are refused (admin) or clamped (client). */
   struct tc_preauth_opts fo = {.user_id = u, .expiration = INT64_MAX};
   TC_CHECK_INT(tc_model_preauth_create(e.m, "cli", &fo, NULL, &sec, &err), TC_EINVAL);
