@@ -442,6 +442,7 @@ const char *tc_change_kind_name(enum tc_change_kind k) {
 }
 
 int64_t tc_model_subscribe(struct tc_model *m, tc_change_fn fn, void *ctx) {
+  if (!fn) return 0;
   pthread_mutex_lock(&m->wmu);
   m->subs = tc_xrealloc(m->subs, (m->n_subs + 1) * sizeof *m->subs);
   int64_t id = ++m->next_sub;

@@ -233,8 +233,9 @@ struct tc_change {
 };
 
 typedef void (*tc_change_fn)(void *ctx, const struct tc_change *c);
-/* Registers fn; returns a positive subscription id. Events are delivered in
- * seq order, one at a time, after the snapshot is published. */
+/* Registers fn; returns a positive subscription id (0, nothing registered,
+ * when fn is NULL). Events are delivered in seq order, one at a time, after
+ * the snapshot is published. */
 int64_t tc_model_subscribe(struct tc_model *m, tc_change_fn fn, void *ctx);
 /* After return fn is never called again for this id. Must not be called from
  * inside a callback. */

@@ -2110,6 +2110,7 @@ TC_TEST(stats_counters) {
   TC_CHECK(st.seq >= 5);
   TC_CHECK(st.max_tx_us >= st.last_tx_us && st.last_tx_us > 0);
   tc_model_unsubscribe(e.m, sub);
+  TC_CHECK_INT(tc_model_subscribe(e.m, NULL, NULL), 0);
   tc_model_stats(e.m, &st);
   TC_CHECK_INT(st.subscribers, 0);
   free(pid);
