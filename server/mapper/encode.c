@@ -3,6 +3,7 @@
  * messages. Field names and zero-value rules follow Go's encoding/json as
  * the client decodes them (doc §1.4, §7, §8). Reentrant. */
 #include <arpa/inet.h>
+#include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -68,24 +69,62 @@ char *tc_mapper_dns_json(const struct tc_config *cfg) {
   }
   tc_mapper_key(&b, &first, "Proxied");
   tc_buf_puts(&b, cfg->dns.magic_dns ? "true" : "false");
-  if (cfg->dns.n_extra_records) {
+  /* extra_records from the config, or from the JSON file extra_records_path
+   * names (Headscale's format: [{"name":..,"type":..,"value":..}], keys in
+   * either case). A missing or malformed file contributes nothing and is
+   * logged: DNS must not take the whole map down. */
+  json_t *file = NULL;
+  if (cfg->dns.extra_records_path && cfg->dns.extra_records_path[0]) {
+    char *text = NULL;
+    size_t tl = 0;
+    struct tc_err err = {0};
+    if (tc_read_file(cfg->dns.extra_records_path, 4u << 20, &text, &tl, &err) == 0) {
+      file = json_loadb(text, tl, 0, NULL);
+      if (!json_is_array(file)) {
+        tc_warn("dns.extra_records_path %s: not a JSON array of records", cfg->dns.extra_records_path);
+        json_decref(file);
+        file = NULL;
+      }
+    } else {
+      tc_warn("dns.extra_records_path: %s", err.msg);
+    }
+    free(text);
+  }
+  size_t nfile = file ? json_array_size(file) : 0;
+  if (cfg->dns.n_extra_records || nfile) {
     tc_mapper_key(&b, &first, "ExtraRecords");
     tc_buf_putc(&b, '[');
-    for (size_t i = 0; i < cfg->dns.n_extra_records; i++) {
-      const struct tc_dns_record *r = &cfg->dns.extra_records[i];
-      if (i) tc_buf_putc(&b, ',');
+    bool f3 = true;
+    for (size_t i = 0; i < cfg->dns.n_extra_records + nfile; i++) {
+      const char *name, *type, *value;
+      if (i < cfg->dns.n_extra_records) {
+        const struct tc_dns_record *r = &cfg->dns.extra_records[i];
+        name = r->name, type = r->type, value = r->value;
+      } else {
+        json_t *o = json_array_get(file, i - cfg->dns.n_extra_records);
+#define GETS(k1, k2) \
+  (json_string_value(json_object_get(o, k1)) ? json_string_value(json_object_get(o, k1)) : json_string_value(json_object_get(o, k2)))
+        name = GETS("name", "Name");
+        type = GETS("type", "Type");
+        value = GETS("value", "Value");
+#undef GETS
+      }
+      if (!name || !name[0] || !value || !value[0]) continue;
+      if (!f3) tc_buf_putc(&b, ',');
+      f3 = false;
       tc_buf_puts(&b, "{\"Name\":");
-      tc_mapper_json_str(&b, r->name);
-      if (r->type && r->type[0]) {
+      tc_mapper_json_str(&b, name);
+      if (type && type[0]) {
         tc_buf_puts(&b, ",\"Type\":");
-        tc_mapper_json_str(&b, r->type);
+        tc_mapper_json_str(&b, type);
       }
       tc_buf_puts(&b, ",\"Value\":");
-      tc_mapper_json_str(&b, r->value);
+      tc_mapper_json_str(&b, value);
       tc_buf_putc(&b, '}');
     }
     tc_buf_putc(&b, ']');
   }
+  json_decref(file);
   tc_buf_putc(&b, '}');
   return tc_buf_steal(&b, NULL);
 }

@@ -819,3 +819,39 @@ TC_TEST(mutated_bodies_never_crash_and_stay_consistent) {
   TC_CHECK(accepted > 100 && refused > 100); /* the mutator exercises both paths */
   tc_buf_free(&b);
 }
+
+TC_TEST(dns_extra_records_file) {
+  char *dir = tc_test_tmpdir();
+  char *path = tc_xasprintf("%s/extra.json", dir);
+  const char *text = "[{\"name\":\"grafana.tail.example.com\",\"type\":\"A\",\"value\":\"100.64.0.3\"},"
+                     "{\"Name\":\"x.tail.example.com\",\"Value\":\"fd7a:115c:a1e0::3\"},{\"name\":\"\"},7]";
+  struct tc_err err = {0};
+  TC_REQUIRE(tc_write_file_atomic(path, text, strlen(text), 0600, &err) == 0);
+  struct tc_config cfg;
+  memset(&cfg, 0, sizeof cfg);
+  cfg.dns.base_domain = "tail.example.com";
+  struct tc_dns_record rec = {"static.tail.example.com", "A", "100.64.0.9"};
+  cfg.dns.extra_records = &rec;
+  cfg.dns.n_extra_records = 1;
+  cfg.dns.extra_records_path = path;
+  char *s = tc_mapper_dns_json(&cfg);
+  json_t *j = load(s, strlen(s));
+  TC_REQUIRE(j != NULL);
+  json_t *er = json_object_get(j, "ExtraRecords");
+  TC_CHECK_INT(json_array_size(er), 3); /* config + two usable file records */
+  TC_CHECK_STR(jstr(json_array_get(er, 0), "Name"), "static.tail.example.com");
+  TC_CHECK_STR(jstr(json_array_get(er, 1), "Value"), "100.64.0.3");
+  TC_CHECK_STR(jstr(json_array_get(er, 2), "Name"), "x.tail.example.com");
+  TC_CHECK(json_object_get(json_array_get(er, 2), "Type") == NULL);
+  json_decref(j);
+  free(s);
+  /* a missing file: the config's records only, no failure */
+  cfg.dns.extra_records_path = "/nonexistent/extra.json";
+  s = tc_mapper_dns_json(&cfg);
+  j = load(s, strlen(s));
+  TC_CHECK(j && json_array_size(json_object_get(j, "ExtraRecords")) == 1);
+  json_decref(j);
+  free(s);
+  free(path);
+  free(dir);
+}
