@@ -434,6 +434,7 @@ static void peer_ip(const char *peer, char *out, size_t outlen) {
 struct mhd_conn {
   struct tc_buf body;
   bool too_big;
+  size_t discarded; /* body bytes dropped after the limit was passed */
   int64_t start_ns; /* first callback of this request */
 };
 
@@ -503,10 +504,21 @@ static enum MHD_Result access_cb(void *cls, struct MHD_Connection *c, const char
     return MHD_YES;
   }
   if (*upload_data_size) {
-    if (!st->too_big && st->body.len + *upload_data_size <= max)
+    /* libmicrohttpd 0.9.75 cannot answer in the middle of an upload, so an
+     * oversized chunked body is read and discarded to its end for a proper
+     * 413, but only up to a cap: an endless stream is cut off there. */
+    if (!st->too_big && st->body.len + *upload_data_size <= max) {
       tc_buf_append(&st->body, upload_data, *upload_data_size);
-    else
+    } else {
+      if (!st->too_big) st->discarded = st->body.len;
       st->too_big = true;
+      tc_buf_free(&st->body);
+      st->discarded += *upload_data_size;
+      if (st->discarded > 4 * max + 65536) {
+        tc_metrics_inc("tailcoat_http_connections_dropped_total", "reason=\"body_too_large\"");
+        return MHD_NO;
+      }
+    }
     *upload_data_size = 0;
     return MHD_YES;
   }

@@ -362,6 +362,31 @@ TC_TEST(frontdoor_errors_are_json_and_server_survives) {
   resp = exchange(connect_tcp(f.port), cb.data, cb.len);
   TC_CHECK_INT(status_of(resp), 413);
   free(resp);
+  /* ... and an endless chunked body is cut off (closed) after a bounded
+   * amount, instead of being read forever */
+  cb.len -= 5; /* drop the terminating chunk */
+  int fdc = connect_tcp(f.port);
+  send_all(fdc, cb.data, cb.len);
+  struct tc_buf chunk = TC_BUF_INIT;
+  tc_buf_puts(&chunk, "400\r\n");
+  for (int k = 0; k < 0x400; k++) tc_buf_putc(&chunk, 'z');
+  tc_buf_puts(&chunk, "\r\n");
+  size_t sent = 0;
+  for (int k = 0; k < 200; k++) { /* up to ~200 KiB, far past 4x the 1000-byte limit */
+    ssize_t w = send(fdc, chunk.data, chunk.len, MSG_NOSIGNAL);
+    if (w <= 0) break;
+    sent += (size_t)w;
+  }
+  char sink[256];
+  int64_t t0 = tc_mono_ms();
+  ssize_t got = read(fdc, sink, sizeof sink);
+  int rerr = errno;
+  /* EOF or reset: the server closed it (a timeout would be EAGAIN) */
+  TC_CHECK(got == 0 || (got < 0 && rerr == ECONNRESET));
+  TC_CHECK(tc_mono_ms() - t0 < 4000);
+  (void)sent;
+  close(fdc);
+  tc_buf_free(&chunk);
   tc_buf_free(&cb);
 
   /* malformed head */
