@@ -70,3 +70,12 @@ TC_TEST(hex_and_random) {
   free(a);
   free(b);
 }
+
+TC_TEST(strndup_stops_at_nul) {
+  char *a = tc_xstrndup("abc", 10);
+  TC_CHECK_STR(a, "abc");
+  free(a);
+  char *b = tc_xstrndup("abcdef", 3);
+  TC_CHECK_STR(b, "abc");
+  free(b);
+}
