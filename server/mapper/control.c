@@ -839,6 +839,11 @@ static void policy_deltas(struct tc_mapper *mp, const struct tc_snapshot *snap, 
       d.with_ssh = str_differ(ossh, nssh) && nssh;
     }
     d.removed = rem, d.n_removed = nr2;
+    if (!nssh && ossh) {
+      /* an SSH section went away: absent would mean "unchanged", so revoke */
+      env.ssh_json = "{\"rules\":[]}";
+      d.with_ssh = true;
+    }
     if (self_changed) {
       self_json(mp, snap, self, now, &sj);
       d.self_json = sj.data;

@@ -1332,3 +1332,33 @@ TC_TEST(env_change_reaches_streams) {
   fake_free(sa);
   fake_free(sb);
 }
+
+/* SSH policy per node from the policy; removing the ssh section revokes it
+ * with an explicit empty rule list (absent would mean "unchanged"). */
+TC_TEST(ssh_policy_follows_the_policy) {
+  struct fx x;
+  TC_REQUIRE(fx_open(&x, 0));
+  struct tc_err err = {0};
+  const char *with = "{\"acls\":[{\"action\":\"accept\",\"src\":[\"*\"],\"dst\":[\"*:*\"]}],"
+                     "\"ssh\":[{\"action\":\"accept\",\"src\":[\"autogroup:member\"],\"dst\":[\"autogroup:self\"],"
+                     "\"users\":[\"root\"]}]}";
+  const char *without = "{\"acls\":[{\"action\":\"accept\",\"src\":[\"*\"],\"dst\":[\"*:*\"]}]}";
+  TC_REQUIRE(tc_model_policy_set(x.model, "cli", with, strlen(with), NULL, &err) == 0);
+  int64_t a = reg_node(&x, 1, 101, x.authkey, "alpha");
+  int64_t b = reg_node(&x, 2, 102, x.authkey, "beta");
+  TC_REQUIRE(a > 0 && b > 0);
+  struct fake *sa = open_stream(&x, 1, 101);
+  json_t *m = full_map(sa);
+  TC_REQUIRE(m != NULL);
+  TC_CHECK(json_array_size(json_object_get(json_object_get(m, "SSHPolicy"), "rules")) >= 1);
+  json_decref(m);
+  drain(&x, sa);
+  TC_REQUIRE(tc_model_policy_set(x.model, "cli", without, strlen(without), NULL, &err) == 0);
+  m = wait_for(sa, "Node", 0);
+  TC_REQUIRE(m != NULL);
+  json_t *ssh = json_object_get(m, "SSHPolicy");
+  TC_CHECK(ssh != NULL && json_array_size(json_object_get(ssh, "rules")) == 0);
+  json_decref(m);
+  fx_close(&x);
+  fake_free(sa);
+}
