@@ -51,7 +51,9 @@ void *tc_xmalloc(size_t n);
 void *tc_xcalloc(size_t n, size_t size);
 void *tc_xrealloc(void *p, size_t n);
 char *tc_xstrdup(const char *s);
-/* Copies at most n bytes, stopping at a NUL like strndup. */
+/* Copies exactly n bytes (which may include NULs: callers use it for
+ * binary bodies) and appends a terminator. Unlike strndup, s must hold n
+ * readable bytes. */
 char *tc_xstrndup(const char *s, size_t n);
 /* Returns an owned, formatted string. */
 char *tc_xasprintf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
