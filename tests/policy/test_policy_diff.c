@@ -255,7 +255,7 @@ TC_TEST(compiled_filters_match_naive_evaluator)
         for (int i = 0; i < ndst; i++) {
           const char *ps = portsets[rnd(TC_ARRAY_LEN(portsets))];
           tc_buf_printf(b, "%s\"%s:%s\"", i ? ", " : "", dsts[i], ps);
-          snprintf(ru->dst[ru->nt], 24, "%s", dsts[i]);
+          memcpy(ru->dst[ru->nt], dsts[i], sizeof ru->dst[0]); /* same 24-byte size; snprintf trips -Wformat-truncation at -O2 */
           snprintf(ru->ports[ru->nt], 16, "%s", ps);
           ru->proto[ru->nt++] = pnum[pk];
         }
@@ -280,7 +280,7 @@ TC_TEST(compiled_filters_match_naive_evaluator)
         tc_buf_puts(b, "]},\n");
         for (int i = 0; i < ndst; i++)
           for (int k = 0; k < nip; k++) {
-            snprintf(ru->dst[ru->nt], 24, "%s", dsts[i]);
+            memcpy(ru->dst[ru->nt], dsts[i], sizeof ru->dst[0]); /* same 24-byte size; snprintf trips -Wformat-truncation at -O2 */
             snprintf(ru->ports[ru->nt], 16, "%s", pss[k]);
             ru->proto[ru->nt++] = pnum[pks[k]];
           }
