@@ -5,7 +5,8 @@
  *
  * Threads: runs on the main thread, which blocks SIGINT/SIGTERM/SIGHUP
  * before any other thread starts (so every thread inherits the mask) and
- * then waits for them with sigtimedwait between ticks. */
+ * then waits for them with sigtimedwait between ticks. In policy file mode
+ * a watcher thread also reloads the policy when the file changes. */
 #include <errno.h>
 #include <pthread.h>
 #include <signal.h>
@@ -13,6 +14,11 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/inotify.h>
+#include <unistd.h>
 
 #include "cli/cli.h"
 #include "cli/cli_int.h"
@@ -60,9 +66,20 @@ static void run_reloads(void) {
 
 /* ---- policy file (policy.mode: file) ------------------------------------------------ */
 
+/* The file is re-read on SIGHUP (main thread) and when the watcher thread
+ * sees it change; mu serialises the two so a slow reload never interleaves
+ * with another. A bad file is logged and the previous policy stays. */
 struct policy_file {
   struct tc_model *model;
   const char *path;
+  pthread_mutex_t mu;
+  /* watcher: inotify on the file's directory (editors and
+   * tc_write_file_atomic replace the file by rename, which a watch on the
+   * file itself would lose) */
+  int ifd, stop_fd[2];
+  pthread_t thr;
+  bool thr_started;
+  char dir[4096], base[256];
 };
 
 /* Loads the policy file into the model when its text differs from the
@@ -71,8 +88,9 @@ static int policy_file_apply(struct policy_file *pf, struct tc_err *err) {
   if (!pf->path || !*pf->path) return TC_OK;
   char *text = NULL;
   size_t len = 0;
+  pthread_mutex_lock(&pf->mu);
   int rc = tc_read_file(pf->path, 4u << 20, &text, &len, err);
-  if (rc) return rc;
+  if (rc) goto out;
   struct tc_snapshot *s = tc_model_snapshot(pf->model);
   bool same = s->policy && s->policy_len == len && !memcmp(s->policy, text, len);
   tc_snapshot_release(s);
@@ -81,6 +99,8 @@ static int policy_file_apply(struct policy_file *pf, struct tc_err *err) {
     if (rc) tc_err_prefix(err, "policy file %s", pf->path);
     else tc_info("policy loaded from %s", pf->path);
   }
+out:
+  pthread_mutex_unlock(&pf->mu);
   free(text);
   return rc;
 }
@@ -88,6 +108,90 @@ static int policy_file_apply(struct policy_file *pf, struct tc_err *err) {
 static void policy_file_reload(void *ctx) {
   struct tc_err err = {0};
   if (policy_file_apply(ctx, &err)) tc_error("reload: %s (keeping the previous policy)", err.msg);
+}
+
+#define POLICY_DEBOUNCE_MS 100
+
+/* Watcher thread: an event naming the file arms a 100 ms timer that each
+ * further event re-arms (an editor's write + rename, or a large in-place
+ * write, settle before the file is read); when it fires the file is
+ * reloaded exactly as on SIGHUP. */
+static void *policy_watch_main(void *arg) {
+  struct policy_file *pf = arg;
+  int64_t due = -1;
+  char buf[8192] __attribute__((aligned(__alignof__(struct inotify_event))));
+  for (;;) {
+    int timeout = -1;
+    if (due >= 0) {
+      int64_t left = due - tc_mono_ms();
+      timeout = left < 0 ? 0 : (int)left;
+    }
+    struct pollfd fds[2] = {{.fd = pf->ifd, .events = POLLIN}, {.fd = pf->stop_fd[0], .events = POLLIN}};
+    int n = poll(fds, 2, timeout);
+    if (n < 0 && errno != EINTR) {
+      tc_error("policy watch: poll: %s; the file is reloaded on SIGHUP only", strerror(errno));
+      break;
+    }
+    if (n > 0 && fds[1].revents) break;
+    if (n > 0 && (fds[0].revents & POLLIN)) {
+      ssize_t r = read(pf->ifd, buf, sizeof buf);
+      for (char *p = buf; r > 0 && p < buf + r;) {
+        const struct inotify_event *ev = (const struct inotify_event *)p;
+        if (ev->mask & IN_Q_OVERFLOW) due = tc_mono_ms() + POLICY_DEBOUNCE_MS; /* lost events: re-read anyway */
+        else if (ev->len && !strcmp(ev->name, pf->base)) due = tc_mono_ms() + POLICY_DEBOUNCE_MS;
+        if (ev->mask & IN_IGNORED)
+          tc_warn("policy watch: directory %s went away; the file is reloaded on SIGHUP only", pf->dir);
+        p += sizeof *ev + ev->len;
+      }
+    }
+    if (due >= 0 && tc_mono_ms() >= due) {
+      due = -1;
+      policy_file_reload(pf);
+    }
+  }
+  return NULL;
+}
+
+/* Starts the watcher; failure is logged (SIGHUP still works), not fatal. */
+static void policy_watch_start(struct policy_file *pf) {
+  pf->ifd = pf->stop_fd[0] = pf->stop_fd[1] = -1;
+  const char *slash = strrchr(pf->path, '/');
+  size_t dlen = slash ? (size_t)(slash - pf->path) : 0;
+  const char *base = slash ? slash + 1 : pf->path;
+  if (dlen >= sizeof pf->dir || strlen(base) >= sizeof pf->base || !*base) {
+    tc_warn("policy watch: path too long; the file is reloaded on SIGHUP only");
+    return;
+  }
+  if (slash) {
+    memcpy(pf->dir, pf->path, dlen);
+    pf->dir[dlen] = 0;
+    if (!dlen) strcpy(pf->dir, "/");
+  } else {
+    strcpy(pf->dir, ".");
+  }
+  strcpy(pf->base, base);
+  pf->ifd = inotify_init1(IN_CLOEXEC | IN_NONBLOCK);
+  if (pf->ifd < 0 || pipe2(pf->stop_fd, O_CLOEXEC) ||
+      inotify_add_watch(pf->ifd, pf->dir,
+                        IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE | IN_MODIFY | IN_DELETE_SELF | IN_MOVE_SELF) < 0 ||
+      pthread_create(&pf->thr, NULL, policy_watch_main, pf)) {
+    tc_warn("policy watch: cannot watch %s (%s); the file is reloaded on SIGHUP only", pf->dir, strerror(errno));
+    return;
+  }
+  pf->thr_started = true;
+  tc_info("watching %s for policy changes", pf->path);
+}
+
+static void policy_watch_stop(struct policy_file *pf) {
+  if (pf->thr_started) {
+    if (write(pf->stop_fd[1], "x", 1) < 0) { /* the thread then never wakes: cannot happen with a fresh pipe */ }
+    pthread_join(pf->thr, NULL);
+    pf->thr_started = false;
+  }
+  if (pf->ifd >= 0) close(pf->ifd);
+  if (pf->stop_fd[0] >= 0) close(pf->stop_fd[0]);
+  if (pf->stop_fd[1] >= 0) close(pf->stop_fd[1]);
+  pf->ifd = pf->stop_fd[0] = pf->stop_fd[1] = -1;
 }
 
 /* ---- GET /key ----------------------------------------------------------------------------- */
@@ -390,6 +494,10 @@ int tc_cli_serve(const struct tc_config *cfg) {
   memset(noise_priv, 0, sizeof noise_priv);
   bool use_tls = cfg->tls_cert_path && *cfg->tls_cert_path;
   int port = -1;
+  struct policy_file pf;
+  memset(&pf, 0, sizeof pf);
+  pf.ifd = pf.stop_fd[0] = pf.stop_fd[1] = -1;
+  pthread_mutex_init(&pf.mu, NULL);
 
   tc_backend_settings_from_config(cfg, &settings);
   settings.metrics_hook = true;
@@ -413,13 +521,15 @@ int tc_cli_serve(const struct tc_config *cfg) {
   if (kr == TC_KEYFILE_INSECURE) tc_warn("%s", err.msg);
   tc_x25519_public(noise_priv, keyctx.pub);
 
-  struct policy_file pf = {.model = be->model, .path = cfg->policy.path};
+  pf.model = be->model;
+  pf.path = cfg->policy.path;
   if (cfg->policy.mode == TC_POLICY_MODE_FILE) {
     if (policy_file_apply(&pf, &err)) {
       fprintf(stderr, "Error: %s\n", err.msg);
       goto out;
     }
     tc_cli_on_reload(policy_file_reload, &pf);
+    if (pf.path && *pf.path) policy_watch_start(&pf);
   }
 
   /* With TLS, listen_addr belongs to the TLS module, which feeds decrypted
@@ -589,6 +699,8 @@ out:
   pthread_mutex_lock(&reload_mu);
   nreloads = 0;
   pthread_mutex_unlock(&reload_mu);
+  policy_watch_stop(&pf);
+  pthread_mutex_destroy(&pf.mu);
   tc_metrics_server_stop(ms);
   if (tm_hook) tc_metrics_remove_hook(transport_metrics_hook, &tm);
   tc_tls_free(tls);
