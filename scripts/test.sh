@@ -12,5 +12,9 @@ cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DTC_SANITIZE=ON >/dev/null
 cmake --build build-asan -j"$jobs"
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=0}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
+# Policy conformance pass counts per category (the CTest below enforces the
+# ratchet; this prints the counts where a reader of the log sees them).
+echo "== policy conformance (Tailscale captures) =="
+./build/policy-conformance | grep -v '^FAIL' || true
 cd build-asan
 ctest --output-on-failure -j"$jobs" "$@"
