@@ -237,7 +237,11 @@ int tc_mapper_parse_map(const char *body, size_t len, struct tc_map_request *out
   json_t *eps = field(root, "Endpoints");
   if (eps) {
     if (!json_is_array(eps)) FAIL(TC_EINVAL, "Endpoints: expected an array");
-    if (json_array_size(eps) > TC_MAPPER_MAX_ENDPOINTS) FAIL(TC_ETOOBIG, "Endpoints: too many entries");
+    /* A host with many interfaces (Docker, Kubernetes, IPv6 privacy
+     * addresses) may report more endpoints than we keep. tailscaled sends
+     * them all and has no way to shrink the list, so refusing the request
+     * would cost it its map for good: keep the first ones, bound the rest. */
+    if (json_array_size(eps) > 64 * TC_MAPPER_MAX_ENDPOINTS) FAIL(TC_ETOOBIG, "Endpoints: too many entries");
     out->has_endpoints = true;
     size_t i;
     json_t *v;
@@ -247,7 +251,8 @@ int tc_mapper_parse_map(const char *body, size_t len, struct tc_map_request *out
       bool drop;
       if (tc_mapper_addrport_canon(json_string_value(v), canon, &drop))
         FAIL(TC_EINVAL, "Endpoints: malformed entry");
-      if (!drop && !tc_strv_contains(&out->endpoints, canon)) tc_strv_push(&out->endpoints, canon);
+      if (!drop && out->endpoints.n < TC_MAPPER_MAX_ENDPOINTS && !tc_strv_contains(&out->endpoints, canon))
+        tc_strv_push(&out->endpoints, canon);
     }
   }
   rc = 0;

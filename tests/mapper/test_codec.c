@@ -279,7 +279,18 @@ TC_TEST(map_request_kinds) {
   }
   struct tc_buf b = TC_BUF_INIT;
   tc_buf_puts(&b, "{\"Endpoints\":[");
-  for (int i = 0; i <= TC_MAPPER_MAX_ENDPOINTS; i++) tc_buf_printf(&b, "%s\"1.2.3.4:%d\"", i ? "," : "", i + 1);
+  for (int i = 0; i <= TC_MAPPER_MAX_ENDPOINTS + 10; i++) tc_buf_printf(&b, "%s\"1.2.3.4:%d\"", i ? "," : "", i + 1);
+  tc_buf_puts(&b, "]}");
+  /* More endpoints than we keep (a busy Docker host): the first ones are
+   * kept, the request still succeeds, or the client would never get a map. */
+  TC_REQUIRE(tc_mapper_parse_map(b.data, b.len, &m, NULL) == 0);
+  TC_CHECK_INT(m.endpoints.n, TC_MAPPER_MAX_ENDPOINTS);
+  TC_CHECK_STR(m.endpoints.v[0], "1.2.3.4:1");
+  tc_map_request_free(&m);
+  /* ... but an absurd list is still refused. */
+  tc_buf_reset(&b);
+  tc_buf_puts(&b, "{\"Endpoints\":[");
+  for (int i = 0; i <= 64 * TC_MAPPER_MAX_ENDPOINTS; i++) tc_buf_printf(&b, "%s\"1.2.3.4:%d\"", i ? "," : "", i % 60000 + 1);
   tc_buf_puts(&b, "]}");
   TC_CHECK_INT(tc_mapper_parse_map(b.data, b.len, &m, NULL), TC_ETOOBIG);
   tc_buf_free(&b);
