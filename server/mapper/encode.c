@@ -447,6 +447,9 @@ bool tc_mapper_encode_delta(struct tc_buf *b, const struct tc_mapper_env *env, c
     tc_mapper_key(b, &first, "DERPMap");
     tc_buf_puts(b, env->derp_json);
   }
+  /* A non-empty "Peers" replaces the client's whole peer set, and v1.60 to
+   * v1.98 then skip every other peer delta in the same message (removed,
+   * changed, OnlineChange, patches): callers send it alone. */
   if (d->n_peers) {
     tc_mapper_key(b, &first, "Peers");
     put_frags(b, d->peers, d->n_peers);
