@@ -826,6 +826,28 @@ static int cmd_policy(struct cli *c) {
   return die("usage: tailcoat policy get|set|check [-f FILE]");
 }
 
+/* mkdir -p path; created levels get 0750 (keys and the database inside
+ * carry their own 0600 modes). -1 with errno on failure. */
+static int mkdir_parents(const char *path) {
+  char *p = tc_xstrdup(path);
+  int rc = 0;
+  for (char *s = p + 1;; s++) {
+    if (*s && *s != '/') continue;
+    char saved = *s;
+    *s = 0;
+    if (mkdir(p, 0750) && errno != EEXIST) {
+      rc = -1;
+      break;
+    }
+    *s = saved;
+    if (!saved) break;
+  }
+  int e = errno;
+  free(p);
+  errno = e;
+  return rc;
+}
+
 static int cmd_config(struct cli *c) {
   if (is(c->sub, "print", "show")) {
     if (load_config(c)) return 1;
@@ -837,10 +859,27 @@ static int cmd_config(struct cli *c) {
   }
   if (is(c->sub, "init", NULL)) {
     const char *dir = flag(c, "data-dir", NULL);
-    char *text = tc_config_default_text(dir ? dir : "/var/lib/tailcoat");
     const char *out = flag(c, "output", "o");
+    bool to_file = out && strcmp(out, "-");
+    char *outdir = NULL;
+    if (to_file) {
+      /* The file's directory is created and, without --data-dir, holds the
+       * data too (absolute, so the config works from any directory). */
+      const char *slash = strrchr(out, '/');
+      char *parent = slash ? tc_xstrndup(out, slash == out ? 1 : (size_t)(slash - out)) : tc_xstrdup(".");
+      if (mkdir_parents(parent)) {
+        int e = errno;
+        free(parent);
+        return die("cannot create %s's directory: %s", out, strerror(e));
+      }
+      outdir = realpath(parent, NULL);
+      free(parent);
+      if (!outdir) return die("cannot resolve %s's directory: %s", out, strerror(errno));
+    }
+    char *text = tc_config_default_text(dir ? dir : outdir ? outdir : "/var/lib/tailcoat");
+    free(outdir);
     int rc = 0;
-    if (!out || !strcmp(out, "-")) {
+    if (!to_file) {
       fputs(text, stdout);
     } else if (!access(out, F_OK) && !flag_set(c, "force", NULL)) {
       rc = die("%s exists (use --force to overwrite)", out);

@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <time.h>
 
 #include <fcntl.h>
@@ -399,6 +400,35 @@ static void tls_deliver(void *ctx, int plain_fd, const char *peer) {
   tc_frontdoor_add_connection(w->fdr, plain_fd, sl ? (struct sockaddr *)&ss : NULL, sl, true);
 }
 
+/* A connection on the plain listener that opened with a TLS record (the
+ * self-signed DERP mode serves both on one port). w->tls is cleared under
+ * w->mu before the TLS module is freed, so this never hands to a dead one. */
+static void sniffed_tls(void *ctx, int fd, const char *peer) {
+  struct wiring *w = ctx;
+  pthread_mutex_lock(&w->mu);
+  if (w->tls) tc_tls_handoff(w->tls, fd, peer); /* non-blocking: queues to the TLS thread */
+  else close(fd);
+  pthread_mutex_unlock(&w->mu);
+}
+
+/* With the embedded relay on, no configured certificate and an http://
+ * server_url, clients still need TLS for DERP: tailcoat answers TLS on
+ * listen_addr itself with a generated certificate kept next to the DERP
+ * key. (An https:// server_url without a certificate means a TLS proxy in
+ * front, whose certificate clients verify as usual.) */
+static bool wants_self_signed(const struct tc_config *cfg) {
+  return cfg->derp.server.enabled && !(cfg->tls_cert_path && *cfg->tls_cert_path) &&
+         !strncasecmp(cfg->server_url, "http://", 7);
+}
+
+/* <dir of derp.server.private_key_path>/derp_selfsigned.<ext>; owned. */
+static char *self_signed_path(const struct tc_config *cfg, const char *ext) {
+  const char *k = cfg->derp.server.private_key_path;
+  const char *slash = strrchr(k, '/');
+  if (!slash) return tc_xasprintf("derp_selfsigned.%s", ext);
+  return tc_xasprintf("%.*s/derp_selfsigned.%s", (int)(slash - k), k, ext);
+}
+
 static void derpmap_reload(void *ctx) {
   struct tc_err err = {0};
   if (tc_derpmap_refresh_now(ctx, &err)) tc_warn("reload: DERP map: %s (keeping the last good sources)", err.msg);
@@ -493,6 +523,8 @@ int tc_cli_serve(const struct tc_config *cfg) {
   uint8_t noise_priv[32];
   memset(noise_priv, 0, sizeof noise_priv);
   bool use_tls = cfg->tls_cert_path && *cfg->tls_cert_path;
+  bool self_signed = wants_self_signed(cfg);
+  char *ss_cert = NULL, *ss_key = NULL;
   int port = -1;
   struct policy_file pf;
   memset(&pf, 0, sizeof pf);
@@ -571,6 +603,10 @@ int tc_cli_serve(const struct tc_config *cfg) {
       .ipv4 = cfg->derp.server.ipv4,
       .ipv6 = cfg->derp.server.ipv6,
       .stun_listen_addr = cfg->derp.server.stun_listen_addr,
+      /* self-signed: clients reach the relay where they reach us, and may
+       * skip verification of exactly this certificate */
+      .fallback_port = self_signed ? tc_frontdoor_port(fdr) : 0,
+      .insecure_tls = self_signed,
       .urls = (const char *const *)cfg->derp.urls.v,
       .nurls = cfg->derp.urls.n,
       .paths = (const char *const *)cfg->derp.paths.v,
@@ -610,10 +646,36 @@ int tc_cli_serve(const struct tc_config *cfg) {
     w.sub_id = tc_model_subscribe(be->model, derp_on_change, &w);
     tc_metrics_add_hook(derp_metrics, &w);
     derp_hook = true;
+    /* STUN only speeds up NAT traversal: a busy port must not keep the
+     * control server down (clients then relay through DERP). */
     if (cfg->derp.server.stun_listen_addr && *cfg->derp.server.stun_listen_addr &&
         tc_stun_server_new(cfg->derp.server.stun_listen_addr, &stun, &err)) {
-      fprintf(stderr, "Error: derp.server.stun_listen_addr: %s\n", err.msg);
-      goto out;
+      tc_warn("derp.server.stun_listen_addr %s: %s; continuing without STUN", cfg->derp.server.stun_listen_addr,
+              err.msg);
+      stun = NULL;
+    }
+    if (self_signed) {
+      ss_cert = self_signed_path(cfg, "crt");
+      ss_key = self_signed_path(cfg, "key");
+      bool created = false;
+      if (tc_tls_generate_self_signed(cfg->server_host, ss_cert, ss_key, &created, &err)) {
+        fprintf(stderr, "Error: derp.server: %s\n", err.msg);
+        goto out;
+      }
+      tc_warn("embedded DERP: %s self-signed certificate %s, served on %s next to plain HTTP; clients are "
+              "told to accept it unverified (set tls_cert_path/tls_key_path and an https:// server_url "
+              "beyond a first test)",
+              created ? "created" : "using", ss_cert, cfg->listen_addr);
+      struct tc_tls_params tp = {.cert_path = ss_cert, .key_path = ss_key, .deliver = tls_deliver,
+                                 .deliver_ctx = &w};
+      if (tc_tls_new(&tp, &tls, &err)) {
+        fprintf(stderr, "Error: derp.server: self-signed certificate %s: %s\n", ss_cert, err.msg);
+        goto out;
+      }
+      pthread_mutex_lock(&w.mu);
+      w.tls = tls;
+      pthread_mutex_unlock(&w.mu);
+      tc_frontdoor_set_tls_handoff(fdr, sniffed_tls, &w);
     }
   }
 
@@ -703,8 +765,13 @@ out:
   pthread_mutex_destroy(&pf.mu);
   tc_metrics_server_stop(ms);
   if (tm_hook) tc_metrics_remove_hook(transport_metrics_hook, &tm);
+  pthread_mutex_lock(&w.mu); /* no more sniffed handoffs (sniffed_tls) */
+  w.tls = NULL;
+  pthread_mutex_unlock(&w.mu);
   tc_tls_free(tls);
   tc_frontdoor_free(fdr);
+  free(ss_cert);
+  free(ss_key);
   if (derp_hook) tc_metrics_remove_hook(derp_metrics, &w);
   if (w.sub_id > 0) tc_model_unsubscribe(be->model, w.sub_id);
   tc_derp_server_shutdown(derp, 0, 200); /* frees it */

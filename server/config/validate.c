@@ -274,7 +274,9 @@ int cfg_validate(struct tc_config *cfg, const void *lctx, struct tc_err *err) {
     if (!cfg->derp.server.automatically_add_embedded_derp_region && cfg->derp.paths.n == 0)
       return fail(v, "derp.server.automatically_add_embedded_derp_region",
                   "false requires the embedded region to be described in derp.paths");
-    if (!https)
+    /* http:// without a certificate is the out-of-the-box setup: serve
+     * answers TLS itself with a self-signed certificate (and says so). */
+    if (!https && cfg->tls_cert_path[0])
       warn(v, "derp.server.enabled: DERP needs TLS; server_url should use https:// (or a TLS proxy in front)");
   }
   if (cfg->derp.server.ipv4[0] && !is_ip(cfg->derp.server.ipv4, 4))

@@ -192,8 +192,12 @@ struct tc_derpmap_params {
   int region_id;
   const char *region_code, *region_name;
   const char *server_url;        /* hostname and DERPPort come from it */
-  const char *ipv4, *ipv6;       /* optional hints */
+  const char *ipv4, *ipv6;       /* optional hints; default: server_url's host if it is an
+                                    IP literal (the other family then "none") */
   const char *stun_listen_addr;  /* STUNPort comes from its port */
+  int fallback_port;             /* DERPPort when server_url has no port; 0 = 443/80 by scheme */
+  bool insecure_tls;             /* InsecureForTests: clients skip certificate checks (only
+                                    for the self-signed certificate tailcoat generated) */
   /* other sources, merged in this order: urls, then paths, then embedded */
   const char *const *urls;
   size_t nurls;

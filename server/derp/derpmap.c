@@ -460,7 +460,7 @@ static int url_host_port(const char *url, char *host, size_t hostlen, int *port,
       return tc_err_set(err, TC_EINVAL, "derpmap: server_url %s: bad port", url);
     *port = (int)v;
   } else {
-    *port = https ? 443 : 80;
+    *port = 0; /* caller's default */
   }
   return 0;
 }
@@ -475,6 +475,18 @@ json_t *tc_derpmap_embedded_region(const struct tc_derpmap_params *p, struct tc_
   if (!p->server_url || url_host_port(p->server_url, host, sizeof host, &port, err)) {
     if (!p->server_url) tc_err_set(err, TC_EINVAL, "derpmap: server_url is required for the embedded region");
     return NULL;
+  }
+  if (!port) port = p->fallback_port > 0 && p->fallback_port <= 65535 ? p->fallback_port
+                    : !strncasecmp(p->server_url, "https", 5) ? 443 : 80;
+  /* An IP literal host needs no DNS; naming the address also stops the
+   * client racing a dial over the other family that cannot succeed
+   * ("none" is tailcfg's conventional "do not use this family"). */
+  const char *ipv4 = p->ipv4 && *p->ipv4 ? p->ipv4 : NULL;
+  const char *ipv6 = p->ipv6 && *p->ipv6 ? p->ipv6 : NULL;
+  unsigned char abuf[16];
+  if (!ipv4 && !ipv6) {
+    if (inet_pton(AF_INET, host, abuf) == 1) ipv4 = host, ipv6 = "none";
+    else if (inet_pton(AF_INET6, host, abuf) == 1) ipv6 = host, ipv4 = "none";
   }
   int stun_port = 3478;
   if (p->stun_listen_addr && *p->stun_listen_addr) {
@@ -492,10 +504,11 @@ json_t *tc_derpmap_embedded_region(const struct tc_derpmap_params *p, struct tc_
   json_object_set_new(node, "Name", json_string(name));
   json_object_set_new(node, "RegionID", json_integer(p->region_id));
   json_object_set_new(node, "HostName", json_string(host));
-  if (p->ipv4 && *p->ipv4) json_object_set_new(node, "IPv4", json_string(p->ipv4));
-  if (p->ipv6 && *p->ipv6) json_object_set_new(node, "IPv6", json_string(p->ipv6));
+  if (ipv4) json_object_set_new(node, "IPv4", json_string(ipv4));
+  if (ipv6) json_object_set_new(node, "IPv6", json_string(ipv6));
   json_object_set_new(node, "STUNPort", json_integer(stun_port));
   json_object_set_new(node, "DERPPort", json_integer(port));
+  if (p->insecure_tls) json_object_set_new(node, "InsecureForTests", json_true());
   json_t *r = json_object();
   json_object_set_new(r, "RegionID", json_integer(p->region_id));
   json_object_set_new(r, "RegionCode", json_string(p->region_code ? p->region_code : ""));

@@ -174,6 +174,15 @@ int tc_frontdoor_port(const struct tc_frontdoor *fdr);
  * every case. peer is the real client address. Thread-safe. 0 or TC_E*. */
 int tc_frontdoor_add_connection(struct tc_frontdoor *fdr, int fd, const struct sockaddr *peer,
                                 socklen_t peerlen, bool tls);
+/* Receives a TCP connection whose first byte is a TLS handshake record
+ * (0x16), still unread; takes ownership of fd. peer is "ip:port", borrowed.
+ * Runs on the listener thread and must not block. */
+typedef void (*tc_frontdoor_tls_fn)(void *ctx, int fd, const char *peer);
+/* Serves TLS and plain HTTP on the same TCP listener: connections on
+ * listen_addr that open with a TLS record go to fn (e.g. tc_tls_handoff),
+ * the rest are served as plain HTTP. Without it such connections are
+ * closed at once. Call before tc_frontdoor_start. */
+void tc_frontdoor_set_tls_handoff(struct tc_frontdoor *fdr, tc_frontdoor_tls_fn fn, void *ctx);
 /* Stops the listener and libmicrohttpd, closes sockets (unlinks the unix
  * socket), frees. NULL ok. Upgrade handlers own their fds and are unaffected. */
 void tc_frontdoor_free(struct tc_frontdoor *fdr);

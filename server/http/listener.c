@@ -67,6 +67,8 @@ struct tc_frontdoor {
     void *ctx;
   } upgrades[MAX_UPGRADES];
   size_t nupgrades;
+  tc_frontdoor_tls_fn tls_fn; /* TLS on the plain listener; NULL = none */
+  void *tls_ctx;
   struct MHD_Daemon *daemons[MAX_DAEMONS];
   int ndaemons;
   unsigned rr;
@@ -717,6 +719,22 @@ static void try_peek(struct tc_frontdoor *fdr, struct pending *p, uint32_t event
     close(pending_release(fdr, p));
     return;
   }
+  /* A TLS ClientHello starts with a handshake record (0x16); no HTTP
+   * method does. Only connections accepted here are sniffed: the TLS
+   * module's plaintext ends and the unix socket are never TLS. */
+  if ((unsigned char)fdr->peekbuf[0] == 0x16 && !p->tls && !p->trusted) {
+    char peer[64];
+    format_peer((struct sockaddr *)&p->addr, p->addrlen, peer, sizeof peer);
+    int fd = pending_release(fdr, p);
+    if (fdr->tls_fn) {
+      fdr->tls_fn(fdr->tls_ctx, fd, peer);
+    } else {
+      /* not HTTP, and no TLS here: refuse now rather than at the head timeout */
+      tc_metrics_inc("tailcoat_http_connections_dropped_total", "reason=\"bad_head\"");
+      tc_http_refuse(fd, 400, "malformed request head (TLS is not served on this port)");
+    }
+    return;
+  }
   char *end = memmem(fdr->peekbuf, (size_t)n, "\r\n\r\n", 4);
   size_t head_len = end ? (size_t)(end - fdr->peekbuf) + 4 : 0;
   if (!end || head_len > TC_HTTP_HEAD_MAX) {
@@ -934,6 +952,12 @@ int tc_frontdoor_start(struct tc_frontdoor *fdr, struct tc_err *err) {
     return tc_err_set(err, TC_EIO, "could not start the listener thread");
   fdr->started = true;
   return TC_OK;
+}
+
+void tc_frontdoor_set_tls_handoff(struct tc_frontdoor *fdr, tc_frontdoor_tls_fn fn, void *ctx) {
+  if (!fdr || fdr->started) return; /* the listener thread reads these unlocked */
+  fdr->tls_fn = fn;
+  fdr->tls_ctx = ctx;
 }
 
 int tc_frontdoor_add_connection(struct tc_frontdoor *fdr, int fd, const struct sockaddr *peer, socklen_t peerlen,

@@ -78,6 +78,17 @@ void tc_tls_get_stats(struct tc_tls *t, struct tc_tls_stats *out);
 /* CPU time consumed by the TLS threads so far, in nanoseconds (-1 if unknown). */
 int64_t tc_tls_thread_cpu_ns(struct tc_tls *t);
 
+/* The embedded DERP relay's fallback certificate (selfsigned.c): reuses the
+ * PEM pair at cert_path/key_path if both parse, match and are unexpired;
+ * otherwise writes a new self-signed ECDSA P-256 certificate (about ten
+ * years, subjectAltName = host as an IP address or DNS name) and its key
+ * (mode 0600), creating their directory (0700) if missing. *created (may be
+ * NULL) tells which happened. Clients can verify it only by being told to
+ * skip verification (the DERP map's InsecureForTests). Any thread; blocks
+ * on file I/O. Errors: TC_EINVAL (missing argument), TC_EIO. */
+int tc_tls_generate_self_signed(const char *host, const char *cert_path, const char *key_path, bool *created,
+                                struct tc_err *err);
+
 /* Stops the thread and closes every connection and listener. NULL ok. */
 void tc_tls_free(struct tc_tls *t);
 
