@@ -170,7 +170,10 @@ TC_TEST(default_text_loads_and_round_trips) {
   TC_CHECK(c.database.sqlite.write_ahead_log);
   TC_CHECK_INT(c.policy.mode, TC_POLICY_MODE_DATABASE);
   TC_CHECK_STR(c.dns.base_domain, "tailnet.internal");
-  TC_CHECK(!c.derp.server.enabled);
+  /* the embedded relay is on out of the box: clients need a DERP region */
+  TC_CHECK(c.derp.server.enabled);
+  TC_CHECK(c.derp.server.automatically_add_embedded_derp_region);
+  TC_CHECK_STR(c.derp.server.stun_listen_addr, "0.0.0.0:3478");
   TC_CHECK_INT(c.derp.urls.n, 0);
   TC_CHECK_INT(c.derp.paths.n, 0);
   TC_CHECK_INT(c.warnings.n, 0);
