@@ -34,6 +34,7 @@
 #define CLOSING_GRACE_MS 5000     /* a refused connection gets this long to drain */
 #define STREAM_OBJECTS_MAX (4 * TC_CTL_MAX_STREAMS)
 #define WS_FRAME_MAX 65536u       /* browsers send one Noise record per message */
+#define IDLE_BUF_KEEP 1024u       /* an emptied buffer larger than this is released */
 
 struct conn;
 
@@ -122,6 +123,15 @@ struct tc_ctl_server {
   atomic_uint_fast64_t st_conns_open, st_conns_total, st_hs_failed, st_streams_open, st_requests;
   atomic_int slots; /* connections queued or open, against opts.max_conns */
 };
+
+/* An idle streaming connection must cost little: a full map (hundreds of
+ * KiB at a thousand peers) passes once through the stream queue and the
+ * connection buffers, and tc_buf keeps its capacity, so every connection
+ * would hold its largest message forever. Emptied buffers above a small
+ * size are given back instead. */
+static void buf_release_idle(struct tc_buf *b) {
+  if (b->len == 0 && b->cap > IDLE_BUF_KEEP) tc_buf_free(b);
+}
 
 /* ---- reference counting ---------------------------------------------------- */
 static void conn_unref(struct conn *c) {
@@ -459,6 +469,9 @@ static void conn_flush(struct conn *c) {
     break;
   }
   set_epollout(c, wire->len > 0);
+  buf_release_idle(&c->out);
+  buf_release_idle(&c->wsout);
+  buf_release_idle(&c->stage);
   if (wire->len == 0) {
     if (c->closing) {
       conn_kill(c);
@@ -493,6 +506,7 @@ static ssize_t data_read_cb(nghttp2_session *s, int32_t id, uint8_t *buf, size_t
   atomic_fetch_sub(&st->conn->queued, n);
   if (st->qoff == st->q.len) {
     tc_buf_reset(&st->q);
+    buf_release_idle(&st->q);
     st->qoff = 0;
   } else if (st->qoff >= 65536 && st->qoff >= st->q.len / 2) {
     /* A writer that keeps pace with the reader never lets the queue run
@@ -711,7 +725,10 @@ static void conn_process_records(struct conn *c) {
       return;
     }
   }
-  if (!c->dead) tc_buf_consume(&c->in, off);
+  if (!c->dead) {
+    tc_buf_consume(&c->in, off);
+    buf_release_idle(&c->in);
+  }
 }
 
 /* Unwraps client WebSocket frames from wsin into the Noise byte stream in
