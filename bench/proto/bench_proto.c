@@ -6,6 +6,9 @@
  *   - propagation latency: a new node joins -> every connected client has
  *     it in a PeersChanged (p50 / p99 / max over all (join, client) pairs),
  *   - bytes each client receives per such update (framed, compressed),
+ *   - full map cost: one-shot (non-streaming) full maps for a node with every
+ *     other node as a peer, sequentially; wall time and server CPU per map
+ *     and per peer,
  *   - server CPU seconds and RSS (from /proc, when the pid is known).
  *
  * Server: --self starts an in-process tailcoat control plane (SQLite model +
@@ -36,7 +39,7 @@
 
 struct opts {
   const char *policy_path; /* --self: policy file loaded into the model */
-  int n, threads, joins, timeout_s;
+  int n, threads, joins, timeout_s, fullmaps;
   bool self, json;
   char host[256];
   int port;
@@ -50,9 +53,10 @@ struct sim {
   _Atomic size_t bytes; /* stream body bytes received, updated by the owning thread */
   size_t buffered;      /* client's unconsumed body length after our last read */
   int last_join_seen; /* index of the last join this client has seen */
+  char keytext[TC_MAPPER_KEY_TEXT];
 };
 
-static struct opts O = {.n = 100, .threads = 8, .joins = 5, .timeout_s = 60, .port = 0};
+static struct opts O = {.n = 100, .threads = 8, .joins = 5, .timeout_s = 60, .fullmaps = 50, .port = 0};
 static struct sim *S;
 static atomic_int g_current_join = -1; /* join being measured */
 static char g_join_key[TC_MAPPER_KEY_TEXT];
@@ -203,6 +207,7 @@ static void *reg_worker(void *arg) {
       continue;
     }
     S[i].last_join_seen = -1;
+    memcpy(S[i].keytext, kt, sizeof kt);
     if (!open_stream(&S[i], kt)) atomic_fetch_add(&g_errors, 1);
     size_t len = 0;
     tc_tclient_body(S[i].c, S[i].sid, &len);
@@ -284,7 +289,8 @@ static int cmp_i64(const void *a, const void *b) {
 static void usage(void) {
   fprintf(stderr,
           "usage: bench-proto [--self | --host H --port P --authkey KEY [--server-pid PID]]\n"
-          "                   [-n clients] [--threads T] [--joins J] [--timeout S] [--json] [--policy FILE]\n");
+          "                   [-n clients] [--threads T] [--joins J] [--timeout S] [--json] [--policy FILE]\n"
+          "                   [--fullmaps M]\n");
   exit(2);
 }
 
@@ -293,6 +299,7 @@ int main(int argc, char **argv) {
                                      {"authkey", 1, NULL, 'k'},    {"server-pid", 1, NULL, 'P'},
                                      {"threads", 1, NULL, 't'},    {"joins", 1, NULL, 'j'},   {"timeout", 1, NULL, 'T'},
                                      {"json", 0, NULL, 'J'},       {"policy", 1, NULL, 'Y'},
+                                     {"fullmaps", 1, NULL, 'F'},
                                      {NULL, 0, NULL, 0}};
   snprintf(O.host, sizeof O.host, "127.0.0.1");
   int ch;
@@ -309,10 +316,11 @@ int main(int argc, char **argv) {
     case 'T': O.timeout_s = atoi(optarg); break;
     case 'J': O.json = true; break;
     case 'Y': O.policy_path = optarg; break;
+    case 'F': O.fullmaps = atoi(optarg); break;
     default: usage();
     }
   }
-  if (O.n < 1 || O.threads < 1 || O.joins < 1 || (!O.self && (!O.port || !O.authkey[0]))) usage();
+  if (O.n < 1 || O.threads < 1 || O.joins < 1 || O.fullmaps < 0 || (!O.self && (!O.port || !O.authkey[0]))) usage();
   if (O.threads > O.n) O.threads = O.n;
   signal(SIGPIPE, SIG_IGN);
   tc_log_set_level(TC_LOG_WARN);
@@ -421,6 +429,46 @@ int main(int argc, char **argv) {
   for (int t = 0; t < O.threads; t++) pthread_join(th[t], NULL);
   if (have_proc) proc_stats(O.server_pid, &cpu2, &rss2);
 
+  /* phase 3: full map cost. Client 0 asks for one-shot full maps (every
+   * other node is its peer: allow-all or a permit-all policy). The server
+   * is otherwise idle, so its CPU delta is what these maps cost it: the
+   * handler, the dispatcher assembling cached peer fragments, zstd, HTTP/2
+   * and Noise. The simulated client's decoding is not in that figure. */
+  double fm_wall_ms = 0, fm_cpu_ms = 0, cpuf0 = 0, cpuf1 = 0;
+  size_t fm_bytes = 0;
+  int fm_done = 0;
+  int fm_peers = connected + O.joins - 1;
+  if (O.fullmaps > 0 && S[0].c && S[0].sid > 0) {
+    long rss3;
+    char *b = tc_xasprintf("{\"Version\":138,\"Compress\":\"zstd\",\"NodeKey\":\"%s\",\"Stream\":false}",
+                           S[0].keytext);
+    if (have_proc) proc_stats(O.server_pid, &cpuf0, &rss3);
+    int64_t f0 = tc_mono_ns();
+    for (int i = 0; i < O.fullmaps; i++) {
+      int status = 0;
+      char *resp = NULL;
+      size_t rl = 0;
+      int rc = tc_tclient_request(S[0].c, "POST", "/machine/map", b, strlen(b), 30000, &status, &resp, &rl);
+      /* one LE-uint32-framed message that fills the body */
+      const uint8_t *u = (const uint8_t *)resp;
+      bool good = rc == 0 && status == 200 && rl > 4 &&
+                  (size_t)u[0] + ((size_t)u[1] << 8) + ((size_t)u[2] << 16) + ((size_t)u[3] << 24) == rl - 4;
+      free(resp);
+      if (!good) {
+        fprintf(stderr, "full map %d: rc %d status %d len %zu\n", i, rc, status, rl);
+        atomic_fetch_add(&g_errors, 1);
+        break;
+      }
+      fm_bytes = rl;
+      fm_done++;
+    }
+    fm_wall_ms = (double)(tc_mono_ns() - f0) / 1e6 / (fm_done ? fm_done : 1);
+    if (have_proc) proc_stats(O.server_pid, &cpuf1, &rss3);
+    fm_cpu_ms = (cpuf1 - cpuf0) * 1e3 / (fm_done ? fm_done : 1);
+    free(b);
+  }
+  double fm_us_per_peer = fm_peers > 0 ? fm_cpu_ms * 1e3 / fm_peers : 0;
+
   /* latencies of every (join, client) pair that arrived */
   size_t nl = 0;
   int64_t *lat = calloc((size_t)O.n * O.joins + 1, sizeof *lat);
@@ -430,15 +478,18 @@ int main(int argc, char **argv) {
   double p50 = nl ? lat[nl / 2] / 1e6 : -1, p99 = nl ? lat[(nl * 99) / 100 < nl ? (nl * 99) / 100 : nl - 1] / 1e6 : -1,
          mx = nl ? lat[nl - 1] / 1e6 : -1;
   double bytes_per_update = connected && O.joins ? (double)bytes_updates / ((double)connected * O.joins) : 0;
-  bool ok = connected == O.n && complete_joins == O.joins && atomic_load(&g_errors) == 0;
+  bool ok = connected == O.n && complete_joins == O.joins && atomic_load(&g_errors) == 0 &&
+            (O.fullmaps == 0 || fm_done == O.fullmaps);
 
   if (O.json) {
     printf("{\"clients\":%d,\"connected\":%d,\"threads\":%d,\"registrations_per_s\":%.1f,\"phase1_s\":%.3f,"
            "\"converge_s\":%.2f,\"joins\":%d,\"complete_joins\":%d,\"latency_ms\":{\"p50\":%.2f,\"p99\":%.2f,\"max\":%.2f},"
            "\"bytes_per_update_per_client\":%.0f,\"server_cpu_s\":{\"register\":%.2f,\"joins\":%.2f},"
-           "\"server_rss_kib\":%ld,\"errors\":%d,\"ok\":%s}\n",
+           "\"server_rss_kib\":%ld,\"rss_kib_per_node\":%.1f,\"full_map\":{\"maps\":%d,\"peers\":%d,\"bytes\":%zu,"
+           "\"wall_ms\":%.3f,\"server_cpu_ms\":%.3f,\"server_cpu_us_per_peer\":%.3f},\"errors\":%d,\"ok\":%s}\n",
            O.n, connected, O.threads, connected / phase1_s, phase1_s, converge_s, O.joins, complete_joins, p50, p99, mx,
-           bytes_per_update, cpu1 - cpu0, cpu2 - cpu1, rss2, atomic_load(&g_errors), ok ? "true" : "false");
+           bytes_per_update, cpu1 - cpu0, cpu2 - cpu1, rss2, (double)rss2 / O.n, fm_done, fm_peers, fm_bytes,
+           fm_wall_ms, fm_cpu_ms, fm_us_per_peer, atomic_load(&g_errors), ok ? "true" : "false");
   } else {
     printf("clients              %d (connected %d, %d threads)\n", O.n, connected, O.threads);
     printf("register+full map    %.3f s  -> %.1f registrations/s\n", phase1_s, connected / phase1_s);
@@ -447,8 +498,11 @@ int main(int argc, char **argv) {
     printf("propagation latency  p50 %.2f ms  p99 %.2f ms  max %.2f ms  (%zu samples)\n", p50, p99, mx, nl);
     printf("bytes per update     %.0f per client (framed, zstd)\n", bytes_per_update);
     if (have_proc)
-      printf("server               cpu %.2f s register phase, %.2f s join phase; rss %ld KiB\n", cpu1 - cpu0,
-             cpu2 - cpu1, rss2);
+      printf("server               cpu %.2f s register phase, %.2f s join phase; rss %ld KiB (%.1f KiB per node)\n",
+             cpu1 - cpu0, cpu2 - cpu1, rss2, (double)rss2 / O.n);
+    if (fm_done)
+      printf("full map             %d peers, %zu bytes framed: %.2f ms wall, server cpu %.2f ms = %.2f us per peer"
+             " (%d maps)\n", fm_peers, fm_bytes, fm_wall_ms, fm_cpu_ms, fm_us_per_peer, fm_done);
     printf("errors               %d\n", atomic_load(&g_errors));
   }
   for (int i = 0; i < O.n; i++)
