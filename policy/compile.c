@@ -659,7 +659,20 @@ static bool dport_matches(const struct cnode *n, const struct dport *d, const st
 
 static json_t *ports_json(struct port_range pr)
 {
-  return json_pack("{s:i,s:i}", "First", (int)pr.first, "Last", (int)pr.last);
+  json_t *o = json_object();
+  json_object_set_new_nocheck(o, "First", json_integer(pr.first));
+  json_object_set_new_nocheck(o, "Last", json_integer(pr.last));
+  return o;
+}
+
+/* {"IP": ip, "Ports": {...}}: built directly, as json_pack's format parsing
+ * showed up in profiles (one per destination entry per node). */
+static json_t *dport_json(const char *ip, struct port_range pr)
+{
+  json_t *o = json_object();
+  json_object_set_new_nocheck(o, "IP", json_string(ip));
+  json_object_set_new_nocheck(o, "Ports", ports_json(pr));
+  return o;
 }
 
 /* Builds a FilterRule JSON from a rule restricted to the node's entries;
@@ -751,7 +764,7 @@ static json_t *reduce_rule(const struct cnode *n, const struct rule *r, const st
     }
   json_t *dp = json_array();
   for (size_t i = 0; i < nhit; i++) {
-    json_array_append_new(dp, json_pack("{s:s,s:o}", "IP", r->dp[hit[i]].ip, "Ports", ports_json(r->dp[hit[i]].pr)));
+    json_array_append_new(dp, dport_json(r->dp[hit[i]].ip, r->dp[hit[i]].pr));
     if (r->dp[hit[i]].star)
       *dst_all = true;
     else
@@ -762,9 +775,11 @@ static json_t *reduce_rule(const struct cnode *n, const struct rule *r, const st
     json_decref(dp);
     return NULL;
   }
-  json_t *o = json_pack("{s:O,s:o}", "SrcIPs", r->src, "DstPorts", dp);
+  json_t *o = json_object();
+  json_object_set_nocheck(o, "SrcIPs", r->src);
+  json_object_set_new_nocheck(o, "DstPorts", dp);
   if (r->proto >= 0)
-    json_object_set_new(o, "IPProto", json_pack("[i]", r->proto));
+    json_object_set_new_nocheck(o, "IPProto", json_pack("[i]", r->proto));
   return o;
 }
 
@@ -818,27 +833,29 @@ static void self_rules(const struct ctopo *ct, const struct cgrant *cg, json_t *
   if (n->tagged || n->user < 0 || !json_array_size(srcstr))
     return;
   const struct grant *g = cg->g;
-  char a[64];
+  char a4[64] = "", a6[64] = "";
+  if (n->has4)
+    pol_ip_format_addr(0, n->a4, a4, sizeof(a4));
+  if (n->has6)
+    pol_ip_format_addr(1, n->a6, a6, sizeof(a6));
   for (size_t p = 0; p < g->nip; p++) {
     json_t *dp = json_array();
     /* Only this node's own addresses survive reduction. */
     for (size_t k = 0; k < g->ip[p].nports; k++) {
-      if (n->has4) {
-        pol_ip_format_addr(0, n->a4, a, sizeof(a));
-        json_array_append_new(dp, json_pack("{s:s,s:o}", "IP", a, "Ports", ports_json(g->ip[p].ports[k])));
-      }
-      if (n->has6) {
-        pol_ip_format_addr(1, n->a6, a, sizeof(a));
-        json_array_append_new(dp, json_pack("{s:s,s:o}", "IP", a, "Ports", ports_json(g->ip[p].ports[k])));
-      }
+      if (n->has4)
+        json_array_append_new(dp, dport_json(a4, g->ip[p].ports[k]));
+      if (n->has6)
+        json_array_append_new(dp, dport_json(a6, g->ip[p].ports[k]));
     }
     if (!json_array_size(dp)) {
       json_decref(dp);
       continue;
     }
-    json_t *o = json_pack("{s:O,s:o}", "SrcIPs", srcstr, "DstPorts", dp);
+    json_t *o = json_object();
+    json_object_set_nocheck(o, "SrcIPs", srcstr);
+    json_object_set_new_nocheck(o, "DstPorts", dp);
     if (g->ip[p].proto >= 0)
-      json_object_set_new(o, "IPProto", json_pack("[i]", g->ip[p].proto));
+      json_object_set_new_nocheck(o, "IPProto", json_pack("[i]", g->ip[p].proto));
     merge_into(out, o);
   }
   if (g->app) {
@@ -1511,8 +1528,24 @@ static json_t *node_filter(const struct tc_policy *pol, const struct ctopo *ct, 
     }
     if (cg->has_self && !n->tagged && n->user >= 0) {
       size_t slot = i * cp->nusers + (size_t)n->user;
-      if (!cp->self_src[slot])
+      if (!cp->self_src[slot]) {
         cp->self_src[slot] = self_sources(ct, cg, n->user, &cp->self_set[slot]);
+        /* The same sources from another autogroup:self grant share one
+         * array, so merging rules finds them equal by pointer. */
+        const struct ipset *mine = &cp->self_set[slot];
+        for (size_t j = 0; j < i; j++) {
+          size_t other = j * cp->nusers + (size_t)n->user;
+          const struct ipset *os = &cp->self_set[other];
+          bool same = cp->self_src[other] && cp->self_src[other] != cp->self_src[slot] && os->n == mine->n;
+          for (size_t q = 0; same && q < mine->n; q++)
+            same = os->r[q].v6 == mine->r[q].v6 && os->r[q].lo == mine->r[q].lo && os->r[q].hi == mine->r[q].hi;
+          if (same) {
+            json_decref(cp->self_src[slot]);
+            cp->self_src[slot] = json_incref(cp->self_src[other]);
+            break;
+          }
+        }
+      }
       if (json_array_size(cp->self_src[slot])) {
         self_rules(ct, cg, cp->self_src[slot], n, out);
         struct reach_rule *rr = reach_push(rc, &cp->self_set[slot], false);
@@ -1663,6 +1696,70 @@ static int addr_ix_cmp(const void *x, const void *y)
   return 0;
 }
 
+/* The nodes a source set lets send, as a bitset over node indices: their
+ * addresses fall in the set, or (subnet routers speak for their routes) one
+ * of their approved subnet routes overlaps it. Rules share source sets
+ * (one per rule or per autogroup:self user), so each set is walked once
+ * per compile instead of once per destination node. */
+struct src_memo {
+  const struct ipset **key;
+  uint64_t **bits;
+  size_t cap; /* power of two */
+};
+
+static void src_memo_init(struct src_memo *m, const struct reach *reach, size_t nn)
+{
+  size_t total = 0;
+  for (size_t i = 0; i < nn; i++)
+    total += reach[i].n;
+  m->cap = 16;
+  while (m->cap < 2 * total)
+    m->cap *= 2;
+  m->key = tc_xcalloc(m->cap, sizeof(*m->key));
+  m->bits = tc_xcalloc(m->cap, sizeof(*m->bits));
+}
+
+static void src_memo_free(struct src_memo *m)
+{
+  for (size_t i = 0; i < m->cap; i++)
+    free(m->bits[i]);
+  free(m->key);
+  free(m->bits);
+}
+
+static const uint64_t *src_bits(struct src_memo *m, const struct ipset *src, const struct ctopo *ct,
+                                const struct addr_ix *ax, size_t nax, const size_t *routers, size_t nrouters,
+                                size_t words)
+{
+  size_t h = ((uintptr_t)src >> 4) * 0x9E3779B97F4A7C15ull & (m->cap - 1);
+  while (m->key[h] && m->key[h] != src)
+    h = (h + 1) & (m->cap - 1);
+  if (m->key[h])
+    return m->bits[h];
+  uint64_t *w = tc_xcalloc(words + 1, sizeof(uint64_t));
+  m->key[h] = src;
+  m->bits[h] = w;
+  for (size_t k = 0; k < src->n; k++) {
+    size_t lo = 0, hi = nax;
+    while (lo < hi) { /* first address >= range start */
+      size_t mid = lo + (hi - lo) / 2;
+      if (ax[mid].v6 < src->r[k].v6 || (ax[mid].v6 == src->r[k].v6 && ax[mid].a < src->r[k].lo))
+        lo = mid + 1;
+      else
+        hi = mid;
+    }
+    for (size_t q = lo; q < nax && ax[q].v6 == src->r[k].v6 && ax[q].a <= src->r[k].hi; q++)
+      w[ax[q].ix / 64] |= 1ull << (ax[q].ix % 64);
+  }
+  for (size_t ri = 0; ri < nrouters; ri++) {
+    size_t i = routers[ri];
+    for (size_t s = 0; s < ct->n[i].nsubnets; s++)
+      if (pol_ipset_overlaps(src, ct->n[i].subnets[s]))
+        w[i / 64] |= 1ull << (i % 64);
+  }
+  return w;
+}
+
 static __thread char **sort_keys_tl;
 
 static int key_cmp(const void *x, const void *y)
@@ -1800,6 +1897,8 @@ int tc_policy_compile(const struct tc_policy *pol, const struct tc_policy_topo *
   for (size_t i = 0; i < ct.nn; i++)
     if (ct.n[i].nsubnets)
       routers[nrouters++] = i;
+  struct src_memo memo;
+  src_memo_init(&memo, reach, ct.nn);
   for (size_t j = 0; j < ct.nn; j++) {
     uint64_t *w = &who[j * words];
     const struct reach *rj = &reach[j];
@@ -1812,30 +1911,14 @@ int tc_policy_compile(const struct tc_policy *pol, const struct tc_policy_topo *
       continue;
     }
     for (size_t r = 0; r < rj->n; r++) {
-      const struct ipset *src = rj->r[r].src;
-      for (size_t k = 0; k < src->n; k++) {
-        size_t lo = 0, hi = nax;
-        while (lo < hi) { /* first address >= range start */
-          size_t mid = lo + (hi - lo) / 2;
-          if (ax[mid].v6 < src->r[k].v6 || (ax[mid].v6 == src->r[k].v6 && ax[mid].a < src->r[k].lo))
-            lo = mid + 1;
-          else
-            hi = mid;
-        }
-        for (size_t q = lo; q < nax && ax[q].v6 == src->r[k].v6 && ax[q].a <= src->r[k].hi; q++)
-          w[ax[q].ix / 64] |= 1ull << (ax[q].ix % 64);
-      }
-      /* Subnet routers also speak for their routes. */
-      for (size_t ri = 0; ri < nrouters; ri++) {
-        size_t i = routers[ri];
-        for (size_t s = 0; s < ct.n[i].nsubnets; s++)
-          if (pol_ipset_overlaps(src, ct.n[i].subnets[s]))
-            w[i / 64] |= 1ull << (i % 64);
-      }
+      const uint64_t *bits = src_bits(&memo, rj->r[r].src, &ct, ax, nax, routers, nrouters, words);
+      for (size_t q = 0; q < words; q++)
+        w[q] |= bits[q];
     }
   }
   free(ax);
   free(routers);
+  src_memo_free(&memo);
   /* App-only via grants put nothing in any filter, yet their sources and the
    * via routers serving the destinations see each other. */
   for (size_t g = 0; g < cp->ncg; g++) {

@@ -2,6 +2,7 @@
  * in its own family), with the text forms Tailscale uses in filters:
  * bare addresses, CIDR prefixes, and "a-b" ranges. Pure; any thread. */
 #include <arpa/inet.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "policy/policy_int.h"
@@ -224,22 +225,72 @@ int pol_ip_parse_prefix(const char *s, struct ip_range *out, int *bits_out)
   return 0;
 }
 
+/* Formatting runs for every address of every rule and node, so it avoids
+ * inet_ntop's sprintf; the output is the same (RFC 5952: lower-case hex,
+ * the first longest run of two or more zero groups as "::"). Addresses
+ * whose first 80 bits are zero (where inet_ntop may print an embedded IPv4
+ * address) still go through inet_ntop. */
 void pol_ip_format_addr(uint8_t v6, tc_u128 a, char *out, size_t outsz)
 {
   unsigned char b[16];
+  char t[48], *p = t;
   if (!v6) {
-    b[0] = (unsigned char)(a >> 24);
-    b[1] = (unsigned char)(a >> 16);
-    b[2] = (unsigned char)(a >> 8);
-    b[3] = (unsigned char)a;
-    inet_ntop(AF_INET, b, out, (socklen_t)outsz);
+    for (int i = 3; i >= 0; i--) {
+      unsigned v = (unsigned)(a >> (8 * i)) & 0xff;
+      if (v >= 100)
+        *p++ = (char)('0' + v / 100);
+      if (v >= 10)
+        *p++ = (char)('0' + v / 10 % 10);
+      *p++ = (char)('0' + v % 10);
+      if (i)
+        *p++ = '.';
+    }
+    *p = 0;
+    snprintf(out, outsz, "%s", t);
     return;
   }
-  for (int i = 15; i >= 0; i--) {
-    b[i] = (unsigned char)a;
-    a >>= 8;
+  unsigned w[8];
+  for (int i = 0; i < 8; i++)
+    w[i] = (unsigned)(a >> (16 * (7 - i))) & 0xffff;
+  if (!w[0] && !w[1] && !w[2] && !w[3] && !w[4]) {
+    for (int i = 15; i >= 0; i--) {
+      b[i] = (unsigned char)a;
+      a >>= 8;
+    }
+    inet_ntop(AF_INET6, b, out, (socklen_t)outsz);
+    return;
   }
-  inet_ntop(AF_INET6, b, out, (socklen_t)outsz);
+  int best = -1, bestlen = 0;
+  for (int i = 0; i < 8;) {
+    int j = i;
+    while (j < 8 && !w[j])
+      j++;
+    if (j - i > bestlen && j - i >= 2)
+      best = i, bestlen = j - i;
+    i = j > i ? j : i + 1;
+  }
+  static const char hex[] = "0123456789abcdef";
+  for (int i = 0; i < 8; i++) {
+    if (i == best) {
+      *p++ = ':';
+      if (i == 0)
+        *p++ = ':';
+      i += bestlen - 1;
+      continue;
+    }
+    bool lead = true;
+    for (int sh = 12; sh >= 0; sh -= 4) {
+      unsigned d = (w[i] >> sh) & 0xf;
+      if (lead && d == 0 && sh)
+        continue;
+      lead = false;
+      *p++ = hex[d];
+    }
+    if (i < 7)
+      *p++ = ':';
+  }
+  *p = 0;
+  snprintf(out, outsz, "%s", t);
 }
 
 /* Prefix length if [lo,hi] is exactly one prefix, else -1. */

@@ -113,6 +113,48 @@ static void make_world(struct world *w, int nusers, int ntags, int nnodes)
   }
 }
 
+/* FNV-1a over the canonical JSON of everything a compile returns: lets a
+ * change to the compiler be checked for identical output on this tailnet
+ * (BENCH_DIGEST=1). */
+static uint64_t fnv(uint64_t h, const char *s)
+{
+  for (; s && *s; s++)
+    h = (h ^ (unsigned char)*s) * 0x100000001b3ull;
+  return h * 0x100000001b3ull;
+}
+
+static uint64_t json_fnv(uint64_t h, const json_t *j)
+{
+  char *t = j ? json_dumps(j, JSON_COMPACT | JSON_ENCODE_ANY) : NULL;
+  h = fnv(h, t ? t : "null");
+  free(t);
+  return h;
+}
+
+static uint64_t result_digest(const struct tc_policy_result *res)
+{
+  uint64_t h = 0xcbf29ce484222325ull;
+  char b[32];
+  for (size_t i = 0; i < res->nnodes; i++) {
+    const struct tc_policy_node_result *n = &res->nodes[i];
+    snprintf(b, sizeof b, "%lld/%zu", (long long)n->node_id, n->npeers);
+    h = fnv(h, b);
+    h = json_fnv(h, n->packet_filter);
+    for (size_t k = 0; k < n->npeers; k++) {
+      snprintf(b, sizeof b, "%lld", (long long)n->peer_ids[k]);
+      h = fnv(h, b);
+      h = json_fnv(h, n->peer_allowed_ips[k]);
+      h = json_fnv(h, n->peer_primary_routes[k]);
+    }
+    h = json_fnv(h, n->ssh_policy);
+    h = json_fnv(h, n->cap_map);
+    h = json_fnv(h, n->self_allowed_ips);
+    h = json_fnv(h, n->primary_routes);
+    h = json_fnv(h, n->auto_approved);
+  }
+  return h;
+}
+
 static double ms_since(int64_t t0) { return (double)(tc_mono_ns() - t0) / 1e6; }
 
 int main(int argc, char **argv)
@@ -157,6 +199,8 @@ int main(int argc, char **argv)
     if (full < best_full)
       best_full = full;
     groups = res->ngroups;
+    if (r == 0 && getenv("BENCH_DIGEST"))
+      printf("digest: %016llx\n", (unsigned long long)result_digest(res));
     rules_total = peers_total = 0;
     for (size_t i = 0; i < res->nnodes; i++) {
       rules_total += json_array_size(res->nodes[i].packet_filter);

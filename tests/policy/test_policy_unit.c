@@ -2,9 +2,11 @@
  * line:col errors), parse/validate errors with their positions, empty
  * policy = allow all, autoApprovers, policy tests and the live-editor check. */
 #include <string.h>
+#include <arpa/inet.h>
 
 #include "base/base.h"
 #include "policy/policy.h"
+#include "policy/policy_int.h"
 #include "tc_test.h"
 
 static json_t *hj(const char *s, struct tc_policy_err *err) { return tc_hujson_parse(s, strlen(s), err); }
@@ -383,4 +385,50 @@ TC_TEST(mutated_policies_never_crash)
   TC_CHECK_INT(tc_policy_check(base, sizeof(base) - 1, &topo3, &err), 0);
   if (err.msg[0])
     fprintf(stderr, "  base: %d:%d %s\n", err.line, err.col, err.msg);
+}
+
+/* The address formatter skips inet_ntop for speed; its text must be the
+ * same for every address, including zero runs at either end, ties between
+ * runs, single zero groups and the embedded-IPv4 forms. */
+TC_TEST(address_text_matches_inet_ntop) {
+  uint64_t x = 0x9e3779b97f4a7c15ull;
+  int bad = 0;
+  for (int i = 0; i < 200000 && bad < 5; i++) {
+    x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+    unsigned char b[16];
+    tc_u128 a = 0;
+    for (int k = 0; k < 16; k++) {
+      /* many zero bytes so that zero groups and runs of every shape occur */
+      unsigned v = (unsigned)(x >> ((k * 5 + i) % 60)) & 0xff;
+      b[k] = (x >> (k * 3 % 64)) & 1 ? 0 : (unsigned char)v;
+      if (i % 7 == 0 && k < 10) b[k] = 0;
+      if (i % 11 == 0 && k >= 10 && k < 12) b[k] = 0xff;
+      a = a << 8 | b[k];
+    }
+    char want[64], got[64];
+    inet_ntop(AF_INET6, b, want, sizeof want);
+    pol_ip_format_addr(1, a, got, sizeof got);
+    if (strcmp(want, got)) {
+      fprintf(stderr, "  v6 %s != %s\n", got, want);
+      bad++;
+    }
+    inet_ntop(AF_INET, b + 12, want, sizeof want);
+    pol_ip_format_addr(0, (tc_u128)((uint32_t)b[12] << 24 | (uint32_t)b[13] << 16 | (uint32_t)b[14] << 8 | b[15]), got,
+                       sizeof got);
+    if (strcmp(want, got)) {
+      fprintf(stderr, "  v4 %s != %s\n", got, want);
+      bad++;
+    }
+  }
+  TC_CHECK_INT(bad, 0);
+  char t[64];
+  pol_ip_format_addr(1, (tc_u128)0xfd7a115ca1e00000ull << 64 | 0xab12ull, t, sizeof t);
+  TC_CHECK_STR(t, "fd7a:115c:a1e0::ab12");
+  pol_ip_format_addr(0, 0x64400001u, t, sizeof t);
+  TC_CHECK_STR(t, "100.64.0.1");
+  /* tie between two runs: the first is compressed; a lone zero group is not */
+  pol_ip_format_addr(1, (tc_u128)0x0001000000000002ull << 64 | 0x0000000000030004ull, t, sizeof t);
+  TC_CHECK_STR(t, "1::2:0:0:3:4");
+  pol_ip_format_addr(1, (tc_u128)0x0001000200000003ull << 64 | 0x0004000500060000ull, t, sizeof t);
+  TC_CHECK_STR(t, "1:2:0:3:4:5:6:0");
 }
