@@ -259,6 +259,7 @@ struct dport {
   struct ipset set;  /* what it covers ("*" = everything) */
   bool star;
   struct port_range pr;
+  json_t *js; /* {"IP","Ports"} shared by every node's filter (compile only), or NULL */
 };
 
 struct rule {
@@ -337,6 +338,7 @@ static void rule_free(struct rule *r)
   for (size_t i = 0; i < r->ndp; i++) {
     free(r->dp[i].ip);
     pol_ipset_free(&r->dp[i].set);
+    json_decref(r->dp[i].js);
   }
   free(r->dp);
   json_decref(r->capgrant);
@@ -416,6 +418,7 @@ static void dport_add(struct rule *r, const char *ip, const struct ipset *set, b
     pol_ipset_add_set(&d->set, set);
   d->star = star;
   d->pr = pr;
+  d->js = NULL;
 }
 
 /* Gives r the grant's sources: the shared SrcIPs text (when built) and the
@@ -764,7 +767,8 @@ static json_t *reduce_rule(const struct cnode *n, const struct rule *r, const st
     }
   json_t *dp = json_array();
   for (size_t i = 0; i < nhit; i++) {
-    json_array_append_new(dp, dport_json(r->dp[hit[i]].ip, r->dp[hit[i]].pr));
+    const struct dport *d = &r->dp[hit[i]];
+    json_array_append_new(dp, d->js ? json_incref(d->js) : dport_json(d->ip, d->pr));
     if (r->dp[hit[i]].star)
       *dst_all = true;
     else
@@ -1796,6 +1800,14 @@ int tc_policy_compile(const struct tc_policy *pol, const struct tc_policy_topo *
   if (rc)
     return rc;
   struct compiled *cp = pol_compiled_build(pol, &ct, true);
+  /* Destination entries look the same in every node's filter: build each
+   * once and share it (read-only) instead of once per node. */
+  for (size_t g = 0; g < cp->ncg; g++)
+    for (size_t r = 0; r < cp->cg[g].nrules; r++)
+      for (size_t k = 0; k < cp->cg[g].rules[r].ndp; k++) {
+        struct dport *d = &cp->cg[g].rules[r].dp[k];
+        d->js = dport_json(d->ip, d->pr);
+      }
   struct ssh_pres *sshp = pol->has_ssh ? pol_ssh_prepare(pol, &ct) : NULL;
   struct ipset *targets = attr_targets(pol, &ct);
   bool ssh_shareable = sshp && !ssh_has_localpart(sshp);

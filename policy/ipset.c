@@ -225,6 +225,16 @@ int pol_ip_parse_prefix(const char *s, struct ip_range *out, int *bits_out)
   return 0;
 }
 
+static void copy_out(const char *t, size_t n, char *out, size_t outsz)
+{
+  if (!outsz)
+    return;
+  if (n >= outsz)
+    n = outsz - 1;
+  memcpy(out, t, n);
+  out[n] = 0;
+}
+
 /* Formatting runs for every address of every rule and node, so it avoids
  * inet_ntop's sprintf; the output is the same (RFC 5952: lower-case hex,
  * the first longest run of two or more zero groups as "::"). Addresses
@@ -245,8 +255,7 @@ void pol_ip_format_addr(uint8_t v6, tc_u128 a, char *out, size_t outsz)
       if (i)
         *p++ = '.';
     }
-    *p = 0;
-    snprintf(out, outsz, "%s", t);
+    copy_out(t, (size_t)(p - t), out, outsz);
     return;
   }
   unsigned w[8];
@@ -289,8 +298,7 @@ void pol_ip_format_addr(uint8_t v6, tc_u128 a, char *out, size_t outsz)
     if (i < 7)
       *p++ = ':';
   }
-  *p = 0;
-  snprintf(out, outsz, "%s", t);
+  copy_out(t, (size_t)(p - t), out, outsz);
 }
 
 /* Prefix length if [lo,hi] is exactly one prefix, else -1. */
@@ -319,7 +327,14 @@ bool pol_ip_range_prefix(struct ip_range r, char *out, size_t outsz)
     return false;
   char a[64];
   pol_ip_format_addr(r.v6, r.lo, a, sizeof(a));
-  snprintf(out, outsz, "%s/%d", a, bits);
+  size_t n = strlen(a);
+  a[n++] = '/';
+  if (bits >= 100)
+    a[n++] = (char)('0' + bits / 100);
+  if (bits >= 10)
+    a[n++] = (char)('0' + bits / 10 % 10);
+  a[n++] = (char)('0' + bits % 10);
+  copy_out(a, n, out, outsz);
   return true;
 }
 

@@ -98,7 +98,7 @@ int tc_policy_print(const struct tc_policy *pol, struct tc_buf *buf);
 struct tc_policy_node_result {
   int64_t node_id;
   json_t *packet_filter; /* array of tailcfg.FilterRule (SrcIPs, DstPorts, IPProto, CapGrant); SrcIPs arrays
-                          * may be shared between rules and nodes: read-only */
+                          * and DstPorts entries may be shared between rules and nodes: read-only */
   /* Peers this node may see (in topology order), with the AllowedIPs it
    * installs for each: addresses, the primary subnet routes it may use (or
    * exchange traffic with), approved exit routes. */
