@@ -603,9 +603,7 @@ int tc_cli_serve(const struct tc_config *cfg) {
       .ipv4 = cfg->derp.server.ipv4,
       .ipv6 = cfg->derp.server.ipv6,
       .stun_listen_addr = cfg->derp.server.stun_listen_addr,
-      /* self-signed: clients reach the relay where they reach us, and may
-       * skip verification of exactly this certificate */
-      .fallback_port = self_signed ? tc_frontdoor_port(fdr) : 0,
+      /* clients may skip verification of exactly the certificate we made */
       .insecure_tls = self_signed,
       .urls = (const char *const *)cfg->derp.urls.v,
       .nurls = cfg->derp.urls.n,

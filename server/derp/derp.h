@@ -195,7 +195,6 @@ struct tc_derpmap_params {
   const char *ipv4, *ipv6;       /* optional hints; default: server_url's host if it is an
                                     IP literal (the other family then "none") */
   const char *stun_listen_addr;  /* STUNPort comes from its port */
-  int fallback_port;             /* DERPPort when server_url has no port; 0 = 443/80 by scheme */
   bool insecure_tls;             /* InsecureForTests: clients skip certificate checks (only
                                     for the self-signed certificate tailcoat generated) */
   /* other sources, merged in this order: urls, then paths, then embedded */

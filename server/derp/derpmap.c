@@ -460,7 +460,7 @@ static int url_host_port(const char *url, char *host, size_t hostlen, int *port,
       return tc_err_set(err, TC_EINVAL, "derpmap: server_url %s: bad port", url);
     *port = (int)v;
   } else {
-    *port = 0; /* caller's default */
+    *port = 0; /* the scheme's, decided by the caller */
   }
   return 0;
 }
@@ -476,8 +476,9 @@ json_t *tc_derpmap_embedded_region(const struct tc_derpmap_params *p, struct tc_
     if (!p->server_url) tc_err_set(err, TC_EINVAL, "derpmap: server_url is required for the embedded region");
     return NULL;
   }
-  if (!port) port = p->fallback_port > 0 && p->fallback_port <= 65535 ? p->fallback_port
-                    : !strncasecmp(p->server_url, "https", 5) ? 443 : 80;
+  /* DERP is reached where the control URL is: with a port-less URL that is
+   * the scheme's port, whatever listen_addr says (a forward maps it). */
+  if (!port) port = !strncasecmp(p->server_url, "https", 5) ? 443 : 80;
   /* An IP literal host needs no DNS; naming the address also stops the
    * client racing a dial over the other family that cannot succeed
    * ("none" is tailcfg's conventional "do not use this family"). */

@@ -1,7 +1,7 @@
 /* test_derp_oob: the pieces behind the out-of-the-box embedded relay, without
  * a server: the DERP map node for an http:// server_url served with a
- * self-signed certificate (IP literal hints, DERPPort fallback,
- * InsecureForTests only when asked), and tc_tls_generate_self_signed
+ * self-signed certificate (IP literal hints, DERPPort, InsecureForTests
+ * only when asked), and tc_tls_generate_self_signed
  * (creates, reuses byte for byte, replaces a broken pair, SAN per host kind,
  * key mode 0600). */
 #include <arpa/inet.h>
@@ -75,17 +75,15 @@ TC_TEST(embedded_node_for_ip_literal_and_self_signed) {
   json_decref(n);
   p.ipv4 = NULL;
 
-  /* a DNS name gets no address hints; no port in the URL -> the fallback */
-  p.server_url = "http://derp.example";
-  p.fallback_port = 8080;
+  /* a DNS name gets no address hints */
+  p.server_url = "http://derp.example:8080";
   n = node_of(&p);
   TC_CHECK_STR(str(n, "HostName"), "derp.example");
   TC_CHECK(json_object_get(n, "IPv4") == NULL && json_object_get(n, "IPv6") == NULL);
   TC_CHECK_INT(json_integer_value(json_object_get(n, "DERPPort")), 8080);
   json_decref(n);
 
-  /* without the fallback the scheme's port; without insecure_tls no flag */
-  p.fallback_port = 0;
+  /* no port in the URL: the scheme's; without insecure_tls no flag */
   p.insecure_tls = false;
   p.server_url = "https://derp.example";
   n = node_of(&p);
@@ -95,12 +93,6 @@ TC_TEST(embedded_node_for_ip_literal_and_self_signed) {
   p.server_url = "http://derp.example";
   n = node_of(&p);
   TC_CHECK_INT(json_integer_value(json_object_get(n, "DERPPort")), 80);
-  json_decref(n);
-  /* an explicit URL port beats the fallback */
-  p.server_url = "http://derp.example:81";
-  p.fallback_port = 8080;
-  n = node_of(&p);
-  TC_CHECK_INT(json_integer_value(json_object_get(n, "DERPPort")), 81);
   json_decref(n);
 }
 
