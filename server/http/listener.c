@@ -1,6 +1,8 @@
 /* listener: implements frontdoor.h. One epoll thread accepts TCP and unix
  * socket connections (and takes plaintext fds from the TLS module), peeks
- * at each request head without consuming it, and hands the fd either to the
+ * at each request head without consuming it (a TCP connection whose first
+ * byte opens a TLS record goes to the TLS handoff instead, so one port can
+ * serve both), and hands the fd either to the
  * upgrade handler registered for its path or, untouched, to one of a few
  * libmicrohttpd daemons (round robin; each has its own epoll thread) that
  * run the router.
