@@ -527,3 +527,29 @@ TC_TEST(client_requests_of_both_versions_parse) {
     }
   }
 }
+
+/* The out-of-the-box DERP node for `--login-server http://IP:PORT`: the
+ * client dials DERP with TLS whatever the URL says, so the node must name
+ * the same port and carry InsecureForTests for the self-signed fallback
+ * certificate (derphttp tlsClient, v1.60 and v1.98). */
+TC_TEST(embedded_derp_for_http_login_server) {
+  need_schemas();
+  struct tc_derpmap_params dp = {.embedded = true, .region_id = 999, .region_code = "headscale",
+                                 .region_name = "Embedded", .server_url = "http://192.0.2.10:8080",
+                                 .stun_listen_addr = "0.0.0.0:3478", .insecure_tls = true};
+  struct tc_err err = {0};
+  json_t *region = tc_derpmap_embedded_region(&dp, &err);
+  TC_REQUIRE(region != NULL);
+  json_t *dm = json_pack("{s:{s:o}}", "Regions", "999", region);
+  char *text = json_dumps(dm, JSON_COMPACT);
+  json_decref(dm);
+  check_both(text, "DERPMap");
+  json_t *j = json_loads(text, 0, NULL);
+  json_t *node = json_array_get(json_object_get(json_object_get(json_object_get(j, "Regions"), "999"), "Nodes"), 0);
+  TC_CHECK(json_is_true(json_object_get(node, "InsecureForTests")));
+  TC_CHECK_INT(json_integer_value(json_object_get(node, "DERPPort")), 8080);
+  TC_CHECK_STR(json_string_value(json_object_get(node, "HostName")), "192.0.2.10");
+  TC_CHECK_INT(json_integer_value(json_object_get(node, "STUNPort")), 3478);
+  json_decref(j);
+  free(text);
+}
