@@ -155,8 +155,8 @@ void check_value(struct check *c, json_t *v, const char *gotype, const char *pat
     char kt[128];
     snprintf(kt, sizeof kt, "%.*s", (int)(rb - t - 4), t + 4);
     const char *kres = resolve(s, kt);
-    bool uns;
-    int bits;
+    bool uns = false;
+    int bits = 0;
     bool ikey = int_kind(kres, &uns, &bits);
     if (!json_is_object(v)) {
       problem(c, path, "expected an object for %s", t);
