@@ -831,26 +831,72 @@ static json_t *self_sources(const struct ctopo *ct, const struct cgrant *cg, int
 }
 
 /* Per-node rules for autogroup:self destinations. */
+/* One node's own {"IP","Ports"} entries, kept while its filter is built:
+ * autogroup:self grants mostly repeat the same few port ranges. */
+struct self_dp {
+  char a4[64], a6[64];
+  size_t n;
+  struct {
+    struct port_range pr;
+    json_t *j4, *j6;
+  } e[16];
+};
+
+static void self_dp_init(struct self_dp *c, const struct cnode *n)
+{
+  c->n = 0;
+  c->a4[0] = c->a6[0] = 0;
+  if (n->has4)
+    pol_ip_format_addr(0, n->a4, c->a4, sizeof(c->a4));
+  if (n->has6)
+    pol_ip_format_addr(1, n->a6, c->a6, sizeof(c->a6));
+}
+
+static void self_dp_free(struct self_dp *c)
+{
+  for (size_t i = 0; i < c->n; i++) {
+    json_decref(c->e[i].j4);
+    json_decref(c->e[i].j6);
+  }
+  c->n = 0;
+}
+
+/* Appends the node's entries for pr (v4 and/or v6) to dp. */
+static void self_dp_append(struct self_dp *c, const struct cnode *n, struct port_range pr, json_t *dp)
+{
+  size_t i = 0;
+  while (i < c->n && (c->e[i].pr.first != pr.first || c->e[i].pr.last != pr.last))
+    i++;
+  if (i == c->n) {
+    if (c->n == TC_ARRAY_LEN(c->e)) {
+      if (n->has4)
+        json_array_append_new(dp, dport_json(c->a4, pr));
+      if (n->has6)
+        json_array_append_new(dp, dport_json(c->a6, pr));
+      return;
+    }
+    c->e[i].pr = pr;
+    c->e[i].j4 = n->has4 ? dport_json(c->a4, pr) : NULL;
+    c->e[i].j6 = n->has6 ? dport_json(c->a6, pr) : NULL;
+    c->n++;
+  }
+  if (c->e[i].j4)
+    json_array_append(dp, c->e[i].j4);
+  if (c->e[i].j6)
+    json_array_append(dp, c->e[i].j6);
+}
+
 static void self_rules(const struct ctopo *ct, const struct cgrant *cg, json_t *srcstr, const struct cnode *n,
-                       json_t *out)
+                       struct self_dp *sdp, json_t *out)
 {
   if (n->tagged || n->user < 0 || !json_array_size(srcstr))
     return;
   const struct grant *g = cg->g;
-  char a4[64] = "", a6[64] = "";
-  if (n->has4)
-    pol_ip_format_addr(0, n->a4, a4, sizeof(a4));
-  if (n->has6)
-    pol_ip_format_addr(1, n->a6, a6, sizeof(a6));
   for (size_t p = 0; p < g->nip; p++) {
     json_t *dp = json_array();
     /* Only this node's own addresses survive reduction. */
-    for (size_t k = 0; k < g->ip[p].nports; k++) {
-      if (n->has4)
-        json_array_append_new(dp, dport_json(a4, g->ip[p].ports[k]));
-      if (n->has6)
-        json_array_append_new(dp, dport_json(a6, g->ip[p].ports[k]));
-    }
+    for (size_t k = 0; k < g->ip[p].nports; k++)
+      self_dp_append(sdp, n, g->ip[p].ports[k], dp);
     if (!json_array_size(dp)) {
       json_decref(dp);
       continue;
@@ -1511,6 +1557,8 @@ static json_t *node_filter(const struct tc_policy *pol, const struct ctopo *ct, 
   size_t gi = 0;
   struct ipset dst;
   pol_ipset_init(&dst);
+  struct self_dp sdp;
+  bool sdp_ready = false;
   for (size_t i = 0; i < cp->ncg; i++) {
     const struct cgrant *cg = &cp->cg[i];
     for (size_t r = 0; r < cg->nrules; r++, gi++) {
@@ -1551,7 +1599,11 @@ static json_t *node_filter(const struct tc_policy *pol, const struct ctopo *ct, 
         }
       }
       if (json_array_size(cp->self_src[slot])) {
-        self_rules(ct, cg, cp->self_src[slot], n, out);
+        if (!sdp_ready) {
+          self_dp_init(&sdp, n);
+          sdp_ready = true;
+        }
+        self_rules(ct, cg, cp->self_src[slot], n, &sdp, out);
         struct reach_rule *rr = reach_push(rc, &cp->self_set[slot], false);
         pol_ipset_add_set(&rr->dst, &n->ips);
         pol_ipset_norm(&rr->dst);
@@ -1561,6 +1613,8 @@ static json_t *node_filter(const struct tc_policy *pol, const struct ctopo *ct, 
       via_rules(cg, n, &cp->internet, out, rc);
   }
   pol_ipset_free(&dst);
+  if (sdp_ready)
+    self_dp_free(&sdp);
   return out;
 }
 
