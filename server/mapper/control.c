@@ -71,6 +71,7 @@ struct prim {
  * pol == NULL means allow-all: everyone sees everyone, one shared filter. */
 struct pnode {
   int64_t id;
+  const struct tc_policy_node_result *r; /* in the result this view was compiled into */
   char *filter; /* PacketFilter JSON */
   char *ssh;    /* SSHPolicy JSON or NULL */
   char *capmap; /* CapMap JSON (defaults + nodeAttrs) */
@@ -392,10 +393,18 @@ static const struct pnode *pv_node(const struct polview *pv, int64_t id) {
   return NULL;
 }
 
-/* Whether viewer may see peer under res (NULL res: allow-all). */
-static bool res_visible(const struct tc_policy_result *res, int64_t viewer, int64_t peer) {
+/* id's entry in the result pv was compiled into, or NULL. The policy
+ * module's lookup is a linear scan; called per viewer (and formerly per
+ * peer of a full map) it made full maps and every delta pass O(N^2). */
+static const struct tc_policy_node_result *pv_result(const struct polview *pv, int64_t id) {
+  const struct pnode *p = pv_node(pv, id);
+  return p ? p->r : NULL;
+}
+
+/* Whether the viewer whose entry in res is r may see peer (NULL res:
+ * allow-all; a viewer without an entry sees nobody). */
+static bool res_visible(const struct tc_policy_result *res, const struct tc_policy_node_result *r, int64_t peer) {
   if (!res) return true;
-  const struct tc_policy_node_result *r = tc_policy_result_node(res, viewer);
   if (!r) return false;
   size_t lo = 0, hi = r->npeers;
   while (lo < hi) {
@@ -407,10 +416,11 @@ static bool res_visible(const struct tc_policy_result *res, int64_t viewer, int6
   return false;
 }
 
+/* viewer_r: pv_result(&mp->pv, viewer->id), looked up once per viewer. */
 static bool visible(const struct tc_mapper *mp, const struct tc_snapshot *snap, const struct tc_node *viewer,
-                    const struct tc_node *peer) {
+                    const struct tc_policy_node_result *viewer_r, const struct tc_node *peer) {
   if (!mp->pv.pol) return tc_mapper_visible(snap, viewer, peer);
-  return res_visible(mp->pv.res, viewer->id, peer->id);
+  return res_visible(mp->pv.res, viewer_r, peer->id);
 }
 
 static void node_extra(const struct tc_mapper *mp, const struct tc_snapshot *snap, const struct tc_node *n,
@@ -464,7 +474,7 @@ static struct tc_mapper_frag *viewer_frag(struct tc_mapper *mp, const struct tc_
                                           const struct tc_node *n, int64_t now, bool *per_viewer) {
   if (per_viewer) *per_viewer = false;
   if (!mp->pv.pol || !mp->pv.res || !has_routes(n)) return peer_frag(mp, snap, n, true, now);
-  const struct tc_policy_node_result *r = tc_policy_result_node(mp->pv.res, viewer);
+  const struct tc_policy_node_result *r = pv_result(&mp->pv, viewer);
   long idx = -1;
   for (size_t lo = 0, hi = r ? r->npeers : 0; lo < hi;) {
     size_t mid = (lo + hi) / 2;
@@ -545,9 +555,10 @@ static void build_full(struct tc_mapper *mp, const struct tc_snapshot *snap, con
   const struct tc_node **seen = tc_xcalloc(snap->n_nodes + 1, sizeof *seen);
   size_t np = 0, ns = 0;
   seen[ns++] = self;
+  const struct tc_policy_node_result *self_r = mp->pv.res ? pv_result(&mp->pv, self->id) : NULL;
   for (size_t i = 0; i < snap->n_nodes; i++) {
     const struct tc_node *p = snap->nodes[i];
-    if (p->id == self->id || !visible(mp, snap, self, p)) continue;
+    if (p->id == self->id || !visible(mp, snap, self, self_r, p)) continue;
     peers[np++] = cached ? viewer_frag(mp, snap, self->id, p, now, NULL) : peer_frag(mp, snap, p, false, now);
     seen[ns++] = p;
   }
@@ -647,6 +658,7 @@ static bool pv_compile(struct tc_mapper *mp, const struct tc_snapshot *snap) {
   for (size_t i = 0; i < res->nnodes; i++) {
     const struct tc_policy_node_result *r = &res->nodes[i];
     pn[i].id = r->node_id;
+    pn[i].r = r;
     pn[i].filter = dump(r->packet_filter, "[]");
     pn[i].ssh = dump(r->ssh_policy, NULL);
     json_t *cm = base ? json_deep_copy(base) : json_object();
@@ -738,13 +750,23 @@ static bool sorted_has(const int64_t *v, size_t n, int64_t id) {
   return false;
 }
 
-/* Do the two peer lists differ outside the ids in skip (sorted)? */
+/* Whether v[*k..] (sorted) holds id, advancing *k: the ids asked about are
+ * ascending, so one pass over skip serves a whole peer list. */
+static bool skip_has(const int64_t *v, size_t n, size_t *k, int64_t id) {
+  while (*k < n && v[*k] < id) (*k)++;
+  return *k < n && v[*k] == id;
+}
+
+/* Do the two peer lists differ outside the ids in skip (sorted)? Runs for
+ * every stream after each recompile, so it is one merge pass over the two
+ * lists and skip (the former binary search of skip per element was most of
+ * policy_deltas at N = 1000). */
 static bool peers_differ(const struct tc_policy_node_result *a, const struct tc_policy_node_result *b,
                          const int64_t *skip, size_t nskip) {
-  size_t i = 0, j = 0;
+  size_t i = 0, j = 0, ka = 0, kb = 0;
   for (;;) {
-    while (i < a->npeers && sorted_has(skip, nskip, a->peer_ids[i])) i++;
-    while (j < b->npeers && sorted_has(skip, nskip, b->peer_ids[j])) j++;
+    while (i < a->npeers && skip_has(skip, nskip, &ka, a->peer_ids[i])) i++;
+    while (j < b->npeers && skip_has(skip, nskip, &kb, b->peer_ids[j])) j++;
     if (i == a->npeers || j == b->npeers) return i != a->npeers || j != b->npeers;
     if (a->peer_ids[i] != b->peer_ids[j]) return true;
     i++, j++;
@@ -793,8 +815,8 @@ static void policy_deltas(struct tc_mapper *mp, const struct tc_snapshot *snap, 
     const char *nssh = mp->pv.pol ? (npn ? npn->ssh : NULL) : mp->env.ssh_json;
     const char *ossh = recompiled ? (opn ? opn->ssh : old_res ? NULL : mp->env.ssh_json) : nssh;
     bool self_changed = sorted_has(ids, nid, self->id) || str_differ(opn ? opn->capmap : NULL, npn ? npn->capmap : NULL);
-    const struct tc_policy_node_result *nr = mp->pv.res ? tc_policy_result_node(mp->pv.res, self->id) : NULL;
-    const struct tc_policy_node_result *or_ = ores ? tc_policy_result_node(ores, self->id) : NULL;
+    const struct tc_policy_node_result *nr = mp->pv.res ? pv_result(&mp->pv, self->id) : NULL;
+    const struct tc_policy_node_result *or_ = !ores ? NULL : recompiled ? pv_result(&oldpv, self->id) : nr;
     bool resync = text_changed || (mp->pv.res && !nr) || (ores && !or_) || ((ores == NULL) != (mp->pv.res == NULL)) ||
                   (nr && or_ && nr != or_ && peers_differ(nr, or_, ids, nid));
     struct tc_mapper_env env = mp->env;
@@ -809,7 +831,7 @@ static void policy_deltas(struct tc_mapper *mp, const struct tc_snapshot *snap, 
     if (resync) {
       for (size_t k = 0; k < snap->n_nodes; k++) {
         const struct tc_node *p = snap->nodes[k];
-        if (p->id == self->id || !res_visible(mp->pv.res, self->id, p->id)) continue;
+        if (p->id == self->id || !res_visible(mp->pv.res, nr, p->id)) continue;
         all[na++] = viewer_frag(mp, snap, self->id, p, now, NULL);
         owners[no++] = p;
       }
@@ -827,8 +849,8 @@ static void policy_deltas(struct tc_mapper *mp, const struct tc_snapshot *snap, 
     } else {
       for (size_t k = 0; k < nid; k++) {
         if (ids[k] == self->id) continue;
-        bool now_vis = fr[k] && res_visible(mp->pv.res, self->id, ids[k]);
-        bool was_vis = res_visible(ores, self->id, ids[k]);
+        bool now_vis = fr[k] && res_visible(mp->pv.res, nr, ids[k]);
+        bool was_vis = res_visible(ores, or_, ids[k]);
         if (now_vis) {
           const struct tc_node *pn = tc_snapshot_node(snap, ids[k]);
           bool pv_own = false;
@@ -860,15 +882,9 @@ static void policy_deltas(struct tc_mapper *mp, const struct tc_snapshot *snap, 
       self_json(mp, snap, self, now, &sj);
       d.self_json = sj.data;
     }
-    struct tc_user *users = NULL;
-    bool tagged = false;
-    if (na || ni || self_changed) {
-      d.n_users = collect_users(snap, owners, no, &users, &tagged);
-      d.users = users;
-      d.tagged_profile = tagged;
-    }
     /* Recipients that get the same subset of the touched nodes and nothing
-     * of their own share one encoded, framed message. */
+     * of their own share one encoded, framed message (found before the
+     * profiles are collected: most recipients need nothing else). */
     bool shareable = !resync && !self_changed && !d.with_filter && !d.with_ssh && !per_viewer && nid <= 64;
     uint64_t incm = 0, remm = 0;
     if (shareable) {
@@ -880,6 +896,13 @@ static void policy_deltas(struct tc_mapper *mp, const struct tc_snapshot *snap, 
     long hit = -1;
     for (size_t k = 0; shareable && k < nshared; k++)
       if (shared_inc[k] == incm && shared_rem[k] == remm) hit = (long)k;
+    struct tc_user *users = NULL;
+    bool tagged = false;
+    if (hit < 0 && (na || ni || self_changed)) {
+      d.n_users = collect_users(snap, owners, no, &users, &tagged);
+      d.users = users;
+      d.tagged_profile = tagged;
+    }
     if (hit >= 0) {
       if (shared[hit].len) send_frame(mp, s, &shared[hit], false);
     } else if (tc_mapper_encode_delta(&json, &env, &d)) {
