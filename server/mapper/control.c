@@ -715,7 +715,11 @@ static bool pv_refresh(struct tc_mapper *mp, const struct tc_snapshot *snap, boo
     pv->res = ores, pv->pn = opn, pv->npn = onpn; /* compile refused: keep the old view */
     return false;
   }
-  if (!pv->pol) pv->gen++;
+  /* Without a policy a fragment depends on its node and the env only: the
+   * generation moves when per-node CapMaps go away, not on every topology
+   * event. (Bumping it on each join made every following full map re-encode
+   * all its peers: O(N^2) encodes in a registration storm.) */
+  if (!pv->pol && (opn || *text_changed)) pv->gen++;
   *old_res = ores, *old_pn = opn, *old_npn = onpn;
   return true;
 }
