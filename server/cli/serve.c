@@ -19,6 +19,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/inotify.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "cli/cli.h"
@@ -80,7 +81,16 @@ struct policy_file {
   int ifd, stop_fd[2];
   pthread_t thr;
   bool thr_started;
+  /* The path is a symlink (e.g. a Kubernetes ConfigMap, which swaps a
+   * "..data" link beside it): any rename or creation in the directory
+   * may change what it points to, so each one triggers a re-read (a
+   * re-read of unchanged text changes nothing). */
+  bool any_name;
   char dir[4096], base[256];
+  /* ... and the directory of the file it resolves to at start, for edits
+   * made to the target itself */
+  int wd, wd_target;
+  char target_base[256];
 };
 
 /* Loads the policy file into the model when its text differs from the
@@ -115,11 +125,11 @@ static void policy_file_reload(void *ctx) {
 
 /* Watcher thread: an event naming the file arms a 100 ms timer that each
  * further event re-arms (an editor's write + rename, or a large in-place
- * write, settle before the file is read); when it fires the file is
- * reloaded exactly as on SIGHUP. */
+ * write, settle before the file is read; at most 1 s after the first
+ * event); when it fires the file is reloaded exactly as on SIGHUP. */
 static void *policy_watch_main(void *arg) {
   struct policy_file *pf = arg;
-  int64_t due = -1;
+  int64_t due = -1, first = 0;
   char buf[8192] __attribute__((aligned(__alignof__(struct inotify_event))));
   for (;;) {
     int timeout = -1;
@@ -138,9 +148,18 @@ static void *policy_watch_main(void *arg) {
       ssize_t r = read(pf->ifd, buf, sizeof buf);
       for (char *p = buf; r > 0 && p < buf + r;) {
         const struct inotify_event *ev = (const struct inotify_event *)p;
-        if (ev->mask & IN_Q_OVERFLOW) due = tc_mono_ms() + POLICY_DEBOUNCE_MS; /* lost events: re-read anyway */
-        else if (ev->len && !strcmp(ev->name, pf->base)) due = tc_mono_ms() + POLICY_DEBOUNCE_MS;
-        if (ev->mask & IN_IGNORED)
+        bool hit = (ev->mask & IN_Q_OVERFLOW) || /* lost events: re-read anyway */
+                   (ev->len && ev->wd == pf->wd &&
+                    (!strcmp(ev->name, pf->base) || (pf->any_name && (ev->mask & (IN_MOVED_TO | IN_CREATE))))) ||
+                   (ev->len && ev->wd == pf->wd_target && !strcmp(ev->name, pf->target_base));
+        if (hit) {
+          int64_t now = tc_mono_ms();
+          if (due < 0) first = now;
+          /* a file that never stops changing is still read once a second */
+          due = now + POLICY_DEBOUNCE_MS < first + 10 * POLICY_DEBOUNCE_MS ? now + POLICY_DEBOUNCE_MS
+                                                                             : first + 10 * POLICY_DEBOUNCE_MS;
+        }
+        if ((ev->mask & IN_IGNORED) && ev->wd == pf->wd)
           tc_warn("policy watch: directory %s went away; the file is reloaded on SIGHUP only", pf->dir);
         p += sizeof *ev + ev->len;
       }
@@ -171,12 +190,26 @@ static void policy_watch_start(struct policy_file *pf) {
     strcpy(pf->dir, ".");
   }
   strcpy(pf->base, base);
+  struct stat st;
+  pf->any_name = lstat(pf->path, &st) == 0 && S_ISLNK(st.st_mode);
+  const uint32_t mask = IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE | IN_MODIFY | IN_DELETE_SELF | IN_MOVE_SELF;
+  pf->wd = pf->wd_target = -1;
   pf->ifd = inotify_init1(IN_CLOEXEC | IN_NONBLOCK);
-  if (pf->ifd < 0 || pipe2(pf->stop_fd, O_CLOEXEC) ||
-      inotify_add_watch(pf->ifd, pf->dir,
-                        IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE | IN_MODIFY | IN_DELETE_SELF | IN_MOVE_SELF) < 0 ||
-      pthread_create(&pf->thr, NULL, policy_watch_main, pf)) {
+  if (pf->ifd < 0 || pipe2(pf->stop_fd, O_CLOEXEC) || (pf->wd = inotify_add_watch(pf->ifd, pf->dir, mask)) < 0) {
     tc_warn("policy watch: cannot watch %s (%s); the file is reloaded on SIGHUP only", pf->dir, strerror(errno));
+    return;
+  }
+  char *real = pf->any_name ? realpath(pf->path, NULL) : NULL;
+  char *rslash = real ? strrchr(real, '/') : NULL;
+  if (rslash && strlen(rslash + 1) < sizeof pf->target_base) {
+    strcpy(pf->target_base, rslash + 1);
+    *rslash = 0;
+    pf->wd_target = inotify_add_watch(pf->ifd, *real ? real : "/", mask);
+    if (pf->wd_target == pf->wd) pf->wd_target = -1; /* same directory: the first watch sees it */
+  }
+  free(real);
+  if (pthread_create(&pf->thr, NULL, policy_watch_main, pf)) {
+    tc_warn("policy watch: cannot start the watcher; the file is reloaded on SIGHUP only");
     return;
   }
   pf->thr_started = true;

@@ -7,6 +7,7 @@
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -273,5 +274,93 @@ TC_TEST(policy_file_edits_reach_streaming_clients_within_a_second) {
   char cmd[500];
   snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
   if (system(cmd)) { /* best effort */ }
+  free(dir);
+}
+
+static char *policy_of(const struct tc_srv *s) {
+  char *body = NULL;
+  const char *hdr[] = {NULL};
+  if (tc_http_do(s, true, "GET", "/api/v1/policy", hdr, NULL, &body) != 200) {
+    free(body);
+    return NULL;
+  }
+  json_t *j = json_loads(body ? body : "", 0, NULL);
+  free(body);
+  const char *p = json_string_value(json_object_get(j, "policy"));
+  char *out = p ? strdup(p) : NULL;
+  json_decref(j);
+  return out;
+}
+
+/* Polls the policy in force until it equals want; elapsed ms or -1 after ms. */
+static int64_t wait_policy(const struct tc_srv *s, const char *want, int ms) {
+  int64_t t0 = tc_mono_ms();
+  for (;;) {
+    char *p = policy_of(s);
+    bool same = p && !strcmp(p, want);
+    free(p);
+    if (same) return tc_mono_ms() - t0;
+    if (tc_mono_ms() - t0 > ms) return -1;
+    usleep(20 * 1000);
+  }
+}
+
+/* The path is a symlink, as Kubernetes mounts a ConfigMap: policy.hujson ->
+ * ..data/policy.hujson, ..data -> a versioned directory; an update swaps the
+ * ..data link by rename. Also a link to a file in another directory that is
+ * edited there. */
+TC_TEST(policy_file_behind_symlinks_is_followed) {
+  char *dir = tc_test_tmpdir();
+  char cfgdir[400], v1[450], v2[450], pfile[450], tmp[900], other[450], target[500];
+  snprintf(cfgdir, sizeof cfgdir, "%s/cfg", dir);
+  snprintf(v1, sizeof v1, "%s/..v1", cfgdir);
+  snprintf(v2, sizeof v2, "%s/..v2", cfgdir);
+  TC_REQUIRE(mkdir(cfgdir, 0700) == 0 && mkdir(v1, 0700) == 0 && mkdir(v2, 0700) == 0);
+  snprintf(tmp, sizeof tmp, "%s/policy.hujson", v1);
+  TC_REQUIRE(write_renamed(tmp, POL_OPEN));
+  snprintf(tmp, sizeof tmp, "%s/policy.hujson", v2);
+  TC_REQUIRE(write_renamed(tmp, POL_SPLIT));
+  snprintf(tmp, sizeof tmp, "%s/..data", cfgdir);
+  TC_REQUIRE(symlink("..v1", tmp) == 0);
+  snprintf(pfile, sizeof pfile, "%s/policy.hujson", cfgdir);
+  TC_REQUIRE(symlink("..data/policy.hujson", pfile) == 0);
+  /* a second server config: a link into another directory */
+  snprintf(other, sizeof other, "%s/other", dir);
+  TC_REQUIRE(mkdir(other, 0700) == 0);
+  snprintf(target, sizeof target, "%s/real.hujson", other);
+  TC_REQUIRE(write_renamed(target, POL_OPEN));
+  char link2[450];
+  snprintf(link2, sizeof link2, "%s/linked.hujson", dir);
+  TC_REQUIRE(symlink(target, link2) == 0);
+
+  struct tc_srv s;
+  char extra[600];
+  snprintf(extra, sizeof extra, "policy:\n  mode: file\n  path: \"%s\"\n", pfile);
+  TC_REQUIRE(tc_srv_init_ex(&s, NULL, NULL, extra));
+  TC_REQUIRE(tc_srv_start(&s));
+  TC_CHECK(wait_policy(&s, POL_OPEN, 0) >= 0);
+  /* the ConfigMap update: ..data_tmp -> ..v2, renamed over ..data */
+  char data_tmp[450], data[450];
+  snprintf(data_tmp, sizeof data_tmp, "%s/..data_tmp", cfgdir);
+  snprintf(data, sizeof data, "%s/..data", cfgdir);
+  TC_REQUIRE(symlink("..v2", data_tmp) == 0 && rename(data_tmp, data) == 0);
+  int64_t took = wait_policy(&s, POL_SPLIT, 1000);
+  fprintf(stderr, "  ..data swap: %lld ms\n", (long long)took);
+  TC_CHECK(took >= 0);
+  TC_CHECK(tc_srv_stop(&s, SIGTERM) >= 0);
+  tc_srv_cleanup(&s);
+
+  snprintf(extra, sizeof extra, "policy:\n  mode: file\n  path: \"%s\"\n", link2);
+  TC_REQUIRE(tc_srv_init_ex(&s, NULL, NULL, extra));
+  TC_REQUIRE(tc_srv_start(&s));
+  TC_CHECK(wait_policy(&s, POL_OPEN, 0) >= 0);
+  TC_REQUIRE(write_renamed(target, POL_SPLIT)); /* edited where it lives */
+  took = wait_policy(&s, POL_SPLIT, 1000);
+  fprintf(stderr, "  target edit: %lld ms\n", (long long)took);
+  TC_CHECK(took >= 0);
+  TC_CHECK(tc_srv_stop(&s, SIGTERM) >= 0);
+  tc_srv_cleanup(&s);
+  snprintf(tmp, sizeof tmp, "rm -rf '%s'", dir);
+  if (system(tmp)) { /* best effort */ }
   free(dir);
 }
