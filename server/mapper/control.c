@@ -32,6 +32,14 @@
 #include "policy/policy.h"
 
 #define GRAVE_MS 30000 /* closed sessions outlive any in-flight cancel callback */
+/* Storm batching: when more than STORM_EVENTS events were handled in the
+ * last STORM_WINDOW_MS, the dispatcher lets a new burst accumulate for
+ * LINGER_MS before taking it, so every stream gets one merged delta per
+ * LINGER_MS instead of one per registration. A lone change (the quiet
+ * case) is never delayed. */
+#define STORM_WINDOW_MS 100
+#define STORM_EVENTS 20
+#define LINGER_MS 20
 
 enum item_kind { IT_EVENT, IT_OPEN, IT_CLOSE, IT_ENV };
 
@@ -1377,6 +1385,8 @@ static void do_keepalives(struct tc_mapper *mp) {
 
 static void *dispatcher(void *arg) {
   struct tc_mapper *mp = arg;
+  int64_t win_start = tc_mono_ms();
+  uint64_t win_events = 0, prev_win_events = 0;
   pthread_mutex_lock(&mp->qmu);
   for (;;) {
     while (!mp->qhead && !mp->stopping) {
@@ -1385,6 +1395,19 @@ static void *dispatcher(void *arg) {
       ts.tv_nsec += 250 * 1000000L;
       if (ts.tv_nsec >= 1000000000L) ts.tv_sec++, ts.tv_nsec -= 1000000000L;
       if (pthread_cond_timedwait(&mp->qcv, &mp->qmu, &ts)) break;
+    }
+    int64_t now_ms = tc_mono_ms();
+    if (now_ms - win_start >= STORM_WINDOW_MS) {
+      /* an idle gap longer than a window means the storm is over */
+      prev_win_events = now_ms - win_start >= 2 * STORM_WINDOW_MS ? 0 : win_events;
+      win_events = 0;
+      win_start = now_ms;
+    }
+    if (mp->qhead && !mp->stopping && prev_win_events + win_events > STORM_EVENTS) {
+      pthread_mutex_unlock(&mp->qmu);
+      struct timespec lt = {0, LINGER_MS * 1000000L};
+      nanosleep(&lt, NULL);
+      pthread_mutex_lock(&mp->qmu);
     }
     /* Everything queued (up to 256 items) is taken at once. Its events are
      * merged into deltas of up to BATCH_MAX events: under a burst (many
@@ -1403,6 +1426,7 @@ static void *dispatcher(void *arg) {
       else ot[not_++] = it;
     }
     size_t nb = nev + not_;
+    win_events += nev;
     if (!nb && mp->stopping) break;
     pthread_mutex_unlock(&mp->qmu);
     for (size_t i = 0; i < nev; i += BATCH_MAX) {
