@@ -71,6 +71,10 @@ static atomic_int g_errors;
 
 static char g_dir[] = "/tmp/bench-proto-XXXXXX";
 
+/* --self: the parent's line on the command pipe asks the server child for
+ * its mapper counters; the answer goes back on the reply pipe. */
+static int g_cmd_fd = -1, g_rep_fd = -1;
+
 static int run_server_child(int wfd) {
   struct tc_err err = {0};
   const char *dir = g_dir;
@@ -110,10 +114,37 @@ static int run_server_child(int wfd) {
   int len = snprintf(line, sizeof line, "%d %s\n", tc_tlistener_port(lis), key);
   if (write(wfd, line, (size_t)len) != len) return 1;
   close(wfd);
-  for (;;) pause(); /* killed by the parent */
+  for (;;) { /* killed by the parent */
+    char cmd;
+    ssize_t r = read(g_cmd_fd, &cmd, 1);
+    if (r == 0) pause();
+    if (r != 1) continue;
+    struct tc_mapper_stats ms;
+    tc_mapper_get_stats(mp, &ms);
+    char out[256];
+    int ol = snprintf(out, sizeof out, "%llu %llu %llu %llu %llu\n", (unsigned long long)ms.events,
+                      (unsigned long long)ms.deltas, (unsigned long long)ms.full_maps,
+                      (unsigned long long)ms.frag_hits, (unsigned long long)ms.frag_encodes);
+    if (write(g_rep_fd, out, (size_t)ol) != ol) return 1;
+  }
 fail:
   fprintf(stderr, "bench server: %s\n", err.msg);
   return 1;
+}
+
+struct mstats {
+  unsigned long long events, deltas, full_maps, frag_hits, frag_encodes;
+};
+
+/* The server child's mapper counters (--self only). */
+static bool mapper_stats(struct mstats *m) {
+  memset(m, 0, sizeof *m);
+  if (g_cmd_fd < 0) return false;
+  char line[256] = {0};
+  if (write(g_cmd_fd, "s", 1) != 1) return false;
+  ssize_t r = read(g_rep_fd, line, sizeof line - 1);
+  return r > 0 && sscanf(line, "%llu %llu %llu %llu %llu", &m->events, &m->deltas, &m->full_maps, &m->frag_hits,
+                         &m->frag_encodes) == 5;
 }
 
 /* utime+stime seconds and VmRSS KiB of pid from /proc. */
@@ -327,14 +358,23 @@ int main(int argc, char **argv) {
 
   if (O.self) {
     if (!mkdtemp(g_dir)) return 1;
-    int pfd[2];
-    if (pipe(pfd)) return 1;
+    int pfd[2], cfd[2], rfd[2];
+    if (pipe(pfd) || pipe(cfd) || pipe(rfd)) return 1;
     pid_t pid = fork();
     if (pid == 0) {
       close(pfd[0]);
+      close(cfd[1]);
+      close(rfd[0]);
+      g_cmd_fd = cfd[0];
+      g_rep_fd = rfd[1];
       _exit(run_server_child(pfd[1]));
     }
     close(pfd[1]);
+    close(cfd[0]);
+    close(rfd[1]);
+    /* parent: g_cmd_fd writes commands, g_rep_fd reads replies */
+    g_cmd_fd = cfd[1];
+    g_rep_fd = rfd[0];
     char line[512] = {0};
     ssize_t r = read(pfd[0], line, sizeof line - 1);
     close(pfd[0]);
@@ -351,6 +391,8 @@ int main(int argc, char **argv) {
   double cpu0 = 0, cpu1 = 0, cpu2 = 0;
   long rss1 = 0, rss2 = 0;
   bool have_proc = O.server_pid > 0 && proc_stats(O.server_pid, &cpu0, &rss1);
+  struct mstats ms0, ms1;
+  bool have_ms = mapper_stats(&ms0);
 
   /* phase 1: register + first full map, T threads */
   pthread_t *th = calloc((size_t)O.threads, sizeof *th);
@@ -366,6 +408,7 @@ int main(int argc, char **argv) {
   int connected = 0;
   for (int i = 0; i < O.n; i++) connected += S[i].c != NULL && S[i].sid > 0;
   if (have_proc) proc_stats(O.server_pid, &cpu1, &rss1);
+  if (have_ms) have_ms = mapper_stats(&ms1);
 
   /* phase 2: joins, observed by poller threads */
   for (int t = 0; t < O.threads; t++) pthread_create(&th[t], NULL, poll_worker, &rg[t]);
@@ -500,6 +543,11 @@ int main(int argc, char **argv) {
     if (have_proc)
       printf("server               cpu %.2f s register phase, %.2f s join phase; rss %ld KiB (%.1f KiB per node)\n",
              cpu1 - cpu0, cpu2 - cpu1, rss2, (double)rss2 / O.n);
+    if (have_ms)
+      printf("register phase       mapper: %llu events, %llu deltas written (%.0f per registration), %llu full maps,"
+             " %llu peer fragment encodes / %llu cache hits\n",
+             ms1.events - ms0.events, ms1.deltas - ms0.deltas, (double)(ms1.deltas - ms0.deltas) / (connected ? connected : 1),
+             ms1.full_maps - ms0.full_maps, ms1.frag_encodes - ms0.frag_encodes, ms1.frag_hits - ms0.frag_hits);
     if (fm_done)
       printf("full map             %d peers, %zu bytes framed: %.2f ms wall, server cpu %.2f ms = %.2f us per peer"
              " (%d maps)\n", fm_peers, fm_bytes, fm_wall_ms, fm_cpu_ms, fm_us_per_peer, fm_done);
