@@ -26,6 +26,10 @@ static const char *POL_SPLIT =
     "  {\"action\": \"accept\", \"src\": [\"alice@\"], \"dst\": [\"alice@:*\"]},\n"
     "  {\"action\": \"accept\", \"src\": [\"bob@\"], \"dst\": [\"bob@:*\"]},\n"
     "]}\n";
+/* Valid, but its own test fails against the tailnet (alice does reach bob). */
+static const char *POL_OPEN_FAILING_TEST =
+    "{\"acls\": [{\"action\": \"accept\", \"src\": [\"*\"], \"dst\": [\"*:*\"]}],\n"
+    " \"tests\": [{\"src\": \"alice@\", \"deny\": [\"bob@:22\"]}]}\n";
 /* Parses, then fails validation at a known position. */
 static const char *POL_BROKEN = "{\"acls\": [{\"action\": \"accept\", \"src\": [\"*\"], \"dst\": [\"nosuchhost:*\"]}]}\n";
 
@@ -242,6 +246,10 @@ TC_TEST(policy_file_edits_reach_streaming_clients_within_a_second) {
   TC_CHECK(view_pump(&a, 600) && view_pump(&b, 600));
   TC_REQUIRE(write_renamed(pfile, POL_BROKEN));
   TC_CHECK(view_pump(&a, 600) && view_pump(&b, 600));
+  /* a valid policy whose own tests fail is refused too */
+  TC_REQUIRE(write_renamed(pfile, POL_OPEN_FAILING_TEST));
+  TC_CHECK(view_pump(&a, 600) && view_pump(&b, 600));
+  TC_CHECK(log_contains(&s, "test(s) failed"));
   TC_CHECK_INT(a.filter_updates, before_a);
   TC_CHECK_INT(b.filter_updates, before_b);
   TC_CHECK(!view_has(&a, b.self_id) && !view_has(&b, a.self_id));
