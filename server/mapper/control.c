@@ -83,6 +83,7 @@ struct pnode {
   char *filter; /* PacketFilter JSON */
   char *ssh;    /* SSHPolicy JSON or NULL */
   char *capmap; /* CapMap JSON (defaults + nodeAttrs) */
+  uint64_t capmap_gen; /* generation in which capmap last changed: part of the fragment version */
 };
 struct polview {
   bool parsed;
@@ -452,8 +453,10 @@ static struct tc_mapper_frag *peer_frag(struct tc_mapper *mp, const struct tc_sn
   node_extra(mp, snap, n, &prim, &x);
   struct tc_mapper_frag *f;
   if (cached) {
-    /* the policy generation is part of the version: CapMap comes from it */
-    uint64_t v = ver_get(&mp->vers, n->id) + (mp->pv.gen << 40);
+    /* the CapMap's generation is part of the version: the policy gives it */
+    const struct pnode *p = mp->pv.pol ? pv_node(&mp->pv, n->id) : NULL;
+    uint64_t g = p ? p->capmap_gen : mp->pv.gen;
+    uint64_t v = ver_get(&mp->vers, n->id) + (g << 40);
     f = tc_mapper_cache_peer(mp->cache, &mp->env, n, v, &x, now);
   } else {
     struct tc_buf b = TC_BUF_INIT;
@@ -623,7 +626,9 @@ static int cmp_pnode(const void *a, const void *b) {
 
 /* Compiles pv->pol for snap into a fresh result. Returns false (keeping the
  * old result) when the compiler refuses the topology. */
-static bool pv_compile(struct tc_mapper *mp, const struct tc_snapshot *snap) {
+/* prev: the view compiled before (its pnodes, for CapMaps that did not
+ * change), or NULL. */
+static bool pv_compile(struct tc_mapper *mp, const struct tc_snapshot *snap, const struct polview *prev) {
   struct tc_policy_user *users = tc_xcalloc(snap->n_users + 1, sizeof *users);
   for (size_t i = 0; i < snap->n_users; i++) {
     users[i].id = snap->users[i]->id;
@@ -673,6 +678,11 @@ static bool pv_compile(struct tc_mapper *mp, const struct tc_snapshot *snap) {
     if (json_is_object(r->cap_map)) json_object_update(cm, r->cap_map);
     pn[i].capmap = dump(cm, "{}");
     json_decref(cm);
+    /* A node's cached fragment embeds its CapMap, and nothing else of the
+     * policy: it stays valid across recompiles that leave that CapMap as it
+     * was (re-encoding every node after each join was O(N^2) per storm). */
+    const struct pnode *op = prev ? pv_node(prev, pn[i].id) : NULL;
+    pn[i].capmap_gen = op && !strcmp(op->capmap, pn[i].capmap) ? op->capmap_gen : mp->pv.gen + 1;
   }
   json_decref(base);
   qsort(pn, res->nnodes, sizeof *pn, cmp_pnode);
@@ -719,7 +729,8 @@ static bool pv_refresh(struct tc_mapper *mp, const struct tc_snapshot *snap, boo
   struct pnode *opn = pv->pn;
   size_t onpn = pv->npn;
   pv->res = NULL, pv->pn = NULL, pv->npn = 0;
-  if (pv->pol && !pv_compile(mp, snap)) {
+  struct polview prev = {.pn = opn, .npn = onpn};
+  if (pv->pol && !pv_compile(mp, snap, &prev)) {
     pv->res = ores, pv->pn = opn, pv->npn = onpn; /* compile refused: keep the old view */
     return false;
   }
@@ -1364,7 +1375,7 @@ static void do_env(struct tc_mapper *mp, struct tc_mapper_env *env) {
   pthread_rwlock_unlock(&mp->env_lock);
   pthread_rwlock_rdlock(&mp->env_lock);
   struct tc_snapshot *snap = mp->last_snap ? tc_snapshot_ref(mp->last_snap) : tc_model_snapshot(mp->model);
-  if (nodes_change && mp->pv.pol) pv_compile(mp, snap); /* CapMaps merge the env's defaults */
+  if (nodes_change && mp->pv.pol) pv_compile(mp, snap, NULL); /* CapMaps merge the env's defaults */
   struct tc_mapper_delta d = {.with_derp = true, .with_dns = true, .now = tc_now()};
   broadcast(mp, snap, &d, 0, NULL);
   /* every stream again gets its self node, complete peer list, filter and
