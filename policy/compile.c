@@ -810,6 +810,26 @@ static void merge_into(json_t *out, json_t *rule)
   json_array_append_new(out, rule);
 }
 
+/* The rule merge_into would merge a non-CapGrant rule with these sources
+ * and protocol (proto < 0: none) into, or NULL. Borrowed. */
+static json_t *merge_target(json_t *out, json_t *src, int proto)
+{
+  size_t i;
+  json_t *o;
+  json_array_foreach(out, i, o) {
+    if (json_object_get(o, "CapGrant"))
+      continue;
+    json_t *p1 = json_object_get(o, "IPProto"), *s1 = json_object_get(o, "SrcIPs");
+    if (!(s1 == src || json_equal(s1, src)))
+      continue;
+    if (proto < 0 ? !p1
+                  : (p1 && json_array_size(p1) == 1 && json_is_integer(json_array_get(p1, 0)) &&
+                     json_integer_value(json_array_get(p1, 0)) == proto))
+      return o;
+  }
+  return NULL;
+}
+
 /* Sources of an autogroup:self grant as seen by one user's devices: that
  * user's own devices that the grant's sources include. Every device of the
  * user gets the same list, so it is computed once per (grant, user). */
@@ -901,12 +921,20 @@ static void self_rules(const struct ctopo *ct, const struct cgrant *cg, json_t *
       json_decref(dp);
       continue;
     }
+    /* Most self rules merge into one already in the filter (same sources
+     * and protocol): extend it directly rather than build and drop one. */
+    json_t *into = merge_target(out, srcstr, g->ip[p].proto);
+    if (into) {
+      json_array_extend(json_object_get(into, "DstPorts"), dp);
+      json_decref(dp);
+      continue;
+    }
     json_t *o = json_object();
     json_object_set_nocheck(o, "SrcIPs", srcstr);
     json_object_set_new_nocheck(o, "DstPorts", dp);
     if (g->ip[p].proto >= 0)
       json_object_set_new_nocheck(o, "IPProto", json_pack("[i]", g->ip[p].proto));
-    merge_into(out, o);
+    json_array_append_new(out, o);
   }
   if (g->app) {
     json_t *dsts = json_array();
