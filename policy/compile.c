@@ -678,53 +678,159 @@ static json_t *dport_json(const char *ip, struct port_range pr)
   return o;
 }
 
+/* ---- filter signatures (incremental compile) ----------------------------------
+ * A node's packet filter is a function of the sequence of rule
+ * contributions it receives (sources, protocol, destination entries kept)
+ * in policy order; the signature hashes exactly that sequence, so equal
+ * signatures under the same parsed policy mean equal filters (up to a
+ * 2^-64 collision). SrcIPs arrays are hashed by content once per compile. */
+struct sig_memo {
+  const json_t **key;
+  uint64_t *val;
+  size_t cap, n; /* cap: power of two */
+};
+
+struct fsig {
+  uint64_t h;
+  bool unusable; /* a contribution the signature does not cover (via, app grants to self) */
+  struct sig_memo *memo;
+};
+
+static uint64_t mix64(uint64_t x)
+{
+  x ^= x >> 30;
+  x *= 0xbf58476d1ce4e5b9ull;
+  x ^= x >> 27;
+  x *= 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+static void fsig_u64(struct fsig *s, uint64_t v)
+{
+  s->h = mix64(s->h ^ mix64(v + 0x9e3779b97f4a7c15ull));
+}
+
+static uint64_t str_hash(const char *t)
+{
+  uint64_t h = 0xcbf29ce484222325ull;
+  for (; t && *t; t++)
+    h = (h ^ (unsigned char)*t) * 0x100000001b3ull;
+  return h;
+}
+
+static void fsig_str(struct fsig *s, const char *t)
+{
+  fsig_u64(s, str_hash(t));
+}
+
+static void sig_memo_free(struct sig_memo *m)
+{
+  free(m->key);
+  free(m->val);
+}
+
+/* Content hash of an array of strings (NULL: 0), memoised by pointer. */
+static uint64_t sig_of_array(struct sig_memo *m, const json_t *arr)
+{
+  if (!arr || !m)
+    return 0;
+  if (2 * (m->n + 1) > m->cap) {
+    struct sig_memo big = {tc_xcalloc(m->cap ? 2 * m->cap : 64, sizeof(*big.key)), NULL, m->cap ? 2 * m->cap : 64, 0};
+    big.val = tc_xcalloc(big.cap, sizeof(*big.val));
+    for (size_t i = 0; i < m->cap; i++)
+      if (m->key[i]) {
+        size_t h = (size_t)mix64((uintptr_t)m->key[i]) & (big.cap - 1);
+        while (big.key[h])
+          h = (h + 1) & (big.cap - 1);
+        big.key[h] = m->key[i];
+        big.val[h] = m->val[i];
+        big.n++;
+      }
+    sig_memo_free(m);
+    *m = big;
+  }
+  size_t h = (size_t)mix64((uintptr_t)arr) & (m->cap - 1);
+  while (m->key[h] && m->key[h] != arr)
+    h = (h + 1) & (m->cap - 1);
+  if (m->key[h])
+    return m->val[h];
+  uint64_t v = mix64(json_array_size(arr));
+  size_t i;
+  json_t *e;
+  json_array_foreach(arr, i, e) v = mix64(v ^ str_hash(json_string_value(e)));
+  m->key[h] = arr;
+  m->val[h] = v;
+  m->n++;
+  return v;
+}
+
+/* The CapGrant rule of r restricted to node n, or NULL; records what it
+ * covers in dst_out. */
+static json_t *reduce_capgrant(const struct cnode *n, const struct rule *r, struct ipset *dst_out)
+{
+  json_t *cgs = json_array();
+  for (size_t i = 0; i < r->ncap; i++) {
+    const struct ipset *ds = &r->capdst[i];
+    struct ipset m;
+    pol_ipset_init(&m);
+    /* Addresses of this node inside the destination, and subnet routes overlapping it. */
+    if (n->has4 && pol_ipset_contains(ds, 0, n->a4))
+      pol_ipset_add(&m, (struct ip_range){0, n->a4, n->a4});
+    if (n->has6 && pol_ipset_contains(ds, 1, n->a6))
+      pol_ipset_add(&m, (struct ip_range){1, n->a6, n->a6});
+    json_t *dsts = json_array();
+    pol_ipset_norm(&m);
+    pol_ipset_append_prefixes(&m, dsts, false);
+    json_t *orig = json_object_get(json_array_get(r->capgrant, i), "Dsts");
+    size_t k;
+    json_t *v;
+    json_array_foreach(orig, k, v) {
+      struct ip_range pr;
+      pol_ip_parse_prefix(json_string_value(v), &pr, NULL);
+      for (size_t s = 0; s < n->nsubnets; s++)
+        if (pol_ip_range_overlaps(pr, n->subnets[s]) && !json_str_in(dsts, json_string_value(v)))
+          json_array_append(dsts, v);
+    }
+    pol_ipset_add_set(dst_out, &m);
+    for (size_t sn = 0; sn < n->nsubnets; sn++)
+      if (pol_ipset_overlaps(ds, n->subnets[sn]))
+        pol_ipset_add(dst_out, n->subnets[sn]);
+    pol_ipset_free(&m);
+    if (json_array_size(dsts))
+      json_array_append_new(cgs, json_pack("{s:o,s:O}", "Dsts", dsts, "CapMap",
+                                           json_object_get(json_array_get(r->capgrant, i), "CapMap")));
+    else
+      json_decref(dsts);
+  }
+  if (!json_array_size(cgs)) {
+    json_decref(cgs);
+    return NULL;
+  }
+  return json_pack("{s:O,s:o}", "SrcIPs", r->src, "CapGrant", cgs);
+}
+
 /* Builds a FilterRule JSON from a rule restricted to the node's entries;
  * returns NULL when nothing applies. */
 /* Also records in dst_out / dst_all what the kept entries cover (for peer
  * visibility and route reachability). */
 static json_t *reduce_rule(const struct cnode *n, const struct rule *r, const struct ipset *internet,
-                           struct ipset *dst_out, bool *dst_all)
+                           struct ipset *dst_out, bool *dst_all, bool emit, bool *applied, struct fsig *sig)
 {
+  *applied = false;
   if (r->capgrant) {
-    json_t *cgs = json_array();
-    for (size_t i = 0; i < r->ncap; i++) {
-      const struct ipset *ds = &r->capdst[i];
-      struct ipset m;
-      pol_ipset_init(&m);
-      /* Addresses of this node inside the destination, and subnet routes overlapping it. */
-      if (n->has4 && pol_ipset_contains(ds, 0, n->a4))
-        pol_ipset_add(&m, (struct ip_range){0, n->a4, n->a4});
-      if (n->has6 && pol_ipset_contains(ds, 1, n->a6))
-        pol_ipset_add(&m, (struct ip_range){1, n->a6, n->a6});
-      json_t *dsts = json_array();
-      pol_ipset_norm(&m);
-      pol_ipset_append_prefixes(&m, dsts, false);
-      json_t *orig = json_object_get(json_array_get(r->capgrant, i), "Dsts");
-      size_t k;
-      json_t *v;
-      json_array_foreach(orig, k, v) {
-        struct ip_range pr;
-        pol_ip_parse_prefix(json_string_value(v), &pr, NULL);
-        for (size_t s = 0; s < n->nsubnets; s++)
-          if (pol_ip_range_overlaps(pr, n->subnets[s]) && !json_str_in(dsts, json_string_value(v)))
-            json_array_append(dsts, v);
-      }
-      pol_ipset_add_set(dst_out, &m);
-      for (size_t sn = 0; sn < n->nsubnets; sn++)
-        if (pol_ipset_overlaps(ds, n->subnets[sn]))
-          pol_ipset_add(dst_out, n->subnets[sn]);
-      pol_ipset_free(&m);
-      if (json_array_size(dsts))
-        json_array_append_new(cgs, json_pack("{s:o,s:O}", "Dsts", dsts, "CapMap",
-                                             json_object_get(json_array_get(r->capgrant, i), "CapMap")));
-      else
-        json_decref(dsts);
+    /* rare: always built; the signature covers its text */
+    json_t *o = reduce_capgrant(n, r, dst_out);
+    if (o) {
+      *applied = true;
+      char *t = json_dumps(o, JSON_COMPACT | JSON_SORT_KEYS);
+      fsig_str(sig, t);
+      free(t);
     }
-    if (!json_array_size(cgs)) {
-      json_decref(cgs);
+    if (!emit) {
+      json_decref(o);
       return NULL;
     }
-    return json_pack("{s:O,s:o}", "SrcIPs", r->src, "CapGrant", cgs);
+    return o;
   }
   /* Entries that apply: those naming one of the node's addresses (found by
    * binary search) and the broader ones (checked one by one). */
@@ -765,20 +871,27 @@ static json_t *reduce_rule(const struct cnode *n, const struct rule *r, const st
       hit[j] = hit[j - 1];
       hit[j - 1] = t;
     }
-  json_t *dp = json_array();
+  if (nhit) {
+    *applied = true;
+    fsig_u64(sig, 0x5255u); /* a rule: sources, protocol, entries */
+    fsig_u64(sig, sig_of_array(sig->memo, r->src));
+    fsig_u64(sig, (uint64_t)(int64_t)r->proto);
+  }
+  json_t *dp = emit && nhit ? json_array() : NULL;
   for (size_t i = 0; i < nhit; i++) {
     const struct dport *d = &r->dp[hit[i]];
-    json_array_append_new(dp, d->js ? json_incref(d->js) : dport_json(d->ip, d->pr));
+    fsig_str(sig, d->ip);
+    fsig_u64(sig, (uint64_t)d->pr.first << 16 | d->pr.last);
+    if (dp)
+      json_array_append_new(dp, d->js ? json_incref(d->js) : dport_json(d->ip, d->pr));
     if (r->dp[hit[i]].star)
       *dst_all = true;
     else
       pol_ipset_add_set(dst_out, &r->dp[hit[i]].set);
   }
   free(hit);
-  if (!json_array_size(dp)) {
-    json_decref(dp);
+  if (!dp)
     return NULL;
-  }
   json_t *o = json_object();
   json_object_set_nocheck(o, "SrcIPs", r->src);
   json_object_set_new_nocheck(o, "DstPorts", dp);
@@ -1572,16 +1685,22 @@ static bool route_reaches(const struct reach *rc, struct ip_range route)
  * The first node of a group records which rules applied to it (applies);
  * the others skip every rule that did not apply to it unless the rule has
  * address-derived destinations, which are checked for every node. */
+/* Builds node n's packet filter and records its reachability in rc. With
+ * emit false only rc and the signature are computed (returns NULL). */
 static json_t *node_filter(const struct tc_policy *pol, const struct ctopo *ct, struct compiled *cp,
-                           const struct cnode *n, uint8_t *applies, bool record, struct reach *rc)
+                           const struct cnode *n, uint8_t *applies, bool record, struct reach *rc, bool emit,
+                           struct fsig *sig)
 {
   memset(rc, 0, sizeof(*rc));
   if (!pol->has_acls_or_grants) {
     rc->all = true;
+    fsig_u64(sig, 0xa11);
+    if (!emit)
+      return NULL;
     return json_pack("[{s:[s],s:[{s:s,s:{s:i,s:i}}]}]", "SrcIPs", "*", "DstPorts", "IP", "*", "Ports", "First", 0,
                      "Last", 65535);
   }
-  json_t *out = json_array();
+  json_t *out = emit ? json_array() : NULL;
   size_t gi = 0;
   struct ipset dst;
   pol_ipset_init(&dst);
@@ -1595,12 +1714,14 @@ static json_t *node_filter(const struct tc_policy *pol, const struct ctopo *ct, 
         continue;
       bool dst_all = false;
       dst.n = 0;
-      json_t *o = reduce_rule(n, ru, &cp->internet, &dst, &dst_all);
+      bool applied;
+      json_t *o = reduce_rule(n, ru, &cp->internet, &dst, &dst_all, emit, &applied, sig);
       if (record)
-        applies[gi] = o != NULL;
-      if (!o)
+        applies[gi] = applied;
+      if (!applied)
         continue;
-      merge_into(out, o);
+      if (o)
+        merge_into(out, o);
       struct reach_rule *rr = reach_push(rc, &ru->srcset, ru->src_all);
       pol_ipset_add_set(&rr->dst, &dst);
       pol_ipset_norm(&rr->dst);
@@ -1631,14 +1752,32 @@ static json_t *node_filter(const struct tc_policy *pol, const struct ctopo *ct, 
           self_dp_init(&sdp, n);
           sdp_ready = true;
         }
-        self_rules(ct, cg, cp->self_src[slot], n, &sdp, out);
+        if (emit)
+          self_rules(ct, cg, cp->self_src[slot], n, &sdp, out);
+        /* what self_rules emits: per protocol entry, these sources, the
+         * node's addresses and the grant's ports (app grants: not covered) */
+        fsig_u64(sig, 0x5e1f);
+        fsig_u64(sig, sig_of_array(sig->memo, cp->self_src[slot]));
+        fsig_str(sig, sdp.a4);
+        fsig_str(sig, sdp.a6);
+        for (size_t p = 0; p < cg->g->nip; p++) {
+          fsig_u64(sig, (uint64_t)(int64_t)cg->g->ip[p].proto);
+          for (size_t k = 0; k < cg->g->ip[p].nports; k++)
+            fsig_u64(sig, (uint64_t)cg->g->ip[p].ports[k].first << 16 | cg->g->ip[p].ports[k].last);
+        }
+        if (cg->g->app)
+          sig->unusable = true;
         struct reach_rule *rr = reach_push(rc, &cp->self_set[slot], false);
         pol_ipset_add_set(&rr->dst, &n->ips);
         pol_ipset_norm(&rr->dst);
       }
     }
-    if (cg->via)
-      via_rules(cg, n, &cp->internet, out, rc);
+    if (cg->via) {
+      sig->unusable = true;
+      json_t *scratch = out ? NULL : json_array();
+      via_rules(cg, n, &cp->internet, out ? out : scratch, rc);
+      json_decref(scratch);
+    }
   }
   pol_ipset_free(&dst);
   if (sdp_ready)
@@ -1873,8 +2012,14 @@ static char *identity_key(const struct cnode *n)
   return tc_buf_steal(&b, NULL);
 }
 
-int tc_policy_compile(const struct tc_policy *pol, const struct tc_policy_topo *topo, struct tc_policy_result **out,
-                      struct tc_policy_err *err)
+static int prev_cmp(const void *x, const void *y)
+{
+  int64_t a = ((const int64_t *)x)[0], b = ((const int64_t *)y)[0];
+  return a < b ? -1 : a > b;
+}
+
+static int compile_impl(const struct tc_policy *pol, const struct tc_policy_topo *topo,
+                        const struct tc_policy_result *prev, struct tc_policy_result **out, struct tc_policy_err *err)
 {
   *out = NULL;
   struct ctopo ct;
@@ -1939,12 +2084,53 @@ int tc_policy_compile(const struct tc_policy *pol, const struct tc_policy_topo *
     nrules_all += cp->cg[g].nrules;
   uint8_t *applies = tc_xcalloc(res->ngroups * nrules_all + 1, 1);
   bool *recorded = tc_xcalloc(res->ngroups + 1, sizeof(bool));
+  /* Incremental: the previous result's filters, by node id, when it came
+   * from the same parsed policy and the policy has no via grants (whose
+   * per-viewer choices the signature does not cover). */
+  struct sig_memo smemo = {0};
+  int64_t (*pidx)[2] = NULL;
+  size_t npidx = 0;
+  if (prev && prev->policy_uid == pol->uid && !cp->any_via) {
+    pidx = tc_xcalloc(prev->nnodes + 1, sizeof(*pidx));
+    for (size_t i = 0; i < prev->nnodes; i++)
+      if (prev->nodes[i].filter_sig) {
+        pidx[npidx][0] = prev->nodes[i].node_id;
+        pidx[npidx++][1] = (int64_t)i;
+      }
+    qsort(pidx, npidx, sizeof(*pidx), prev_cmp);
+  }
+  res->policy_uid = pol->uid;
   for (size_t i = 0; i < ct.nn; i++) {
     const struct cnode *n = &ct.n[i];
     struct tc_policy_node_result *nr = &res->nodes[i];
     nr->node_id = n->id;
     size_t grp = group[i];
-    nr->packet_filter = node_filter(pol, &ct, cp, n, &applies[grp * nrules_all], !recorded[grp], &reach[i]);
+    struct fsig sig = {0x7c0a7, false, &smemo};
+    const struct tc_policy_node_result *old = NULL;
+    if (npidx) {
+      int64_t key[2] = {n->id, 0};
+      int64_t(*hit)[2] = bsearch(key, pidx, npidx, sizeof(*pidx), prev_cmp);
+      old = hit ? &prev->nodes[(*hit)[1]] : NULL;
+    }
+    if (old) {
+      /* signature first; the old filter is reused when it matches */
+      node_filter(pol, &ct, cp, n, &applies[grp * nrules_all], !recorded[grp], &reach[i], false, &sig);
+      recorded[grp] = true;
+      uint64_t h = sig.unusable ? 0 : (sig.h | 1);
+      if (h && h == old->filter_sig) {
+        nr->packet_filter = json_incref(old->packet_filter);
+        nr->filter_sig = h;
+        res->nreused++;
+      } else {
+        free_reach(&reach[i]);
+      }
+    }
+    if (!nr->packet_filter) {
+      sig = (struct fsig){0x7c0a7, false, &smemo};
+      nr->packet_filter =
+          node_filter(pol, &ct, cp, n, &applies[grp * nrules_all], !recorded[grp], &reach[i], true, &sig);
+      nr->filter_sig = sig.unusable ? 0 : (sig.h | 1);
+    }
     recorded[grp] = true;
     if (sshp) {
       /* SSH policy depends only on identity (user or tags), unless a rule
@@ -2087,8 +2273,23 @@ int tc_policy_compile(const struct tc_policy *pol, const struct tc_policy_topo *
   pol_ssh_pres_free(sshp);
   attr_targets_free(pol, targets);
   pol_ctopo_free(&ct);
+  sig_memo_free(&smemo);
+  free(pidx);
   *out = res;
   return 0;
+}
+
+int tc_policy_compile(const struct tc_policy *pol, const struct tc_policy_topo *topo, struct tc_policy_result **out,
+                      struct tc_policy_err *err)
+{
+  return compile_impl(pol, topo, NULL, out, err);
+}
+
+int tc_policy_compile_incremental(const struct tc_policy *pol, const struct tc_policy_topo *topo,
+                                  const struct tc_policy_result *prev, struct tc_policy_result **out,
+                                  struct tc_policy_err *err)
+{
+  return compile_impl(pol, topo, prev, out, err);
 }
 
 void tc_policy_result_free(struct tc_policy_result *res)

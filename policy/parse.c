@@ -1627,6 +1627,8 @@ int tc_policy_parse(const char *text, size_t len, struct tc_policy **out, struct
   if (!std)
     return TC_EINVAL;
   struct tc_policy *p = tc_xcalloc(1, sizeof(*p));
+  static _Atomic uint64_t next_uid = 1;
+  p->uid = next_uid++;
   bool blank = true;
   for (size_t i = 0; i < len; i++)
     if (!isspace((unsigned char)std[i])) {

@@ -112,12 +112,15 @@ struct tc_policy_node_result {
   json_t *self_allowed_ips;  /* array: own addresses, approved subnet routes it serves, approved exit routes */
   json_t *primary_routes;    /* array: subnet routes this node is primary for (tailnet-wide election) */
   json_t *auto_approved;     /* array: announced routes autoApprovers approve for this node */
+  uint64_t filter_sig;       /* internal (incremental compile): what packet_filter was built from; 0 = unknown */
 };
 
 struct tc_policy_result {
   size_t nnodes; /* same order as topo->nodes */
   struct tc_policy_node_result *nodes;
   size_t ngroups; /* distinct identity groups the compiler computed (for tests/bench) */
+  size_t nreused; /* packet filters taken over from the previous result (incremental compile) */
+  uint64_t policy_uid; /* internal: which parsed policy produced it */
 };
 
 /* Compiles pol against topo. *out is owned (tc_policy_result_free).
@@ -131,6 +134,18 @@ struct tc_policy_result {
 int tc_policy_compile(const struct tc_policy *pol, const struct tc_policy_topo *topo,
                       struct tc_policy_result **out, struct tc_policy_err *err);
 void tc_policy_result_free(struct tc_policy_result *res);
+/* Same output as tc_policy_compile, reusing prev (an earlier result of a
+ * compile of the same pol, or NULL): a node whose filter would be built
+ * from exactly the same inputs (its own addresses and routes, the rules
+ * that apply to it, their SrcIPs content and the destination entries kept)
+ * gets prev's packet_filter (shared, read-only) instead of a new one. The
+ * caller keeps prev and may free it afterwards. Meant for the mapper, which
+ * recompiles on every topology change: a join changes few nodes' filters.
+ * A prev from another tc_policy (even with the same text) reuses nothing;
+ * policies with via grants are always compiled in full. */
+int tc_policy_compile_incremental(const struct tc_policy *pol, const struct tc_policy_topo *topo,
+                                  const struct tc_policy_result *prev, struct tc_policy_result **out,
+                                  struct tc_policy_err *err);
 /* Borrowed pointer to the result for node id, or NULL. */
 const struct tc_policy_node_result *tc_policy_result_node(const struct tc_policy_result *res, int64_t id);
 

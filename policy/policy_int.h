@@ -149,6 +149,7 @@ struct ssh_test {
 };
 
 struct tc_policy {
+  uint64_t uid; /* unique per parse in this process (incremental compile matches results by it) */
   bool allow_all;
   json_t *doc; /* the document as parsed (standard JSON) */
   struct name_list *groups;

@@ -432,3 +432,153 @@ TC_TEST(address_text_matches_inet_ntop) {
   pol_ip_format_addr(1, (tc_u128)0x0001000200000003ull << 64 | 0x0004000500060000ull, t, sizeof t);
   TC_CHECK_STR(t, "1:2:0:3:4:5:6:0");
 }
+
+/* ---- incremental compile ------------------------------------------------------ */
+
+static char *filter_text(const json_t *f) {
+  return json_dumps(f, JSON_COMPACT);
+}
+
+/* Every node's whole result must be the same as a full compile's. */
+static bool same_results(const struct tc_policy_result *a, const struct tc_policy_result *b) {
+  if (a->nnodes != b->nnodes) return false;
+  for (size_t i = 0; i < a->nnodes; i++) {
+    const struct tc_policy_node_result *x = &a->nodes[i], *y = &b->nodes[i];
+    char *fx = filter_text(x->packet_filter), *fy = filter_text(y->packet_filter);
+    bool ok = x->node_id == y->node_id && fx && fy && !strcmp(fx, fy) && x->npeers == y->npeers &&
+              json_equal(x->cap_map, y->cap_map) && (x->ssh_policy ? json_equal(x->ssh_policy, y->ssh_policy)
+                                                                    : !y->ssh_policy);
+    for (size_t k = 0; ok && k < x->npeers; k++)
+      ok = x->peer_ids[k] == y->peer_ids[k] && json_equal(x->peer_allowed_ips[k], y->peer_allowed_ips[k]);
+    if (!ok) fprintf(stderr, "  node %lld differs:\n   inc  %s\n   full %s\n", (long long)x->node_id, fx, fy);
+    free(fx);
+    free(fy);
+    if (!ok) return false;
+  }
+  return true;
+}
+
+TC_TEST(incremental_compile_equals_full_compile_over_random_changes) {
+  static const char *policies[] = {
+      /* users, groups, tags, autogroup:self/member, hosts, CIDRs, protocols, routes */
+      "{\"groups\": {\"group:dev\": [\"u1@\", \"u2@\"], \"group:ops\": [\"u3@\"]},\n"
+      " \"tagOwners\": {\"tag:web\": [\"u1@\"], \"tag:db\": [\"u1@\"], \"tag:router\": [\"u1@\"]},\n"
+      " \"hosts\": {\"lan\": \"10.9.0.0/16\", \"one\": \"100.64.0.7\"},\n"
+      " \"autoApprovers\": {\"routes\": {\"10.9.0.0/16\": [\"tag:router\"]}},\n"
+      " \"acls\": [\n"
+      "  {\"action\": \"accept\", \"src\": [\"group:dev\"], \"dst\": [\"tag:web:80,443\", \"autogroup:self:*\"]},\n"
+      "  {\"action\": \"accept\", \"src\": [\"group:ops\", \"tag:web\"], \"dst\": [\"tag:db:5432\"]},\n"
+      "  {\"action\": \"accept\", \"proto\": \"udp\", \"src\": [\"autogroup:member\"], \"dst\": [\"lan:53\"]},\n"
+      "  {\"action\": \"accept\", \"src\": [\"u4@\"], \"dst\": [\"one:22\", \"u4@:*\"]},\n"
+      "  {\"action\": \"accept\", \"src\": [\"tag:db\"], \"dst\": [\"autogroup:member:9000\"]}\n"
+      " ]}\n",
+      /* grants with an app capability (CapGrant rules) and the default rule */
+      "{\"tagOwners\": {\"tag:web\": [\"u1@\"], \"tag:db\": [\"u1@\"], \"tag:router\": [\"u1@\"]},\n"
+      " \"grants\": [\n"
+      "  {\"src\": [\"autogroup:member\"], \"dst\": [\"tag:web\"], \"ip\": [\"tcp:443\"],\n"
+      "   \"app\": {\"example.com/cap/web\": [{\"role\": \"reader\"}]}},\n"
+      "  {\"src\": [\"u2@\", \"u3@\"], \"dst\": [\"autogroup:self\"], \"ip\": [\"*\"]},\n"
+      "  {\"src\": [\"tag:db\"], \"dst\": [\"tag:db\", \"u1@\"], \"ip\": [\"tcp:1-1024\"]},\n"
+      "  {\"src\": [\"*\"], \"dst\": [\"10.9.0.0/16\"], \"ip\": [\"icmp:*\", \"tcp:22\"]}\n"
+      " ]}\n",
+      "", /* no policy: allow all */
+  };
+  static const char *tagsets[][2] = {{NULL, NULL}, {"tag:web", NULL}, {"tag:db", NULL}, {"tag:router", NULL},
+                                     {"tag:web", "tag:db"}};
+  static const char *lan[] = {"10.9.0.0/16"};
+  struct tc_policy_user users[5];
+  char uname[5][8];
+  for (int u = 0; u < 5; u++) {
+    snprintf(uname[u], sizeof uname[u], "u%d", u + 1);
+    users[u] = (struct tc_policy_user){u + 1, uname[u], NULL};
+  }
+  enum { MAXN = 40 };
+  struct tc_policy_node nodes[MAXN];
+  char ip4[MAXN][20], ip6[MAXN][48], host[MAXN][12];
+  unsigned seed = 12345;
+  int reused_total = 0;
+  for (size_t pi = 0; pi < TC_ARRAY_LEN(policies); pi++) {
+    struct tc_policy *pol = NULL;
+    struct tc_policy_err err;
+    int prc = tc_policy_parse(policies[pi], strlen(policies[pi]), &pol, &err);
+    if (prc) fprintf(stderr, "  policy %zu: %d:%d %s\n", pi, err.line, err.col, err.msg);
+    TC_REQUIRE(prc == 0);
+    size_t nn = 0;
+    int64_t next_id = 1;
+    struct tc_policy_result *prev = NULL;
+    for (int step = 0; step < 60; step++) {
+      seed = seed * 1103515245u + 12345u;
+      unsigned r = (seed >> 8) % 100;
+      if (nn < 3 || (r < 45 && nn < MAXN)) { /* join */
+        struct tc_policy_node *n = &nodes[nn];
+        memset(n, 0, sizeof *n);
+        n->id = next_id++;
+        snprintf(host[nn], sizeof host[nn], "h%lld", (long long)n->id);
+        n->hostname = host[nn];
+        snprintf(ip4[nn], sizeof ip4[nn], "100.64.%u.%u", (unsigned)(n->id / 200), (unsigned)(1 + n->id % 200));
+        snprintf(ip6[nn], sizeof ip6[nn], "fd7a:115c:a1e0::%llx", (unsigned long long)n->id);
+        n->ipv4 = ip4[nn];
+        n->ipv6 = ip6[nn];
+        size_t ts = (seed >> 16) % TC_ARRAY_LEN(tagsets);
+        n->tags = tagsets[ts];
+        n->ntags = ts == 0 ? 0 : ts == 4 ? 2 : 1;
+        n->user_id = 1 + (seed >> 20) % 5;
+        if (ts == 3) {
+          n->announced = lan;
+          n->nannounced = 1;
+          if ((seed >> 24) & 1) n->approved = lan, n->napproved = 1;
+        }
+        nn++;
+      } else if (r < 70) { /* leave */
+        size_t k = (seed >> 12) % nn;
+        memmove(&nodes[k], &nodes[k + 1], (nn - k - 1) * sizeof nodes[0]);
+        memmove(ip4[k], ip4[k + 1], (nn - k - 1) * sizeof ip4[0]);
+        memmove(ip6[k], ip6[k + 1], (nn - k - 1) * sizeof ip6[0]);
+        memmove(host[k], host[k + 1], (nn - k - 1) * sizeof host[0]);
+        nn--;
+        for (size_t q = 0; q < nn; q++) /* arrays moved: repoint */
+          nodes[q].ipv4 = ip4[q], nodes[q].ipv6 = ip6[q], nodes[q].hostname = host[q];
+      } else if (r < 85) { /* retag or move to another user */
+        size_t k = (seed >> 12) % nn;
+        size_t ts = (seed >> 16) % TC_ARRAY_LEN(tagsets);
+        nodes[k].tags = tagsets[ts];
+        nodes[k].ntags = ts == 0 ? 0 : ts == 4 ? 2 : 1;
+        nodes[k].user_id = 1 + (seed >> 20) % 5;
+      } else if (r < 92) { /* renumbered (same id, new addresses) */
+        size_t k = (seed >> 12) % nn;
+        snprintf(ip4[k], sizeof ip4[k], "100.65.%u.%u", (seed >> 4) % 200, 1 + (seed >> 14) % 200);
+        snprintf(ip6[k], sizeof ip6[k], "fd7a:115c:a1e0::1:%x", (seed >> 6) & 0xffff);
+      } else { /* route approval changes */
+        size_t k = (seed >> 12) % nn;
+        nodes[k].announced = lan;
+        nodes[k].nannounced = 1;
+        nodes[k].napproved = nodes[k].napproved ? 0 : 1;
+        nodes[k].approved = nodes[k].napproved ? lan : NULL;
+      }
+      struct tc_policy_topo topo = {users, 5, nodes, nn, NULL};
+      struct tc_policy_result *full = NULL, *inc = NULL;
+      TC_REQUIRE(tc_policy_compile(pol, &topo, &full, &err) == 0);
+      TC_REQUIRE(tc_policy_compile_incremental(pol, &topo, prev, &inc, &err) == 0);
+      bool same = same_results(inc, full);
+      TC_CHECK(same);
+      reused_total += (int)inc->nreused;
+      tc_policy_result_free(full);
+      tc_policy_result_free(prev);
+      prev = inc;
+      if (!same) break;
+    }
+    /* a result of another parse of the same text reuses nothing */
+    struct tc_policy *again = NULL;
+    TC_REQUIRE(tc_policy_parse(policies[pi], strlen(policies[pi]), &again, &err) == 0);
+    struct tc_policy_topo topo = {users, 5, nodes, nn, NULL};
+    struct tc_policy_result *other = NULL;
+    TC_REQUIRE(tc_policy_compile_incremental(again, &topo, prev, &other, &err) == 0);
+    TC_CHECK_INT((int)other->nreused, 0);
+    tc_policy_result_free(other);
+    tc_policy_free(again);
+    tc_policy_result_free(prev);
+    tc_policy_free(pol);
+  }
+  fprintf(stderr, "  %d filters reused over 180 steps\n", reused_total);
+  TC_CHECK(reused_total > 500);
+}
