@@ -391,7 +391,7 @@ int main(int argc, char **argv) {
   double cpu0 = 0, cpu1 = 0, cpu2 = 0;
   long rss1 = 0, rss2 = 0;
   bool have_proc = O.server_pid > 0 && proc_stats(O.server_pid, &cpu0, &rss1);
-  struct mstats ms0, ms1;
+  struct mstats ms0 = {0}, ms1 = {0};
   bool have_ms = mapper_stats(&ms0);
 
   /* phase 1: register + first full map, T threads */
@@ -529,10 +529,15 @@ int main(int argc, char **argv) {
            "\"converge_s\":%.2f,\"joins\":%d,\"complete_joins\":%d,\"latency_ms\":{\"p50\":%.2f,\"p99\":%.2f,\"max\":%.2f},"
            "\"bytes_per_update_per_client\":%.0f,\"server_cpu_s\":{\"register\":%.2f,\"joins\":%.2f},"
            "\"server_rss_kib\":%ld,\"rss_kib_per_node\":%.1f,\"full_map\":{\"maps\":%d,\"peers\":%d,\"bytes\":%zu,"
-           "\"wall_ms\":%.3f,\"server_cpu_ms\":%.3f,\"server_cpu_us_per_peer\":%.3f},\"errors\":%d,\"ok\":%s}\n",
+           "\"wall_ms\":%.3f,\"server_cpu_ms\":%.3f,\"server_cpu_us_per_peer\":%.3f},"
+           "\"register_phase_mapper\":{\"events\":%llu,\"deltas\":%llu,\"full_maps\":%llu,\"frag_encodes\":%llu,"
+           "\"frag_hits\":%llu},\"errors\":%d,\"ok\":%s}\n",
            O.n, connected, O.threads, connected / phase1_s, phase1_s, converge_s, O.joins, complete_joins, p50, p99, mx,
            bytes_per_update, cpu1 - cpu0, cpu2 - cpu1, rss2, (double)rss2 / O.n, fm_done, fm_peers, fm_bytes,
-           fm_wall_ms, fm_cpu_ms, fm_us_per_peer, atomic_load(&g_errors), ok ? "true" : "false");
+           fm_wall_ms, fm_cpu_ms, fm_us_per_peer, have_ms ? ms1.events - ms0.events : 0,
+           have_ms ? ms1.deltas - ms0.deltas : 0, have_ms ? ms1.full_maps - ms0.full_maps : 0,
+           have_ms ? ms1.frag_encodes - ms0.frag_encodes : 0, have_ms ? ms1.frag_hits - ms0.frag_hits : 0,
+           atomic_load(&g_errors), ok ? "true" : "false");
   } else {
     printf("clients              %d (connected %d, %d threads)\n", O.n, connected, O.threads);
     printf("register+full map    %.3f s  -> %.1f registrations/s\n", phase1_s, connected / phase1_s);
