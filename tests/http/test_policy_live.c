@@ -372,3 +372,24 @@ TC_TEST(policy_file_behind_symlinks_is_followed) {
   if (system(tmp)) { /* best effort */ }
   free(dir);
 }
+
+/* At start the tailnet a policy's tests name may not exist yet: a failing
+ * test is logged and the server still comes up with the policy. */
+TC_TEST(policy_file_with_failing_tests_still_starts_the_server) {
+  char *dir = tc_test_tmpdir();
+  char pfile[400], extra[600];
+  snprintf(pfile, sizeof pfile, "%s/policy.hujson", dir);
+  TC_REQUIRE(write_renamed(pfile, POL_OPEN_FAILING_TEST));
+  snprintf(extra, sizeof extra, "policy:\n  mode: file\n  path: \"%s\"\n", pfile);
+  struct tc_srv s;
+  TC_REQUIRE(tc_srv_init_ex(&s, NULL, NULL, extra));
+  TC_REQUIRE(tc_srv_start(&s));
+  TC_CHECK(wait_policy(&s, POL_OPEN_FAILING_TEST, 0) >= 0);
+  TC_CHECK(log_contains(&s, "loaded anyway at start"));
+  TC_CHECK(tc_srv_stop(&s, SIGTERM) >= 0);
+  tc_srv_cleanup(&s);
+  char cmd[500];
+  snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+  if (system(cmd)) { /* best effort */ }
+  free(dir);
+}
