@@ -21,6 +21,9 @@
  * transport worker. */
 #include <arpa/inet.h>
 #include <jansson.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -1397,7 +1400,7 @@ static void do_keepalives(struct tc_mapper *mp) {
 static void *dispatcher(void *arg) {
   struct tc_mapper *mp = arg;
   int64_t win_start = tc_mono_ms();
-  uint64_t win_events = 0, prev_win_events = 0;
+  uint64_t win_events = 0, prev_win_events = 0, since_trim = 0;
   pthread_mutex_lock(&mp->qmu);
   for (;;) {
     while (!mp->qhead && !mp->stopping) {
@@ -1405,7 +1408,20 @@ static void *dispatcher(void *arg) {
       clock_gettime(CLOCK_REALTIME, &ts);
       ts.tv_nsec += 250 * 1000000L;
       if (ts.tv_nsec >= 1000000000L) ts.tv_sec++, ts.tv_nsec -= 1000000000L;
-      if (pthread_cond_timedwait(&mp->qcv, &mp->qmu, &ts)) break;
+      if (pthread_cond_timedwait(&mp->qcv, &mp->qmu, &ts)) {
+#ifdef __GLIBC__
+        /* After a burst (full maps and deltas built and freed on several
+         * threads) the malloc arenas keep the freed pages; an idle quarter
+         * second after enough work hands them back. */
+        if (since_trim >= 256 && !mp->qhead) {
+          since_trim = 0;
+          pthread_mutex_unlock(&mp->qmu);
+          malloc_trim(0);
+          pthread_mutex_lock(&mp->qmu);
+        }
+#endif
+        break;
+      }
     }
     int64_t now_ms = tc_mono_ms();
     if (now_ms - win_start >= STORM_WINDOW_MS) {
@@ -1438,6 +1454,7 @@ static void *dispatcher(void *arg) {
     }
     size_t nb = nev + not_;
     win_events += nev;
+    since_trim += nb;
     if (!nb && mp->stopping) break;
     pthread_mutex_unlock(&mp->qmu);
     for (size_t i = 0; i < nev; i += BATCH_MAX) {
