@@ -94,44 +94,6 @@ struct policy_file {
   char target_base[256];
 };
 
-/* The policy's own `tests` and `sshTests` against the tailnet as it is now
- * (a policy whose tests fail is refused, as the coordination service
- * does). Parse errors are left to the model's validation. 0 or TC_EINVAL
- * with err. */
-static int policy_file_tests(struct tc_model *m, const char *text, size_t len, struct tc_err *err) {
-  struct tc_policy *pol = NULL;
-  struct tc_policy_err pe = {0};
-  if (tc_policy_parse(text, len, &pol, &pe)) return TC_OK;
-  struct tc_snapshot *s = tc_model_snapshot(m);
-  struct tc_policy_user *users = tc_xcalloc(s->n_users + 1, sizeof *users);
-  for (size_t i = 0; i < s->n_users; i++)
-    users[i] = (struct tc_policy_user){s->users[i]->id, s->users[i]->name, s->users[i]->email};
-  struct tc_policy_node *nodes = tc_xcalloc(s->n_nodes + 1, sizeof *nodes);
-  char (*ip4)[INET_ADDRSTRLEN] = tc_xcalloc(s->n_nodes + 1, sizeof *ip4);
-  char (*ip6)[INET6_ADDRSTRLEN] = tc_xcalloc(s->n_nodes + 1, sizeof *ip6);
-  for (size_t i = 0; i < s->n_nodes; i++) {
-    const struct tc_node *n = s->nodes[i];
-    nodes[i] = (struct tc_policy_node){.id = n->id, .hostname = n->given_name, .user_id = n->user_id,
-                                       .tags = (const char *const *)n->tags.v, .ntags = n->tags.n,
-                                       .announced = (const char *const *)n->announced_routes.v,
-                                       .nannounced = n->announced_routes.n,
-                                       .approved = (const char *const *)n->approved_routes.v,
-                                       .napproved = n->approved_routes.n};
-    if (n->has_ipv4) nodes[i].ipv4 = inet_ntop(AF_INET, n->ipv4, ip4[i], INET_ADDRSTRLEN);
-    if (n->has_ipv6) nodes[i].ipv6 = inet_ntop(AF_INET6, n->ipv6, ip6[i], INET6_ADDRSTRLEN);
-  }
-  struct tc_policy_topo topo = {.users = users, .nusers = s->n_users, .nodes = nodes, .nnodes = s->n_nodes};
-  int rc = tc_policy_run_tests(pol, &topo, &pe);
-  if (rc) tc_err_set(err, rc, "policy: %s", pe.msg);
-  free(users);
-  free(nodes);
-  free(ip4);
-  free(ip6);
-  tc_snapshot_release(s);
-  tc_policy_free(pol);
-  return rc;
-}
-
 /* Loads the policy file into the model when its text differs from the
  * model's current policy. On a reload its tests must pass too; at start
  * a failing test is only logged, since the tailnet the tests name may not
@@ -147,7 +109,7 @@ static int policy_file_apply(struct policy_file *pf, bool reload, struct tc_err 
   bool same = s->policy && s->policy_len == len && !memcmp(s->policy, text, len);
   tc_snapshot_release(s);
   if (!same) {
-    rc = policy_file_tests(pf->model, text, len, err);
+    rc = tc_model_policy_test(pf->model, text, len, err);
     if (rc && !reload) {
       tc_warn("policy file %s: %s (loaded anyway at start; a reload with failing tests is refused)", pf->path,
               err->msg);

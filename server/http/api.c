@@ -898,7 +898,7 @@ int tc_api_policy_validate(void *ctx, const char *text, size_t len, struct tc_er
 }
 
 /* The policy in force: the model's current text. In file mode that is the
- * file as loaded at start or at the last SIGHUP (not edits made since). */
+ * file as last loaded (at start, on SIGHUP, or when the watcher saw it change). */
 static void h_policy_get(struct tc_api *api, const struct api_ctx *ac, const struct tc_http_req *req,
                          struct tc_http_resp *resp) {
   json_t *o = json_object();
@@ -945,7 +945,10 @@ static void h_policy_set(struct tc_api *api, const struct api_ctx *ac, const str
   struct tc_err e = {0};
   if (!json_is_string(p)) {
     tc_http_resp_error(resp, 400, TC_GRPC_INVALID_ARGUMENT, "policy: want the policy text as a string");
-  } else if (tc_model_policy_set(api->o.model, ac->actor, json_string_value(p), json_string_length(p), NULL, &e)) {
+  } else if (tc_api_policy_validate(NULL, json_string_value(p), json_string_length(p), &e) ||
+             /* a policy whose own tests fail never replaces the one in force */
+             tc_model_policy_test(api->o.model, json_string_value(p), json_string_length(p), &e) ||
+             tc_model_policy_set(api->o.model, ac->actor, json_string_value(p), json_string_length(p), NULL, &e)) {
     err_resp(resp, &e);
   } else {
     json_t *o = json_object();
@@ -964,7 +967,8 @@ static void h_policy_check(struct tc_api *api, const struct api_ctx *ac, const s
   struct tc_err e = {0};
   if (!json_is_string(p))
     tc_http_resp_error(resp, 400, TC_GRPC_INVALID_ARGUMENT, "policy: want the policy text as a string");
-  else if (tc_api_policy_validate(NULL, json_string_value(p), json_string_length(p), &e))
+  else if (tc_api_policy_validate(NULL, json_string_value(p), json_string_length(p), &e) ||
+           tc_model_policy_test(api->o.model, json_string_value(p), json_string_length(p), &e))
     err_resp(resp, &e);
   else
     tc_http_resp_json(resp, 200, json_object());

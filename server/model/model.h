@@ -461,6 +461,12 @@ int tc_model_validate_given_name(const char *name, struct tc_err *err);
  * publishes and emits TC_CHANGE_POLICY. *id_out may be NULL. */
 int tc_model_policy_set(struct tc_model *m, const char *actor, const char *text, size_t len,
                         int64_t *id_out, struct tc_err *err);
+/* Runs the policy's own `tests` and `sshTests` against the tailnet in the
+ * current snapshot: 0, or the engine's error (TC_EINVAL) with the failing
+ * test in err. Text that does not parse returns 0 (the validate hook of
+ * tc_model_policy_set reports it). Callers that accept a policy from a
+ * person call this first. */
+int tc_model_policy_test(struct tc_model *m, const char *text, size_t len, struct tc_err *err);
 /* Stored versions, newest first, at most limit (<= 0: all). Owned array;
  * free each with tc_policy_rec_free and then the array. */
 int tc_model_policy_history(struct tc_model *m, int limit, struct tc_policy_rec **out,

@@ -146,6 +146,21 @@ TC_TEST(api_bad_requests_are_json_errors) {
   TC_CHECK_INT(req(&s, "PUT", "/api/v1/policy", "{\"policy\": 3}", &g), 400);
   TC_CHECK_INT(req(&s, "GET", "/api/v1/policy", NULL, &g), 404);
   TC_CHECK_INT(req(&s, "POST", "/api/v1/policy/check", "{\"policy\": \"{\\\"acls\\\": 7}\"}", &g), 400);
+  /* a policy whose own tests fail is refused by PUT and by check, and does
+   * not replace the one in force; the same policy with a passing test is taken */
+  const char *failing = "{\"policy\": \"{\\\"acls\\\": [{\\\"action\\\": \\\"accept\\\", "
+                        "\\\"src\\\": [\\\"*\\\"], \\\"dst\\\": [\\\"*:22\\\"]}], "
+                        "\\\"tests\\\": [{\\\"src\\\": \\\"100.64.0.9\\\", "
+                        "\\\"accept\\\": [\\\"100.64.0.1:80\\\"]}]}\"}";
+  TC_CHECK_INT(req(&s, "PUT", "/api/v1/policy", failing, &g), 400);
+  TC_CHECK_INT(req(&s, "POST", "/api/v1/policy/check", failing, &g), 400);
+  TC_CHECK_INT(req(&s, "GET", "/api/v1/policy", NULL, &g), 404);
+  char *passing = strdup(failing);
+  memcpy(strstr(passing, ":80"), ":22", 3);
+  TC_CHECK_INT(req(&s, "POST", "/api/v1/policy/check", passing, &g), 200);
+  TC_CHECK_INT(req(&s, "PUT", "/api/v1/policy", passing, &g), 200);
+  TC_CHECK_INT(req(&s, "GET", "/api/v1/policy", NULL, &g), 200);
+  free(passing);
   TC_CHECK_INT(req(&s, "DELETE", "/api/v1/apikey/nosuchprefix", NULL, &g), 404);
   /* no credentials over TCP: 401, and a non-bearer scheme too */
   char *rb = NULL;
