@@ -208,9 +208,9 @@ static int pg_begin(struct tc_store *st, struct tc_tx *tx, struct tc_err *err) {
   else if (tx->flags & (TC_TX_DURABLE | TX_MIGRATE))
     sql = "BEGIN; SET LOCAL synchronous_commit TO on";
   else
-    /* A server crash may lose the newest non-durable commits, never half of
-     * one; the model marks what must not be lost as durable. */
-    sql = "BEGIN; SET LOCAL synchronous_commit TO off";
+    /* The server's own setting (on unless the operator chose otherwise):
+     * an acknowledged user or key must survive a database crash too. */
+    sql = "BEGIN";
   for (int attempt = 0;; attempt++) {
     PGresult *r = PQexec(slot->c, sql);
     if (r && PQresultStatus(r) == PGRES_COMMAND_OK) {
