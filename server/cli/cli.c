@@ -800,11 +800,27 @@ static int cmd_policy(struct cli *c) {
     size_t len = 0;
     if (read_policy_file(c, &text, &len)) return 1;
     if (is(sub, "check", NULL)) {
-      /* Checked locally: no server or database needed. */
+      /* Syntax and semantics are checked locally (no server or database
+       * needed); with a config, the policy's own tests/sshTests then run
+       * against the tailnet, through the server when one runs. */
       struct tc_err err = {0};
       int rc = tc_api_policy_validate(NULL, text, len, &err);
+      if (rc) {
+        free(text);
+        return die("%s", err.msg);
+      }
+      if (config_path(c)) {
+        json_t *b = json_object();
+        json_object_set_new(b, "policy", json_stringn(text, len));
+        json_t *r = call(c, "POST", "/api/v1/policy/check", b);
+        json_decref(b);
+        if (!r) {
+          free(text);
+          return 1;
+        }
+        json_decref(r);
+      }
       free(text);
-      if (rc) return die("%s", err.msg);
       if (c->fmt == TC_OUT_TABLE) {
         printf("Policy is valid\n");
       } else {

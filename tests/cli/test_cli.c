@@ -202,6 +202,23 @@ static void roundtrip(bool pg) {
   r = tc_cli_json(&s, &rc, "policy", "get", NULL); /* the bad one was not stored */
   TC_CHECK_STR(json_string_value(json_object_get(r, "policy")), policy);
   json_decref(r);
+  /* check and set run the policy's own tests: a failing one is reported
+   * (naming the test) and nothing is stored */
+  char tfile[600];
+  snprintf(tfile, sizeof tfile, "%s/failing-test.hujson", s.dir);
+  const char *ftext = "{\"acls\": [{\"action\": \"accept\", \"src\": [\"*\"], \"dst\": [\"*:22\"]}],\n"
+                      " \"tests\": [{\"src\": \"100.64.0.9\", \"accept\": [\"100.64.0.1:80\"]}]}\n";
+  TC_REQUIRE(tc_write_file_atomic(tfile, ftext, strlen(ftext), 0600, NULL) == 0);
+  err = NULL;
+  rc = tc_cli(&s, NULL, &err, "policy", "check", "-f", tfile, NULL);
+  TC_CHECK(rc != 0);
+  TC_CHECK(err && strstr(err, "100.64.0.1:80"));
+  free(err);
+  rc = tc_cli(&s, NULL, NULL, "policy", "set", "-f", tfile, NULL);
+  TC_CHECK(rc != 0);
+  r = tc_cli_json(&s, &rc, "policy", "get", NULL);
+  TC_CHECK_STR(json_string_value(json_object_get(r, "policy")), policy);
+  json_decref(r);
 
   /* rename, destroy */
   r = tc_cli_json(&s, &rc, "users", "rename", "alice", "alice2", NULL);
