@@ -134,9 +134,94 @@ bool tc_srv_init_ex(struct tc_srv *s, const char *pg_url, const char *derp_yaml,
   return true;
 }
 
-bool tc_srv_start(struct tc_srv *s) {
+/* True if pid holds a listening TCP socket on 127.0.0.1:port. /health
+ * answering on the port is not enough: free_port() closes its probe socket,
+ * so under a parallel ctest another test's server can end up on the same
+ * port, answer our /health, and be the one our test then talks to. */
+static bool pid_listens_on(pid_t pid, int port) {
+  FILE *f = fopen("/proc/net/tcp", "r");
+  if (!f) return false;
+  char want[32];
+  snprintf(want, sizeof want, "0100007F:%04X", (unsigned)port);
+  char line[512];
+  unsigned long inodes[16];
+  int ninodes = 0;
+  while (fgets(line, sizeof line, f) && ninodes < 16) {
+    char local[64], remote[64];
+    unsigned st;
+    unsigned long inode;
+    /* sl local rem st tx:rx tr:when retrnsmt uid timeout inode */
+    if (sscanf(line, " %*d: %63s %63s %x %*s %*s %*s %*u %*u %lu", local, remote, &st, &inode) != 4) continue;
+    if (st == 0x0A && !strcmp(local, want)) inodes[ninodes++] = inode;
+  }
+  fclose(f);
+  bool found = false;
+  for (int i = 0; i < ninodes && !found; i++) {
+    char want_link[64];
+    snprintf(want_link, sizeof want_link, "socket:[%lu]", inodes[i]);
+    for (int fd = 0; fd < 1024 && !found; fd++) {
+      char path[64], link[64];
+      snprintf(path, sizeof path, "/proc/%d/fd/%d", (int)pid, fd);
+      ssize_t n = readlink(path, link, sizeof link - 1);
+      if (n <= 0) continue;
+      link[n] = 0;
+      found = !strcmp(link, want_link);
+    }
+  }
+  return found;
+}
+
+/* Replaces "127.0.0.1:OLD" by "127.0.0.1:NEW" in the config file. */
+static bool config_move_port(const struct tc_srv *s, int old_port, int new_port) {
+  char *text = NULL;
+  size_t n = 0;
+  if (tc_read_file(s->config, 1 << 20, &text, &n, NULL)) return false;
+  char from[32], to[32];
+  snprintf(from, sizeof from, "127.0.0.1:%d", old_port);
+  snprintf(to, sizeof to, "127.0.0.1:%d", new_port);
+  struct tc_buf b = TC_BUF_INIT;
+  const char *p = text;
+  for (const char *q; (q = strstr(p, from));) {
+    /* a prefix of a longer port number is not this port */
+    if (q[strlen(from)] >= '0' && q[strlen(from)] <= '9') {
+      tc_buf_append(&b, p, (size_t)(q - p) + strlen(from));
+      p = q + strlen(from);
+      continue;
+    }
+    tc_buf_append(&b, p, (size_t)(q - p));
+    tc_buf_puts(&b, to);
+    p = q + strlen(from);
+  }
+  tc_buf_puts(&b, p);
+  FILE *f = fopen(s->config, "w");
+  bool ok = f && fwrite(b.data, 1, b.len, f) == b.len;
+  if (f && fclose(f)) ok = false;
+  tc_buf_free(&b);
+  free(text);
+  return ok;
+}
+
+static bool log_says_addr_in_use(const struct tc_srv *s) {
+  char *log = NULL;
+  size_t n;
+  if (tc_read_file(s->log, 1 << 20, &log, &n, NULL)) return false;
+  bool yes = strstr(log, "Address already in use") != NULL;
+  free(log);
+  return yes;
+}
+
+static void print_log(const struct tc_srv *s) {
+  char *log = NULL;
+  size_t n;
+  if (!tc_read_file(s->log, 1 << 20, &log, &n, NULL)) fprintf(stderr, "%s\n", log);
+  free(log);
+}
+
+/* One start attempt: 1 ready, 0 failed, -1 lost a port race (retry with
+ * fresh ports). */
+static int srv_start_once(struct tc_srv *s) {
   pid_t pid = fork();
-  if (pid < 0) return false;
+  if (pid < 0) return 0;
   if (pid == 0) {
     /* a test that dies (assertion, sanitizer abort) takes its server along */
     prctl(PR_SET_PDEATHSIG, SIGKILL);
@@ -150,22 +235,42 @@ bool tc_srv_start(struct tc_srv *s) {
     _exit(127);
   }
   s->pid = pid;
-  for (int i = 0; i < 300; i++) {
-    char *body = NULL;
-    int st = tc_http_do(s, false, "GET", "/health", NULL, NULL, &body);
-    free(body);
-    if (st == 200) return true;
+  /* generous: an ASan build on a loaded 2-core CI machine starts slowly */
+  for (int i = 0; i < 600; i++) {
     int ws;
     if (waitpid(pid, &ws, WNOHANG) == pid) {
       s->pid = 0;
+      if (log_says_addr_in_use(s)) return -1;
       fprintf(stderr, "harness: server exited early, log:\n");
-      char *log = NULL;
-      size_t n;
-      if (!tc_read_file(s->log, 1 << 20, &log, &n, NULL)) fprintf(stderr, "%s\n", log);
-      free(log);
-      return false;
+      print_log(s);
+      return 0;
+    }
+    /* ready = both ports are ours and /health answers */
+    if (pid_listens_on(pid, s->port) && pid_listens_on(pid, s->metrics_port)) {
+      char *body = NULL;
+      int st = tc_http_do(s, false, "GET", "/health", NULL, NULL, &body);
+      free(body);
+      if (st == 200) return 1;
     }
     usleep(100 * 1000);
+  }
+  fprintf(stderr, "harness: server not ready after 60 s, log:\n");
+  print_log(s);
+  return 0;
+}
+
+bool tc_srv_start(struct tc_srv *s) {
+  for (int attempt = 0; attempt < 5; attempt++) {
+    int r = srv_start_once(s);
+    if (r >= 0) return r == 1;
+    /* another process took a port between free_port() and the server's
+     * bind: move to fresh ones */
+    int port = free_port(), mport = free_port();
+    if (port <= 0 || mport <= 0 || port == mport) return false;
+    fprintf(stderr, "harness: port %d/%d taken, retrying on %d/%d\n", s->port, s->metrics_port, port, mport);
+    if (!config_move_port(s, s->port, port) || !config_move_port(s, s->metrics_port, mport)) return false;
+    s->port = port;
+    s->metrics_port = mport;
   }
   return false;
 }

@@ -29,7 +29,10 @@ bool tc_srv_init(struct tc_srv *s, const char *pg_url);
  * extra top-level YAML appended (NULL = none). A policy: section in extra
  * replaces the default (database mode). */
 bool tc_srv_init_ex(struct tc_srv *s, const char *pg_url, const char *derp_yaml, const char *extra_yaml);
-/* Starts the server and waits (<= 30 s) until GET /health answers 200. */
+/* Starts the server and waits (<= 60 s) until it listens on both of its
+ * ports itself and GET /health answers 200; if a port was taken meanwhile
+ * (the server says "Address already in use"), retries on fresh ports and
+ * updates s->port / s->metrics_port. */
 bool tc_srv_start(struct tc_srv *s);
 /* Sends sig and reaps the process; returns its wait status. */
 int tc_srv_stop(struct tc_srv *s, int sig);
