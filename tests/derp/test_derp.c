@@ -345,8 +345,10 @@ static struct tc_derp_server *new_server(const struct tc_derp_server_params *ext
   return s;
 }
 
+/* Polls for up to 30 s: long enough for a loaded CI machine under ASan, and
+ * a condition that never comes true still fails the check after it. */
 static void wait_metrics(struct tc_derp_server *s, struct tc_derp_metrics *m, bool (*cond)(struct tc_derp_metrics *)) {
-  for (int i = 0; i < 300; i++) {
+  for (int i = 0; i < 3000; i++) {
     tc_derp_server_get_metrics(s, m);
     if (cond(m)) return;
     usleep(10000);
@@ -771,6 +773,8 @@ TC_TEST(upgrade_refusals) {
   tc_derp_server_free(srv);
 }
 
+static bool m_dup_gone(struct tc_derp_metrics *m) { return m->clients_duplicate == 0 && m->clients_connected == 2; }
+
 TC_TEST(newest_connection_wins) {
   struct tc_derp_server *srv = new_server(NULL);
   TC_REQUIRE(srv);
@@ -791,11 +795,16 @@ TC_TEST(newest_connection_wins) {
   TC_CHECK_INT(mt.clients_duplicate, 1);
   /* the newer one leaves: the older takes over, and A hears no PeerGone */
   dc_close(&c2);
-  usleep(100000);
+  /* wait until the server has seen c2 leave (a fixed sleep lost this race on
+   * a loaded machine: "two" went to the closing c2 and c1 timed out) */
+  wait_metrics(srv, &mt, m_dup_gone);
+  TC_REQUIRE(mt.clients_duplicate == 0 && mt.clients_connected == 2);
   TC_REQUIRE(dc_send_packet(&a, c1.pub, "two", 3) == 0);
   TC_REQUIRE(dc_recv_frame(&c1, buf, sizeof buf, &len, false) == TC_DERP_FRAME_RECV_PACKET);
   TC_CHECK(!memcmp(buf + 32, "two", 3));
-  dc_set_timeout(&a, 300);
+  /* a PeerGone would be queued before the Pong, so the timeout only has to
+   * cover a slow machine */
+  dc_set_timeout(&a, 5000);
   uint8_t p8[8] = {7};
   TC_REQUIRE(dc_send_frame(&a, TC_DERP_FRAME_PING, p8, 8) == 0);
   TC_CHECK(dc_recv_frame(&a, buf, sizeof buf, &len, false) == TC_DERP_FRAME_PONG);
