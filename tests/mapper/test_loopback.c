@@ -124,7 +124,7 @@ static int32_t open_map(struct tc_tclient *c, int version, int seed) {
 
 /* Next message with `key` (PeersChanged / PeersRemoved / Node) about id. */
 static json_t *map_wait(struct tc_tclient *c, int32_t sid, const char *key, int64_t id) {
-  int64_t deadline = tc_mono_ms() + 8000;
+  int64_t deadline = tc_mono_ms() + 30000; /* generous: ASan on a loaded machine */
   while (tc_mono_ms() < deadline) {
     char *js = NULL;
     size_t jl = 0;
@@ -150,7 +150,7 @@ static json_t *map_wait(struct tc_tclient *c, int32_t sid, const char *key, int6
 
 /* Waits for a message whose JSON text contains needle. */
 static bool map_wait_text(struct tc_tclient *c, int32_t sid, const char *needle) {
-  int64_t deadline = tc_mono_ms() + 8000;
+  int64_t deadline = tc_mono_ms() + 30000; /* generous: ASan on a loaded machine */
   while (tc_mono_ms() < deadline) {
     char *js = NULL;
     size_t jl = 0;
