@@ -2018,6 +2018,213 @@ static int prev_cmp(const void *x, const void *y)
   return a < b ? -1 : a > b;
 }
 
+/* ---- peer lists ---------------------------------------------------------------------- */
+
+static void peers_unref(struct tc_policy_peers *l)
+{
+  if (!l || --l->refs)
+    return;
+  for (size_t k = 0; k < l->n; k++) {
+    json_decref(l->allowed_ips[k]);
+    json_decref(l->primary_routes[k]);
+  }
+  free(l->ids);
+  free(l->allowed_ips);
+  free(l->primary_routes);
+  free(l->holes);
+  free(l->hole_nodes);
+  free(l);
+}
+
+long tc_policy_peer_find(const struct tc_policy_node_result *nr, int64_t id)
+{
+  const struct tc_policy_peers *l = nr ? nr->peers : NULL;
+  if (!l)
+    return -1;
+  size_t pos = l->n;
+  if (l->sorted) {
+    size_t lo = 0, hi = l->n;
+    while (lo < hi) {
+      size_t mid = (lo + hi) / 2;
+      if (l->ids[mid] < id)
+        lo = mid + 1;
+      else
+        hi = mid;
+    }
+    if (lo < l->n && l->ids[lo] == id)
+      pos = lo;
+  } else {
+    for (size_t k = 0; k < l->n && pos == l->n; k++)
+      if (l->ids[k] == id)
+        pos = k;
+  }
+  if (pos == l->n || pos == nr->peers_self)
+    return -1;
+  return (long)(pos > nr->peers_self ? pos - 1 : pos);
+}
+
+static uint64_t row_hash(const uint64_t *row, size_t words)
+{
+  uint64_t h = 0xcbf29ce484222325ull;
+  for (size_t q = 0; q < words; q++)
+    h = (h ^ row[q]) * 0x100000001b3ull ^ (h >> 29);
+  return h;
+}
+
+struct peers_slot {
+  uint64_t h;
+  const uint64_t *row; /* the row the list was built from (NULL: empty slot) */
+  struct tc_policy_peers *l;
+};
+
+static struct tc_policy_peers *peers_lookup(const struct peers_slot *tab, size_t mask, uint64_t h,
+                                            const uint64_t *row, size_t words)
+{
+  for (size_t s = h & mask; tab[s].row; s = (s + 1) & mask)
+    if (tab[s].h == h && !memcmp(tab[s].row, row, words * sizeof(uint64_t)))
+      return tab[s].l;
+  return NULL;
+}
+
+/* The list of the nodes marked in row, in topology order. viewer >= 0 makes
+ * it that viewer's own list (every AllowedIPs computed for it, no holes);
+ * otherwise peers whose AllowedIPs depend on the viewer become holes. */
+static struct tc_policy_peers *peers_build(const struct ctopo *ct, const struct compiled *cp,
+                                           const struct reach *reach, const uint64_t *row, size_t words,
+                                           json_t *const *shared, json_t *no_routes, long viewer)
+{
+  struct tc_policy_peers *l = tc_xcalloc(1, sizeof(*l));
+  l->refs = 0;
+  size_t n = 0;
+  for (size_t q = 0; q < words; q++)
+    n += (size_t)__builtin_popcountll(row[q]);
+  l->ids = tc_xcalloc(n + 1, sizeof(int64_t));
+  l->allowed_ips = tc_xcalloc(n + 1, sizeof(json_t *));
+  l->primary_routes = tc_xcalloc(n + 1, sizeof(json_t *));
+  l->sorted = true;
+  for (size_t q = 0; q < words; q++) {
+    for (uint64_t w = row[q]; w; w &= w - 1) {
+      size_t j = q * 64 + (size_t)__builtin_ctzll(w);
+      size_t k = l->n++;
+      l->ids[k] = ct->n[j].id;
+      if (k && l->ids[k - 1] >= l->ids[k])
+        l->sorted = false;
+      if (viewer >= 0) {
+        l->allowed_ips[k] = allowed_ips(ct, cp, &ct->n[j], &ct->n[viewer], &reach[j], &reach[viewer],
+                                        &l->primary_routes[k]);
+      } else if (shared[j]) {
+        l->allowed_ips[k] = json_incref(shared[j]);
+        l->primary_routes[k] = json_incref(no_routes);
+      } else {
+        l->holes = tc_xrealloc(l->holes, (l->nholes + 1) * sizeof(size_t));
+        l->hole_nodes = tc_xrealloc(l->hole_nodes, (l->nholes + 1) * sizeof(size_t));
+        l->holes[l->nholes] = k;
+        l->hole_nodes[l->nholes++] = j;
+      }
+    }
+  }
+  return l;
+}
+
+/* Gives every node its peers: i sees j when either may send to the other
+ * (who[j] marks the nodes that may send to j). Nodes whose sets are equal
+ * once each counts itself in (everyone under allow-all, the members of an
+ * identity group that see each other) share one stored list; a node whose
+ * set equals a stored list exactly shares it without a self entry. Only
+ * AllowedIPs that depend on the viewer (subnet routers' routes, viewers
+ * without IPv4) are computed per viewer. */
+static void build_peer_lists(const struct ctopo *ct, const struct compiled *cp, const struct reach *reach,
+                             const uint64_t *who, size_t words, json_t *const *shared, json_t *no_routes,
+                             struct tc_policy_result *res)
+{
+  size_t nn = ct->nn;
+  uint64_t *vis = tc_xcalloc(nn * words + 1, sizeof(uint64_t));
+  for (size_t j = 0; j < nn; j++) {
+    const uint64_t *wj = &who[j * words];
+    uint64_t *vj = &vis[j * words];
+    for (size_t q = 0; q < words; q++) {
+      vj[q] |= wj[q];
+      for (uint64_t w = wj[q]; w; w &= w - 1) {
+        size_t i = q * 64 + (size_t)__builtin_ctzll(w);
+        vis[i * words + j / 64] |= 1ull << (j % 64);
+      }
+    }
+  }
+  size_t cap = 16;
+  while (cap < 4 * nn)
+    cap *= 2;
+  struct peers_slot *tab = tc_xcalloc(cap, sizeof(*tab));
+  size_t mask = cap - 1;
+  uint64_t *tmp = tc_xcalloc(words + 1, sizeof(uint64_t));
+  struct tc_policy_peers **all = tc_xcalloc(nn + 1, sizeof(*all));
+  size_t nall = 0;
+  for (size_t i = 0; i < nn; i++) {
+    struct tc_policy_node_result *nr = &res->nodes[i];
+    uint64_t *row = &vis[i * words];
+    uint64_t self = 1ull << (i % 64);
+    row[i / 64] &= ~self;
+    nr->peers_self = SIZE_MAX;
+    bool any = false;
+    for (size_t q = 0; q < words && !any; q++)
+      any = row[q] != 0;
+    if (!any)
+      continue;
+    struct tc_policy_peers *l = NULL;
+    if (ct->n[i].no_v4) {
+      l = peers_build(ct, cp, reach, row, words, shared, no_routes, (long)i);
+      all[nall++] = l;
+    } else {
+      /* with itself counted in first: that is how lists are stored */
+      row[i / 64] |= self;
+      uint64_t h = row_hash(row, words);
+      l = peers_lookup(tab, mask, h, row, words);
+      bool with_self = l != NULL;
+      if (!l) {
+        memcpy(tmp, row, words * sizeof(uint64_t));
+        tmp[i / 64] &= ~self;
+        l = peers_lookup(tab, mask, row_hash(tmp, words), tmp, words);
+      }
+      if (!l) {
+        l = peers_build(ct, cp, reach, row, words, shared, no_routes, -1);
+        all[nall++] = l;
+        size_t s = h & mask;
+        while (tab[s].row)
+          s = (s + 1) & mask;
+        tab[s] = (struct peers_slot){h, row, l};
+        with_self = true;
+      }
+      if (with_self) {
+        /* positions follow topology order: count the nodes marked before i */
+        size_t before = (size_t)__builtin_popcountll(row[i / 64] & (self - 1));
+        for (size_t q = 0; q < i / 64; q++)
+          before += (size_t)__builtin_popcountll(row[q]);
+        nr->peers_self = before;
+      }
+    }
+    l->refs++;
+    nr->peers = l;
+    nr->npeers = l->n - (nr->peers_self != SIZE_MAX);
+    if (l->nholes) {
+      nr->hole_allowed_ips = tc_xcalloc(l->nholes, sizeof(json_t *));
+      nr->hole_primary_routes = tc_xcalloc(l->nholes, sizeof(json_t *));
+      for (size_t k = 0; k < l->nholes; k++) {
+        if (l->holes[k] == nr->peers_self)
+          continue;
+        size_t j = l->hole_nodes[k];
+        nr->hole_allowed_ips[k] =
+            allowed_ips(ct, cp, &ct->n[j], &ct->n[i], &reach[j], &reach[i], &nr->hole_primary_routes[k]);
+      }
+    }
+  }
+  for (size_t k = 0; k < nall; k++)
+    res->npeer_entries += all[k]->n;
+  res->npeer_lists = nall;
+  free(all);
+  free(tmp);
+  free(tab);
+  free(vis);
+}
+
 static int compile_impl(const struct tc_policy *pol, const struct tc_policy_topo *topo,
                         const struct tc_policy_result *prev, struct tc_policy_result **out, struct tc_policy_err *err)
 {
@@ -2228,28 +2435,7 @@ static int compile_impl(const struct tc_policy *pol, const struct tc_policy_topo
     shared[j] = allowed_ips(&ct, NULL, &ct.n[j], NULL, NULL, NULL, &prim);
     json_decref(prim);
   }
-  for (size_t i = 0; i < ct.nn; i++) {
-    struct tc_policy_node_result *nr = &res->nodes[i];
-    nr->peer_ids = tc_xcalloc(ct.nn + 1, sizeof(int64_t));
-    nr->peer_allowed_ips = tc_xcalloc(ct.nn + 1, sizeof(json_t *));
-    nr->peer_primary_routes = tc_xcalloc(ct.nn + 1, sizeof(json_t *));
-    for (size_t j = 0; j < ct.nn; j++) {
-      if (i == j)
-        continue;
-      bool ij = who[j * words + i / 64] >> (i % 64) & 1, ji = who[i * words + j / 64] >> (j % 64) & 1;
-      if (!ij && !ji)
-        continue;
-      nr->peer_ids[nr->npeers] = ct.n[j].id;
-      if (shared[j] && !ct.n[i].no_v4) {
-        nr->peer_allowed_ips[nr->npeers] = json_incref(shared[j]);
-        nr->peer_primary_routes[nr->npeers] = json_incref(no_routes);
-      } else {
-        nr->peer_allowed_ips[nr->npeers] = allowed_ips(&ct, cp, &ct.n[j], &ct.n[i], &reach[j], &reach[i],
-                                                       &nr->peer_primary_routes[nr->npeers]);
-      }
-      nr->npeers++;
-    }
-  }
+  build_peer_lists(&ct, cp, reach, who, words, shared, no_routes, res);
   for (size_t j = 0; j < ct.nn; j++)
     json_decref(shared[j]);
   free(shared);
@@ -2299,13 +2485,15 @@ void tc_policy_result_free(struct tc_policy_result *res)
   for (size_t i = 0; i < res->nnodes; i++) {
     struct tc_policy_node_result *nr = &res->nodes[i];
     json_decref(nr->packet_filter);
-    for (size_t j = 0; j < nr->npeers; j++) {
-      json_decref(nr->peer_allowed_ips[j]);
-      json_decref(nr->peer_primary_routes[j]);
+    if (nr->peers) {
+      for (size_t h = 0; h < nr->peers->nholes; h++) {
+        json_decref(nr->hole_allowed_ips[h]);
+        json_decref(nr->hole_primary_routes[h]);
+      }
+      peers_unref((struct tc_policy_peers *)nr->peers);
     }
-    free(nr->peer_allowed_ips);
-    free(nr->peer_primary_routes);
-    free(nr->peer_ids);
+    free(nr->hole_allowed_ips);
+    free(nr->hole_primary_routes);
     json_decref(nr->ssh_policy);
     json_decref(nr->cap_map);
     json_decref(nr->self_allowed_ips);

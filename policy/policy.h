@@ -101,11 +101,16 @@ struct tc_policy_node_result {
                           * and DstPorts entries may be shared between rules and nodes: read-only */
   /* Peers this node may see (in topology order), with the AllowedIPs it
    * installs for each: addresses, the primary subnet routes it may use (or
-   * exchange traffic with), approved exit routes. */
+   * exchange traffic with), approved exit routes. Read them through
+   * tc_policy_peer_id / _allowed_ips / _primary_routes / tc_policy_peer_find
+   * (k in [0, npeers)): nodes that see the same set of nodes share one
+   * stored list (which may hold the node itself, skipped by the accessors),
+   * so the result grows with the number of distinct views, not N^2. */
   size_t npeers;
-  int64_t *peer_ids;
-  json_t **peer_allowed_ips; /* npeers arrays of prefix strings (may be shared between entries: read-only) */
-  json_t **peer_primary_routes; /* npeers arrays: the peer's subnet routes this node installs (PrimaryRoutes) */
+  const struct tc_policy_peers *peers; /* shared; NULL when npeers == 0 */
+  size_t peers_self;                   /* position of the node itself in peers, or SIZE_MAX */
+  json_t **hole_allowed_ips;    /* per peers->holes entry: this viewer's AllowedIPs (NULL at peers_self) */
+  json_t **hole_primary_routes; /* likewise, PrimaryRoutes */
   json_t *ssh_policy;        /* {"rules":[...]} tailcfg.SSHPolicy lowercase shape; NULL if no ssh section;
                               * may be shared by nodes of the same identity: read-only */
   json_t *cap_map;           /* object: node capability -> array|null, from nodeAttrs (+ randomizeClientPort) */
@@ -115,11 +120,74 @@ struct tc_policy_node_result {
   uint64_t filter_sig;       /* internal (incremental compile): what packet_filter was built from; 0 = unknown */
 };
 
+/* One stored peer list, shared by the nodes of a result that see the same
+ * nodes (read-only; owned by the result). AllowedIPs that do not depend on
+ * the viewer are shared entries; the rest (subnet routers, whose routes are
+ * filtered by what the viewer may reach) are holes: NULL here, and each
+ * viewer's own value sits in its hole_* arrays. */
+struct tc_policy_peers {
+  size_t refs;
+  size_t n;
+  bool sorted;              /* ids ascending: tc_policy_peer_find bisects */
+  int64_t *ids;
+  json_t **allowed_ips;     /* n entries, NULL at holes */
+  json_t **primary_routes;  /* n entries, NULL at holes */
+  size_t nholes;
+  size_t *holes;            /* ascending positions of the holes */
+  size_t *hole_nodes;       /* internal: topology index of each hole's peer */
+};
+
+static inline size_t tc_policy_peer_pos_(const struct tc_policy_node_result *nr, size_t k)
+{
+  return k < nr->peers_self ? k : k + 1;
+}
+
+static inline size_t tc_policy_peer_hole_(const struct tc_policy_peers *p, size_t pos)
+{
+  size_t lo = 0, hi = p->nholes;
+  while (lo < hi) {
+    size_t mid = (lo + hi) / 2;
+    if (p->holes[mid] < pos)
+      lo = mid + 1;
+    else
+      hi = mid;
+  }
+  return lo;
+}
+
+/* Id of the k-th peer (k < npeers). */
+static inline int64_t tc_policy_peer_id(const struct tc_policy_node_result *nr, size_t k)
+{
+  return nr->peers->ids[tc_policy_peer_pos_(nr, k)];
+}
+
+/* Borrowed: the AllowedIPs array this node installs for its k-th peer. */
+static inline json_t *tc_policy_peer_allowed_ips(const struct tc_policy_node_result *nr, size_t k)
+{
+  size_t pos = tc_policy_peer_pos_(nr, k);
+  json_t *v = nr->peers->allowed_ips[pos];
+  return v ? v : nr->hole_allowed_ips[tc_policy_peer_hole_(nr->peers, pos)];
+}
+
+/* Borrowed: the k-th peer's subnet routes this node installs (PrimaryRoutes). */
+static inline json_t *tc_policy_peer_primary_routes(const struct tc_policy_node_result *nr, size_t k)
+{
+  size_t pos = tc_policy_peer_pos_(nr, k);
+  json_t *v = nr->peers->primary_routes[pos];
+  return v ? v : nr->hole_primary_routes[tc_policy_peer_hole_(nr->peers, pos)];
+}
+
+/* Index k of peer id among nr's peers, or -1 (O(log n) when the topology
+ * was given in id order, as the mapper does; linear otherwise). */
+long tc_policy_peer_find(const struct tc_policy_node_result *nr, int64_t id);
+
 struct tc_policy_result {
   size_t nnodes; /* same order as topo->nodes */
   struct tc_policy_node_result *nodes;
   size_t ngroups; /* distinct identity groups the compiler computed (for tests/bench) */
   size_t nreused; /* packet filters taken over from the previous result (incremental compile) */
+  size_t npeer_lists;   /* distinct stored peer lists (for tests/bench) */
+  size_t npeer_entries; /* entries stored across them (sum of their n) */
   uint64_t policy_uid; /* internal: which parsed policy produced it */
 };
 

@@ -4,6 +4,7 @@
  * the incremental cost of one node joining (a full recompile with one more
  * node, which is what the model does today), plus the live-editor check.
  * Usage: bench-policy [nodes] [rounds] */
+#include <malloc.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -141,10 +142,10 @@ static uint64_t result_digest(const struct tc_policy_result *res)
     h = fnv(h, b);
     h = json_fnv(h, n->packet_filter);
     for (size_t k = 0; k < n->npeers; k++) {
-      snprintf(b, sizeof b, "%lld", (long long)n->peer_ids[k]);
+      snprintf(b, sizeof b, "%lld", (long long)tc_policy_peer_id(n, k));
       h = fnv(h, b);
-      h = json_fnv(h, n->peer_allowed_ips[k]);
-      h = json_fnv(h, n->peer_primary_routes[k]);
+      h = json_fnv(h, tc_policy_peer_allowed_ips(n, k));
+      h = json_fnv(h, tc_policy_peer_primary_routes(n, k));
     }
     h = json_fnv(h, n->ssh_policy);
     h = json_fnv(h, n->cap_map);
@@ -181,6 +182,11 @@ int main(int argc, char **argv)
   int rounds = argc > 2 ? atoi(argv[2]) : 3;
   const int nusers = 50, ntags = 20, nrules = 200;
   char *text = make_policy(nusers, ntags, nrules);
+  /* "star": bench-proto's one-rule policy (everyone sees everyone) */
+  if (argc > 3 && !strcmp(argv[3], "star")) {
+    free(text);
+    text = tc_xstrdup("{\"acls\":[{\"action\":\"accept\",\"src\":[\"*\"],\"dst\":[\"*:*\"]}]}\n");
+  }
   int lines = 0;
   for (const char *p = text; *p; p++)
     lines += *p == '\n';
@@ -207,14 +213,19 @@ int main(int argc, char **argv)
   if (rc)
     fprintf(stderr, "check: %s\n", err.msg);
   double best_full = 1e18, best_join = 1e18, best_inc = 1e18;
-  size_t reused = 0;
+  size_t reused = 0, heap = 0, lists = 0, entries = 0;
+  double best_free = 1e18;
   size_t groups = 0, rules_total = 0, peers_total = 0;
   for (int r = 0; r < rounds; r++) {
     struct tc_policy_result *res;
     topo.nnodes = (size_t)nnodes;
+    size_t heap0 = mallinfo2().uordblks;
     t0 = tc_mono_ns();
     tc_policy_compile(pol, &topo, &res, &err);
     double full = ms_since(t0);
+    heap = mallinfo2().uordblks - heap0;
+    lists = res->npeer_lists;
+    entries = res->npeer_entries;
     if (full < best_full)
       best_full = full;
     groups = res->ngroups;
@@ -247,7 +258,11 @@ int main(int argc, char **argv)
              result_digest(inc) == result_digest(res) ? "==" : "!=", inc->nreused);
     tc_policy_result_free(inc);
     tc_policy_result_free(before);
+    t0 = tc_mono_ns();
     tc_policy_result_free(res);
+    double fr = ms_since(t0);
+    if (fr < best_free)
+      best_free = fr;
   }
   printf("policy: %d lines, %d rules; tailnet: %d nodes, %d users, %d tags\n", lines, nrules, nnodes, nusers, ntags);
   printf("parse+validate:            %8.2f ms\n", parse_ms);
@@ -255,6 +270,9 @@ int main(int argc, char **argv)
   printf("full compile, all nodes:   %8.2f ms (best of %d; %zu identity groups, %zu filter rules, %zu peer entries)\n",
          best_full, rounds, groups, rules_total, peers_total);
   printf("one node joins (recompile): %7.2f ms\n", best_join);
+  printf("result heap:               %8.2f MiB (%zu stored peer lists, %zu stored entries)\n",
+         (double)heap / (1 << 20), lists, entries);
+  printf("free a result:             %8.2f ms\n", best_free);
   printf("one node joins (incremental): %5.2f ms (%zu of %d filters reused)\n", best_inc, reused, nnodes + 1);
   tc_policy_free(pol);
   free(text);

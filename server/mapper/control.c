@@ -418,14 +418,7 @@ static const struct tc_policy_node_result *pv_result(const struct polview *pv, i
 static bool res_visible(const struct tc_policy_result *res, const struct tc_policy_node_result *r, int64_t peer) {
   if (!res) return true;
   if (!r) return false;
-  size_t lo = 0, hi = r->npeers;
-  while (lo < hi) {
-    size_t mid = (lo + hi) / 2;
-    if (r->peer_ids[mid] == peer) return true;
-    if (r->peer_ids[mid] < peer) lo = mid + 1;
-    else hi = mid;
-  }
-  return false;
+  return tc_policy_peer_find(r, peer) >= 0;
 }
 
 /* viewer_r: pv_result(&mp->pv, viewer->id), looked up once per viewer. */
@@ -489,21 +482,13 @@ static struct tc_mapper_frag *viewer_frag(struct tc_mapper *mp, const struct tc_
   if (per_viewer) *per_viewer = false;
   if (!mp->pv.pol || !mp->pv.res || !has_routes(n)) return peer_frag(mp, snap, n, true, now);
   const struct tc_policy_node_result *r = pv_result(&mp->pv, viewer);
-  long idx = -1;
-  for (size_t lo = 0, hi = r ? r->npeers : 0; lo < hi;) {
-    size_t mid = (lo + hi) / 2;
-    if (r->peer_ids[mid] == n->id) {
-      idx = (long)mid;
-      break;
-    }
-    if (r->peer_ids[mid] < n->id) lo = mid + 1;
-    else hi = mid;
-  }
-  if (idx < 0 || !json_is_array(r->peer_allowed_ips[idx])) return peer_frag(mp, snap, n, true, now);
+  long idx = tc_policy_peer_find(r, n->id);
+  json_t *aips = idx < 0 ? NULL : tc_policy_peer_allowed_ips(r, (size_t)idx);
+  if (!json_is_array(aips)) return peer_frag(mp, snap, n, true, now);
   struct tc_strv allowed = {0}, prim = {0};
   size_t i;
   json_t *v;
-  json_array_foreach(r->peer_allowed_ips[idx], i, v) if (json_is_string(v)) tc_strv_push(&allowed, json_string_value(v));
+  json_array_foreach(aips, i, v) if (json_is_string(v)) tc_strv_push(&allowed, json_string_value(v));
   struct tc_mapper_node_extra x;
   node_extra(mp, snap, n, &prim, &x);
   x.allowed_ips = &allowed;
@@ -791,10 +776,10 @@ static bool peers_differ(const struct tc_policy_node_result *a, const struct tc_
                          const int64_t *skip, size_t nskip) {
   size_t i = 0, j = 0, ka = 0, kb = 0;
   for (;;) {
-    while (i < a->npeers && skip_has(skip, nskip, &ka, a->peer_ids[i])) i++;
-    while (j < b->npeers && skip_has(skip, nskip, &kb, b->peer_ids[j])) j++;
+    while (i < a->npeers && skip_has(skip, nskip, &ka, tc_policy_peer_id(a, i))) i++;
+    while (j < b->npeers && skip_has(skip, nskip, &kb, tc_policy_peer_id(b, j))) j++;
     if (i == a->npeers || j == b->npeers) return i != a->npeers || j != b->npeers;
-    if (a->peer_ids[i] != b->peer_ids[j]) return true;
+    if (tc_policy_peer_id(a, i) != tc_policy_peer_id(b, j)) return true;
     i++, j++;
   }
 }

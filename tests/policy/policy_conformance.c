@@ -300,9 +300,9 @@ static bool run_case(json_t *c, struct tc_buf *why)
                                     "primary_routes", pr ? sorted(pr) : json_array()));
     }
     for (size_t j = 0; j < nr->npeers; j++)
-      json_object_set_new(gp, topo.names[nr->peer_ids[j] - 1],
-                          json_pack("{s:o,s:o}", "allowed_ips", sorted(nr->peer_allowed_ips[j]), "primary_routes",
-                                    sorted(nr->peer_primary_routes[j])));
+      json_object_set_new(gp, topo.names[tc_policy_peer_id(nr, j) - 1],
+                          json_pack("{s:o,s:o}", "allowed_ips", sorted(tc_policy_peer_allowed_ips(nr, j)), "primary_routes",
+                                    sorted(tc_policy_peer_primary_routes(nr, j))));
     if (!json_equal(wp, gp)) {
       diff_note(why, node, "peers/AllowedIPs/PrimaryRoutes", wp, gp);
       pass = false;

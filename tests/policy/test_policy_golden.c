@@ -81,8 +81,8 @@ TC_TEST(golden_policies_compile_to_expected_output)
       json_t *peers = json_object();
       for (size_t j = 0; j < nr->npeers; j++)
         for (size_t k = 0; k < nn; k++)
-          if (ns[k].id == nr->peer_ids[j])
-            json_object_set(peers, ns[k].hostname, nr->peer_allowed_ips[j]);
+          if (ns[k].id == tc_policy_peer_id(nr, j))
+            json_object_set(peers, ns[k].hostname, tc_policy_peer_allowed_ips(nr, j));
       json_object_set_new(out, ns[i].hostname,
                           json_pack("{s:O,s:o,s:O,s:O,s:O}", "packet_filter", nr->packet_filter, "peers", peers,
                                     "ssh_policy", nr->ssh_policy ? nr->ssh_policy : json_null(), "cap_map",

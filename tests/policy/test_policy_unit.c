@@ -220,10 +220,10 @@ TC_TEST(auto_approvers_and_exit_nodes)
   const struct tc_policy_node_result *a1 = tc_policy_result_node(res, 1);
   bool saw = false;
   for (size_t i = 0; i < a1->npeers; i++) {
-    if (a1->peer_ids[i] != 3)
+    if (tc_policy_peer_id(a1, i) != 3)
       continue;
     saw = true;
-    char *s = json_dumps(a1->peer_allowed_ips[i], JSON_COMPACT);
+    char *s = json_dumps(tc_policy_peer_allowed_ips(a1, i), JSON_COMPACT);
     TC_CHECK(strstr(s, "10.1.0.0/16") && strstr(s, "0.0.0.0/0") && strstr(s, "::/0"));
     free(s);
   }
@@ -232,7 +232,7 @@ TC_TEST(auto_approvers_and_exit_nodes)
    * and srv (which neither reaches nor is reached by bob) stays hidden. */
   const struct tc_policy_node_result *b1 = tc_policy_result_node(res, 2);
   TC_CHECK_INT(b1->npeers, 1);
-  TC_CHECK_INT(b1->peer_ids[0], 1);
+  TC_CHECK_INT(tc_policy_peer_id(b1, 0), 1);
   /* srv, as an exit node, accepts alice's traffic to the internet. */
   char *f = json_dumps(tc_policy_result_node(res, 3)->packet_filter, JSON_COMPACT);
   TC_CHECK(strstr(f, "\"*\"") != NULL);
@@ -449,7 +449,7 @@ static bool same_results(const struct tc_policy_result *a, const struct tc_polic
               json_equal(x->cap_map, y->cap_map) && (x->ssh_policy ? json_equal(x->ssh_policy, y->ssh_policy)
                                                                     : !y->ssh_policy);
     for (size_t k = 0; ok && k < x->npeers; k++)
-      ok = x->peer_ids[k] == y->peer_ids[k] && json_equal(x->peer_allowed_ips[k], y->peer_allowed_ips[k]);
+      ok = tc_policy_peer_id(x, k) == tc_policy_peer_id(y, k) && json_equal(tc_policy_peer_allowed_ips(x, k), tc_policy_peer_allowed_ips(y, k));
     if (!ok) fprintf(stderr, "  node %lld differs:\n   inc  %s\n   full %s\n", (long long)x->node_id, fx, fy);
     free(fx);
     free(fy);
@@ -581,4 +581,67 @@ TC_TEST(incremental_compile_equals_full_compile_over_random_changes) {
   }
   fprintf(stderr, "  %d filters reused over 180 steps\n", reused_total);
   TC_CHECK(reused_total > 500);
+}
+
+/* Nodes that see the same nodes share one stored peer list; each still reads
+ * exactly its own peers (itself left out), and a subnet router's AllowedIPs,
+ * which depend on the viewer, stay per viewer. 130 nodes cross two bitset
+ * words. Under `split`, alice's devices and the (even-numbered) router see
+ * each other, bob's devices only each other. */
+TC_TEST(peer_lists_are_shared_between_nodes_that_see_alike)
+{
+  enum { N = 130, ROUTER = 70 };
+  static const struct tc_policy_user us[] = {{1, "alice", NULL}, {2, "bob", NULL}};
+  static char ip[N][32];
+  static const char *route[] = {"10.9.0.0/24"};
+  static const char *rtag[] = {"tag:r"};
+  struct tc_policy_node ns[N];
+  memset(ns, 0, sizeof ns);
+  for (int i = 0; i < N; i++) {
+    snprintf(ip[i], sizeof ip[i], "100.64.%d.%d", i / 200, i % 200 + 1);
+    ns[i] = (struct tc_policy_node){i + 1, "n", i % 2 ? 2 : 1, NULL, 0, ip[i], NULL, NULL, 0, NULL, 0};
+  }
+  ns[ROUTER].tags = rtag, ns[ROUTER].ntags = 1;
+  ns[ROUTER].announced = route, ns[ROUTER].nannounced = 1;
+  ns[ROUTER].approved = route, ns[ROUTER].napproved = 1;
+  struct tc_policy_topo t = {us, 2, ns, N, NULL};
+  const char *star = "{\"acls\":[{\"action\":\"accept\",\"src\":[\"*\"],\"dst\":[\"*:*\"]}]}";
+  const char *split = "{\"tagOwners\":{\"tag:r\":[\"alice@\"]},\"acls\":["
+                      "{\"action\":\"accept\",\"src\":[\"alice@\"],\"dst\":[\"alice@:*\",\"tag:r:*\",\"10.9.0.0/24:*\"]},"
+                      "{\"action\":\"accept\",\"src\":[\"bob@\"],\"dst\":[\"bob@:*\"]}]}";
+  for (int pass = 0; pass < 2; pass++) {
+    struct tc_policy *p;
+    struct tc_policy_err err;
+    const char *text = pass ? split : star;
+    TC_REQUIRE(tc_policy_parse(text, strlen(text), &p, &err) == 0);
+    struct tc_policy_result *res;
+    TC_REQUIRE(tc_policy_compile(p, &t, &res, &err) == 0);
+    /* star: one list; split: alice's side + router, bob's side */
+    TC_CHECK_INT(res->npeer_lists, pass ? 2 : 1);
+    for (int i = 0; i < N; i++) {
+      const struct tc_policy_node_result *nr = &res->nodes[i];
+      bool alice_side = i % 2 == 0; /* the router (even) is on it */
+      size_t want = pass == 0 ? N - 1 : N / 2 - 1;
+      TC_CHECK_INT(nr->npeers, want);
+      TC_CHECK(tc_policy_peer_find(nr, nr->node_id) == -1);
+      int64_t last = 0;
+      for (size_t k = 0; k < nr->npeers; k++) {
+        int64_t id = tc_policy_peer_id(nr, k);
+        TC_CHECK(id != nr->node_id && id > last);
+        last = id;
+        if (pass)
+          TC_CHECK(((id - 1) % 2 == 0) == alice_side);
+        TC_CHECK_INT(tc_policy_peer_find(nr, id), (long)k);
+        json_t *a = tc_policy_peer_allowed_ips(nr, k), *pr = tc_policy_peer_primary_routes(nr, k);
+        TC_REQUIRE(json_is_array(a) && json_is_array(pr));
+        bool has_route = false;
+        for (size_t q = 0; q < json_array_size(a); q++)
+          has_route |= !strcmp(json_string_value(json_array_get(a, q)), route[0]);
+        TC_CHECK(has_route == (id - 1 == ROUTER));
+        TC_CHECK_INT(json_array_size(pr), id - 1 == ROUTER ? 1 : 0);
+      }
+    }
+    tc_policy_result_free(res);
+    tc_policy_free(p);
+  }
 }
