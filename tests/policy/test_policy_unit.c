@@ -494,7 +494,7 @@ TC_TEST(incremental_compile_equals_full_compile_over_random_changes) {
   }
   enum { MAXN = 40 };
   struct tc_policy_node nodes[MAXN];
-  char ip4[MAXN][20], ip6[MAXN][48], host[MAXN][12];
+  char ip4[MAXN][20], ip6[MAXN][48], host[MAXN][24];
   unsigned seed = 12345;
   int reused_total = 0;
   for (size_t pi = 0; pi < TC_ARRAY_LEN(policies); pi++) {
