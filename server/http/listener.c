@@ -743,6 +743,7 @@ static void try_peek(struct tc_frontdoor *fdr, struct pending *p, uint32_t event
     if ((size_t)n > TC_HTTP_HEAD_MAX || head_len > TC_HTTP_HEAD_MAX) {
       tc_metrics_inc("tailcoat_http_connections_dropped_total", "reason=\"head_too_large\"");
       tc_http_refuse(pending_release(fdr, p), 431, "request head too large");
+      return; /* p is freed: the hang-up check below must not touch it */
     }
     if (events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) {
       /* the peer stopped sending before the head was complete */
