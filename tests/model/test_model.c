@@ -12,6 +12,7 @@
 
 #include "base/base.h"
 #include "model/model.h"
+#include "model/writer_int.h" /* m->waiters: to know the waiters are really inside */
 #include "storage/store.h"
 #include "tc_test.h"
 
@@ -671,6 +672,20 @@ struct waiter {
   int rc;
   int64_t node_id;
 };
+/* Polls (up to 30 s) until n threads are inside tc_model_pending_wait. A
+ * fixed sleep is not enough on a loaded machine: a thread that has not got
+ * there yet when the model closes would use the freed model. */
+static bool waiters_inside(struct tc_model *m, int n) {
+  for (int i = 0; i < 3000; i++) {
+    pthread_mutex_lock(&m->pmu);
+    int w = m->waiters;
+    pthread_mutex_unlock(&m->pmu);
+    if (w >= n) return true;
+    usleep(10 * 1000);
+  }
+  return false;
+}
+
 static void *wait_thread(void *p) {
   struct waiter *w = p;
   struct tc_err err = {0};
@@ -793,7 +808,7 @@ TC_TEST(close_wakes_blocked_waiters) {
     w[i] = (struct waiter){e.m, id, -100, 0};
     pthread_create(&th[i], NULL, wait_thread, &w[i]);
   }
-  usleep(100 * 1000);
+  TC_REQUIRE(waiters_inside(e.m, 3));
   int64_t t0 = tc_mono_ms();
   env_close(&e); /* returns only after the waiters left */
   TC_CHECK(tc_mono_ms() - t0 < 5000);
