@@ -1683,10 +1683,21 @@ static const char *dbname_of(const struct tc_store_config *cfg) {
   return name;
 }
 
+/* Terminates the database's other backends and waits (up to 30 s) until
+ * they are gone: pg_terminate_backend only signals, and a fixed sleep after
+ * it was not always enough on a loaded machine (the "connection lost
+ * mid-transaction" check then saw a still-alive backend). */
 static int terminate_backends(const struct tc_store_config *cfg) {
-  return pg_admin("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                  "WHERE datname = $1 AND pid <> pg_backend_pid()",
-                  dbname_of(cfg));
+  int n = pg_admin("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                   "WHERE datname = $1 AND pid <> pg_backend_pid()",
+                   dbname_of(cfg));
+  for (int i = 0; i < 3000; i++) {
+    int left = pg_admin("SELECT 1 FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+                        dbname_of(cfg));
+    if (left <= 0) break;
+    usleep(10 * 1000);
+  }
+  return n;
 }
 
 TC_TEST(pg_reconnect) {
