@@ -2012,6 +2012,11 @@ static char *identity_key(const struct cnode *n)
   return tc_buf_steal(&b, NULL);
 }
 
+struct filter_slot {
+  uint64_t h; /* filter_sig; 0 = empty */
+  json_t *f;  /* borrowed from the result being built */
+};
+
 static int prev_cmp(const void *x, const void *y)
 {
   int64_t a = ((const int64_t *)x)[0], b = ((const int64_t *)y)[0];
@@ -2307,6 +2312,14 @@ static int compile_impl(const struct tc_policy *pol, const struct tc_policy_topo
     qsort(pidx, npidx, sizeof(*pidx), prev_cmp);
   }
   res->policy_uid = pol->uid;
+  /* Filters by signature, within this compile (not with via grants, whose
+   * per-viewer choices the signature does not cover). */
+  bool fshare = !cp->any_via;
+  size_t fcap = 16;
+  while (fcap < 2 * ct.nn)
+    fcap *= 2;
+  struct filter_slot *ftab = fshare ? tc_xcalloc(fcap, sizeof(*ftab)) : NULL;
+  size_t fmask = fcap - 1;
   for (size_t i = 0; i < ct.nn; i++) {
     const struct cnode *n = &ct.n[i];
     struct tc_policy_node_result *nr = &res->nodes[i];
@@ -2319,18 +2332,33 @@ static int compile_impl(const struct tc_policy *pol, const struct tc_policy_topo
       int64_t(*hit)[2] = bsearch(key, pidx, npidx, sizeof(*pidx), prev_cmp);
       old = hit ? &prev->nodes[(*hit)[1]] : NULL;
     }
-    if (old) {
-      /* signature first; the old filter is reused when it matches */
+    if (fshare) {
+      /* Signature first (no JSON): a node whose filter inputs equal another
+       * node's in this compile, or its own in prev, shares that filter. */
       node_filter(pol, &ct, cp, n, &applies[grp * nrules_all], !recorded[grp], &reach[i], false, &sig);
       recorded[grp] = true;
       uint64_t h = sig.unusable ? 0 : (sig.h | 1);
-      if (h && h == old->filter_sig) {
+      json_t *same = NULL;
+      size_t slot = h & fmask;
+      if (h) {
+        while (ftab[slot].h && ftab[slot].h != h)
+          slot = (slot + 1) & fmask;
+        same = ftab[slot].f;
+      }
+      if (h && old && h == old->filter_sig) {
         nr->packet_filter = json_incref(old->packet_filter);
-        nr->filter_sig = h;
         res->nreused++;
+      } else if (same) {
+        nr->packet_filter = json_incref(same);
       } else {
         free_reach(&reach[i]);
+        sig = (struct fsig){0x7c0a7, false, &smemo};
+        nr->packet_filter =
+            node_filter(pol, &ct, cp, n, &applies[grp * nrules_all], false, &reach[i], true, &sig);
       }
+      nr->filter_sig = h;
+      if (h && !same)
+        ftab[slot] = (struct filter_slot){h, nr->packet_filter};
     }
     if (!nr->packet_filter) {
       sig = (struct fsig){0x7c0a7, false, &smemo};
@@ -2461,6 +2489,7 @@ static int compile_impl(const struct tc_policy *pol, const struct tc_policy_topo
   pol_ctopo_free(&ct);
   sig_memo_free(&smemo);
   free(pidx);
+  free(ftab);
   *out = res;
   return 0;
 }
