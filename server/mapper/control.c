@@ -645,7 +645,8 @@ static bool pv_compile(struct tc_mapper *mp, const struct tc_snapshot *snap, con
                                 .control_url = mp->server_url[0] ? mp->server_url : NULL};
   struct tc_policy_result *res = NULL;
   struct tc_policy_err perr = {0};
-  int rc = tc_policy_compile(mp->pv.pol, &topo, &res, &perr);
+  /* prev's result (same parsed policy) lends its unchanged filters */
+  int rc = tc_policy_compile_incremental(mp->pv.pol, &topo, prev ? prev->res : NULL, &res, &perr);
   free(users);
   free(nodes);
   free(ip4);
@@ -656,11 +657,23 @@ static bool pv_compile(struct tc_mapper *mp, const struct tc_snapshot *snap, con
   }
   json_t *base = mp->env.capmap_json ? json_loads(mp->env.capmap_json, 0, NULL) : NULL;
   struct pnode *pn = tc_xcalloc(res->nnodes + 1, sizeof *pn);
+  /* Nodes share filter objects (equal inputs, or unchanged since prev):
+   * serialise each object once. seen: filter pointer -> pn index. */
+  size_t fcap = 16;
+  while (fcap < 2 * res->nnodes) fcap *= 2;
+  struct { const json_t *f; size_t i; } *seen = tc_xcalloc(fcap, sizeof *seen);
   for (size_t i = 0; i < res->nnodes; i++) {
     const struct tc_policy_node_result *r = &res->nodes[i];
     pn[i].id = r->node_id;
     pn[i].r = r;
-    pn[i].filter = dump(r->packet_filter, "[]");
+    const struct pnode *op = prev ? pv_node(prev, pn[i].id) : NULL;
+    size_t slot = ((uintptr_t)r->packet_filter >> 4) * 0x9e3779b97f4a7c15ull & (fcap - 1);
+    while (seen[slot].f && seen[slot].f != r->packet_filter) slot = (slot + 1) & (fcap - 1);
+    if (!r->packet_filter) pn[i].filter = dump(NULL, "[]");
+    else if (seen[slot].f) pn[i].filter = tc_xstrdup(pn[seen[slot].i].filter);
+    else if (op && op->r && op->r->packet_filter == r->packet_filter) pn[i].filter = tc_xstrdup(op->filter);
+    else pn[i].filter = dump(r->packet_filter, "[]");
+    if (r->packet_filter && !seen[slot].f) seen[slot].f = r->packet_filter, seen[slot].i = i;
     pn[i].ssh = dump(r->ssh_policy, NULL);
     json_t *cm = base ? json_deep_copy(base) : json_object();
     if (json_is_object(r->cap_map)) json_object_update(cm, r->cap_map);
@@ -669,10 +682,10 @@ static bool pv_compile(struct tc_mapper *mp, const struct tc_snapshot *snap, con
     /* A node's cached fragment embeds its CapMap, and nothing else of the
      * policy: it stays valid across recompiles that leave that CapMap as it
      * was (re-encoding every node after each join was O(N^2) per storm). */
-    const struct pnode *op = prev ? pv_node(prev, pn[i].id) : NULL;
     pn[i].capmap_gen = op && !strcmp(op->capmap, pn[i].capmap) ? op->capmap_gen : mp->pv.gen + 1;
   }
   json_decref(base);
+  free(seen);
   qsort(pn, res->nnodes, sizeof *pn, cmp_pnode);
   pv_free_compiled(mp->pv.res, mp->pv.pn, mp->pv.npn);
   mp->pv.res = res;
@@ -717,7 +730,7 @@ static bool pv_refresh(struct tc_mapper *mp, const struct tc_snapshot *snap, boo
   struct pnode *opn = pv->pn;
   size_t onpn = pv->npn;
   pv->res = NULL, pv->pn = NULL, pv->npn = 0;
-  struct polview prev = {.pn = opn, .npn = onpn};
+  struct polview prev = {.res = ores, .pn = opn, .npn = onpn};
   if (pv->pol && !pv_compile(mp, snap, &prev)) {
     pv->res = ores, pv->pn = opn, pv->npn = onpn; /* compile refused: keep the old view */
     return false;
