@@ -234,10 +234,11 @@ TC_TEST(handshake_timeout_and_garbage_close) {
   struct fixture f;
   TC_REQUIRE(fixture_start(&f, 1000) == 0);
   int delivered = atomic_load(&g_delivered);
+  /* t0 before connecting: the server's handshake clock starts at accept */
+  int64_t t0 = tc_mono_ms();
   int idle = raw_connect(f.port);
   TC_REQUIRE(idle >= 0);
-  int64_t t0 = tc_mono_ms();
-  TC_CHECK(closed_within(idle, 3000));
+  TC_CHECK(closed_within(idle, 10000));
   TC_CHECK(tc_mono_ms() - t0 >= 900);
   close(idle);
   int junk = raw_connect(f.port);
