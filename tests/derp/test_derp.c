@@ -894,7 +894,9 @@ TC_TEST(rate_limit_paces_and_is_advertised) {
   for (int i = 0; i < 20; i++) TC_REQUIRE(dc_recv_frame(&b, buf, sizeof buf, &len, false) == TC_DERP_FRAME_RECV_PACKET);
   int64_t el = tc_mono_ms() - t0;
   TC_CHECK(el >= 1800);
-  TC_CHECK(el < 8000);
+  /* upper bound: catches gross over-throttling, with room for ASan on a
+   * loaded runner (8 s was ~3.5x the ideal 2.25 s) */
+  TC_CHECK(el < 20000);
   struct tc_derp_metrics mt;
   tc_derp_server_get_metrics(srv, &mt);
   TC_CHECK(mt.rate_limited > 0);
