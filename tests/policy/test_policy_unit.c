@@ -649,3 +649,41 @@ TC_TEST(peer_lists_are_shared_between_nodes_that_see_alike)
     tc_policy_free(p);
   }
 }
+
+/* disable-ipv4 changes what others install for a node and what it installs
+ * for everyone: such a viewer gets its own list, and its entry in the shared
+ * list of the others is per viewer. Everyone else still shares one list. */
+TC_TEST(peer_lists_with_a_viewer_without_ipv4)
+{
+  static const struct tc_policy_user us[] = {{1, "alice", NULL}};
+  static const struct tc_policy_node ns[] = {
+      {1, "a", 1, NULL, 0, "100.64.0.1", "fd7a:115c:a1e0::1", NULL, 0, NULL, 0},
+      {2, "b", 1, NULL, 0, "100.64.0.2", "fd7a:115c:a1e0::2", NULL, 0, NULL, 0},
+      {3, "c", 1, NULL, 0, "100.64.0.3", "fd7a:115c:a1e0::3", NULL, 0, NULL, 0},
+      {4, "d", 1, NULL, 0, "100.64.0.4", "fd7a:115c:a1e0::4", NULL, 0, NULL, 0},
+  };
+  struct tc_policy_topo t = {us, 1, ns, 4, NULL};
+  const char *text = "{\"acls\":[{\"action\":\"accept\",\"src\":[\"*\"],\"dst\":[\"*:*\"]}],"
+                     "\"nodeAttrs\":[{\"target\":[\"100.64.0.2\"],\"attr\":[\"disable-ipv4\"]}]}";
+  struct tc_policy *p;
+  struct tc_policy_err err;
+  TC_REQUIRE(tc_policy_parse(text, strlen(text), &p, &err) == 0);
+  struct tc_policy_result *res;
+  TC_REQUIRE(tc_policy_compile(p, &t, &res, &err) == 0);
+  TC_CHECK_INT(res->npeer_lists, 2);
+  for (size_t i = 0; i < 4; i++) {
+    const struct tc_policy_node_result *nr = &res->nodes[i];
+    TC_CHECK_INT(nr->npeers, 3);
+    for (size_t k = 0; k < nr->npeers; k++) {
+      char *s = json_dumps(tc_policy_peer_allowed_ips(nr, k), JSON_COMPACT);
+      bool v4 = strstr(s, "100.64.") != NULL;
+      /* IPv4 only between two nodes that both have it */
+      TC_CHECK(v4 == (nr->node_id != 2 && tc_policy_peer_id(nr, k) != 2));
+      TC_CHECK(strstr(s, "fd7a:115c:a1e0::") != NULL);
+      free(s);
+    }
+  }
+  TC_CHECK(res->nodes[0].peers == res->nodes[2].peers && res->nodes[0].peers != res->nodes[1].peers);
+  tc_policy_result_free(res);
+  tc_policy_free(p);
+}
