@@ -97,8 +97,9 @@ int tc_policy_print(const struct tc_policy *pol, struct tc_buf *buf);
 /* What one node receives. All json_t fields are owned by the result. */
 struct tc_policy_node_result {
   int64_t node_id;
-  json_t *packet_filter; /* array of tailcfg.FilterRule (SrcIPs, DstPorts, IPProto, CapGrant); SrcIPs arrays
-                          * and DstPorts entries may be shared between rules and nodes: read-only */
+  json_t *packet_filter; /* array of tailcfg.FilterRule (SrcIPs, DstPorts, IPProto, CapGrant); read-only:
+                          * nodes with equal filter inputs share one array (same pointer), and SrcIPs
+                          * arrays and DstPorts entries may be shared between rules and nodes */
   /* Peers this node may see (in topology order), with the AllowedIPs it
    * installs for each: addresses, the primary subnet routes it may use (or
    * exchange traffic with), approved exit routes. Read them through
