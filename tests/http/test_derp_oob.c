@@ -249,6 +249,24 @@ static int derp_handshake(struct tconn *t, const uint8_t priv[32]) {
 }
 
 /* HTTP/1.1 GET over TLS; returns the status or -1. */
+/* Reads (and drops) frames until the server ends the connection or
+ * wait_ms pass: true when it was closed, false when still open. */
+static bool derp_wait_closed(struct tconn *t, int64_t wait_ms) {
+  uint8_t b[512];
+  int64_t end = tc_mono_ms() + wait_ms;
+  if (wait_ms < 5000) mbedtls_ssl_conf_read_timeout(&t->conf, (uint32_t)wait_ms);
+  bool closed = false;
+  while (tc_mono_ms() < end) {
+    int r = mbedtls_ssl_read(&t->ssl, b, sizeof b);
+    if (r > 0 || r == MBEDTLS_ERR_SSL_WANT_READ || r == MBEDTLS_ERR_SSL_WANT_WRITE || r == MBEDTLS_ERR_SSL_TIMEOUT)
+      continue;
+    closed = true; /* EOF, close_notify or reset */
+    break;
+  }
+  mbedtls_ssl_conf_read_timeout(&t->conf, 5000);
+  return closed;
+}
+
 static int tls_get_status(int port, const char *path) {
   struct tconn t;
   int st = -1;
@@ -338,6 +356,8 @@ TC_TEST(oob_default_config_serves_derp_over_tls_on_the_http_port) {
   uint8_t priv[32];
   json_t *map = register_and_map(&s, priv);
   TC_REQUIRE(map);
+  long long node_id = (long long)json_integer_value(json_object_get(json_object_get(map, "Node"), "ID"));
+  TC_CHECK(node_id > 0);
   json_t *region = json_object_get(json_object_get(json_object_get(map, "DERPMap"), "Regions"), "999");
   TC_REQUIRE(json_is_object(region));
   json_t *node = json_array_get(json_object_get(region, "Nodes"), 0);
@@ -410,6 +430,17 @@ TC_TEST(oob_default_config_serves_derp_over_tls_on_the_http_port) {
   TC_CHECK(der && dlen == flen && !memcmp(der, fder, flen));
   free(der);
   TC_CHECK_INT(derp_handshake(&t, priv), 0);
+  /* deleting the node cuts its live relay connection at once, and its key
+   * is refused from then on (derp.server.verify_clients) */
+  TC_CHECK(!derp_wait_closed(&t, 1000));
+  char idtxt[32];
+  snprintf(idtxt, sizeof idtxt, "%lld", node_id);
+  json_decref(tc_cli_json(&s, &rc, "nodes", "delete", "-i", idtxt, "--force", NULL));
+  TC_CHECK_INT(rc, 0);
+  TC_CHECK(derp_wait_closed(&t, 10000));
+  tconn_close(&t);
+  TC_REQUIRE(tconn_open(&t, s.port) == 0);
+  TC_CHECK_INT(derp_handshake(&t, priv), -2);
   tconn_close(&t);
   free(fder);
 
