@@ -617,40 +617,15 @@ static int cmp_pnode(const void *a, const void *b) {
 /* prev: the view compiled before (its pnodes, for CapMaps that did not
  * change), or NULL. */
 static bool pv_compile(struct tc_mapper *mp, const struct tc_snapshot *snap, const struct polview *prev) {
-  struct tc_policy_user *users = tc_xcalloc(snap->n_users + 1, sizeof *users);
-  for (size_t i = 0; i < snap->n_users; i++) {
-    users[i].id = snap->users[i]->id;
-    users[i].name = snap->users[i]->name;
-    users[i].email = snap->users[i]->email;
-  }
-  struct tc_policy_node *nodes = tc_xcalloc(snap->n_nodes + 1, sizeof *nodes);
-  char (*ip4)[INET_ADDRSTRLEN] = tc_xcalloc(snap->n_nodes + 1, sizeof *ip4);
-  char (*ip6)[INET6_ADDRSTRLEN] = tc_xcalloc(snap->n_nodes + 1, sizeof *ip6);
-  for (size_t i = 0; i < snap->n_nodes; i++) {
-    const struct tc_node *n = snap->nodes[i];
-    struct tc_policy_node *p = &nodes[i];
-    p->id = n->id;
-    p->hostname = n->given_name;
-    p->user_id = n->user_id;
-    p->tags = (const char *const *)n->tags.v;
-    p->ntags = n->tags.n;
-    if (n->has_ipv4) p->ipv4 = inet_ntop(AF_INET, n->ipv4, ip4[i], INET_ADDRSTRLEN);
-    if (n->has_ipv6) p->ipv6 = inet_ntop(AF_INET6, n->ipv6, ip6[i], INET6_ADDRSTRLEN);
-    p->announced = (const char *const *)n->announced_routes.v;
-    p->nannounced = n->announced_routes.n;
-    p->approved = (const char *const *)n->approved_routes.v;
-    p->napproved = n->approved_routes.n;
-  }
-  struct tc_policy_topo topo = {.users = users, .nusers = snap->n_users, .nodes = nodes, .nnodes = snap->n_nodes,
-                                .control_url = mp->server_url[0] ? mp->server_url : NULL};
+  struct tc_model_topo mt;
+  tc_model_topo_build(snap, &mt);
+  struct tc_policy_topo topo = mt.topo;
+  topo.control_url = mp->server_url[0] ? mp->server_url : NULL;
   struct tc_policy_result *res = NULL;
   struct tc_policy_err perr = {0};
   /* prev's result (same parsed policy) lends its unchanged filters */
   int rc = tc_policy_compile_incremental(mp->pv.pol, &topo, prev ? prev->res : NULL, &res, &perr);
-  free(users);
-  free(nodes);
-  free(ip4);
-  free(ip6);
+  tc_model_topo_free(&mt);
   if (rc) {
     tc_warn("mapper: policy compile failed, keeping the previous result: %s", perr.msg);
     return false;

@@ -42,6 +42,7 @@
 
 #include "base/base.h"
 #include "model/types.h"
+#include "policy/policy.h"
 
 struct tc_store;
 struct tc_model;
@@ -461,6 +462,18 @@ int tc_model_validate_given_name(const char *name, struct tc_err *err);
  * publishes and emits TC_CHANGE_POLICY. *id_out may be NULL. */
 int tc_model_policy_set(struct tc_model *m, const char *actor, const char *text, size_t len,
                         int64_t *id_out, struct tc_err *err);
+/* The users and nodes of a snapshot in the policy engine's input form.
+ * Strings are borrowed from the snapshot (keep it referenced while `topo`
+ * is used); the arrays are owned and freed with tc_model_topo_free. */
+struct tc_model_topo {
+  struct tc_policy_topo topo;
+  struct tc_policy_user *users;
+  struct tc_policy_node *nodes;
+  char (*ip4)[16];
+  char (*ip6)[46];
+};
+void tc_model_topo_build(const struct tc_snapshot *s, struct tc_model_topo *t);
+void tc_model_topo_free(struct tc_model_topo *t);
 /* Runs the policy's own `tests` and `sshTests` against the tailnet in the
  * current snapshot: 0, or the engine's error (TC_EINVAL) with the failing
  * test in err. Text that does not parse returns 0 (the validate hook of
