@@ -377,22 +377,30 @@ static void h_user_delete(struct tc_api *api, const struct api_ctx *ac, const st
     tc_http_resp_json(resp, 200, json_object());
 }
 
+/* The optional ?user= filter of list endpoints: *uid is 0 for "all". On an
+ * unknown user answers 404, releases s and returns false. */
+static bool query_user(struct tc_snapshot *s, const struct tc_http_req *req, struct tc_http_resp *resp,
+                       int64_t *uid) {
+  const char *uref = tc_http_query(req, "user");
+  *uid = 0;
+  if (!uref || !*uref) return true;
+  const struct tc_user *u = find_user(s, uref);
+  if (!u) {
+    tc_snapshot_release(s);
+    tc_http_resp_error(resp, 404, TC_GRPC_NOT_FOUND, "user \"%.100s\" not found", uref);
+    return false;
+  }
+  *uid = u->id;
+  return true;
+}
+
 /* ---- nodes ------------------------------------------------------------------------------ */
 
 static void h_node_list(struct tc_api *api, const struct api_ctx *ac, const struct tc_http_req *req,
                         struct tc_http_resp *resp) {
-  const char *uref = tc_http_query(req, "user");
   struct tc_snapshot *s = tc_model_snapshot(api->o.model);
-  int64_t uid = 0;
-  if (uref && *uref) {
-    const struct tc_user *u = find_user(s, uref);
-    if (!u) {
-      tc_snapshot_release(s);
-      tc_http_resp_error(resp, 404, TC_GRPC_NOT_FOUND, "user \"%.100s\" not found", uref);
-      return;
-    }
-    uid = u->id;
-  }
+  int64_t uid;
+  if (!query_user(s, req, resp, &uid)) return;
   json_t *a = json_array();
   for (size_t i = 0; i < s->n_nodes; i++)
     if (!uid || s->nodes[i]->user_id == uid) json_array_append_new(a, node_json(s, s->nodes[i]));
@@ -689,18 +697,9 @@ static void h_auth_pending(struct tc_api *api, const struct api_ctx *ac, const s
 
 static void h_preauth_list(struct tc_api *api, const struct api_ctx *ac, const struct tc_http_req *req,
                            struct tc_http_resp *resp) {
-  const char *uref = tc_http_query(req, "user");
   struct tc_snapshot *s = tc_model_snapshot(api->o.model);
-  int64_t uid = 0;
-  if (uref && *uref) {
-    const struct tc_user *u = find_user(s, uref);
-    if (!u) {
-      tc_snapshot_release(s);
-      tc_http_resp_error(resp, 404, TC_GRPC_NOT_FOUND, "user \"%.100s\" not found", uref);
-      return;
-    }
-    uid = u->id;
-  }
+  int64_t uid;
+  if (!query_user(s, req, resp, &uid)) return;
   json_t *a = json_array();
   for (size_t i = 0; i < s->n_preauth_keys; i++)
     if (!uid || s->preauth_keys[i]->user_id == uid) json_array_append_new(a, preauth_json(s, s->preauth_keys[i], NULL));
