@@ -1052,8 +1052,11 @@ static int accept_conn(struct tc_derp_server *s, int fd, const char *peer, size_
   if (epoll_ctl(s->ep, EPOLL_CTL_ADD, fd, &ev) != 0) {
     kill_client(s, c, K_CLOSED, "epoll add failed");
   }
-  pthread_mutex_unlock(&s->mu);
+  /* wake before unlocking: once the lock is released the server thread may
+   * finish this client's handshake, and the client's owner may then free the
+   * server while this thread would still touch it */
   wake(s);
+  pthread_mutex_unlock(&s->mu);
   return 0;
 }
 
@@ -1137,8 +1140,8 @@ int tc_derp_server_disconnect_key(struct tc_derp_server *s, const uint8_t node_k
       n++;
     }
   }
-  pthread_mutex_unlock(&s->mu);
   if (n) wake(s);
+  pthread_mutex_unlock(&s->mu);
   return n;
 }
 
