@@ -21,6 +21,7 @@ const char *tcm_actor(const char *a) { return a && *a ? a : "system"; }
 char *tcm_dup_bounded(const char *s, size_t max) { return tc_xstrndup(s, strnlen(s, max)); }
 
 /* ---- write context ------------------------------------------------------------ */
+static int64_t thread_cpu_us(void);
 
 
 void tcm_wr_init(struct wr *w, struct tc_model *m) {
@@ -71,6 +72,7 @@ void tcm_wr_done(struct wr *w) {
 /* Publishes the new tables as the next snapshot and emits the events. */
 void tcm_wr_publish(struct wr *w) {
   struct tc_model *m = w->m;
+  int64_t c0 = thread_cpu_us();
   struct tc_snapshot_priv *b = w->base->priv;
   const struct tc_ntab *nodes = tcm_wr_nodes(w);
   const struct tc_otab *online = tcm_wr_online(w);
@@ -108,6 +110,8 @@ void tcm_wr_publish(struct wr *w) {
   tcm_wr_done(w);
   w->m = m;
   w->base = keep;
+  atomic_fetch_add_explicit(&m->st_publishes, 1, memory_order_relaxed);
+  atomic_fetch_add_explicit(&m->st_publish_cpu_us, (uint64_t)(thread_cpu_us() - c0), memory_order_relaxed);
 }
 
 /* ---- storage plans ---------------------------------------------------------------- */
@@ -147,6 +151,7 @@ static int op_exec(struct tc_tx *tx, struct op *o, struct tc_err *err) {
     ((struct tc_node *)o->rec)->id = 0;
     return tc_store_node_insert(tx, o->rec, err);
   case OP_NODE_UPDATE: return tc_store_node_update(tx, o->rec, err);
+  case OP_NODE_UPDATE_CLIENT: return tc_store_node_update_client(tx, o->rec, err);
   case OP_NODE_DELETE: return tc_store_node_delete(tx, o->id, err);
   case OP_NODE_TOUCH: return tc_store_node_touch(tx, o->id, o->at, err);
   case OP_PRE_INSERT:
@@ -172,10 +177,23 @@ static int64_t op_rec_id(const struct op *o) { return *(const int64_t *)o->rec; 
 
 static int plan_attempts(struct tc_model *m, struct plan *p, struct tc_err *err);
 
+/* CPU time of the calling thread, microseconds. */
+static int64_t thread_cpu_us(void) {
+  struct timespec ts;
+  if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts)) return 0;
+  return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
 int tcm_plan_run(struct tc_model *m, struct plan *p, struct tc_err *err) {
-  int64_t t0 = tc_mono_ns();
+  int64_t t0 = tc_mono_ns(), c0 = thread_cpu_us();
   int rc = plan_attempts(m, p, err);
   int64_t us = (tc_mono_ns() - t0) / 1000;
+  atomic_fetch_add_explicit(&m->st_tx_cpu_us, (uint64_t)(thread_cpu_us() - c0), memory_order_relaxed);
+  atomic_fetch_add_explicit(&m->st_tx_wall_us, (uint64_t)us, memory_order_relaxed);
+  if (!rc && (p->flags & TC_TX_DURABLE)) {
+    atomic_fetch_add_explicit(&m->st_tx_durable, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&m->st_tx_durable_wall_us, (uint64_t)us, memory_order_relaxed);
+  }
   atomic_fetch_add_explicit(rc ? &m->st_tx_failed : &m->st_tx_ok, 1, memory_order_relaxed);
   atomic_store_explicit(&m->st_last_tx_us, us, memory_order_relaxed);
   int64_t mx = atomic_load_explicit(&m->st_max_tx_us, memory_order_relaxed);
@@ -401,6 +419,12 @@ void tc_model_stats(struct tc_model *m, struct tc_model_stats *out) {
   out->tx_retries = atomic_load(&m->st_tx_retries);
   out->last_tx_us = atomic_load(&m->st_last_tx_us);
   out->max_tx_us = atomic_load(&m->st_max_tx_us);
+  out->tx_wall_us = atomic_load(&m->st_tx_wall_us);
+  out->tx_cpu_us = atomic_load(&m->st_tx_cpu_us);
+  out->tx_durable = atomic_load(&m->st_tx_durable);
+  out->tx_durable_wall_us = atomic_load(&m->st_tx_durable_wall_us);
+  out->publishes = atomic_load(&m->st_publishes);
+  out->publish_cpu_us = atomic_load(&m->st_publish_cpu_us);
   out->subscribers = (size_t)atomic_load(&m->st_subs);
   pthread_mutex_lock(&m->pmu);
   int64_t now = tc_mono_ms();

@@ -97,6 +97,13 @@ struct tc_model_stats {
   uint64_t tx_retries;   /* TC_EAGAIN retries */
   int64_t last_tx_us;    /* duration of the latest write transaction */
   int64_t max_tx_us;     /* slowest since open */
+  /* Where write time goes (cumulative since open, for benchmarks and
+   * /metrics): wall and thread-CPU microseconds inside storage transactions
+   * (retries included), the durable ones among them, and the CPU of
+   * publishing snapshots including the change subscribers' callbacks. */
+  uint64_t tx_wall_us, tx_cpu_us;
+  uint64_t tx_durable, tx_durable_wall_us;
+  uint64_t publishes, publish_cpu_us;
 };
 void tc_model_stats(struct tc_model *m, struct tc_model_stats *out);
 

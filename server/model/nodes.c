@@ -293,6 +293,11 @@ int tc_model_register_authkey(struct tc_model *m, const struct tc_register_req *
   return rc;
 }
 
+/* The node fields tc_store_node_update_client writes. */
+#define CLIENT_FIELDS                                                                                    \
+  (TC_NODE_F_ENDPOINTS | TC_NODE_F_DISCO | TC_NODE_F_DERP | TC_NODE_F_HOSTINFO | TC_NODE_F_CAP |         \
+   TC_NODE_F_HOSTNAME | TC_NODE_F_ROUTES)
+
 /* Single-node edit: looks up node_id, lets `apply` modify a boxed copy, runs
  * the plan and publishes one event. */
 typedef int (*node_apply_fn)(struct wr *w, struct tc_node *n, void *arg, unsigned *fields,
@@ -320,7 +325,10 @@ static int node_edit(struct tc_model *m, const char *actor, const char *action, 
   if ((rc = apply(&w, n, arg, &fields, err))) goto out;
   if (fields_out) *fields_out = fields;
   if (!fields) goto out; /* nothing changed: no write, no event */
-  tcm_plan_add(&p, OP_NODE_UPDATE, n, 0, 0);
+  /* Map updates that change only client-reported columns rewrite just those
+   * (no index entries: one SQLite page instead of eight). */
+  tcm_plan_add(&p, kind == TC_CHANGE_NODE_ENDPOINTS && !(fields & ~CLIENT_FIELDS) ? OP_NODE_UPDATE_CLIENT : OP_NODE_UPDATE,
+               n, 0, 0);
   if ((rc = tcm_plan_run(m, &p, err))) goto out;
   if (kind == TC_CHANGE_NODE_ENDPOINTS && (fields & TC_NODE_F_ROUTES)) kind = TC_CHANGE_NODE_ROUTES;
   struct ev *e = tcm_wr_event(&w, kind);

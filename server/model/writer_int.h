@@ -86,6 +86,8 @@ struct tc_model {
   /* counters for tc_model_stats, read without locks */
   _Atomic uint64_t st_tx_ok, st_tx_failed, st_tx_retries;
   _Atomic int64_t st_last_tx_us, st_max_tx_us;
+  _Atomic uint64_t st_tx_wall_us, st_tx_cpu_us, st_tx_durable, st_tx_durable_wall_us;
+  _Atomic uint64_t st_publishes, st_publish_cpu_us;
   _Atomic long st_subs;
 };
 
@@ -134,7 +136,7 @@ void tcm_wr_done(struct wr *w);
 /* ---- storage plans ------------------------------------------------------------- */
 enum {
   OP_USER_INSERT = 1, OP_USER_UPDATE, OP_USER_DELETE,
-  OP_NODE_INSERT, OP_NODE_UPDATE, OP_NODE_DELETE, OP_NODE_TOUCH,
+  OP_NODE_INSERT, OP_NODE_UPDATE, OP_NODE_UPDATE_CLIENT, OP_NODE_DELETE, OP_NODE_TOUCH,
   OP_PRE_INSERT, OP_PRE_EXPIRE, OP_PRE_CONSUME, OP_PRE_DELETE,
   OP_API_INSERT, OP_API_EXPIRE, OP_API_TOUCH, OP_API_DELETE,
   OP_POLICY_INSERT,

@@ -619,6 +619,26 @@ int tc_store_node_update(struct tc_tx *tx, struct tc_node *n, struct tc_err *err
   return code;
 }
 
+int tc_store_node_update_client(struct tc_tx *tx, struct tc_node *n, struct tc_err *err) {
+  n->updated_at = tc_now();
+  struct params p = {0};
+  p_text(&p, n->hostname);
+  p_text(&p, n->hostinfo_json);
+  p_strv(&p, &n->endpoints);
+  p_hex(&p, n->disco_key, TC_KEY_LEN);
+  p_int(&p, n->home_derp);
+  p_int(&p, n->cap_version);
+  p_strv(&p, &n->announced_routes);
+  p_strv(&p, &n->approved_routes);
+  p_int(&p, n->updated_at);
+  p_int(&p, n->id);
+  return change_one(tx,
+                    "UPDATE nodes SET hostname = ?, hostinfo = ?, endpoints = ?, disco_key = ?, "
+                    "home_derp = ?, cap_version = ?, announced_routes = ?, approved_routes = ?, "
+                    "updated_at = ? WHERE id = ?",
+                    &p, "node", n->id, err);
+}
+
 int tc_store_node_touch(struct tc_tx *tx, int64_t id, int64_t last_seen, struct tc_err *err) {
   struct params p = {0};
   p_int(&p, last_seen);

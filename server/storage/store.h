@@ -132,6 +132,14 @@ int tc_store_user_list(struct tc_tx *tx, struct tc_user **out, size_t *n, struct
 int tc_store_node_insert(struct tc_tx *tx, struct tc_node *n, struct tc_err *err);
 /* Rewrites every column of row n->id; sets n->updated_at = tc_now(). */
 int tc_store_node_update(struct tc_tx *tx, struct tc_node *n, struct tc_err *err);
+/* Rewrites only what a client's map requests change -- hostname, hostinfo,
+ * endpoints, disco key, home DERP, capability version, announced and
+ * approved routes -- and sets n->updated_at = tc_now(). No index covers
+ * these columns, so SQLite rewrites the row's page and nothing else (a full
+ * tc_store_node_update rewrites every index entry: 8 WAL pages instead of
+ * 1). The other fields of n are not written: use tc_store_node_update when
+ * any of them changed. */
+int tc_store_node_update_client(struct tc_tx *tx, struct tc_node *n, struct tc_err *err);
 /* Sets only last_seen (hot path: map streams opening/closing). */
 int tc_store_node_touch(struct tc_tx *tx, int64_t id, int64_t last_seen, struct tc_err *err);
 int tc_store_node_delete(struct tc_tx *tx, int64_t id, struct tc_err *err);

@@ -1857,6 +1857,71 @@ TC_TEST(given_name_follows_hostname_unless_renamed) {
   TC_CHECK_STR(tc_snapshot_node(s, a)->given_name, "primary");
   TC_CHECK_STR(tc_snapshot_node(s, a)->hostname, "renamed-host");
   tc_snapshot_release(s);
+  /* Both kinds of map write reached storage: the name that followed a
+   * hostname (full row update) and a hostname alone (the narrow update). */
+  tc_model_close(e.m);
+  TC_REQUIRE(env_open_model(&e) == 0);
+  s = tc_model_snapshot(e.m);
+  TC_CHECK_STR(tc_snapshot_node(s, b)->given_name, "work-station");
+  TC_CHECK_STR(tc_snapshot_node(s, b)->hostname, "Work Station");
+  TC_CHECK_STR(tc_snapshot_node(s, a)->given_name, "primary");
+  TC_CHECK_STR(tc_snapshot_node(s, a)->hostname, "renamed-host");
+  tc_snapshot_release(s);
+  free_secret(key);
+  env_close(&e);
+}
+
+/* Every client-reported field of a map update survives a restart, and the
+ * fields it does not report keep their values. */
+TC_TEST(map_update_persists) {
+  struct env e;
+  TC_REQUIRE(env_open(&e, NULL, NULL) == 0);
+  struct tc_err err = {0};
+  int64_t u = mkuser(e.m, "alice");
+  char *key = mkkey(e.m, u, true, false, NULL, NULL);
+  struct tc_register_req r;
+  req_init(&r, "router", key);
+  int64_t id = 0;
+  TC_REQUIRE(tc_model_register_authkey(e.m, &r, &id, &err) == 0);
+  TC_REQUIRE(tc_model_node_approve_routes(e.m, "cli", id, &(struct tc_strv){(char *[]){"10.9.0.0/16"}, 1}, &err) == 0);
+  struct tc_snapshot *s = tc_model_snapshot(e.m);
+  struct tc_node before;
+  tc_node_copy(&before, tc_snapshot_node(s, id));
+  tc_snapshot_release(s);
+  uint8_t disco[TC_KEY_LEN];
+  rand_key(disco);
+  struct tc_strv eps = {(char *[]){"192.0.2.1:41641", "[2001:db8::1]:41641"}, 2};
+  struct tc_strv routes = {(char *[]){"10.9.0.0/16", "10.8.0.0/16"}, 2};
+  struct tc_map_update mu = {.hostinfo_json = "{\"Hostname\":\"router2\",\"OS\":\"linux\"}",
+                             .hostname = "router2", .endpoints = &eps, .disco_key = disco,
+                             .home_derp = 3, .cap_version = 138, .announced_routes = &routes};
+  unsigned ch = 0;
+  TC_CHECK_INT(tc_model_node_update_from_map(e.m, id, &mu, &ch, &err), 0);
+  TC_CHECK(ch & TC_NODE_F_ENDPOINTS && ch & TC_NODE_F_DISCO && ch & TC_NODE_F_DERP && ch & TC_NODE_F_CAP &&
+           ch & TC_NODE_F_ROUTES && ch & TC_NODE_F_HOSTNAME && ch & TC_NODE_F_HOSTINFO);
+  tc_model_close(e.m);
+  TC_REQUIRE(env_open_model(&e) == 0);
+  s = tc_model_snapshot(e.m);
+  const struct tc_node *n = tc_snapshot_node(s, id);
+  TC_REQUIRE(n);
+  TC_CHECK_STR(n->hostinfo_json, mu.hostinfo_json);
+  TC_CHECK_STR(n->hostname, "router2");
+  TC_CHECK_INT(n->endpoints.n, 2);
+  TC_CHECK(n->endpoints.n == 2 && !strcmp(n->endpoints.v[1], "[2001:db8::1]:41641"));
+  TC_CHECK(!memcmp(n->disco_key, disco, TC_KEY_LEN));
+  TC_CHECK_INT(n->home_derp, 3);
+  TC_CHECK_INT(n->cap_version, 138);
+  TC_CHECK_INT(n->announced_routes.n, 2);
+  TC_CHECK(tc_strv_contains(&n->approved_routes, "10.9.0.0/16"));
+  /* untouched */
+  TC_CHECK_STR(n->given_name, before.given_name);
+  TC_CHECK(!memcmp(n->node_key, before.node_key, TC_KEY_LEN));
+  TC_CHECK(!memcmp(n->ipv4, before.ipv4, 4));
+  TC_CHECK_INT(n->user_id, before.user_id);
+  TC_CHECK_INT(n->expiry, before.expiry);
+  TC_CHECK_INT(n->auth_key_id, before.auth_key_id);
+  tc_snapshot_release(s);
+  tc_node_free(&before);
   free_secret(key);
   env_close(&e);
 }
@@ -2124,6 +2189,11 @@ TC_TEST(stats_counters) {
   TC_CHECK_INT(st.subscribers, 1);
   TC_CHECK(st.seq >= 5);
   TC_CHECK(st.max_tx_us >= st.last_tx_us && st.last_tx_us > 0);
+  /* the registration is the durable one of the three */
+  TC_CHECK(st.tx_durable >= 1 && st.tx_durable <= st.tx_ok);
+  TC_CHECK(st.tx_wall_us >= (uint64_t)st.max_tx_us && st.tx_durable_wall_us <= st.tx_wall_us);
+  TC_CHECK(st.tx_cpu_us <= st.tx_wall_us + st.tx_ok); /* one thread: CPU <= wall (us rounding) */
+  TC_CHECK(st.publishes >= 4);                         /* user, key, node, online */
   tc_model_unsubscribe(e.m, sub);
   TC_CHECK_INT(tc_model_subscribe(e.m, NULL, NULL), 0);
   tc_model_stats(e.m, &st);

@@ -465,6 +465,92 @@ TC_TEST(node_roundtrip) {
   tc_store_close(st);
 }
 
+/* The narrow map-update write: the client-reported columns change, every
+ * other column keeps its stored value even when the record differs. */
+TC_TEST(node_update_client) {
+  struct tc_store_config cfg;
+  struct tc_store *st = open_fresh(&cfg);
+  TC_REQUIRE(st);
+  struct tc_err err = {0};
+  struct tc_tx *tx;
+  BEGIN(st, TC_TX_DURABLE, tx);
+  struct tc_user u;
+  make_user(&u, "carol");
+  OK(tc_store_user_insert(tx, &u, &err));
+  struct tc_node n;
+  make_node(&n, 5, u.id);
+  n.has_ipv4 = true;
+  memcpy(n.ipv4, (uint8_t[]){100, 64, 0, 5}, 4);
+  n.given_name = tc_xstrdup("box");
+  n.expiry = 1800000000;
+  n.cap_version = 100;
+  OK(tc_store_node_insert(tx, &n, &err));
+  OK(tc_tx_commit(tx, &err));
+
+  /* what the client reports */
+  struct tc_node want;
+  tc_node_copy(&want, &n);
+  free(want.hostname);
+  want.hostname = tc_xstrdup("box-renamed");
+  free(want.hostinfo_json);
+  want.hostinfo_json = tc_xstrdup("{\"Hostname\":\"box-renamed\",\"OS\":\"linux\"}");
+  tc_strv_push(&want.endpoints, "192.0.2.7:41641");
+  fill_key(want.disco_key, 5, 9);
+  want.home_derp = 7;
+  want.cap_version = 138;
+  tc_strv_push(&want.announced_routes, "10.1.0.0/16");
+  tc_strv_push(&want.approved_routes, "10.1.0.0/16");
+  /* and fields that this write must not touch */
+  struct tc_node upd;
+  tc_node_copy(&upd, &want);
+  fill_key(upd.node_key, 99, 2);
+  fill_key(upd.machine_key, 99, 1);
+  free(upd.given_name);
+  upd.given_name = tc_xstrdup("other-name");
+  upd.has_ipv4 = false;
+  upd.expiry = 5;
+  upd.last_seen = 6;
+  upd.user_id = 0;
+  tc_strv_push(&upd.tags, "tag:x");
+  BEGIN(st, 0, tx);
+  OK(tc_store_node_update_client(tx, &upd, &err));
+  TC_CHECK(upd.updated_at >= tc_now() - 5);
+  want.updated_at = upd.updated_at;
+  struct tc_node g;
+  OK(tc_store_node_get(tx, n.id, &g, &err));
+  check_node_eq(&g, &want);
+  tc_node_free(&g);
+  struct tc_node ghost;
+  make_node(&ghost, 6, 0);
+  ghost.id = 424242;
+  TC_CHECK_INT(tc_store_node_update_client(tx, &ghost, &err), TC_ENOENT);
+  tc_node_free(&ghost);
+  OK(tc_store_node_get(tx, n.id, &g, &err)); /* TC_ENOENT leaves the transaction usable */
+  tc_node_free(&g);
+  tc_tx_rollback(tx);
+
+  /* the rolled-back write left nothing; a committed one persists */
+  BEGIN(st, 0, tx);
+  OK(tc_store_node_get(tx, n.id, &g, &err));
+  check_node_eq(&g, &n);
+  tc_node_free(&g);
+  OK(tc_store_node_update_client(tx, &upd, &err));
+  OK(tc_tx_commit(tx, &err));
+  BEGIN(st, TC_TX_READONLY, tx);
+  OK(tc_store_node_get(tx, n.id, &g, &err));
+  want.updated_at = upd.updated_at;
+  check_node_eq(&g, &want);
+  tc_node_free(&g);
+  TC_CHECK_INT(tc_store_node_update_client(tx, &upd, &err), TC_EINVAL); /* read-only */
+  tc_tx_rollback(tx);
+
+  tc_node_free(&upd);
+  tc_node_free(&want);
+  tc_node_free(&n);
+  tc_user_free(&u);
+  tc_store_close(st);
+}
+
 TC_TEST(preauth_roundtrip) {
   struct tc_store_config cfg;
   struct tc_store *st = open_fresh(&cfg);
