@@ -10,6 +10,7 @@
  * the loop thread. */
 #include <errno.h>
 #include <fcntl.h>
+#include <malloc.h>
 #include <mbedtls/sha1.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -22,6 +23,7 @@
 #include <strings.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -34,7 +36,9 @@
 #define CLOSING_GRACE_MS 5000     /* a refused connection gets this long to drain */
 #define STREAM_OBJECTS_MAX (4 * TC_CTL_MAX_STREAMS)
 #define WS_FRAME_MAX 65536u       /* browsers send one Noise record per message */
-#define IDLE_BUF_KEEP 1024u       /* an emptied buffer larger than this is released */
+#define H2_BIG_MIN 8192u          /* nghttp2 allocations this large get their own pages */
+#define H2_BIG_SLOTS 4            /* such blocks per connection; more fall back to malloc */
+#define IDLE_RELEASE_MS 250       /* default quiet time before those pages are given back */
 
 struct conn;
 
@@ -65,6 +69,12 @@ struct tc_ctl_stream {
   struct tc_ctl_stream *notify_next, *job_next;
 };
 
+/* A page-aligned anonymous mapping handed to nghttp2 (see h2_malloc). */
+struct h2_big {
+  void *p;
+  size_t len; /* mapped bytes, a multiple of the page size */
+};
+
 struct conn {
   atomic_int refs;
   atomic_size_t queued;  /* response bytes waiting in stream queues */
@@ -82,6 +92,13 @@ struct conn {
   bool established, closing, dead, want_out, got_request;
   int64_t deadline_ms;
   int64_t last_input_ms; /* for the idle timeout */
+  /* loop: nghttp2's memory. Its large blocks (the 16 KiB outbound frame
+   * buffer) are mappings whose pages are given back once the connection has
+   * been quiet for opts.idle_release_ms. */
+  struct h2_big big[H2_BIG_SLOTS];
+  size_t h2_heap;        /* bytes nghttp2 holds from malloc (usable size) */
+  bool big_dirty;        /* nghttp2 produced output since the last release */
+  int64_t last_out_ms;   /* when it last did */
   struct tc_ctl_stream *streams;
   struct conn *prev, *next;
 };
@@ -121,16 +138,143 @@ struct tc_ctl_server {
   nghttp2_session_callbacks *cbs;
   nghttp2_option *h2opt;
   atomic_uint_fast64_t st_conns_open, st_conns_total, st_hs_failed, st_streams_open, st_requests;
+  atomic_uint_fast64_t st_h2_heap, st_h2_mapped, st_released, st_releases;
+  size_t page;
   atomic_int slots; /* connections queued or open, against opts.max_conns */
 };
 
 /* An idle streaming connection must cost little: a full map (hundreds of
  * KiB at a thousand peers) passes once through the stream queue and the
  * connection buffers, and tc_buf keeps its capacity, so every connection
- * would hold its largest message forever. Emptied buffers above a small
- * size are given back instead. */
+ * would hold its largest message forever. Emptied buffers are given back
+ * instead, small ones too: keeping even 1 KiB in each of the four
+ * (in, out, stage, stream queue) was ~3 KiB per idle node, and a malloc per
+ * flush is cheap next to the send() it comes with. */
 static void buf_release_idle(struct tc_buf *b) {
-  if (b->len == 0 && b->cap > IDLE_BUF_KEEP) tc_buf_free(b);
+  if (b->len == 0 && b->cap) tc_buf_free(b);
+}
+
+/* ---- nghttp2 memory (loop) -----------------------------------------------------
+ * Every nghttp2 session allocates through these, with its conn as user data;
+ * nghttp2 runs only on the loop thread, so the conn fields need no lock.
+ *
+ * Measured on libnghttp2 1.52 with a counting allocator, a server session
+ * holds ~25.5 KiB from nghttp2_session_server_new on, before any stream: the
+ * session struct (2.9 KiB), the stream map (4 KiB), two HPACK rings (1 KiB
+ * each) and the outbound frame buffer (aob.framebufs: one 16,394-byte chunk,
+ * NGHTTP2_FRAMEBUF_CHUNKLEN). That buffer is 16 of the 25.5 KiB and holds no
+ * state between frames: active_outbound_item_reset() resets it once a frame
+ * is out, and the next frame is packed from scratch (headers, HPACK output,
+ * DATA payload via the read callback, padding by memset), never reading what
+ * a previous frame left there. So large blocks get their own pages, and when
+ * the connection has been quiet for a while (nothing queued in nghttp2, which
+ * then has no frame in progress, and nothing in our output buffers)
+ * MADV_DONTNEED returns the pages; the next frame faults in zeroed ones. An
+ * idle map stream then costs no frame buffer at all, and a keep-alive costs
+ * one page fault and one madvise. */
+static size_t page_round(struct conn *c, size_t n) { return (n + c->srv->page - 1) & ~(c->srv->page - 1); }
+
+static struct h2_big *h2_big_find(struct conn *c, const void *p) {
+  for (int i = 0; i < H2_BIG_SLOTS; i++)
+    if (c->big[i].p == p) return &c->big[i];
+  return NULL;
+}
+
+/* A fresh zeroed mapping of at least n bytes, or NULL (no free slot or mmap
+ * failed, e.g. vm.max_map_count): the caller then uses malloc. */
+static void *h2_big_alloc(struct conn *c, size_t n) {
+  struct h2_big *b = h2_big_find(c, NULL);
+  if (!b) return NULL;
+  size_t len = page_round(c, n);
+  void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) return NULL;
+  b->p = p;
+  b->len = len;
+  atomic_fetch_add(&c->srv->st_h2_mapped, len);
+  return p;
+}
+
+static void h2_big_free(struct conn *c, struct h2_big *b) {
+  munmap(b->p, b->len);
+  atomic_fetch_sub(&c->srv->st_h2_mapped, b->len);
+  b->p = NULL;
+  b->len = 0;
+}
+
+static void h2_heap_account(struct conn *c, size_t add, size_t sub) {
+  c->h2_heap += add - sub;
+  atomic_fetch_add(&c->srv->st_h2_heap, add);
+  atomic_fetch_sub(&c->srv->st_h2_heap, sub);
+}
+
+static void *h2_malloc(size_t n, void *user) {
+  struct conn *c = user;
+  void *p = n >= H2_BIG_MIN ? h2_big_alloc(c, n) : NULL;
+  if (!p && (p = malloc(n))) h2_heap_account(c, malloc_usable_size(p), 0);
+  return p;
+}
+
+static void *h2_calloc(size_t n, size_t size, void *user) {
+  struct conn *c = user;
+  if (size && n > SIZE_MAX / size) return NULL;
+  void *p = n * size >= H2_BIG_MIN ? h2_big_alloc(c, n * size) : NULL;
+  if (!p && (p = calloc(n, size))) h2_heap_account(c, malloc_usable_size(p), 0);
+  return p;
+}
+
+static void h2_free(void *p, void *user) {
+  struct conn *c = user;
+  if (!p) return;
+  struct h2_big *b = h2_big_find(c, p);
+  if (b) {
+    h2_big_free(c, b);
+    return;
+  }
+  h2_heap_account(c, 0, malloc_usable_size(p));
+  free(p);
+}
+
+static void *h2_realloc(void *p, size_t n, void *user) {
+  struct conn *c = user;
+  if (!p) return h2_malloc(n, user);
+  struct h2_big *b = h2_big_find(c, p);
+  size_t old = b ? b->len : malloc_usable_size(p);
+  if (b && n <= b->len) return p;
+  if (!b && n < H2_BIG_MIN) {
+    void *q = realloc(p, n);
+    if (q) h2_heap_account(c, malloc_usable_size(q), old);
+    return q;
+  }
+  void *q = h2_malloc(n, user);
+  if (!q) return NULL;
+  memcpy(q, p, TC_MIN(old, n));
+  h2_free(p, user);
+  return q;
+}
+
+/* Gives back the pages of c's large nghttp2 blocks if nothing can be in
+ * them: no frame in progress (want_write is 0 only without an active
+ * outbound item, unless the session is terminated, which want_read rules
+ * out) and our own buffers empty, so the bytes nghttp2 last returned from
+ * mem_send have been copied out long ago. Counts the pages that were
+ * resident. */
+static void conn_release_idle(struct conn *c) {
+  if (!c->h2 || c->dead || c->out.len || c->wsout.len || c->stage.len) return;
+  if (!nghttp2_session_want_read(c->h2) || nghttp2_session_want_write(c->h2)) return;
+  size_t resident = 0;
+  for (int i = 0; i < H2_BIG_SLOTS; i++) {
+    struct h2_big *b = &c->big[i];
+    if (!b->p) continue;
+    unsigned char vec[64];
+    size_t pages = b->len / c->srv->page;
+    if (pages <= sizeof vec && mincore(b->p, b->len, vec) == 0) {
+      for (size_t k = 0; k < pages; k++) resident += (vec[k] & 1) * c->srv->page;
+    }
+    madvise(b->p, b->len, MADV_DONTNEED);
+  }
+  c->big_dirty = false;
+  atomic_fetch_add(&c->srv->st_released, resident);
+  atomic_fetch_add(&c->srv->st_releases, 1);
 }
 
 /* ---- reference counting ---------------------------------------------------- */
@@ -433,6 +577,7 @@ static void conn_flush(struct conn *c) {
   for (;;) {
     bool drained_h2 = true;
     if (c->h2) {
+      bool produced = false;
       while (c->out.len + c->wsout.len < OUT_HIGH) {
         const uint8_t *data;
         ssize_t n = nghttp2_session_mem_send(c->h2, &data);
@@ -441,9 +586,14 @@ static void conn_flush(struct conn *c) {
           return;
         }
         if (n == 0) break;
+        produced = true;
         tc_buf_append(&c->stage, data, (size_t)n);
         while (!c->dead && c->stage.len >= TC_TS_MAX_PLAINTEXT) seal_stage(c, TC_TS_MAX_PLAINTEXT);
         if (c->dead) return;
+      }
+      if (produced) {
+        c->big_dirty = true;
+        c->last_out_ms = tc_mono_ms();
       }
       drained_h2 = c->out.len + c->wsout.len < OUT_HIGH;
       if (c->stage.len) seal_stage(c, c->stage.len);
@@ -686,6 +836,8 @@ static void conn_kill(struct conn *c) {
   while (c->streams) stream_detach(c, c->streams);
   if (c->h2) nghttp2_session_del(c->h2);
   c->h2 = NULL;
+  for (int i = 0; i < H2_BIG_SLOTS; i++) /* none: nghttp2 frees what it allocates */
+    if (c->big[i].p) h2_big_free(c, &c->big[i]);
   close(c->fd);
   c->fd = -1;
   if (c->prev)
@@ -908,7 +1060,8 @@ static void conn_start(struct tc_ctl_server *srv, struct incoming *in) {
       if (c->dead) return;
     }
   }
-  if (nghttp2_session_server_new2(&c->h2, srv->cbs, c, srv->h2opt) != 0) {
+  nghttp2_mem mem = {c, h2_malloc, h2_free, h2_calloc, h2_realloc};
+  if (nghttp2_session_server_new3(&c->h2, srv->cbs, c, srv->h2opt, &mem) != 0) {
     c->h2 = NULL;
     conn_kill(c);
     return;
@@ -988,6 +1141,8 @@ static void check_deadlines(struct tc_ctl_server *srv) {
     next = c->next;
     if (c->deadline_ms && now > c->deadline_ms && (c->closing || !c->got_request)) {
       conn_kill(c);
+    } else if (c->big_dirty && srv->opts.idle_release_ms >= 0 && now - c->last_out_ms >= srv->opts.idle_release_ms) {
+      conn_release_idle(c);
     } else if (c->h2 && c->got_request && !c->streams && now - c->last_input_ms > srv->opts.idle_timeout_ms) {
       /* Idle: real clients keep a map poll open and redial on demand, so
        * this only trims abandoned connections. GOAWAY first, then close
@@ -1252,6 +1407,8 @@ int tc_ctl_server_new(tc_ctl_handler_fn handler, void *ctx, const uint8_t server
   if (srv->opts.first_request_timeout_ms <= 0) srv->opts.first_request_timeout_ms = 30000;
   if (srv->opts.max_conns <= 0) srv->opts.max_conns = 65536;
   if (srv->opts.idle_timeout_ms <= 0) srv->opts.idle_timeout_ms = 300000;
+  if (srv->opts.idle_release_ms == 0) srv->opts.idle_release_ms = IDLE_RELEASE_MS;
+  srv->page = (size_t)sysconf(_SC_PAGESIZE);
   pthread_mutex_init(&srv->mu, NULL);
   pthread_mutex_init(&srv->wmu, NULL);
   pthread_cond_init(&srv->wcond, NULL);
@@ -1273,6 +1430,12 @@ int tc_ctl_server_new(tc_ctl_handler_fn handler, void *ctx, const uint8_t server
   nghttp2_option_new(&srv->h2opt);
   /* A SETTINGS frame carries a handful of entries; more is a flood. */
   nghttp2_option_set_max_settings(srv->h2opt, 32);
+  /* Memory per connection: closed streams are kept only to serve RFC 7540
+   * priority, which Go's client does not use (~230 bytes each, up to
+   * MAX_CONCURRENT_STREAMS of them), and our responses carry two short
+   * headers, not worth a dynamic table entry on every connection. */
+  nghttp2_option_set_no_closed_streams(srv->h2opt, 1);
+  nghttp2_option_set_max_deflate_dynamic_table_size(srv->h2opt, 0);
 
   srv->workers = tc_xcalloc((size_t)srv->opts.workers, sizeof *srv->workers);
   for (int i = 0; i < srv->opts.workers; i++) {
@@ -1332,4 +1495,8 @@ void tc_ctl_server_stats(struct tc_ctl_server *srv, struct tc_ctl_stats *out) {
   out->handshakes_failed = atomic_load(&srv->st_hs_failed);
   out->streams_open = atomic_load(&srv->st_streams_open);
   out->requests_total = atomic_load(&srv->st_requests);
+  out->h2_heap_bytes = atomic_load(&srv->st_h2_heap);
+  out->h2_mapped_bytes = atomic_load(&srv->st_h2_mapped);
+  out->idle_released_bytes = atomic_load(&srv->st_released);
+  out->idle_releases = atomic_load(&srv->st_releases);
 }

@@ -105,6 +105,10 @@ struct tc_ctl_server_opts {
   int first_request_timeout_ms; /* close a connection that sends no request, default 30000 */
   int max_conns;        /* Noise connections at once (incl. ones being set up); more get 503. Default 65536 */
   int idle_timeout_ms;  /* GOAWAY + close after this long with no open stream and no input, default 300000 */
+  /* A connection that has sent nothing for this long gives its HTTP/2 frame
+   * buffer pages back to the kernel (checked every 100 ms). Default (0) 250;
+   * negative: never. */
+  int idle_release_ms;
   /* Optional: bytes to send as the EarlyNoise payload (before SETTINGS);
    * called on the loop thread right after the handshake, must not block.
    * Return an owned JSON string or NULL for none. */
@@ -135,6 +139,10 @@ void tc_ctl_upgrade(void *ctx, int fd, const struct tc_http_head *head);
 /* Counters for tests and metrics (approximate, lock-free reads). */
 struct tc_ctl_stats {
   uint64_t conns_open, conns_total, handshakes_failed, streams_open, requests_total;
+  uint64_t h2_heap_bytes;       /* malloc'd memory nghttp2 holds now (all sessions) */
+  uint64_t h2_mapped_bytes;     /* its large blocks, mapped separately (virtual size) */
+  uint64_t idle_released_bytes; /* resident pages of those given back when idle, in total */
+  uint64_t idle_releases;       /* connections released so (each time one went quiet) */
 };
 void tc_ctl_server_stats(struct tc_ctl_server *srv, struct tc_ctl_stats *out);
 

@@ -420,6 +420,140 @@ TC_TEST(concurrent_streams_one_blocks) {
   fx_stop(&f);
 }
 
+/* ---- idle memory release -------------------------------------------------------- */
+/* A map-like JSON message of about n bytes that zstd cannot shrink to
+ * nothing (pseudo-random hex), so its frame spans many HTTP/2 DATA frames
+ * and more than the client's initial stream window. Owned by the caller. */
+static char *noisy_json(size_t n, uint32_t seed) {
+  struct tc_buf b = TC_BUF_INIT;
+  tc_buf_printf(&b, "{\"Seed\":%u,\"Peers\":\"", seed);
+  uint32_t x = seed | 1;
+  while (b.len < n) {
+    x ^= x << 13, x ^= x >> 17, x ^= x << 5;
+    tc_buf_printf(&b, "%08x", x);
+  }
+  tc_buf_puts(&b, "\"}");
+  return tc_buf_steal(&b, NULL);
+}
+
+/* Sends json on the held stream and checks the client decodes exactly it. */
+static bool map_roundtrip(struct tc_tclient *c, int32_t sid, struct tc_ctl_stream *held, const char *json) {
+  struct tc_buf fr = TC_BUF_INIT;
+  bool ok = tc_map_frame(json, strlen(json), &fr) == 0 && tc_ctl_stream_write(held, fr.data, fr.len) == 0;
+  tc_buf_free(&fr);
+  char *got = NULL;
+  size_t len = 0;
+  ok = ok && tc_tclient_map_next(c, sid, 15000, &got, &len) == 0 && len == strlen(json) && !strcmp(got, json);
+  free(got);
+  return ok;
+}
+
+/* Waits until the server has released idle pages more than `after` times
+ * and then nothing more for 300 ms (a large map may be released in parts
+ * while flow control holds it back); returns the stats then. */
+static struct tc_ctl_stats wait_release(struct fx *f, uint64_t after, int ms) {
+  struct tc_ctl_stats s;
+  int64_t deadline = tc_mono_ms() + ms, changed = tc_mono_ms();
+  uint64_t last = after;
+  do {
+    tc_ctl_server_stats(f->srv, &s);
+    if (s.idle_releases != last) {
+      last = s.idle_releases;
+      changed = tc_mono_ms();
+    }
+    if (s.idle_releases > after && tc_mono_ms() - changed >= 300) break;
+    usleep(10000);
+  } while (tc_mono_ms() < deadline);
+  return s;
+}
+
+/* An idle map stream gives its HTTP/2 frame buffer pages back, and the
+ * stream still carries large maps (many DATA frames, beyond the initial
+ * flow-control window) and keep-alives correctly afterwards. */
+TC_TEST(idle_stream_releases_frame_buffer) {
+  struct fx f;
+  struct tc_ctl_server_opts o = {.workers = 2, .idle_release_ms = 50};
+  TC_REQUIRE(fx_start_opts(&f, &o) == 0);
+  struct tc_tclient *c = client(&f, 138);
+  TC_REQUIRE(c);
+  int32_t hold = tc_tclient_submit(c, "POST", "/hold", NULL, "{}", 2);
+  TC_REQUIRE(hold > 0);
+  TC_CHECK_INT(tc_tclient_wait_headers(c, hold, 5000), 200);
+  pthread_mutex_lock(&g.mu);
+  struct tc_ctl_stream *held = g.held;
+  pthread_mutex_unlock(&g.mu);
+  TC_REQUIRE(held != NULL);
+  struct tc_ctl_stats s0;
+  tc_ctl_server_stats(f.srv, &s0);
+  /* The 16 KiB frame buffer lives in its own pages, the rest on the heap. */
+  TC_CHECK(s0.h2_mapped_bytes >= 16384);
+  TC_CHECK(s0.h2_heap_bytes > 4096);
+
+  char *big1 = noisy_json(450000, 7);
+  TC_CHECK(map_roundtrip(c, hold, held, big1));
+  /* Full 16 KiB DATA frames touched every page of the buffer; once quiet,
+   * they go back. */
+  struct tc_ctl_stats s1 = wait_release(&f, s0.idle_releases, 10000);
+  TC_CHECK(s1.idle_releases > s0.idle_releases);
+  TC_CHECK(s1.idle_released_bytes - s0.idle_released_bytes >= 16384);
+
+  /* A keep-alive touches one page, which is released again. */
+  TC_CHECK(map_roundtrip(c, hold, held, "{\"KeepAlive\":true}"));
+  struct tc_ctl_stats s2 = wait_release(&f, s1.idle_releases, 10000);
+  TC_CHECK(s2.idle_releases > s1.idle_releases);
+  TC_CHECK(s2.idle_released_bytes - s1.idle_released_bytes >= 4096);
+  TC_CHECK(s2.idle_released_bytes - s1.idle_released_bytes < 16384);
+
+  /* Released pages come back zeroed: nothing nghttp2 needs was in them. */
+  char *big2 = noisy_json(450000, 99);
+  TC_CHECK(map_roundtrip(c, hold, held, big2));
+  TC_CHECK(map_roundtrip(c, hold, held, big1));
+  TC_CHECK(map_roundtrip(c, hold, held, "{\"KeepAlive\":true}"));
+  /* The connection still serves other requests. */
+  int status = 0;
+  char *body = NULL;
+  TC_CHECK_INT(tc_tclient_request(c, "POST", "/echo", "after", 5, 15000, &status, &body, NULL), 0);
+  TC_CHECK(status == 200 && body && !strcmp(body, "after"));
+  free(body);
+  free(big1);
+  free(big2);
+  tc_ctl_stream_end(held);
+  TC_CHECK_INT(tc_tclient_wait_closed(c, hold, 5000), 0);
+  tc_tclient_free(c);
+  TC_CHECK(conns_drain(&f, 10000));
+  /* Every session's memory went back through the allocator. */
+  struct tc_ctl_stats s3;
+  tc_ctl_server_stats(f.srv, &s3);
+  TC_CHECK_INT((long long)s3.h2_heap_bytes, 0);
+  TC_CHECK_INT((long long)s3.h2_mapped_bytes, 0);
+  fx_stop(&f);
+}
+
+/* idle_release_ms < 0 turns the release off. */
+TC_TEST(idle_release_disabled) {
+  struct fx f;
+  struct tc_ctl_server_opts o = {.workers = 2, .idle_release_ms = -1};
+  TC_REQUIRE(fx_start_opts(&f, &o) == 0);
+  struct tc_tclient *c = client(&f, 138);
+  TC_REQUIRE(c);
+  int32_t hold = tc_tclient_submit(c, "POST", "/hold", NULL, "{}", 2);
+  TC_REQUIRE(hold > 0);
+  TC_CHECK_INT(tc_tclient_wait_headers(c, hold, 5000), 200);
+  pthread_mutex_lock(&g.mu);
+  struct tc_ctl_stream *held = g.held;
+  pthread_mutex_unlock(&g.mu);
+  TC_REQUIRE(held != NULL);
+  char *big = noisy_json(100000, 3);
+  TC_CHECK(map_roundtrip(c, hold, held, big));
+  free(big);
+  struct tc_ctl_stats s = wait_release(&f, 0, 500);
+  TC_CHECK_INT((long long)s.idle_releases, 0);
+  tc_ctl_stream_end(held);
+  tc_tclient_free(c);
+  TC_CHECK(conns_drain(&f, 10000));
+  fx_stop(&f);
+}
+
 TC_TEST(cancel_on_connection_death) {
   struct fx f;
   TC_REQUIRE(fx_start(&f) == 0);
