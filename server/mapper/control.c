@@ -28,7 +28,6 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
-#include <zstd.h>
 
 #include "mapper/mapper_int.h"
 #include "model/model.h"
@@ -115,6 +114,7 @@ struct tc_mapper {
   pthread_rwlock_t env_lock;
   struct tc_mapper_env env;
   struct tc_mapper_cache *cache;
+  struct tc_mapper_chunks *chunks; /* dispatcher-only; NULL = full maps in one frame */
   int64_t sub_id;
 
   pthread_mutex_t qmu;
@@ -141,38 +141,11 @@ struct tc_mapper {
   size_t n_offs, cap_offs;
 
   _Atomic uint64_t st_full, st_deltas, st_ka, st_bytes, st_cut, st_events, st_open;
+  /* the chunk cache's counters, published by the dispatcher after each round */
+  _Atomic uint64_t st_ch_hits, st_ch_builds, st_ch_text, st_ch_drops;
 };
 
 /* ---- small utilities ------------------------------------------------------------ */
-
-static pthread_key_t cctx_key;
-static pthread_once_t cctx_once = PTHREAD_ONCE_INIT;
-static void cctx_free(void *p) { ZSTD_freeCCtx(p); }
-static void cctx_init(void) { pthread_key_create(&cctx_key, cctx_free); }
-/* Arranges for the thread's context to be freed when the thread exits. */
-static void register_cctx_cleanup(ZSTD_CCtx *c) {
-  pthread_once(&cctx_once, cctx_init);
-  pthread_setspecific(cctx_key, c);
-}
-
-void tc_mapper_frame(const char *json, size_t len, struct tc_buf *out) {
-  size_t bound = ZSTD_compressBound(len);
-  tc_buf_reserve(out, 4 + bound + 1);
-  uint8_t *p = (uint8_t *)out->data + out->len;
-  /* One compression context per thread: creating one per message costs more
-   * than compressing a small delta. Freed at thread exit. */
-  static __thread ZSTD_CCtx *cctx;
-  if (!cctx) {
-    cctx = ZSTD_createCCtx();
-    if (!cctx) abort();
-    register_cctx_cleanup(cctx);
-  }
-  size_t z = ZSTD_compressCCtx(cctx, p + 4, bound, json, len, 1);
-  if (ZSTD_isError(z)) abort(); /* only possible on a bound bug or OOM */
-  p[0] = (uint8_t)z, p[1] = (uint8_t)(z >> 8), p[2] = (uint8_t)(z >> 16), p[3] = (uint8_t)(z >> 24);
-  out->len += 4 + z;
-  out->data[out->len] = 0;
-}
 
 bool tc_mapper_visible(const struct tc_snapshot *snap, const struct tc_node *viewer, const struct tc_node *peer) {
   (void)snap, (void)viewer, (void)peer;
@@ -231,6 +204,13 @@ static void ver_set(struct vermap *m, int64_t id, uint64_t v) {
       return;
     }
   }
+}
+
+/* node id's encoding may have changed (an event about it, its primary
+ * routes): a new fragment version, and its full-map chunk is stale. */
+static void bump(struct tc_mapper *mp, int64_t id, uint64_t seq) {
+  ver_set(&mp->vers, id, seq);
+  tc_mapper_chunks_touch(mp->chunks, id);
 }
 
 /* Keep-alive jitter only spreads timers; it needs no secrecy. A getrandom()
@@ -544,26 +524,40 @@ static size_t collect_users(const struct tc_snapshot *snap, const struct tc_node
   return m;
 }
 
-/* Appends the complete first map for self as the viewer sees it. */
-static void build_full(struct tc_mapper *mp, const struct tc_snapshot *snap, const struct tc_node *self, bool cached,
+struct full_ctx {
+  struct tc_mapper *mp;
+  const struct tc_snapshot *snap;
+  const struct tc_node *self;
+  const struct tc_node **peers;
+  int64_t now;
+};
+
+static struct tc_mapper_frag *full_frag(void *arg, size_t k) {
+  struct full_ctx *fc = arg;
+  return viewer_frag(fc->mp, fc->snap, fc->self->id, fc->peers[k], fc->now, NULL);
+}
+
+/* Appends the complete first map for self as the viewer sees it, framed:
+ * per-recipient frames (head, the viewer's own part of the peer list, tail)
+ * around the shared compressed chunks of the rest (tc_mapper_chunks). */
+static void build_full(struct tc_mapper *mp, const struct tc_snapshot *snap, const struct tc_node *self,
                        struct tc_buf *out) {
   int64_t now = tc_now();
   struct tc_buf sj = TC_BUF_INIT;
   self_json(mp, snap, self, now, &sj);
-  struct tc_mapper_frag **peers = tc_xcalloc(snap->n_nodes + 1, sizeof *peers);
-  const struct tc_node **seen = tc_xcalloc(snap->n_nodes + 1, sizeof *seen);
-  size_t np = 0, ns = 0;
-  seen[ns++] = self;
+  const struct tc_node **peers = tc_xcalloc(snap->n_nodes + 1, sizeof *peers);
+  bool *priv = NULL;
+  size_t np = 0;
   const struct tc_policy_node_result *self_r = mp->pv.res ? pv_result(&mp->pv, self->id) : NULL;
+  if (mp->pv.pol && mp->pv.res) priv = tc_xcalloc(snap->n_nodes + 1, sizeof *priv);
   for (size_t i = 0; i < snap->n_nodes; i++) {
     const struct tc_node *p = snap->nodes[i];
     if (p->id == self->id || !visible(mp, snap, self, self_r, p)) continue;
-    peers[np++] = cached ? viewer_frag(mp, snap, self->id, p, now, NULL) : peer_frag(mp, snap, p, false, now);
-    seen[ns++] = p;
+    /* Under a policy a router's AllowedIPs are the viewer's own, and a node
+     * the result does not know has no stable fragment version. */
+    if (priv) priv[np] = has_routes(p) || !pv_node(&mp->pv, p->id);
+    peers[np++] = p;
   }
-  struct tc_user *users;
-  bool tagged;
-  size_t nu = collect_users(snap, seen, ns, &users, &tagged);
   struct tc_mapper_env env = mp->env;
   env.filter_json = (char *)tc_mapper_filter_for(&mp->env, snap, self);
   if (mp->pv.pol) {
@@ -571,13 +565,35 @@ static void build_full(struct tc_mapper *mp, const struct tc_snapshot *snap, con
     env.filter_json = pn ? pn->filter : "[]"; /* unknown to the policy: deny */
     env.ssh_json = pn ? pn->ssh : NULL;
   }
-  struct tc_mapper_full m = {.self_json = sj.data, .peers = peers, .n_peers = np, .users = users, .n_users = nu,
-                             .tagged_profile = tagged, .now = now};
-  tc_mapper_encode_full(out, &env, &m);
-  for (size_t i = 0; i < np; i++) tc_mapper_frag_unref(peers[i]);
-  free(peers);
-  free(seen);
+  struct tc_mapper_full m = {.self_json = sj.data, .n_peers = np, .now = now};
+  struct tc_mapper_msg msg;
+  tc_mapper_msg_init(&msg);
+  tc_mapper_encode_full_open(&msg.text, &env, &m);
+  struct tc_mapper_idv uids = {0};
+  bool tagged = false;
+  if (self->tags.n) tagged = true;
+  else if (self->user_id > 0) tc_mapper_idv_push(&uids, self->user_id);
+  if (np) {
+    tc_mapper_chunks_layout(mp->chunks, snap->nodes, snap->n_nodes, snap->seq);
+    struct full_ctx fc = {.mp = mp, .snap = snap, .self = self, .peers = peers, .now = now};
+    struct tc_mapper_chunk_peers cp = {.nodes = peers, .n = np, .priv = priv, .viewer_id = self->id,
+                                       .frag = full_frag, .ctx = &fc, .now = now};
+    tc_mapper_chunks_append(mp->chunks, &msg, &cp, &uids, &tagged);
+  }
+  tc_mapper_idv_sort_unique(&uids);
+  struct tc_user *users = tc_xcalloc(uids.n + 1, sizeof *users);
+  size_t nu = 0;
+  for (size_t i = 0; i < uids.n; i++) {
+    const struct tc_user *u = tc_snapshot_user(snap, uids.v[i]);
+    if (u) users[nu++] = *u; /* shallow: strings stay owned by the snapshot */
+  }
+  m.users = users, m.n_users = nu, m.tagged_profile = tagged;
+  tc_mapper_encode_full_close(&msg.text, &env, &m);
+  tc_mapper_msg_finish(&msg, out);
+  tc_mapper_idv_free(&uids);
   free(users);
+  free(peers);
+  free(priv);
   tc_buf_free(&sj);
 }
 
@@ -658,6 +674,7 @@ static bool pv_compile(struct tc_mapper *mp, const struct tc_snapshot *snap, con
      * policy: it stays valid across recompiles that leave that CapMap as it
      * was (re-encoding every node after each join was O(N^2) per storm). */
     pn[i].capmap_gen = op && !strcmp(op->capmap, pn[i].capmap) ? op->capmap_gen : mp->pv.gen + 1;
+    if (pn[i].capmap_gen == mp->pv.gen + 1) tc_mapper_chunks_touch(mp->chunks, pn[i].id);
   }
   json_decref(base);
   free(seen);
@@ -714,7 +731,10 @@ static bool pv_refresh(struct tc_mapper *mp, const struct tc_snapshot *snap, boo
    * generation moves when per-node CapMaps go away, not on every topology
    * event. (Bumping it on each join made every following full map re-encode
    * all its peers: O(N^2) encodes in a registration storm.) */
-  if (!pv->pol && (opn || *text_changed)) pv->gen++;
+  if (!pv->pol && (opn || *text_changed)) {
+    pv->gen++;
+    tc_mapper_chunks_reset(mp->chunks);
+  }
   *old_res = ores, *old_pn = opn, *old_npn = onpn;
   return true;
 }
@@ -990,11 +1010,10 @@ static void do_open(struct tc_mapper *mp, struct session *s) {
     tc_snapshot_release(snap);
     return;
   }
-  struct tc_buf json = TC_BUF_INIT, frame = TC_BUF_INIT;
+  struct tc_buf frame = TC_BUF_INIT;
   pthread_rwlock_rdlock(&mp->env_lock);
-  build_full(mp, snap, self, true, &json);
+  build_full(mp, snap, self, &frame);
   pthread_rwlock_unlock(&mp->env_lock);
-  tc_mapper_frame(json.data, json.len, &frame);
   if (s->oneshot) {
     /* one message, then the response ends; nothing is registered */
     s->io->write(s->st, frame.data, frame.len);
@@ -1005,7 +1024,6 @@ static void do_open(struct tc_mapper *mp, struct session *s) {
     s->next_grave = mp->grave;
     mp->grave = s;
     atomic_fetch_add(&mp->st_full, 1);
-    tc_buf_free(&json);
     tc_buf_free(&frame);
     tc_snapshot_release(snap);
     return;
@@ -1024,7 +1042,6 @@ static void do_open(struct tc_mapper *mp, struct session *s) {
     atomic_fetch_sub(&mp->st_deltas, 1);
     atomic_fetch_add(&mp->st_full, 1);
   }
-  tc_buf_free(&json);
   tc_buf_free(&frame);
   tc_snapshot_release(snap);
 }
@@ -1114,13 +1131,13 @@ static void do_event(struct tc_mapper *mp, struct item *it) {
   int64_t now = tc_now();
   pthread_rwlock_rdlock(&mp->env_lock);
   const struct tc_node *n = it->node_id ? tc_snapshot_node(snap, it->node_id) : NULL;
-  if (it->node_id) ver_set(&mp->vers, it->node_id, snap->seq);
+  if (it->node_id) bump(mp, it->node_id, snap->seq);
 
   struct tc_mapper_frag *changed[65];
   size_t nc = 0;
   int64_t prim_ids[64];
   size_t npi = primary_changes(mp, snap, prim_ids, 64);
-  for (size_t i = 0; i < npi; i++) ver_set(&mp->vers, prim_ids[i], snap->seq);
+  for (size_t i = 0; i < npi; i++) bump(mp, prim_ids[i], snap->seq);
   if (policy_events(mp, &it, 1, prim_ids, npi)) {
     pthread_rwlock_unlock(&mp->env_lock);
     return;
@@ -1258,7 +1275,7 @@ static void do_batch(struct tc_mapper *mp, struct item **items, size_t n) {
   for (size_t i = 0; i < nid; i++)
     if (!m || ids[m - 1] != ids[i]) ids[m++] = ids[i];
   nid = m;
-  for (size_t i = 0; i < nid; i++) ver_set(&mp->vers, ids[i], snap->seq);
+  for (size_t i = 0; i < nid; i++) bump(mp, ids[i], snap->seq);
   if (policy_events(mp, items, n, ids, nid)) {
     pthread_rwlock_unlock(&mp->env_lock);
     return;
@@ -1347,6 +1364,7 @@ static void do_env(struct tc_mapper *mp, struct tc_mapper_env *env) {
   if (nodes_change) {
     tc_mapper_cache_free(mp->cache);
     mp->cache = tc_mapper_cache_new();
+    tc_mapper_chunks_reset(mp->chunks);
   }
   pthread_rwlock_unlock(&mp->env_lock);
   pthread_rwlock_rdlock(&mp->env_lock);
@@ -1453,6 +1471,12 @@ static void *dispatcher(void *arg) {
     do_keepalives(mp);
     flush_offline(mp, false);
     sweep_grave(mp, false);
+    struct tc_mapper_chunk_stats cs;
+    tc_mapper_chunks_stats(mp->chunks, &cs);
+    atomic_store(&mp->st_ch_hits, cs.hits);
+    atomic_store(&mp->st_ch_builds, cs.builds);
+    atomic_store(&mp->st_ch_text, cs.text_peers);
+    atomic_store(&mp->st_ch_drops, cs.drops);
     pthread_mutex_lock(&mp->qmu);
     if (nb) {
       mp->done_count += nb;
@@ -1481,6 +1505,7 @@ int tc_mapper_new(const struct tc_mapper_opts *o, struct tc_mapper **out, struct
   tc_mapper_env_copy(&mp->env, o->env);
   pthread_rwlock_init(&mp->env_lock, NULL);
   mp->cache = tc_mapper_cache_new();
+  if (o->full_map_chunk >= 0) mp->chunks = tc_mapper_chunks_new(o->full_map_chunk ? (size_t)o->full_map_chunk : 64);
   pthread_mutex_init(&mp->qmu, NULL);
   pthread_cond_init(&mp->qcv, NULL);
   pthread_cond_init(&mp->donecv, NULL);
@@ -1502,6 +1527,7 @@ int tc_mapper_new(const struct tc_mapper_opts *o, struct tc_mapper **out, struct
   if (pthread_create(&mp->thread, NULL, dispatcher, mp)) {
     tc_model_unsubscribe(mp->model, mp->sub_id);
     tc_mapper_cache_free(mp->cache);
+    tc_mapper_chunks_free(mp->chunks);
     tc_mapper_env_free(&mp->env);
     tc_buf_free(&mp->ka_frame);
     free(mp->server_url);
@@ -1537,6 +1563,7 @@ void tc_mapper_free(struct tc_mapper *mp) {
   tc_snapshot_release(mp->last_snap);
   pv_free(&mp->pv);
   tc_mapper_cache_free(mp->cache);
+  tc_mapper_chunks_free(mp->chunks);
   tc_mapper_env_free(&mp->env);
   tc_buf_free(&mp->ka_frame);
   pthread_rwlock_destroy(&mp->env_lock);
@@ -1574,6 +1601,10 @@ void tc_mapper_get_stats(struct tc_mapper *mp, struct tc_mapper_stats *o) {
   pthread_rwlock_rdlock(&mp->env_lock);
   tc_mapper_cache_stats(mp->cache, &o->frag_hits, &o->frag_encodes);
   pthread_rwlock_unlock(&mp->env_lock);
+  o->chunk_hits = atomic_load(&mp->st_ch_hits);
+  o->chunk_builds = atomic_load(&mp->st_ch_builds);
+  o->chunk_text_peers = atomic_load(&mp->st_ch_text);
+  o->chunk_drops = atomic_load(&mp->st_ch_drops);
 }
 
 /* ---- request handling (worker threads) --------------------------------------------- */

@@ -361,7 +361,7 @@ static void put_frags(struct tc_buf *b, struct tc_mapper_frag *const *f, size_t 
   tc_buf_putc(b, ']');
 }
 
-void tc_mapper_encode_full(struct tc_buf *b, const struct tc_mapper_env *env, const struct tc_mapper_full *m) {
+void tc_mapper_encode_full_open(struct tc_buf *b, const struct tc_mapper_env *env, const struct tc_mapper_full *m) {
   bool first = true;
   tc_buf_putc(b, '{');
   tc_mapper_key(b, &first, "ControlTime");
@@ -373,10 +373,12 @@ void tc_mapper_encode_full(struct tc_buf *b, const struct tc_mapper_env *env, co
     tc_buf_puts(b, env->derp_json);
   }
   /* "Peers":[] means "unchanged": omit the key when there are none. */
-  if (m->n_peers) {
-    tc_mapper_key(b, &first, "Peers");
-    put_frags(b, m->peers, m->n_peers);
-  }
+  if (m->n_peers) tc_buf_puts(b, ",\"Peers\":[");
+}
+
+void tc_mapper_encode_full_close(struct tc_buf *b, const struct tc_mapper_env *env, const struct tc_mapper_full *m) {
+  bool first = false; /* ControlTime came first */
+  if (m->n_peers) tc_buf_putc(b, ']');
   tc_mapper_key(b, &first, "PacketFilter");
   tc_buf_puts(b, env->filter_json ? env->filter_json : ALLOW_ALL_FILTER);
   if (env->dns_json) {
@@ -397,6 +399,15 @@ void tc_mapper_encode_full(struct tc_buf *b, const struct tc_mapper_env *env, co
     tc_buf_puts(b, "{\"DisableLogTail\":true}");
   }
   tc_buf_putc(b, '}');
+}
+
+void tc_mapper_encode_full(struct tc_buf *b, const struct tc_mapper_env *env, const struct tc_mapper_full *m) {
+  tc_mapper_encode_full_open(b, env, m);
+  for (size_t i = 0; i < m->n_peers; i++) {
+    if (i) tc_buf_putc(b, ',');
+    tc_buf_append(b, m->peers[i]->data, m->peers[i]->len);
+  }
+  tc_mapper_encode_full_close(b, env, m);
 }
 
 static void put_patch(struct tc_buf *b, const struct tc_mapper_patch *p) {

@@ -223,6 +223,15 @@ struct tc_mapper_full {
  * SSHPolicy when set). */
 void tc_mapper_encode_full(struct tc_buf *out, const struct tc_mapper_env *env,
                            const struct tc_mapper_full *m);
+/* The same message in two halves around the content of the Peers array:
+ * open writes everything up to and including "Peers":[ (m->n_peers only
+ * says whether there are peers; m->peers is not read), close writes the ]
+ * and the rest. open + comma-separated fragments + close ==
+ * tc_mapper_encode_full. */
+void tc_mapper_encode_full_open(struct tc_buf *out, const struct tc_mapper_env *env,
+                                const struct tc_mapper_full *m);
+void tc_mapper_encode_full_close(struct tc_buf *out, const struct tc_mapper_env *env,
+                                 const struct tc_mapper_full *m);
 
 /* PeersChangedPatch entry; fields flagged in `set` are present. */
 enum {
@@ -333,6 +342,8 @@ struct tc_mapper_opts {
   int max_followups;               /* concurrent Followup waits; 0 = 256 */
   int64_t offline_grace_ms;        /* a closed stream's node goes offline this much later
                                       unless it reconnects; 0 = 10 s (Headscale), < 0 = at once */
+  int full_map_chunk;              /* peers per shared compressed chunk of full maps; 0 = 64,
+                                      < 0 = none (every full map one frame) */
 };
 
 int tc_mapper_new(const struct tc_mapper_opts *opts, struct tc_mapper **out, struct tc_err *err);
@@ -369,6 +380,8 @@ struct tc_mapper_stats {
   uint64_t streams_open;  /* currently open map streams */
   uint64_t full_maps, deltas, keepalives, bytes_out, streams_cut, events;
   uint64_t frag_hits, frag_encodes;
+  /* full maps' shared peer chunks (see tc_mapper_chunks) */
+  uint64_t chunk_hits, chunk_builds, chunk_text_peers, chunk_drops;
 };
 void tc_mapper_get_stats(struct tc_mapper *mp, struct tc_mapper_stats *out);
 
@@ -377,5 +390,98 @@ void tc_mapper_sync(struct tc_mapper *mp);
 
 /* Frames one map message: LE uint32 length + one zstd frame of json. */
 void tc_mapper_frame(const char *json, size_t len, struct tc_buf *out);
+
+/* ---- multi-frame map messages and shared peer chunks (chunks.c) -----------------------
+ *
+ * A map message's payload may be several zstd frames back to back: the
+ * client's decoder (klauspost/compress Decoder.DecodeAll, used by v1.60's
+ * smallzstd and v1.80+'s zstdframe.AppendDecode) decodes every frame of its
+ * input and concatenates the output. So a full map is sent as frames of
+ * per-recipient text (head, the viewer's own part of the peer list, tail)
+ * around compressed chunks of the peer list that were compressed once and
+ * are shared by every recipient that sees exactly those peers. Each frame
+ * records its content size and is single-segment (window = content size),
+ * well within the decoder's limits (v1.60: no limit set beyond the library
+ * defaults of a 512 MiB window and 64 GiB output; v1.80: the same window,
+ * no output limit). */
+
+/* Appends one zstd frame (level 1, content size recorded) of src to out. */
+void tc_mapper_zstd(const void *src, size_t len, struct tc_buf *out);
+
+/* A message under construction: text not yet compressed, and the frames so far. */
+struct tc_mapper_msg {
+  struct tc_buf frames; /* 4 bytes reserved for the length, then zstd frames */
+  struct tc_buf text;   /* per-recipient JSON for the next frame; append freely */
+};
+void tc_mapper_msg_init(struct tc_mapper_msg *m);
+void tc_mapper_msg_free(struct tc_mapper_msg *m); /* NULL ok */
+/* Compresses pending text into its own frame, then appends the complete zstd
+ * frame(s) z (a shared chunk, copied). */
+void tc_mapper_msg_zframes(struct tc_mapper_msg *m, const void *z, size_t len);
+/* Flushes pending text and appends the framed message (LE uint32 length +
+ * frames) to out. Frees m (init it again to reuse it). */
+void tc_mapper_msg_finish(struct tc_mapper_msg *m, struct tc_buf *out);
+
+/* Growable list of int64 (user ids collected for UserProfiles). Owned. */
+struct tc_mapper_idv {
+  int64_t *v;
+  size_t n, cap;
+};
+void tc_mapper_idv_push(struct tc_mapper_idv *v, int64_t id);
+/* Sorts and removes duplicates. */
+void tc_mapper_idv_sort_unique(struct tc_mapper_idv *v);
+void tc_mapper_idv_free(struct tc_mapper_idv *v);
+
+/* Compressed chunks of peer lists. The node id space is cut into segments
+ * of target..2*target nodes (boundaries move only when a segment grows past
+ * 2*target or shrinks below target/2 by joins and removals); the fragments
+ * of a viewer's visible peers within one segment are compressed into one
+ * frame, cached by (segment, exact list of peer ids, leading comma), and
+ * reused by every viewer that sees exactly that run. A node's change drops
+ * the cached frames of its segment only.
+ *
+ * Not used for: the viewer's own segment (the viewer is not its own peer, so
+ * that run is private) and runs holding a viewer-specific fragment (a subnet
+ * router under a policy); those go into the per-recipient text, as do runs
+ * shorter than a few peers and whole lists shorter than target.
+ *
+ * Threads: one thread at a time (the dispatcher owns it). */
+struct tc_mapper_chunks;
+/* target: peers per chunk (>= 2). Owned; free with tc_mapper_chunks_free. */
+struct tc_mapper_chunks *tc_mapper_chunks_new(size_t target);
+void tc_mapper_chunks_free(struct tc_mapper_chunks *c); /* NULL ok */
+/* Adapts the segment boundaries to the node set (sorted by id). Cheap when
+ * seq is the one of the previous call. */
+void tc_mapper_chunks_layout(struct tc_mapper_chunks *c, const struct tc_node *const *nodes, size_t n,
+                             uint64_t seq);
+/* node_id's peer fragment may have changed: drop its segment's chunks. */
+void tc_mapper_chunks_touch(struct tc_mapper_chunks *c, int64_t node_id);
+/* Every fragment may have changed (encoding environment, cache reset). */
+void tc_mapper_chunks_reset(struct tc_mapper_chunks *c);
+
+struct tc_mapper_chunk_peers {
+  const struct tc_node *const *nodes; /* the viewer's visible peers, ascending id */
+  size_t n;
+  const bool *priv;  /* NULL, or per peer: its fragment is specific to this viewer */
+  int64_t viewer_id; /* its segment is never shared */
+  /* New reference to the fragment of nodes[k] as this viewer receives it. */
+  struct tc_mapper_frag *(*frag)(void *ctx, size_t k);
+  void *ctx;
+  int64_t now; /* decides which cached chunks' Expired flags are still right */
+};
+/* Appends the Peers array content (fragments separated by commas, no
+ * brackets) to m, from cached chunks where possible (c may be NULL: all
+ * text). Owners of the peers go to users (ids; tagged nodes set *tagged). */
+void tc_mapper_chunks_append(struct tc_mapper_chunks *c, struct tc_mapper_msg *m, const struct tc_mapper_chunk_peers *p,
+                             struct tc_mapper_idv *users, bool *tagged);
+
+struct tc_mapper_chunk_stats {
+  uint64_t hits;        /* chunks sent from the cache */
+  uint64_t builds;      /* chunks compressed and cached */
+  uint64_t text_peers;  /* peers sent in per-recipient text */
+  uint64_t drops;       /* cached chunks dropped by touch/reset/layout */
+  size_t segments, cached, cached_bytes;
+};
+void tc_mapper_chunks_stats(const struct tc_mapper_chunks *c, struct tc_mapper_chunk_stats *out);
 
 #endif

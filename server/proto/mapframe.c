@@ -1,5 +1,5 @@
 /* mapframe: the framing of /machine/map messages (little-endian uint32 size
- * + one zstd frame) and the pure logic of GET /key. Thread-safe. */
+ * + zstd frames) and the pure logic of GET /key. Thread-safe. */
 #include <stdlib.h>
 #include <string.h>
 #include <zstd.h>
@@ -26,26 +26,69 @@ int tc_map_frame(const char *json, size_t len, struct tc_buf *out) {
   return 0;
 }
 
+/* The payload may be several zstd frames (and skippable frames) back to
+ * back, as the client's decoder (klauspost/compress DecodeAll) accepts: the
+ * output is their concatenation. Frames need not record their size; the
+ * decoded total is bounded by max_json while decoding, so a small hostile
+ * payload cannot make us allocate more than that. */
 int tc_map_unframe(const uint8_t *buf, size_t len, size_t max_json, size_t *consumed, char **json, size_t *json_len) {
   if (len < 4) return TC_EAGAIN;
   size_t n = (size_t)buf[0] | (size_t)buf[1] << 8 | (size_t)buf[2] << 16 | (size_t)buf[3] << 24;
   if (n > max_json + 64) return TC_ETOOBIG;
   if (len < 4 + n) return TC_EAGAIN;
-  unsigned long long sz = ZSTD_getFrameContentSize(buf + 4, n);
-  if (sz == ZSTD_CONTENTSIZE_ERROR) return TC_EPROTO;
-  /* ZSTD_compress always records the size; a frame without it is refused
-   * rather than streamed (this decoder serves tests, not the wild). */
-  if (sz == ZSTD_CONTENTSIZE_UNKNOWN) return TC_EPROTO;
-  if (sz > max_json) return TC_ETOOBIG;
-  char *out = tc_xmalloc((size_t)sz + 1);
-  size_t got = ZSTD_decompress(out, (size_t)sz, buf + 4, n);
-  if (ZSTD_isError(got) || got != sz) {
-    free(out);
-    return TC_EPROTO;
+  if (n == 0) return TC_EPROTO;
+  /* Pre-size from the recorded content sizes; frames without one grow it. */
+  unsigned long long known = 0;
+  for (size_t off = 0; off < n;) {
+    size_t fl = ZSTD_findFrameCompressedSize(buf + 4 + off, n - off);
+    if (ZSTD_isError(fl) || fl == 0) return TC_EPROTO;
+    unsigned long long sz = ZSTD_getFrameContentSize(buf + 4 + off, fl);
+    if (sz == ZSTD_CONTENTSIZE_ERROR) return TC_EPROTO;
+    if (sz != ZSTD_CONTENTSIZE_UNKNOWN) known += sz;
+    if (known > max_json) return TC_ETOOBIG;
+    off += fl;
   }
-  out[got] = 0;
+  ZSTD_DCtx *d = ZSTD_createDCtx();
+  if (!d) return TC_EINTERNAL;
+  size_t cap = (size_t)known + 1, rc = 0;
+  char *out = tc_xmalloc(cap + 1);
+  ZSTD_inBuffer in = {buf + 4, n, 0};
+  ZSTD_outBuffer ob = {out, cap, 0};
+  int res = 0;
+  for (;;) {
+    if (ob.pos == ob.size) {
+      /* cap is at most max_json + 1: one byte more than allowed means too big */
+      if (cap > max_json) {
+        res = TC_ETOOBIG;
+        break;
+      }
+      cap = cap * 2 > max_json + 1 ? max_json + 1 : cap * 2;
+      out = tc_xrealloc(out, cap + 1);
+      ob.dst = out;
+      ob.size = cap;
+    }
+    size_t in0 = in.pos, out0 = ob.pos;
+    rc = ZSTD_decompressStream(d, &ob, &in);
+    if (ZSTD_isError(rc)) {
+      res = TC_EPROTO;
+      break;
+    }
+    if (in.pos == in.size && rc == 0) break; /* every frame complete */
+    if (ob.pos < ob.size && (in.pos == in.size || (in.pos == in0 && ob.pos == out0))) {
+      res = TC_EPROTO; /* truncated frame: no more input to finish it */
+      break;
+    }
+  }
+  ZSTD_freeDCtx(d);
+  if (!res && ob.pos > max_json) res = TC_ETOOBIG;
+  if (!res && ob.pos == 0) res = TC_EPROTO; /* only skippable frames: no message */
+  if (res) {
+    free(out);
+    return res;
+  }
+  out[ob.pos] = 0;
   *json = out;
-  *json_len = got;
+  *json_len = ob.pos;
   *consumed = 4 + n;
   return 0;
 }

@@ -131,7 +131,14 @@ static json_t *next_msg(struct fake *f, int ms, bool skip_keepalive) {
       const uint8_t *p = (const uint8_t *)f->body.data + f->consumed;
       size_t n = p[0] | p[1] << 8 | p[2] << 16 | (size_t)p[3] << 24;
       if (avail >= 4 + n) {
-        unsigned long long sz = ZSTD_getFrameContentSize(p + 4, n);
+        /* every frame of the message (full maps are several) */
+        unsigned long long sz = 0;
+        for (size_t off = 0; off < n;) {
+          size_t fl = ZSTD_findFrameCompressedSize(p + 4 + off, n - off);
+          if (ZSTD_isError(fl)) break;
+          sz += ZSTD_getFrameContentSize(p + 4 + off, fl);
+          off += fl;
+        }
         char *out = malloc(sz + 1);
         size_t got = ZSTD_decompress(out, sz, p + 4, n);
         f->consumed += 4 + n;
@@ -175,6 +182,7 @@ struct fx {
 };
 
 static int64_t g_grace_ms = -1; /* offline at once unless a test says otherwise */
+static int g_chunk;              /* full_map_chunk of the fixture's mapper (0 = default) */
 
 static bool fx_open(struct fx *x, int64_t ka_ms) {
   memset(x, 0, sizeof *x);
@@ -202,7 +210,8 @@ static bool fx_open(struct fx *x, int64_t ka_ms) {
                               .derp_json = "{\"Regions\":{\"999\":{\"RegionID\":999,\"Nodes\":[]}}}",
                               .disable_logtail = true};
   struct tc_mapper_opts mo = {.model = x->model, .env = &env, .server_url = "https://ctl.example.com/",
-                              .keepalive_ms = ka_ms, .keepalive_jitter_ms = -1, .offline_grace_ms = g_grace_ms};
+                              .keepalive_ms = ka_ms, .keepalive_jitter_ms = -1, .offline_grace_ms = g_grace_ms,
+                              .full_map_chunk = g_chunk};
   if (tc_mapper_new(&mo, &x->mp, &err)) return false;
   return true;
 }
@@ -1365,4 +1374,300 @@ TC_TEST(ssh_policy_follows_the_policy) {
   json_decref(m);
   fx_close(&x);
   fake_free(sa);
+}
+
+/* ---- full maps from shared chunks ---------------------------------------------------- */
+
+/* A second mapper on x's model whose full maps are single frames: the
+ * reference encoding the chunked maps must equal. Same env as fx_open. */
+static struct tc_mapper *ref_mapper(struct fx *x) {
+  struct tc_mapper_env env = {.base_domain = "tail.example.com", .domain = "example.com",
+                              .derp_json = "{\"Regions\":{\"999\":{\"RegionID\":999,\"Nodes\":[]}}}",
+                              .disable_logtail = true};
+  struct tc_mapper_opts mo = {.model = x->model, .env = &env, .server_url = "https://ctl.example.com/",
+                              .keepalive_jitter_ms = -1, .offline_grace_ms = g_grace_ms, .full_map_chunk = -1};
+  struct tc_mapper *mp = NULL;
+  struct tc_err err = {0};
+  return tc_mapper_new(&mo, &mp, &err) ? NULL : mp;
+}
+
+/* Decodes every zstd frame of a framed message: owned text, *nframes the
+ * frame count; NULL when malformed. */
+static char *decode_frames(const uint8_t *p, size_t len, int *nframes) {
+  if (len < 4) return NULL;
+  size_t n = p[0] | p[1] << 8 | p[2] << 16 | (size_t)p[3] << 24;
+  if (len != 4 + n) return NULL;
+  struct tc_buf out = TC_BUF_INIT;
+  *nframes = 0;
+  for (size_t off = 0; off < n;) {
+    size_t fl = ZSTD_findFrameCompressedSize(p + 4 + off, n - off);
+    unsigned long long sz = ZSTD_isError(fl) ? ZSTD_CONTENTSIZE_ERROR : ZSTD_getFrameContentSize(p + 4 + off, fl);
+    if (sz == ZSTD_CONTENTSIZE_ERROR || sz == ZSTD_CONTENTSIZE_UNKNOWN) {
+      tc_buf_free(&out);
+      return NULL;
+    }
+    tc_buf_reserve(&out, sz);
+    size_t got = ZSTD_decompress(out.data + out.len, sz, p + 4 + off, fl);
+    if (ZSTD_isError(got) || got != sz) {
+      tc_buf_free(&out);
+      return NULL;
+    }
+    out.len += got;
+    off += fl;
+    (*nframes)++;
+  }
+  tc_buf_putc(&out, 0);
+  return tc_buf_steal(&out, NULL);
+}
+
+/* One-shot full map of machine mk / node key nk from mp, decoded, with the
+ * ControlTime value (the clock) cut out; *nframes its zstd frame count. */
+static char *oneshot_text(struct tc_mapper *mp, int mk_seed, int nk_seed, int *nframes) {
+  char *nk = key_text(TC_MKEY_NODE, nk_seed);
+  char *body = tc_xasprintf("{\"Version\":138,\"NodeKey\":\"%s\",\"Compress\":\"zstd\"}", nk);
+  uint8_t mk[32];
+  key_of(mk, mk_seed);
+  struct fake *f = fake_new();
+  tc_mapper_serve(mp, mk, "POST", "/machine/map", body, strlen(body), &fio, f);
+  char *text = NULL;
+  if (wait_done(f, 5000)) {
+    pthread_mutex_lock(&f->mu);
+    text = decode_frames((const uint8_t *)f->body.data, f->body.len, nframes);
+    pthread_mutex_unlock(&f->mu);
+  }
+  char *ct = text ? strstr(text, "\"ControlTime\":\"") : NULL;
+  char *end = ct ? strstr(ct + 15, "\",") : NULL;
+  if (end) memmove(ct + 15, end, strlen(end) + 1);
+  free(nk);
+  free(body);
+  fake_free(f);
+  return text;
+}
+
+/* Chunked and reference full maps of one viewer: byte-identical JSON. */
+static bool same_full_map(struct fx *x, struct tc_mapper *ref, int seed, int *nframes) {
+  tc_mapper_sync(x->mp);
+  tc_mapper_sync(ref);
+  int rf = 0;
+  char *a = oneshot_text(x->mp, seed, 100 + seed, nframes);
+  tc_mapper_sync(ref);
+  char *b = oneshot_text(ref, seed, 100 + seed, &rf);
+  bool ok = a && b && !strcmp(a, b) && rf == 1;
+  if (!ok) fprintf(stderr, "viewer %d differs (frames %d/%d):\n chunked %s\n single  %s\n", seed, *nframes, rf,
+                   a ? a : "(none)", b ? b : "(none)");
+  free(a);
+  free(b);
+  return ok;
+}
+
+/* Without a policy: every viewer position (first, middle of a chunk, last)
+ * gets the same JSON from shared chunk frames as from one frame, and the
+ * chunks are shared between viewers. */
+TC_TEST(full_map_chunks_equal_single_frame_allow_all) {
+  g_chunk = 3;
+  struct fx x;
+  TC_REQUIRE(fx_open(&x, 0));
+  struct tc_mapper *ref = ref_mapper(&x);
+  TC_REQUIRE(ref != NULL);
+  /* one viewer alone first: no peers at all */
+  TC_REQUIRE(reg_node(&x, 1, 101, x.authkey, "n1") > 0);
+  int nf = 0;
+  TC_CHECK(same_full_map(&x, ref, 1, &nf));
+  TC_CHECK_INT(nf, 1);
+  /* one peer */
+  TC_REQUIRE(reg_node(&x, 2, 102, x.authkey, "n2") > 0);
+  TC_CHECK(same_full_map(&x, ref, 1, &nf));
+  TC_CHECK(same_full_map(&x, ref, 2, &nf));
+  for (int i = 3; i <= 20; i++) {
+    char host[16];
+    snprintf(host, sizeof host, "n%d", i);
+    TC_REQUIRE(reg_node(&x, i, 100 + i, x.authkey, host) > 0);
+  }
+  /* a tagged node among them: the tagged-devices profile comes from a chunk */
+  struct tc_snapshot *snap = tc_model_snapshot(x.model);
+  int64_t n12 = snap->nodes[11]->id;
+  tc_snapshot_release(snap);
+  struct tc_err err = {0};
+  struct tc_strv tags = {0};
+  tc_strv_push(&tags, "tag:server");
+  TC_CHECK(tc_model_node_set_tags(x.model, "cli", n12, &tags, &err) == 0);
+  tc_strv_free(&tags);
+  /* warm-up: each viewer's first map request also stores its capability
+   * version (a change of that node); the second round rebuilds those chunks */
+  for (int r = 0; r < 2; r++)
+    for (int i = 1; i <= 20; i++) free(oneshot_text(x.mp, i, 100 + i, &nf));
+  struct tc_mapper_stats st0, st1;
+  tc_mapper_sync(x.mp);
+  tc_mapper_get_stats(x.mp, &st0);
+  int seeds[] = {1, 2, 7, 10, 11, 19, 20};
+  for (size_t i = 0; i < TC_ARRAY_LEN(seeds); i++) {
+    TC_CHECK(same_full_map(&x, ref, seeds[i], &nf));
+    TC_CHECK(nf >= 3); /* head/own part, shared chunks, tail */
+  }
+  tc_mapper_get_stats(x.mp, &st1);
+  TC_CHECK(st1.chunk_hits - st0.chunk_hits >= 3 * TC_ARRAY_LEN(seeds)); /* chunks were reused */
+  TC_CHECK(st1.chunk_builds == st0.chunk_builds); /* nothing changed since the warm-up */
+  TC_CHECK(st1.chunk_text_peers > st0.chunk_text_peers); /* each viewer's own segment */
+  tc_mapper_free(ref);
+  fx_close(&x);
+  g_chunk = 0;
+}
+
+/* A change to one node re-compresses only the chunk that holds it: the next
+ * full maps build one chunk and take every other from the cache, and carry
+ * the node's new bytes. */
+TC_TEST(full_map_chunk_invalidated_by_one_change) {
+  g_chunk = 3;
+  struct fx x;
+  TC_REQUIRE(fx_open(&x, 0));
+  struct tc_mapper *ref = ref_mapper(&x);
+  TC_REQUIRE(ref != NULL);
+  int64_t ids[21] = {0};
+  for (int i = 1; i <= 20; i++) {
+    char host[16];
+    snprintf(host, sizeof host, "n%d", i);
+    ids[i] = reg_node(&x, i, 100 + i, x.authkey, host);
+    TC_REQUIRE(ids[i] > 0);
+  }
+  int nf = 0;
+  for (int i = 1; i <= 20; i++) free(oneshot_text(x.mp, i, 100 + i, &nf));
+  tc_mapper_sync(x.mp);
+  /* viewer 1 and viewer 20 warm every chunk (each misses only its own) */
+  TC_CHECK(same_full_map(&x, ref, 1, &nf));
+  TC_CHECK(same_full_map(&x, ref, 20, &nf));
+  struct tc_mapper_stats st0, st1, st2;
+  tc_mapper_sync(x.mp);
+  tc_mapper_get_stats(x.mp, &st0);
+  TC_CHECK(same_full_map(&x, ref, 1, &nf));
+  tc_mapper_get_stats(x.mp, &st1);
+  TC_CHECK_INT(st1.chunk_builds - st0.chunk_builds, 0);
+  uint64_t per_map_hits = st1.chunk_hits - st0.chunk_hits;
+  TC_CHECK(per_map_hits >= 3);
+
+  /* rename node 10: one chunk goes stale */
+  struct tc_err err = {0};
+  TC_REQUIRE(tc_model_node_rename(x.model, "cli", ids[10], "renamed-ten", &err) == 0);
+  tc_mapper_sync(x.mp);
+  tc_mapper_get_stats(x.mp, &st1);
+  TC_CHECK_INT(st1.chunk_drops - st0.chunk_drops, 1);
+  TC_CHECK(same_full_map(&x, ref, 1, &nf));
+  tc_mapper_get_stats(x.mp, &st2);
+  TC_CHECK_INT(st2.chunk_builds - st1.chunk_builds, 1);
+  TC_CHECK_INT(st2.chunk_hits - st1.chunk_hits, per_map_hits - 1);
+  char *t = oneshot_text(x.mp, 1, 101, &nf);
+  TC_CHECK(t && strstr(t, "\"renamed-ten.tail.example.com.\""));
+  free(t);
+
+  /* going online/offline is a change too */
+  struct fake *s5 = open_stream(&x, 5, 105);
+  json_decref(next_msg(s5, 5000, true));
+  tc_mapper_sync(x.mp);
+  TC_CHECK(same_full_map(&x, ref, 1, &nf));
+  t = oneshot_text(x.mp, 20, 120, &nf);
+  json_t *j = t ? json_loads(t, 0, NULL) : NULL;
+  TC_CHECK(json_is_true(json_object_get(find_peer(json_object_get(j, "Peers"), ids[5]), "Online")));
+  json_decref(j);
+  free(t);
+  fake_cancel(s5);
+  tc_mapper_sync(x.mp);
+  tc_mapper_sync(x.mp);
+  TC_CHECK(same_full_map(&x, ref, 20, &nf));
+
+  /* a node removed: the chunks after it stay as they are */
+  TC_REQUIRE(tc_model_node_delete(x.model, "cli", ids[15], &err) == 0);
+  TC_CHECK(same_full_map(&x, ref, 1, &nf));
+  TC_CHECK(same_full_map(&x, ref, 20, &nf));
+  tc_mapper_free(ref);
+  fx_close(&x);
+  fake_free(s5);
+  g_chunk = 0;
+}
+
+/* Under a policy viewers see different peer sets (chunks keyed by the exact
+ * run of peers), a subnet router's AllowedIPs differ per viewer (never
+ * shared), and a viewer may see one peer or none. */
+TC_TEST(full_map_chunks_equal_single_frame_under_policy) {
+  g_chunk = 3;
+  struct fx x;
+  TC_REQUIRE(fx_open(&x, 0));
+  struct tc_mapper *ref = ref_mapper(&x);
+  TC_REQUIRE(ref != NULL);
+  struct tc_err err = {0};
+  int64_t bob = 0, carol = 0;
+  TC_REQUIRE(tc_model_user_create(x.model, "cli", "bob", NULL, NULL, &bob, &err) == 0);
+  TC_REQUIRE(tc_model_user_create(x.model, "cli", "carol", NULL, NULL, &carol, &err) == 0);
+  char *bobkey = NULL, *carolkey = NULL;
+  struct tc_preauth_opts po = {.user_id = bob, .reusable = true};
+  TC_REQUIRE(tc_model_preauth_create(x.model, "cli", &po, NULL, &bobkey, &err) == 0);
+  po.user_id = carol;
+  TC_REQUIRE(tc_model_preauth_create(x.model, "cli", &po, NULL, &carolkey, &err) == 0);
+  /* alice sees alice and bob, bob sees alice and bob, carol sees only the
+   * first alice node (one peer), and dave (no rule) nobody */
+  const char *pol = "{\"hosts\":{\"a1\":\"100.64.0.1/32\"},"
+                    "\"acls\":[{\"action\":\"accept\",\"src\":[\"alice@\",\"bob@\"],\"dst\":[\"alice@:*\",\"bob@:*\","
+                    "\"10.1.0.0/16:*\"]},{\"action\":\"accept\",\"src\":[\"carol@\"],\"dst\":[\"a1:*\"]}]}";
+  TC_REQUIRE(tc_model_policy_set(x.model, "cli", pol, strlen(pol), NULL, &err) == 0);
+  /* 1..8 alice (alternating with bob), 9..16 bob, 17 carol */
+  for (int i = 1; i <= 17; i++) {
+    char host[16];
+    snprintf(host, sizeof host, "h%d", i);
+    const char *key = i <= 8 ? (i % 2 ? x.authkey : bobkey) : i <= 16 ? bobkey : carolkey;
+    TC_REQUIRE(reg_node(&x, i, 100 + i, key, host) > 0);
+  }
+  struct tc_snapshot *snap = tc_model_snapshot(x.model);
+  const struct tc_node *first = snap->nodes[0];
+  bool a1_first = first->has_ipv4 && first->ipv4[3] == 1;
+  int64_t router = snap->nodes[4]->id;
+  tc_snapshot_release(snap);
+  /* node 5 (alice) routes 10.1.0.0/16: its AllowedIPs depend on the viewer */
+  char *nk = key_text(TC_MKEY_NODE, 105);
+  char *lite = tc_xasprintf("{\"Version\":138,\"NodeKey\":\"%s\",\"OmitPeers\":true,"
+                            "\"Hostinfo\":{\"Hostname\":\"h5\",\"RoutableIPs\":[\"10.1.0.0/16\"]}}", nk);
+  struct fake *lf = call(&x, 5, "/machine/map", lite);
+  TC_CHECK(wait_done(lf, 5000) && lf->status == 200);
+  fake_free(lf);
+  free(nk);
+  free(lite);
+  struct tc_strv routes = {0};
+  tc_strv_push(&routes, "10.1.0.0/16");
+  TC_REQUIRE(tc_model_node_approve_routes(x.model, "cli", router, &routes, &err) == 0);
+  tc_strv_free(&routes);
+  struct fake *sr = open_stream(&x, 5, 105); /* online: it becomes primary */
+  json_decref(next_msg(sr, 5000, true));
+  int nf = 0;
+  for (int i = 1; i <= 17; i++) free(oneshot_text(x.mp, i, 100 + i, &nf));
+  struct tc_mapper_stats st0, st1;
+  tc_mapper_sync(x.mp);
+  tc_mapper_get_stats(x.mp, &st0);
+  for (int i = 1; i <= 17; i++) TC_CHECK(same_full_map(&x, ref, i, &nf));
+  tc_mapper_get_stats(x.mp, &st1);
+  TC_CHECK(st1.chunk_hits > st0.chunk_hits);
+  /* carol's single peer, when the address plan put a1 first */
+  if (a1_first) {
+    char *t = oneshot_text(x.mp, 17, 117, &nf);
+    json_t *j = t ? json_loads(t, 0, NULL) : NULL;
+    TC_CHECK_INT(json_array_size(json_object_get(j, "Peers")), 1);
+    json_decref(j);
+    free(t);
+  }
+  /* a node nobody may see or be seen by: no Peers at all */
+  int64_t dave = 0;
+  TC_REQUIRE(tc_model_user_create(x.model, "cli", "dave", NULL, NULL, &dave, &err) == 0);
+  char *davekey = NULL;
+  po.user_id = dave;
+  TC_REQUIRE(tc_model_preauth_create(x.model, "cli", &po, NULL, &davekey, &err) == 0);
+  TC_REQUIRE(reg_node(&x, 18, 118, davekey, "dave") > 0);
+  TC_CHECK(same_full_map(&x, ref, 18, &nf));
+  char *t = oneshot_text(x.mp, 18, 118, &nf);
+  TC_CHECK(t && !strstr(t, "\"Peers\""));
+  free(t);
+  /* and everyone again after the join */
+  for (int i = 1; i <= 17; i++) TC_CHECK(same_full_map(&x, ref, i, &nf));
+  tc_free_secret(bobkey, strlen(bobkey));
+  tc_free_secret(carolkey, strlen(carolkey));
+  tc_free_secret(davekey, strlen(davekey));
+  tc_mapper_free(ref);
+  fx_close(&x);
+  fake_free(sr);
+  g_chunk = 0;
 }
