@@ -1070,6 +1070,7 @@ static void conn_start(struct tc_ctl_server *srv, struct incoming *in) {
       {NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, TC_CTL_MAX_STREAMS},
       {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, TC_CTL_WINDOW},
       {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, TC_CTL_HEADER_BYTES_MAX},
+      {NGHTTP2_SETTINGS_HEADER_TABLE_SIZE, 0},
   };
   nghttp2_submit_settings(c->h2, NGHTTP2_FLAG_NONE, iv, TC_ARRAY_LEN(iv));
   /* Room for several concurrent request bodies before WINDOW_UPDATEs. */
