@@ -725,6 +725,8 @@ static void fsig_str(struct fsig *s, const char *t)
 
 static void sig_memo_free(struct sig_memo *m)
 {
+  for (size_t i = 0; i < m->cap; i++)
+    json_decref((json_t *)m->key[i]);
   free(m->key);
   free(m->val);
 }
@@ -746,7 +748,8 @@ static uint64_t sig_of_array(struct sig_memo *m, const json_t *arr)
         big.val[h] = m->val[i];
         big.n++;
       }
-    sig_memo_free(m);
+    free(m->key); /* the references move to big */
+    free(m->val);
     *m = big;
   }
   size_t h = (size_t)mix64((uintptr_t)arr) & (m->cap - 1);
@@ -758,7 +761,9 @@ static uint64_t sig_of_array(struct sig_memo *m, const json_t *arr)
   size_t i;
   json_t *e;
   json_array_foreach(arr, i, e) v = mix64(v ^ str_hash(json_string_value(e)));
-  m->key[h] = arr;
+  /* Held until the compile ends: a freed array's address must not come
+   * back as another array with this one's hash. */
+  m->key[h] = json_incref((json_t *)arr);
   m->val[h] = v;
   m->n++;
   return v;
@@ -900,9 +905,24 @@ static json_t *reduce_rule(const struct cnode *n, const struct rule *r, const st
   return o;
 }
 
+/* Whether two SrcIPs arrays hold the same strings. Most are the same
+ * shared array or differ; content hashes (memoised per array and compile)
+ * settle the unequal ones without walking thousands of strings per merge,
+ * which made up a third of a compile when one user owns every device. */
+static bool same_sources(struct sig_memo *m, json_t *a, json_t *b)
+{
+  if (a == b)
+    return true;
+  if (!a || !b || json_array_size(a) != json_array_size(b))
+    return false;
+  if (m && sig_of_array(m, a) != sig_of_array(m, b))
+    return false;
+  return json_equal(a, b);
+}
+
 /* Rules with the same sources and protocol are merged (their ports joined),
  * as the coordination service does. CapGrant rules are never merged. */
-static void merge_into(json_t *out, json_t *rule)
+static void merge_into(json_t *out, json_t *rule, struct sig_memo *memo)
 {
   if (!json_object_get(rule, "CapGrant")) {
     size_t i;
@@ -912,8 +932,7 @@ static void merge_into(json_t *out, json_t *rule)
         continue;
       json_t *p1 = json_object_get(o, "IPProto"), *p2 = json_object_get(rule, "IPProto");
       json_t *s1 = json_object_get(o, "SrcIPs"), *s2 = json_object_get(rule, "SrcIPs");
-      if ((s1 == s2 || json_equal(s1, s2)) &&
-          ((!p1 && !p2) || (p1 && p2 && json_equal(p1, p2)))) {
+      if (same_sources(memo, s1, s2) && ((!p1 && !p2) || (p1 && p2 && json_equal(p1, p2)))) {
         json_array_extend(json_object_get(o, "DstPorts"), json_object_get(rule, "DstPorts"));
         json_decref(rule);
         return;
@@ -925,7 +944,7 @@ static void merge_into(json_t *out, json_t *rule)
 
 /* The rule merge_into would merge a non-CapGrant rule with these sources
  * and protocol (proto < 0: none) into, or NULL. Borrowed. */
-static json_t *merge_target(json_t *out, json_t *src, int proto)
+static json_t *merge_target(json_t *out, json_t *src, int proto, struct sig_memo *memo)
 {
   size_t i;
   json_t *o;
@@ -933,7 +952,7 @@ static json_t *merge_target(json_t *out, json_t *src, int proto)
     if (json_object_get(o, "CapGrant"))
       continue;
     json_t *p1 = json_object_get(o, "IPProto"), *s1 = json_object_get(o, "SrcIPs");
-    if (!(s1 == src || json_equal(s1, src)))
+    if (!same_sources(memo, s1, src))
       continue;
     if (proto < 0 ? !p1
                   : (p1 && json_array_size(p1) == 1 && json_is_integer(json_array_get(p1, 0)) &&
@@ -1020,7 +1039,7 @@ static void self_dp_append(struct self_dp *c, const struct cnode *n, struct port
 }
 
 static void self_rules(const struct ctopo *ct, const struct cgrant *cg, json_t *srcstr, const struct cnode *n,
-                       struct self_dp *sdp, json_t *out)
+                       struct self_dp *sdp, json_t *out, struct sig_memo *memo)
 {
   if (n->tagged || n->user < 0 || !json_array_size(srcstr))
     return;
@@ -1036,7 +1055,7 @@ static void self_rules(const struct ctopo *ct, const struct cgrant *cg, json_t *
     }
     /* Most self rules merge into one already in the filter (same sources
      * and protocol): extend it directly rather than build and drop one. */
-    json_t *into = merge_target(out, srcstr, g->ip[p].proto);
+    json_t *into = merge_target(out, srcstr, g->ip[p].proto, memo);
     if (into) {
       json_array_extend(json_object_get(into, "DstPorts"), dp);
       json_decref(dp);
@@ -1160,7 +1179,7 @@ static void via_rules(const struct cgrant *cg, const struct cnode *n, const stru
     json_t *o = json_pack("{s:O,s:o}", "SrcIPs", cg->srcstr, "DstPorts", dp);
     if (g->ip[p].proto >= 0)
       json_object_set_new(o, "IPProto", json_pack("[i]", g->ip[p].proto));
-    merge_into(out, o);
+    merge_into(out, o, NULL);
   }
   json_decref(pfx);
 }
@@ -1721,7 +1740,7 @@ static json_t *node_filter(const struct tc_policy *pol, const struct ctopo *ct, 
       if (!applied)
         continue;
       if (o)
-        merge_into(out, o);
+        merge_into(out, o, sig->memo);
       struct reach_rule *rr = reach_push(rc, &ru->srcset, ru->src_all);
       pol_ipset_add_set(&rr->dst, &dst);
       pol_ipset_norm(&rr->dst);
@@ -1746,6 +1765,17 @@ static json_t *node_filter(const struct tc_policy *pol, const struct ctopo *ct, 
             break;
           }
         }
+        /* Likewise a grant's own sources with the same addresses (one user
+         * owning every device in a group): merges then compare pointers
+         * rather than walking thousands of equal strings per node. */
+        for (size_t j = 0; j < cp->ncg; j++) {
+          json_t *o = cp->cg[j].srcstr;
+          if (o && o != cp->self_src[slot] && same_sources(sig->memo, o, cp->self_src[slot])) {
+            json_decref(cp->self_src[slot]);
+            cp->self_src[slot] = json_incref(o);
+            break;
+          }
+        }
       }
       if (json_array_size(cp->self_src[slot])) {
         if (!sdp_ready) {
@@ -1753,7 +1783,7 @@ static json_t *node_filter(const struct tc_policy *pol, const struct ctopo *ct, 
           sdp_ready = true;
         }
         if (emit)
-          self_rules(ct, cg, cp->self_src[slot], n, &sdp, out);
+          self_rules(ct, cg, cp->self_src[slot], n, &sdp, out, sig->memo);
         /* what self_rules emits: per protocol entry, these sources, the
          * node's addresses and the grant's ports (app grants: not covered) */
         fsig_u64(sig, 0x5e1f);
@@ -2230,6 +2260,49 @@ static void build_peer_lists(const struct ctopo *ct, const struct compiled *cp, 
   free(vis);
 }
 
+/* Texts of every node's filter and SSH policy: taken from the previous
+ * result with its object, shared between nodes with the same object, and
+ * otherwise rendered once with the repeated inner arrays formatted once. */
+struct text_slot {
+  const json_t *j;
+  const char *t; /* borrowed from the node result that owns a reference */
+};
+
+static const char *text_for(struct text_slot *tab, size_t mask, struct pol_text_memo *memo, json_t *j,
+                            const char *old_text, const json_t *old_j)
+{
+  if (!j)
+    return NULL;
+  size_t h = ((uintptr_t)j >> 4) * 0x9E3779B97F4A7C15ull & mask;
+  while (tab[h].j && tab[h].j != j)
+    h = (h + 1) & mask;
+  if (tab[h].j)
+    return pol_text_ref(tab[h].t);
+  tab[h].j = j;
+  tab[h].t = old_j == j && old_text ? pol_text_ref(old_text) : pol_text_render(memo, j);
+  return tab[h].t;
+}
+
+static void render_texts(struct tc_policy_result *res, const struct tc_policy_node_result *const *olds)
+{
+  size_t cap = 16;
+  while (cap < 4 * res->nnodes)
+    cap *= 2;
+  struct text_slot *tab = tc_xcalloc(cap, sizeof(*tab));
+  struct pol_text_memo *memo = pol_text_memo_new();
+  for (size_t i = 0; i < res->nnodes; i++) {
+    struct tc_policy_node_result *nr = &res->nodes[i];
+    const struct tc_policy_node_result *o = olds[i];
+    nr->filter_text = text_for(tab, cap - 1, memo, nr->packet_filter, o ? o->filter_text : NULL,
+                               o ? o->packet_filter : NULL);
+    nr->filter_len = pol_text_len(nr->filter_text);
+    nr->ssh_text = text_for(tab, cap - 1, memo, nr->ssh_policy, o ? o->ssh_text : NULL, o ? o->ssh_policy : NULL);
+    nr->ssh_len = pol_text_len(nr->ssh_text);
+  }
+  pol_text_memo_free(memo);
+  free(tab);
+}
+
 static int compile_impl(const struct tc_policy *pol, const struct tc_policy_topo *topo,
                         const struct tc_policy_result *prev, struct tc_policy_result **out, struct tc_policy_err *err)
 {
@@ -2302,15 +2375,17 @@ static int compile_impl(const struct tc_policy *pol, const struct tc_policy_topo
   struct sig_memo smemo = {0};
   int64_t (*pidx)[2] = NULL;
   size_t npidx = 0;
-  if (prev && prev->policy_uid == pol->uid && !cp->any_via) {
+  /* (Every previous node is indexed: SSH policies, CapMaps and texts are
+   * taken over by content, filters only by signature, never with via.) */
+  if (prev && prev->policy_uid == pol->uid) {
     pidx = tc_xcalloc(prev->nnodes + 1, sizeof(*pidx));
-    for (size_t i = 0; i < prev->nnodes; i++)
-      if (prev->nodes[i].filter_sig) {
-        pidx[npidx][0] = prev->nodes[i].node_id;
-        pidx[npidx++][1] = (int64_t)i;
-      }
+    for (size_t i = 0; i < prev->nnodes; i++) {
+      pidx[npidx][0] = prev->nodes[i].node_id;
+      pidx[npidx++][1] = (int64_t)i;
+    }
     qsort(pidx, npidx, sizeof(*pidx), prev_cmp);
   }
+  const struct tc_policy_node_result **olds = tc_xcalloc(ct.nn + 1, sizeof(*olds));
   res->policy_uid = pol->uid;
   /* Filters by signature, within this compile (not with via grants, whose
    * per-viewer choices the signature does not cover). */
@@ -2319,6 +2394,7 @@ static int compile_impl(const struct tc_policy *pol, const struct tc_policy_topo
   while (fcap < 2 * ct.nn)
     fcap *= 2;
   struct filter_slot *ftab = fshare ? tc_xcalloc(fcap, sizeof(*ftab)) : NULL;
+  size_t fhit = 0, fmiss = 0; /* filters shared or reused / built, so far */
   size_t fmask = fcap - 1;
   for (size_t i = 0; i < ct.nn; i++) {
     const struct cnode *n = &ct.n[i];
@@ -2332,10 +2408,17 @@ static int compile_impl(const struct tc_policy *pol, const struct tc_policy_topo
       int64_t(*hit)[2] = bsearch(key, pidx, npidx, sizeof(*pidx), prev_cmp);
       old = hit ? &prev->nodes[(*hit)[1]] : NULL;
     }
+    olds[i] = old;
     if (fshare) {
       /* Signature first (no JSON): a node whose filter inputs equal another
-       * node's in this compile, or its own in prev, shares that filter. */
-      node_filter(pol, &ct, cp, n, &applies[grp * nrules_all], !recorded[grp], &reach[i], false, &sig);
+       * node's in this compile, or its own in prev, shares that filter.
+       * When that mostly misses (every node's filter differs, e.g. each
+       * holds its own address and a source list that just changed), the
+       * signature pass is only overhead: then the filter is built in the
+       * same pass and dropped again on the rare hit. */
+      bool sig_first = fmiss <= 8 || fmiss <= 2 * fhit;
+      json_t *built = node_filter(pol, &ct, cp, n, &applies[grp * nrules_all], !recorded[grp], &reach[i],
+                                  !sig_first, &sig);
       recorded[grp] = true;
       uint64_t h = sig.unusable ? 0 : (sig.h | 1);
       json_t *same = NULL;
@@ -2345,16 +2428,24 @@ static int compile_impl(const struct tc_policy *pol, const struct tc_policy_topo
           slot = (slot + 1) & fmask;
         same = ftab[slot].f;
       }
-      if (h && old && h == old->filter_sig) {
+      if (h && old && h == old->filter_sig && !cp->any_via) {
         nr->packet_filter = json_incref(old->packet_filter);
         res->nreused++;
+        fhit++;
+        json_decref(built);
       } else if (same) {
         nr->packet_filter = json_incref(same);
+        fhit++;
+        json_decref(built);
+      } else if (built) {
+        nr->packet_filter = built;
+        fmiss++;
       } else {
         free_reach(&reach[i]);
         sig = (struct fsig){0x7c0a7, false, &smemo};
         nr->packet_filter =
             node_filter(pol, &ct, cp, n, &applies[grp * nrules_all], false, &reach[i], true, &sig);
+        fmiss++;
       }
       nr->filter_sig = h;
       if (h && !same)
@@ -2373,8 +2464,20 @@ static int compile_impl(const struct tc_policy *pol, const struct tc_policy_topo
        * across each identity group. */
       size_t g = ssh_shareable ? ssh_first[i] : i;
       nr->ssh_policy = g < i ? json_incref(res->nodes[g].ssh_policy) : pol_ssh_node(sshp, &ct, n);
+      /* Unchanged since prev: keep prev's object (and so its text), so
+       * that equal pointers tell the mapper nothing changed. Once per
+       * identity group; the group's other nodes share it from here. */
+      if (ssh_shareable && g == i && old && old->ssh_policy && nr->ssh_policy &&
+          json_equal(old->ssh_policy, nr->ssh_policy)) {
+        json_decref(nr->ssh_policy);
+        nr->ssh_policy = json_incref(old->ssh_policy);
+      }
     }
     nr->cap_map = capmap_for_node(pol, targets, n);
+    if (old && old->cap_map && nr->cap_map && json_equal(old->cap_map, nr->cap_map)) {
+      json_decref(nr->cap_map);
+      nr->cap_map = json_incref(old->cap_map);
+    }
     ct.n[i].no_v4 = json_object_get(nr->cap_map, "disable-ipv4") != NULL;
     json_t *prim;
     json_decref(allowed_ips(&ct, NULL, n, NULL, NULL, NULL, &prim));
@@ -2393,6 +2496,8 @@ static int compile_impl(const struct tc_policy *pol, const struct tc_policy_topo
       json_array_append_new(nr->self_allowed_ips, json_string("::/0"));
     nr->auto_approved = auto_approve_node(pol, &ct, n);
   }
+  render_texts(res, olds);
+  free(olds);
   /* A sees B when either may reach the other. who[j] marks the nodes that
    * may send to j; it is filled by walking each rule's source ranges over
    * the sorted node addresses, so the cost follows the answer rather than
@@ -2514,6 +2619,8 @@ void tc_policy_result_free(struct tc_policy_result *res)
   for (size_t i = 0; i < res->nnodes; i++) {
     struct tc_policy_node_result *nr = &res->nodes[i];
     json_decref(nr->packet_filter);
+    pol_text_unref(nr->filter_text);
+    pol_text_unref(nr->ssh_text);
     if (nr->peers) {
       for (size_t h = 0; h < nr->peers->nholes; h++) {
         json_decref(nr->hole_allowed_ips[h]);

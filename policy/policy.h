@@ -119,6 +119,17 @@ struct tc_policy_node_result {
   json_t *primary_routes;    /* array: subnet routes this node is primary for (tailnet-wide election) */
   json_t *auto_approved;     /* array: announced routes autoApprovers approve for this node */
   uint64_t filter_sig;       /* internal (incremental compile): what packet_filter was built from; 0 = unknown */
+  /* Compact JSON text of packet_filter and ssh_policy: json_dumps(v, JSON_COMPACT) byte for byte,
+   * NUL-terminated, owned by the result. Shared like the objects: nodes with the same packet_filter
+   * pointer have the same filter_text pointer, and an incremental compile that hands a node the
+   * previous result's object hands it that result's text too (so equal pointers across the two
+   * results mean equal text; unequal pointers may still hold equal text). ssh_text is NULL when
+   * ssh_policy is. Rendering shares the repeated parts (SrcIPs arrays, destination entries), so
+   * this is far cheaper than dumping every node's filter. */
+  const char *filter_text;
+  size_t filter_len;
+  const char *ssh_text;
+  size_t ssh_len;
 };
 
 /* One stored peer list, shared by the nodes of a result that see the same
@@ -215,6 +226,30 @@ void tc_policy_result_free(struct tc_policy_result *res);
 int tc_policy_compile_incremental(const struct tc_policy *pol, const struct tc_policy_topo *topo,
                                   const struct tc_policy_result *prev, struct tc_policy_result **out,
                                   struct tc_policy_err *err);
+/* ---- comparing two results (the mapper, after a recompile) ---------------------- */
+/* Whether a viewer's set of peers changed between two results, other than in
+ * a given set of node ids (the nodes a change touched, which the mapper sends
+ * on their own). Viewers share stored peer lists, so the answer is worked out
+ * once per distinct pair of stored lists (one merge walk) and then costs
+ * O(1) per viewer: O(N x distinct pairs) per change instead of O(N^2).
+ *
+ *   struct tc_policy_peers_cmp *c = tc_policy_peers_cmp_new(ids, nids);
+ *   for each viewer: changed = tc_policy_peers_differ(c, old_r, new_r);
+ *   tc_policy_peers_cmp_free(c);
+ *
+ * skip: ascending node ids, borrowed until _free. a and b: the same node's
+ * entries in the old and the new result (either may be NULL: no peers); the
+ * results must outlive the comparer. Returns true when some node other than
+ * the viewer and the skipped ones is a peer in one and not in the other.
+ * One comparer per thread; it only reads the results. */
+struct tc_policy_peers_cmp;
+struct tc_policy_peers_cmp *tc_policy_peers_cmp_new(const int64_t *skip, size_t nskip);
+bool tc_policy_peers_differ(struct tc_policy_peers_cmp *c, const struct tc_policy_node_result *a,
+                            const struct tc_policy_node_result *b);
+/* Distinct stored-list pairs walked so far (for tests). */
+size_t tc_policy_peers_cmp_walks(const struct tc_policy_peers_cmp *c);
+void tc_policy_peers_cmp_free(struct tc_policy_peers_cmp *c);
+
 /* Borrowed pointer to the result for node id, or NULL. */
 const struct tc_policy_node_result *tc_policy_result_node(const struct tc_policy_result *res, int64_t id);
 

@@ -55,6 +55,22 @@ bool pol_ip_range_prefix(struct ip_range r, char *out, size_t outsz);
 bool pol_ip_range_overlaps(struct ip_range a, struct ip_range b);
 bool pol_ip_range_is_exit(struct ip_range r);
 
+/* ---- text (text.c) ------------------------------------------------------------ */
+/* Refcounted NUL-terminated texts: pol_text_new copies s (owned, one
+ * reference); _ref adds one and returns s; _unref drops one (NULL ok). */
+const char *pol_text_new(const char *s, size_t len);
+const char *pol_text_ref(const char *s);
+void pol_text_unref(const char *s);
+size_t pol_text_len(const char *s);
+/* json_dumps(j, JSON_COMPACT) byte for byte, as a new refcounted text
+ * (NULL for NULL j). Shared arrays and objects inside j (refcount > 1) are
+ * formatted once per memo and copied afterwards; they must not change while
+ * the memo lives (it holds a reference to each). */
+struct pol_text_memo;
+struct pol_text_memo *pol_text_memo_new(void);
+void pol_text_memo_free(struct pol_text_memo *m);
+const char *pol_text_render(struct pol_text_memo *m, json_t *j);
+
 /* ---- parsed policy --------------------------------------------------------- */
 enum alias_kind { AL_WILDCARD, AL_USER, AL_GROUP, AL_TAG, AL_HOST, AL_PREFIX, AL_AUTOGROUP };
 enum autogroup { AG_INTERNET, AG_MEMBER, AG_TAGGED, AG_SELF, AG_DANGER_ALL, AG_NONROOT };

@@ -439,9 +439,31 @@ static char *filter_text(const json_t *f) {
   return json_dumps(f, JSON_COMPACT);
 }
 
+/* A node's filter_text / ssh_text must be jansson's compact dump of its
+ * objects, byte for byte (the mapper sends them as they are). */
+static bool texts_match(const struct tc_policy_node_result *x) {
+  char *f = filter_text(x->packet_filter);
+  char *s = x->ssh_policy ? json_dumps(x->ssh_policy, JSON_COMPACT) : NULL;
+  bool ok = f && x->filter_text && !strcmp(f, x->filter_text) && x->filter_len == strlen(f) &&
+            (s ? x->ssh_text && !strcmp(s, x->ssh_text) && x->ssh_len == strlen(s) : !x->ssh_text && !x->ssh_len);
+  if (!ok) fprintf(stderr, "  node %lld text differs:\n   dump %s\n   text %s\n", (long long)x->node_id, f, x->filter_text);
+  free(f);
+  free(s);
+  return ok;
+}
+
 /* Every node's whole result must be the same as a full compile's. */
 static bool same_results(const struct tc_policy_result *a, const struct tc_policy_result *b) {
   if (a->nnodes != b->nnodes) return false;
+  for (size_t i = 0; i < a->nnodes; i++) {
+    if (!texts_match(&a->nodes[i]) || !texts_match(&b->nodes[i])) return false;
+    /* the same object always comes with the same text */
+    for (size_t k = 0; k < i; k++)
+      if ((a->nodes[k].packet_filter == a->nodes[i].packet_filter) !=
+              (a->nodes[k].filter_text == a->nodes[i].filter_text) ||
+          (a->nodes[k].ssh_policy == a->nodes[i].ssh_policy) != (a->nodes[k].ssh_text == a->nodes[i].ssh_text))
+        return false;
+  }
   for (size_t i = 0; i < a->nnodes; i++) {
     const struct tc_policy_node_result *x = &a->nodes[i], *y = &b->nodes[i];
     char *fx = filter_text(x->packet_filter), *fy = filter_text(y->packet_filter);
@@ -458,6 +480,54 @@ static bool same_results(const struct tc_policy_result *a, const struct tc_polic
   return true;
 }
 
+/* The plain answer tc_policy_peers_differ must give: walk both peer lists. */
+static bool naive_peers_differ(const struct tc_policy_node_result *a, const struct tc_policy_node_result *b,
+                               const int64_t *skip, size_t nskip) {
+  const struct tc_policy_node_result *side[2] = {a, b};
+  for (int s = 0; s < 2; s++) {
+    const struct tc_policy_node_result *x = side[s], *y = side[1 - s];
+    for (size_t k = 0; x && k < x->npeers; k++) {
+      int64_t id = tc_policy_peer_id(x, k);
+      bool skipped = false;
+      for (size_t q = 0; q < nskip; q++) skipped |= skip[q] == id;
+      if (!skipped && (!y || tc_policy_peer_find(y, id) < 0)) return true;
+    }
+  }
+  return false;
+}
+
+/* Every node present in both results: the comparer agrees with the naive
+ * walk, for a random skip set; returns the comparer's walk count. */
+static size_t check_peers_differ(const struct tc_policy_result *prev, const struct tc_policy_result *next,
+                                 unsigned seed, int64_t max_id, bool *ok) {
+  int64_t skip[3];
+  size_t nskip = seed % 4;
+  for (size_t q = 0; q < nskip; q++) skip[q] = 1 + (int64_t)((seed >> (4 + 5 * q)) % (unsigned)max_id);
+  for (size_t q = 1; q < nskip; q++) /* ascending, no duplicates */
+    for (size_t p = q; p > 0 && skip[p - 1] > skip[p]; p--) {
+      int64_t t = skip[p];
+      skip[p] = skip[p - 1];
+      skip[p - 1] = t;
+    }
+  size_t m = 0;
+  for (size_t q = 0; q < nskip; q++)
+    if (!m || skip[m - 1] != skip[q]) skip[m++] = skip[q];
+  nskip = m;
+  struct tc_policy_peers_cmp *c = tc_policy_peers_cmp_new(skip, nskip);
+  for (size_t i = 0; i < next->nnodes; i++) {
+    const struct tc_policy_node_result *b = &next->nodes[i], *a = tc_policy_result_node(prev, b->node_id);
+    if (!a) continue;
+    bool want = naive_peers_differ(a, b, skip, nskip), got = tc_policy_peers_differ(c, a, b);
+    if (want != got) {
+      fprintf(stderr, "  node %lld: peers_differ %d, naive %d\n", (long long)b->node_id, got, want);
+      *ok = false;
+    }
+  }
+  size_t walks = tc_policy_peers_cmp_walks(c);
+  tc_policy_peers_cmp_free(c);
+  return walks;
+}
+
 TC_TEST(incremental_compile_equals_full_compile_over_random_changes) {
   static const char *policies[] = {
       /* users, groups, tags, autogroup:self/member, hosts, CIDRs, protocols, routes */
@@ -471,12 +541,17 @@ TC_TEST(incremental_compile_equals_full_compile_over_random_changes) {
       "  {\"action\": \"accept\", \"proto\": \"udp\", \"src\": [\"autogroup:member\"], \"dst\": [\"lan:53\"]},\n"
       "  {\"action\": \"accept\", \"src\": [\"u4@\"], \"dst\": [\"one:22\", \"u4@:*\"]},\n"
       "  {\"action\": \"accept\", \"src\": [\"tag:db\"], \"dst\": [\"autogroup:member:9000\"]}\n"
-      " ]}\n",
+      " ],\n"
+      " \"ssh\": [{\"action\": \"accept\", \"src\": [\"autogroup:member\"], \"dst\": [\"autogroup:self\"],\n"
+      "          \"users\": [\"root\", \"autogroup:nonroot\"]},\n"
+      "         {\"action\": \"check\", \"src\": [\"group:dev\"], \"dst\": [\"tag:web\"], \"users\": [\"deploy\"]}]}\n",
       /* grants with an app capability (CapGrant rules) and the default rule */
       "{\"tagOwners\": {\"tag:web\": [\"u1@\"], \"tag:db\": [\"u1@\"], \"tag:router\": [\"u1@\"]},\n"
       " \"grants\": [\n"
       "  {\"src\": [\"autogroup:member\"], \"dst\": [\"tag:web\"], \"ip\": [\"tcp:443\"],\n"
-      "   \"app\": {\"example.com/cap/web\": [{\"role\": \"reader\"}]}},\n"
+      "   \"app\": {\"example.com/cap/web\": [{\"role\": \"reader\", \"t\": \"r\u00e9 \\\"q\\\" \\\\ \\n \\u0001 /\",\n"
+      "                                        \"q\": \"say \\\"hi\\\" \\\\ back\", \"u\": \"r\u00e9/\", \"x\": 1.5, \"e\": 1e300, \"b\": true, \"f\": false, \"z\": null, \"i\": -3,\n"
+      "                                        \"o\": {}, \"a\": []}]}},\n"
       "  {\"src\": [\"u2@\", \"u3@\"], \"dst\": [\"autogroup:self\"], \"ip\": [\"*\"]},\n"
       "  {\"src\": [\"tag:db\"], \"dst\": [\"tag:db\", \"u1@\"], \"ip\": [\"tcp:1-1024\"]},\n"
       "  {\"src\": [\"*\"], \"dst\": [\"10.9.0.0/16\"], \"ip\": [\"icmp:*\", \"tcp:22\"]}\n"
@@ -497,6 +572,7 @@ TC_TEST(incremental_compile_equals_full_compile_over_random_changes) {
   char ip4[MAXN][20], ip6[MAXN][48], host[MAXN][24];
   unsigned seed = 12345;
   int reused_total = 0;
+  size_t cmp_walks = 0, cmp_viewers = 0;
   for (size_t pi = 0; pi < TC_ARRAY_LEN(policies); pi++) {
     struct tc_policy *pol = NULL;
     struct tc_policy_err err;
@@ -561,6 +637,14 @@ TC_TEST(incremental_compile_equals_full_compile_over_random_changes) {
       TC_REQUIRE(tc_policy_compile_incremental(pol, &topo, prev, &inc, &err) == 0);
       bool same = same_results(inc, full);
       TC_CHECK(same);
+      if (prev) {
+        bool ok = true;
+        size_t walks = check_peers_differ(prev, inc, seed, next_id, &ok);
+        TC_CHECK(ok);
+        cmp_walks += walks;
+        cmp_viewers += inc->nnodes;
+        if (pi == 2) TC_CHECK(walks <= 1); /* allow-all: every viewer holds the same pair of lists */
+      }
       reused_total += (int)inc->nreused;
       tc_policy_result_free(full);
       tc_policy_result_free(prev);
@@ -579,7 +663,9 @@ TC_TEST(incremental_compile_equals_full_compile_over_random_changes) {
     tc_policy_result_free(prev);
     tc_policy_free(pol);
   }
-  fprintf(stderr, "  %d filters reused over 180 steps\n", reused_total);
+  fprintf(stderr, "  %d filters reused over 180 steps; peer-set comparison walked %zu list pairs for %zu viewers\n",
+          reused_total, cmp_walks, cmp_viewers);
+  TC_CHECK(cmp_walks < cmp_viewers);
   TC_CHECK(reused_total > 500);
 }
 
