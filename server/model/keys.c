@@ -79,8 +79,7 @@ int tc_model_preauth_create(struct tc_model *m, const char *actor,
   }
 out:
   tcm_wr_done(&w);
-  pthread_mutex_unlock(&m->wmu);
-  return rc;
+  return tcm_unlock(m, rc, err);
 }
 
 static int preauth_simple(struct tc_model *m, const char *actor, int64_t id, bool del,
@@ -122,8 +121,7 @@ static int preauth_simple(struct tc_model *m, const char *actor, int64_t id, boo
 out:
   tcm_plan_free(&p);
   tcm_wr_done(&w);
-  pthread_mutex_unlock(&m->wmu);
-  return rc;
+  return tcm_unlock(m, rc, err);
 }
 
 int tc_model_preauth_expire(struct tc_model *m, const char *actor, int64_t id,
@@ -206,8 +204,7 @@ int tc_model_apikey_create(struct tc_model *m, const char *actor, int64_t expira
     break;
   }
   tcm_wr_done(&w);
-  pthread_mutex_unlock(&m->wmu);
-  return rc;
+  return tcm_unlock(m, rc, err);
 }
 
 static int apikey_simple(struct tc_model *m, const char *actor, int64_t id, bool del,
@@ -239,8 +236,7 @@ static int apikey_simple(struct tc_model *m, const char *actor, int64_t id, bool
 out:
   tcm_plan_free(&p);
   tcm_wr_done(&w);
-  pthread_mutex_unlock(&m->wmu);
-  return rc;
+  return tcm_unlock(m, rc, err);
 }
 
 int tc_model_apikey_expire(struct tc_model *m, const char *actor, int64_t id,
@@ -300,6 +296,5 @@ int tc_model_apikey_verify(struct tc_model *m, const char *token, size_t len, in
   }
   tcm_plan_free(&p);
   tcm_wr_done(&w);
-  pthread_mutex_unlock(&m->wmu);
-  return 0;
+  return tcm_unlock(m, 0, err);
 }

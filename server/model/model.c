@@ -202,11 +202,29 @@ int tcm_plan_run(struct tc_model *m, struct plan *p, struct tc_err *err) {
   return rc;
 }
 
+int tcm_unlock(struct tc_model *m, int rc, struct tc_err *err) {
+  uint64_t t = m->durable_ticket;
+  pthread_mutex_unlock(&m->wmu);
+  if (!t) return rc;
+  int64_t t0 = tc_mono_ns();
+  struct tc_err e2 = {0};
+  int src = tc_store_sync(m->store, t, &e2);
+  atomic_fetch_add_explicit(&m->st_sync_waits, 1, memory_order_relaxed);
+  atomic_fetch_add_explicit(&m->st_sync_wait_us, (uint64_t)((tc_mono_ns() - t0) / 1000), memory_order_relaxed);
+  if (src) {
+    tc_error("model: committed writes could not be flushed to stable storage: %s", e2.msg);
+    if (rc == 0) rc = tc_err_set(err, TC_EDB, "committed, but not known to be durable: %s", e2.msg);
+  }
+  return rc;
+}
+
 static int plan_attempts(struct tc_model *m, struct plan *p, struct tc_err *err) {
   int rc = 0;
   for (int attempt = 0;; attempt++) {
     struct tc_tx *tx = NULL;
-    rc = tc_store_begin(m->store, p->flags, &tx, err);
+    unsigned fl = p->flags;
+    if (fl & TC_TX_DURABLE) fl = (fl & ~TC_TX_DURABLE) | TC_TX_DURABLE_LATER;
+    rc = tc_store_begin(m->store, fl, &tx, err);
     if (rc == 0) {
       for (size_t i = 0; i < p->n && rc == 0; i++) rc = op_exec(tx, &p->ops[i], err);
       if (rc == 0 && !p->no_audit) {
@@ -218,8 +236,10 @@ static int plan_attempts(struct tc_model *m, struct plan *p, struct tc_err *err)
                              .target = target, .detail = p->detail};
         rc = tc_store_audit_insert(tx, &a, err);
       }
-      if (rc == 0) rc = tc_tx_commit(tx, err);
+      uint64_t ticket = 0;
+      if (rc == 0) rc = tc_tx_commit_ticket(tx, &ticket, err);
       else tc_tx_rollback(tx);
+      if (rc == 0 && ticket > m->durable_ticket) m->durable_ticket = ticket;
     }
     if (rc != TC_EAGAIN || attempt >= 2) return rc;
     atomic_fetch_add_explicit(&m->st_tx_retries, 1, memory_order_relaxed);
@@ -425,6 +445,9 @@ void tc_model_stats(struct tc_model *m, struct tc_model_stats *out) {
   out->tx_durable_wall_us = atomic_load(&m->st_tx_durable_wall_us);
   out->publishes = atomic_load(&m->st_publishes);
   out->publish_cpu_us = atomic_load(&m->st_publish_cpu_us);
+  out->sync_waits = atomic_load(&m->st_sync_waits);
+  out->sync_wait_us = atomic_load(&m->st_sync_wait_us);
+  out->store_syncs = tc_store_syncs(m->store);
   out->subscribers = (size_t)atomic_load(&m->st_subs);
   pthread_mutex_lock(&m->pmu);
   int64_t now = tc_mono_ms();
@@ -558,8 +581,7 @@ out:
   tc_policy_free(pol);
   tcm_plan_free(&p);
   tcm_wr_done(&w);
-  pthread_mutex_unlock(&m->wmu);
-  return rc;
+  return tcm_unlock(m, rc, err);
 }
 
 int tc_model_policy_history(struct tc_model *m, int limit, struct tc_policy_rec **out,
@@ -626,7 +648,7 @@ int tc_model_tick(struct tc_model *m, int64_t now_ms, struct tc_err *err) {
   tcm_wr_done(&w);
   tc_snapshot_release(s);
   if (now_s > m->last_expiry_check) m->last_expiry_check = now_s;
-  pthread_mutex_unlock(&m->wmu);
+  rc = tcm_unlock(m, rc, err);
 
   /* Pending registrations past their TTL (unless an approval is running). */
   pthread_mutex_lock(&m->pmu);

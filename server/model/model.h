@@ -8,6 +8,16 @@
  *   immutable snapshot -> call the change subscribers.
  * A failed validation or transaction changes nothing (no snapshot, no event).
  *
+ * Durability: writes that must survive a machine crash (registrations and
+ * the keys they consume, revocations: expiry, logout, deletion, key changes,
+ * policy) are flushed to stable storage after the writer lock is released
+ * and before the call returns; concurrent writers share one flush (group
+ * commit) instead of each holding the lock through its own. Every write
+ * call, and every refusal, also waits for the flush of the durable writes
+ * before it, since its outcome may rest on them. So nothing a caller is told
+ * is lost by a crash, but snapshot readers (and through them peers' map
+ * streams) may see a durable change up to one flush before it is on disk.
+ *
  * Readers take a snapshot (tc_model_snapshot) and read it without any lock for
  * as long as they like; a snapshot never changes after publication. Records
  * that a write does not touch are shared between snapshots by reference, so a
@@ -104,6 +114,9 @@ struct tc_model_stats {
   uint64_t tx_wall_us, tx_cpu_us;
   uint64_t tx_durable, tx_durable_wall_us;
   uint64_t publishes, publish_cpu_us;
+  /* Group commit: write calls that waited for durable commits to be
+   * flushed, their total wait, and the flushes storage did. */
+  uint64_t sync_waits, sync_wait_us, store_syncs;
 };
 void tc_model_stats(struct tc_model *m, struct tc_model_stats *out);
 

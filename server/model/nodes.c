@@ -227,13 +227,15 @@ int tcm_register(struct tc_model *m, const char *actor, const struct tc_register
   fields |= TC_NODE_F_HOSTINFO;
 
   p.flags = TC_TX_DURABLE;
-  if (ra->key) tcm_plan_add(&p, OP_PRE_CONSUME, NULL, ra->key->id, 0);
+  /* A reusable key that is marked used already has nothing to record. */
+  const struct tc_preauth_key *consume = ra->key && !(ra->key->reusable && ra->key->used) ? ra->key : NULL;
+  if (consume) tcm_plan_add(&p, OP_PRE_CONSUME, NULL, consume->id, 0);
   tcm_plan_add(&p, existing ? OP_NODE_UPDATE : OP_NODE_INSERT, n, 0, 0);
   p.target_op = (int)p.n - 1;
   p.detail = tc_xasprintf("given_name=%s method=%s%s", n->given_name,
                           tc_register_method_name(ra->method), existing ? " reregister" : "");
   rc = tcm_plan_run(m, &p, err);
-  if (rc == TC_ECONFLICT && ra->key) rc = tc_err_set(err, TC_EPERM, "invalid pre auth key");
+  if (rc == TC_ECONFLICT && consume) rc = tc_err_set(err, TC_EPERM, "invalid pre auth key");
   if (rc) goto out;
 
   int64_t id = n->id;
@@ -250,8 +252,8 @@ int tcm_register(struct tc_model *m, const char *actor, const struct tc_register
   e->fields = fields;
   tcm_wr_set_nodes(&w, tc_ntab_edit(tcm_wr_nodes(&w), n, 0));
   n = NULL;
-  if (ra->key) {
-    struct tc_preauth_key *k = tc_box_preauth(ra->key);
+  if (consume) {
+    struct tc_preauth_key *k = tc_box_preauth(consume);
     k->used = true;
     tcm_wr_set_keys(&w, tc_ktab_edit_pre(tcm_wr_keys(&w), k, 0));
     struct ev *ke = tcm_wr_event(&w, TC_CHANGE_PREAUTH_KEY);
@@ -289,8 +291,7 @@ int tc_model_register_authkey(struct tc_model *m, const struct tc_register_req *
     rc = tcm_register(m, actor, req, &ra, node_id_out, err);
     tc_box_unref(kref);
   }
-  pthread_mutex_unlock(&m->wmu);
-  return rc;
+  return tcm_unlock(m, rc, err);
 }
 
 /* The node fields tc_store_node_update_client writes. */
@@ -343,8 +344,7 @@ out:
   tc_box_unref(n);
   tcm_plan_free(&p);
   tcm_wr_done(&w);
-  pthread_mutex_unlock(&m->wmu);
-  return rc;
+  return tcm_unlock(m, rc, err);
 }
 
 struct rotate_arg {
@@ -606,8 +606,7 @@ int tc_model_node_delete(struct tc_model *m, const char *actor, int64_t node_id,
                          struct tc_err *err) {
   pthread_mutex_lock(&m->wmu);
   int rc = tcm_delete_locked(m, actor, node_id, "admin", err);
-  pthread_mutex_unlock(&m->wmu);
-  return rc;
+  return tcm_unlock(m, rc, err);
 }
 
 int tc_model_node_logout(struct tc_model *m, const char *actor, int64_t node_id,
@@ -620,8 +619,7 @@ int tc_model_node_logout(struct tc_model *m, const char *actor, int64_t node_id,
   if (eph) {
     pthread_mutex_lock(&m->wmu);
     int rc = tcm_delete_locked(m, actor, node_id, "logout", err);
-    pthread_mutex_unlock(&m->wmu);
-    return rc;
+    return tcm_unlock(m, rc, err);
   }
   int64_t at = tc_now();
   return node_edit(m, actor, "node.logout", node_id, TC_CHANGE_NODE_EXPIRED, TC_TX_DURABLE, true,
@@ -682,6 +680,5 @@ int tc_model_node_set_online(struct tc_model *m, int64_t node_id, bool online,
 out:
   tcm_plan_free(&p);
   tcm_wr_done(&w);
-  pthread_mutex_unlock(&m->wmu);
-  return rc;
+  return tcm_unlock(m, rc, err);
 }

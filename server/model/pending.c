@@ -122,7 +122,7 @@ int tc_model_pending_approve(struct tc_model *m, const char *actor, const char *
   } else {
     pthread_mutex_lock(&m->wmu);
     rc = tcm_register(m, actor, &req, &ra, &nid, err);
-    pthread_mutex_unlock(&m->wmu);
+    rc = tcm_unlock(m, rc, err);
   }
   pthread_mutex_lock(&m->pmu);
   if (rc == 0) {

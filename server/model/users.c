@@ -55,8 +55,7 @@ int tc_model_user_create(struct tc_model *m, const char *actor, const char *name
 out:
   tcm_plan_free(&p);
   tcm_wr_done(&w);
-  pthread_mutex_unlock(&m->wmu);
-  return rc;
+  return tcm_unlock(m, rc, err);
 }
 
 /* Common tail of user updates: u is a boxed modified copy (stolen). */
@@ -97,8 +96,7 @@ int tc_model_user_rename(struct tc_model *m, const char *actor, int64_t id, cons
   }
   tcm_plan_free(&p);
   tcm_wr_done(&w);
-  pthread_mutex_unlock(&m->wmu);
-  return rc;
+  return tcm_unlock(m, rc, err);
 }
 
 int tc_model_user_update(struct tc_model *m, const char *actor, int64_t id,
@@ -132,8 +130,7 @@ int tc_model_user_update(struct tc_model *m, const char *actor, int64_t id,
   }
   tcm_plan_free(&p);
   tcm_wr_done(&w);
-  pthread_mutex_unlock(&m->wmu);
-  return rc;
+  return tcm_unlock(m, rc, err);
 }
 
 int tc_model_user_destroy(struct tc_model *m, const char *actor, int64_t id, struct tc_err *err) {
@@ -195,6 +192,5 @@ int tc_model_user_destroy(struct tc_model *m, const char *actor, int64_t id, str
 out:
   tcm_plan_free(&p);
   tcm_wr_done(&w);
-  pthread_mutex_unlock(&m->wmu);
-  return rc;
+  return tcm_unlock(m, rc, err);
 }

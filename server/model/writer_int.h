@@ -73,6 +73,7 @@ struct tc_model {
   size_t n_oc;
   int64_t last_expiry_check;
   int64_t opened_at; /* Unix s */
+  uint64_t durable_ticket; /* newest durable commit's group-commit ticket (tc_store_sync) */
 
   pthread_mutex_t smu; /* guards cur only; held for a pointer copy */
   struct tc_snapshot *cur;
@@ -87,7 +88,7 @@ struct tc_model {
   _Atomic uint64_t st_tx_ok, st_tx_failed, st_tx_retries;
   _Atomic int64_t st_last_tx_us, st_max_tx_us;
   _Atomic uint64_t st_tx_wall_us, st_tx_cpu_us, st_tx_durable, st_tx_durable_wall_us;
-  _Atomic uint64_t st_publishes, st_publish_cpu_us;
+  _Atomic uint64_t st_publishes, st_publish_cpu_us, st_sync_waits, st_sync_wait_us;
   _Atomic long st_subs;
 };
 
@@ -163,8 +164,14 @@ void tcm_plan_init(struct plan *p, const char *actor, const char *action, const 
                    int64_t target_id);
 void tcm_plan_add(struct plan *p, int kind, void *rec, int64_t id, int64_t at);
 void tcm_plan_free(struct plan *p);
-/* One transaction with all ops and the audit entry, retried on TC_EAGAIN. */
+/* One transaction with all ops and the audit entry, retried on TC_EAGAIN.
+ * TC_TX_DURABLE plans commit as TC_TX_DURABLE_LATER: tcm_unlock flushes. */
 int tcm_plan_run(struct tc_model *m, struct plan *p, struct tc_err *err);
+/* Releases the writer lock, then waits until every durable commit so far is
+ * on stable storage (group commit: concurrent writers share the flush), so
+ * that no outcome is reported before the state it rests on is durable.
+ * Returns rc, or TC_EDB when rc was 0 and the flush failed. */
+int tcm_unlock(struct tc_model *m, int rc, struct tc_err *err);
 
 /* ---- shared helpers ----------------------------------------------------------------- */
 const char *tcm_actor(const char *a);

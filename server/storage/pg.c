@@ -205,7 +205,7 @@ static int pg_begin(struct tc_store *st, struct tc_tx *tx, struct tc_err *err) {
   const char *sql;
   if (tx->flags & TX_SNAPSHOT)
     sql = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY";
-  else if (tx->flags & (TC_TX_DURABLE | TX_MIGRATE))
+  else if (tx->flags & (TC_TX_DURABLE | TC_TX_DURABLE_LATER | TX_MIGRATE)) /* PostgreSQL groups commits itself */
     sql = "BEGIN; SET LOCAL synchronous_commit TO on";
   else
     /* The server's own setting (on unless the operator chose otherwise):
@@ -236,8 +236,9 @@ static int pg_begin(struct tc_store *st, struct tc_tx *tx, struct tc_err *err) {
   return 0;
 }
 
-static int pg_commit(struct tc_tx *tx, struct tc_err *err) {
+static int pg_commit(struct tc_tx *tx, uint64_t *ticket, struct tc_err *err) {
   struct pgc *slot = tx->conn;
+  *ticket = 0; /* durable transactions commit with synchronous_commit on */
   int code = 0;
   PGresult *r = PQexec(slot->c, "COMMIT");
   if (!r || PQresultStatus(r) != PGRES_COMMAND_OK) {

@@ -461,19 +461,34 @@ int tc_store_begin(struct tc_store *st, unsigned flags, struct tc_tx **out, stru
   return 0;
 }
 
-int tc_tx_commit(struct tc_tx *tx, struct tc_err *err) {
+int tc_tx_commit_ticket(struct tc_tx *tx, uint64_t *ticket, struct tc_err *err) {
+  if (ticket) *ticket = 0;
   if (!tx) return tc_err_set(err, TC_EINVAL, "storage: commit without a transaction");
+  struct tc_store *st = tx->st;
   int code;
+  uint64_t t = 0;
   if (tx->failed) {
-    tx->st->ops->rollback(tx);
+    st->ops->rollback(tx);
     code = tc_err_set(err, TC_EDB, "storage: transaction failed earlier (%s); rolled back",
                       tc_strerror(tx->fail_code));
   } else {
-    code = tx->st->ops->commit(tx, err);
+    code = st->ops->commit(tx, &t, err);
   }
   free(tx);
-  return code;
+  if (code) return code;
+  if (!ticket) return tc_store_sync(st, t, err);
+  *ticket = t;
+  return 0;
 }
+
+int tc_tx_commit(struct tc_tx *tx, struct tc_err *err) { return tc_tx_commit_ticket(tx, NULL, err); }
+
+int tc_store_sync(struct tc_store *st, uint64_t ticket, struct tc_err *err) {
+  if (!ticket || !st->ops->sync) return 0;
+  return st->ops->sync(st, ticket, err);
+}
+
+uint64_t tc_store_syncs(const struct tc_store *st) { return atomic_load(&st->syncs); }
 
 void tc_tx_rollback(struct tc_tx *tx) {
   if (!tx) return;

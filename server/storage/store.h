@@ -96,6 +96,16 @@ int tc_store_type(const struct tc_store *st);
  * READ READ ONLY), so readers in other processes do not hold up writers. */
 #define TC_TX_READONLY 0x2u
 
+/* TC_TX_DURABLE_LATER: durable, but made so by tc_store_sync() instead of
+ * inside the commit, so that concurrent durable transactions share one flush
+ * (group commit). tc_tx_commit_ticket() returns the ticket to wait for. Right
+ * after the commit the data is visible to later transactions and survives a
+ * crash of the process; it survives a crash of the machine once
+ * tc_store_sync(ticket) has returned 0, and the caller must not acknowledge
+ * it as stored before that. (PostgreSQL and SQLite without WAL make every
+ * such commit durable at once: the ticket is 0.) */
+#define TC_TX_DURABLE_LATER 0x4u
+
 /* Begins a transaction; *out is owned until commit/rollback. A thread must
  * not begin a second transaction while it holds one (SQLite: it would wait
  * for itself; PostgreSQL: it would hold two pool connections). Text values
@@ -103,6 +113,19 @@ int tc_store_type(const struct tc_store *st);
 int tc_store_begin(struct tc_store *st, unsigned flags, struct tc_tx **out, struct tc_err *err);
 /* Commits and frees tx, also on failure (then nothing was committed). */
 int tc_tx_commit(struct tc_tx *tx, struct tc_err *err);
+/* Commits like tc_tx_commit; for TC_TX_DURABLE_LATER transactions *ticket
+ * gets what to pass to tc_store_sync (0: nothing to wait for; also for every
+ * other kind of transaction). With ticket NULL a TC_TX_DURABLE_LATER commit
+ * is synced before returning. */
+int tc_tx_commit_ticket(struct tc_tx *tx, uint64_t *ticket, struct tc_err *err);
+/* Returns once every commit up to ticket is on stable storage. Concurrent
+ * callers share flushes: one caller flushes everything committed so far
+ * while the others wait for it. 0 at once for ticket 0 or an already synced
+ * ticket; TC_EDB when the flush fails (then nothing is known to be durable).
+ * Any thread; must not be called while holding a transaction. */
+int tc_store_sync(struct tc_store *st, uint64_t ticket, struct tc_err *err);
+/* Flushes done by tc_store_sync since open (for statistics). */
+uint64_t tc_store_syncs(const struct tc_store *st);
 /* Rolls back and frees tx. NULL ok. */
 void tc_tx_rollback(struct tc_tx *tx);
 

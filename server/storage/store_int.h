@@ -7,6 +7,7 @@
 #define TC_STORAGE_STORE_INT_H
 
 #include <pthread.h>
+#include <stdatomic.h>
 
 #include "storage/store.h"
 
@@ -46,7 +47,11 @@ struct backend_ops {
   int (*open)(struct tc_store *st, struct tc_err *err);
   void (*close)(struct tc_store *st);
   int (*begin)(struct tc_store *st, struct tc_tx *tx, struct tc_err *err);
-  int (*commit)(struct tc_tx *tx, struct tc_err *err);
+  /* *ticket: for TC_TX_DURABLE_LATER, what tc_store_sync waits for (0 if
+   * the commit is durable already); 0 otherwise. */
+  int (*commit)(struct tc_tx *tx, uint64_t *ticket, struct tc_err *err);
+  /* Makes every commit up to ticket durable (NULL: all are at commit). */
+  int (*sync)(struct tc_store *st, uint64_t ticket, struct tc_err *err);
   void (*rollback)(struct tc_tx *tx);
   /* One parameterised statement. res may be NULL when no rows are wanted.
    * Maps constraint errors to TC_EEXIST (message names table.column) and
@@ -63,6 +68,7 @@ struct tc_store {
   const struct backend_ops *ops;
   void *be; /* backend state */
   int schema_version;
+  _Atomic uint64_t syncs; /* flushes done by sync */
 };
 
 extern const struct backend_ops tc_sqlite_ops;

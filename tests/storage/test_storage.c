@@ -8,6 +8,7 @@
 #include <pthread.h>
 #include <signal.h>
 #include <sqlite3.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -1204,7 +1205,8 @@ static void crash_child(const struct tc_store_config *cfg, int wfd) {
   if (tc_store_open(cfg, &st, &err)) _exit(3);
   for (int64_t i = 0;; i++) {
     struct tc_tx *tx;
-    if (tc_store_begin(st, (i % 2) ? TC_TX_DURABLE : 0, &tx, &err)) _exit(4);
+    unsigned fl = i % 3 == 1 ? TC_TX_DURABLE : i % 3 == 2 ? TC_TX_DURABLE_LATER : 0;
+    if (tc_store_begin(st, fl, &tx, &err)) _exit(4);
     struct tc_user u = {0};
     char name[32], prefix[32];
     snprintf(name, sizeof name, "crash-%lld", (long long)i);
@@ -1215,9 +1217,131 @@ static void crash_child(const struct tc_store_config *cfg, int wfd) {
     k.prefix = prefix;
     k.user_id = u.id;
     if (tc_store_preauth_insert(tx, &k, &err)) _exit(6);
-    if (tc_tx_commit(tx, &err)) _exit(7);
+    uint64_t ticket = 0;
+    if (tc_tx_commit_ticket(tx, &ticket, &err)) _exit(7);
+    if (tc_store_sync(st, ticket, &err)) _exit(9); /* acknowledged only once flushed */
     if (write(wfd, &i, sizeof i) != (ssize_t)sizeof i) _exit(8);
   }
+}
+
+/* Group commit: TC_TX_DURABLE_LATER commits are visible at once, made
+ * durable by tc_store_sync, and concurrent syncs share flushes. */
+static bool wal_mode(void) {
+#ifdef SUITE_PG
+  return false;
+#else
+  const char *wal = getenv("TC_TEST_SQLITE_WAL");
+  return !(wal && !strcmp(wal, "0"));
+#endif
+}
+
+struct gc_arg {
+  struct tc_store *st;
+  int base, n;
+  atomic_int errors;
+};
+
+static void *gc_writer(void *vp) {
+  struct gc_arg *a = vp;
+  for (int i = 0; i < a->n; i++) {
+    struct tc_err err = {0};
+    struct tc_tx *tx;
+    uint64_t ticket = 0;
+    struct tc_user u = {0};
+    char name[32];
+    snprintf(name, sizeof name, "gc-%d", a->base + i);
+    u.name = name;
+    if (tc_store_begin(a->st, TC_TX_DURABLE_LATER, &tx, &err) || tc_store_user_insert(tx, &u, &err) ||
+        tc_tx_commit_ticket(tx, &ticket, &err) || (wal_mode() && ticket == 0) || tc_store_sync(a->st, ticket, &err)) {
+      fprintf(stderr, "gc writer: %s\n", err.msg);
+      atomic_fetch_add(&a->errors, 1);
+    }
+  }
+  return NULL;
+}
+
+TC_TEST(group_commit) {
+  struct tc_store_config cfg;
+  struct tc_store *st = open_fresh(&cfg);
+  TC_REQUIRE(st);
+  struct tc_err err = {0};
+  struct tc_tx *tx;
+  uint64_t t1 = 0, t2 = 0;
+  BEGIN(st, TC_TX_DURABLE_LATER, tx);
+  struct tc_user u;
+  make_user(&u, "later-1");
+  OK(tc_store_user_insert(tx, &u, &err));
+  tc_user_free(&u);
+  OK(tc_tx_commit_ticket(tx, &t1, &err));
+  TC_CHECK(wal_mode() ? t1 > 0 : t1 == 0);
+  /* visible before the flush */
+  BEGIN(st, TC_TX_READONLY, tx);
+  struct tc_user g;
+  OK(tc_store_user_get_by_name(tx, "later-1", &g, &err));
+  tc_user_free(&g);
+  tc_tx_rollback(tx);
+  /* other kinds of transaction never hand out tickets */
+  BEGIN(st, TC_TX_DURABLE, tx);
+  make_user(&u, "now-1");
+  OK(tc_store_user_insert(tx, &u, &err));
+  tc_user_free(&u);
+  OK(tc_tx_commit_ticket(tx, &t2, &err));
+  TC_CHECK_INT(t2, 0);
+  BEGIN(st, 0, tx);
+  make_user(&u, "plain-1");
+  OK(tc_store_user_insert(tx, &u, &err));
+  tc_user_free(&u);
+  OK(tc_tx_commit_ticket(tx, &t2, &err));
+  TC_CHECK_INT(t2, 0);
+  uint64_t s0 = tc_store_syncs(st);
+  OK(tc_store_sync(st, t1, &err));
+  TC_CHECK_INT(tc_store_syncs(st) - s0, wal_mode() ? 1 : 0);
+  OK(tc_store_sync(st, t1, &err)); /* synced already: no second flush */
+  OK(tc_store_sync(st, 0, &err));
+  TC_CHECK_INT(tc_store_syncs(st) - s0, wal_mode() ? 1 : 0);
+  /* a later ticket needs a new flush; commit without a ticket flushes itself */
+  BEGIN(st, TC_TX_DURABLE_LATER, tx);
+  make_user(&u, "later-2");
+  OK(tc_store_user_insert(tx, &u, &err));
+  tc_user_free(&u);
+  OK(tc_tx_commit(tx, &err));
+  TC_CHECK_INT(tc_store_syncs(st) - s0, wal_mode() ? 2 : 0);
+  /* a failed transaction gets no ticket */
+  BEGIN(st, TC_TX_DURABLE_LATER, tx);
+  make_user(&u, "later-1");
+  TC_CHECK_INT(tc_store_user_insert(tx, &u, &err), TC_EEXIST);
+  tc_user_free(&u);
+  t2 = 99;
+  TC_CHECK(tc_tx_commit_ticket(tx, &t2, &err) != 0);
+  TC_CHECK_INT(t2, 0);
+
+  /* concurrent writers: every commit there, no more flushes than commits */
+  enum { W = 8, PER = 25 };
+  struct gc_arg args[W];
+  pthread_t th[W];
+  s0 = tc_store_syncs(st);
+  for (int i = 0; i < W; i++) {
+    args[i] = (struct gc_arg){.st = st, .base = i * PER, .n = PER};
+    atomic_init(&args[i].errors, 0);
+    TC_REQUIRE(pthread_create(&th[i], NULL, gc_writer, &args[i]) == 0);
+  }
+  int errors = 0;
+  for (int i = 0; i < W; i++) {
+    pthread_join(th[i], NULL);
+    errors += atomic_load(&args[i].errors);
+  }
+  TC_CHECK_INT(errors, 0);
+  uint64_t flushes = tc_store_syncs(st) - s0;
+  if (wal_mode()) TC_CHECK(flushes >= 1 && flushes <= W * PER);
+  fprintf(stderr, "group_commit: %d durable commits, %llu flushes\n", W * PER, (unsigned long long)flushes);
+  BEGIN(st, TC_TX_READONLY, tx);
+  struct tc_user *list;
+  size_t n;
+  OK(tc_store_user_list(tx, &list, &n, &err));
+  TC_CHECK_INT(n, 4 + W * PER);
+  tc_store_free_users(list, n);
+  tc_tx_rollback(tx);
+  tc_store_close(st);
 }
 
 TC_TEST(crash_safety) {
