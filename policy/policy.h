@@ -132,6 +132,22 @@ struct tc_policy_node_result {
   size_t ssh_len;
 };
 
+/* Runs of a filter_text that are the text of a value shared with other nodes'
+ * filters (a SrcIPs array, a shared rule part), at least 256 bytes each: the
+ * bytes at text + off, len bytes, equal the NUL-terminated `shared`. Under a
+ * policy where one user owns many devices most of every node's filter is
+ * such a run (e.g. 36 of 37 KB at N = 1000), the same for all nodes, so a
+ * consumer can compress or otherwise process it once per compile: `shared`
+ * is a stable key (same pointer = same bytes) for as long as a result that
+ * holds the text lives. Spans are ascending and do not overlap. Returns how
+ * many; *out (borrowed, owned with the text) is NULL when none. text must be
+ * a filter_text or ssh_text of a result (not a copy). */
+struct tc_policy_text_span {
+  size_t off, len;
+  const char *shared;
+};
+size_t tc_policy_text_spans(const char *text, const struct tc_policy_text_span **out);
+
 /* One stored peer list, shared by the nodes of a result that see the same
  * nodes (read-only; owned by the result). AllowedIPs that do not depend on
  * the viewer are shared entries; the rest (subnet routers, whose routes are

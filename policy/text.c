@@ -24,6 +24,8 @@
 struct ptext {
   _Atomic size_t refs;
   size_t len;
+  size_t nspans;
+  struct tc_policy_text_span *spans; /* each .shared holds a reference */
   char s[];
 };
 
@@ -37,6 +39,8 @@ const char *pol_text_new(const char *s, size_t len)
   struct ptext *t = tc_xmalloc(sizeof(*t) + len + 1);
   atomic_init(&t->refs, 1);
   t->len = len;
+  t->nspans = 0;
+  t->spans = NULL;
   memcpy(t->s, s, len);
   t->s[len] = 0;
   return t->s;
@@ -54,8 +58,18 @@ void pol_text_unref(const char *s)
   if (!s)
     return;
   struct ptext *t = ptext_of(s);
-  if (atomic_fetch_sub_explicit(&t->refs, 1, memory_order_acq_rel) == 1)
-    free(t);
+  if (atomic_fetch_sub_explicit(&t->refs, 1, memory_order_acq_rel) != 1)
+    return;
+  for (size_t i = 0; i < t->nspans; i++)
+    pol_text_unref(t->spans[i].shared);
+  free(t->spans);
+  free(t);
+}
+
+size_t tc_policy_text_spans(const char *text, const struct tc_policy_text_span **out)
+{
+  *out = text ? ptext_of(text)->spans : NULL;
+  return text ? ptext_of(text)->nspans : 0;
 }
 
 size_t pol_text_len(const char *s) { return s ? ptext_of(s)->len : 0; }
@@ -63,14 +77,17 @@ size_t pol_text_len(const char *s) { return s ? ptext_of(s)->len : 0; }
 /* ---- the writer ---------------------------------------------------------------------- */
 
 struct memo_slot {
-  json_t *key; /* referenced, so the address cannot be reused while memoised */
-  char *text;
+  json_t *key;      /* referenced, so the address cannot be reused while memoised */
+  const char *text; /* a pol_text */
   size_t len;
 };
 
 struct pol_text_memo {
   struct memo_slot *slot;
   size_t cap, n; /* cap: power of two */
+  /* spans of the text being rendered (render is not reentrant) */
+  struct tc_policy_text_span *spans;
+  size_t nspans, spcap;
 };
 
 struct pol_text_memo *pol_text_memo_new(void)
@@ -88,9 +105,10 @@ void pol_text_memo_free(struct pol_text_memo *m)
   for (size_t i = 0; i < m->cap; i++)
     if (m->slot[i].key) {
       json_decref(m->slot[i].key);
-      free(m->slot[i].text);
+      pol_text_unref(m->slot[i].text);
     }
   free(m->slot);
+  free(m->spans);
   free(m);
 }
 
@@ -111,7 +129,7 @@ static struct memo_slot *memo_find(struct pol_text_memo *m, const json_t *j)
   return &m->slot[h];
 }
 
-static void memo_put(struct pol_text_memo *m, json_t *j, const char *text, size_t len)
+static const char *memo_put(struct pol_text_memo *m, json_t *j, const char *text, size_t len)
 {
   if (2 * (m->n + 1) > m->cap) {
     struct memo_slot *old = m->slot;
@@ -125,11 +143,25 @@ static void memo_put(struct pol_text_memo *m, json_t *j, const char *text, size_
   }
   struct memo_slot *s = memo_find(m, j);
   s->key = json_incref(j);
-  s->text = tc_xmalloc(len + 1);
-  memcpy(s->text, text, len);
-  s->text[len] = 0;
+  s->text = pol_text_new(text, len);
   s->len = len;
   m->n++;
+  return s->text;
+}
+
+/* Pieces this large are worth a consumer's effort to treat apart (e.g. to
+ * compress once for every node whose filter holds them). */
+enum { SPAN_MIN = 256 };
+
+static void span_add(struct pol_text_memo *m, size_t off, const char *shared, size_t len)
+{
+  if (len < SPAN_MIN)
+    return;
+  if (m->nspans == m->spcap) {
+    m->spcap = m->spcap ? 2 * m->spcap : 8;
+    m->spans = tc_xrealloc(m->spans, m->spcap * sizeof(*m->spans));
+  }
+  m->spans[m->nspans++] = (struct tc_policy_text_span){off, len, shared};
 }
 
 /* jansson's own text for what this writer does not spell out itself
@@ -238,12 +270,16 @@ static void put_value(struct pol_text_memo *m, struct tc_buf *b, json_t *j)
   }
   struct memo_slot *s = memo_find(m, j);
   if (s->key) {
+    span_add(m, b->len, s->text, s->len);
     tc_buf_append(b, s->text, s->len);
     return;
   }
-  size_t at = b->len;
+  size_t at = b->len, first = m->nspans;
   put_inner(m, b, j);
-  memo_put(m, j, b->data + at, b->len - at);
+  const char *t = memo_put(m, j, b->data + at, b->len - at);
+  /* the whole value is one span: drop the ones found inside it */
+  m->nspans = first;
+  span_add(m, at, t, b->len - at);
 }
 
 const char *pol_text_render(struct pol_text_memo *m, json_t *j)
@@ -251,8 +287,19 @@ const char *pol_text_render(struct pol_text_memo *m, json_t *j)
   if (!j)
     return NULL;
   struct tc_buf b = TC_BUF_INIT;
+  if (m)
+    m->nspans = 0;
   put_inner(m, &b, j); /* the root is shared by pointer, not through the memo */
   const char *t = pol_text_new(b.data ? b.data : "", b.len);
   tc_buf_free(&b);
+  if (m && m->nspans) {
+    struct ptext *pt = ptext_of(t);
+    pt->spans = tc_xmalloc(m->nspans * sizeof(*pt->spans));
+    pt->nspans = m->nspans;
+    for (size_t i = 0; i < m->nspans; i++) {
+      pt->spans[i] = m->spans[i];
+      pol_text_ref(pt->spans[i].shared);
+    }
+  }
   return t;
 }

@@ -439,13 +439,29 @@ static char *filter_text(const json_t *f) {
   return json_dumps(f, JSON_COMPACT);
 }
 
+/* Spans: ascending, inside the text, and the bytes they name. */
+static bool spans_ok(const char *text, size_t len) {
+  const struct tc_policy_text_span *sp;
+  size_t n = tc_policy_text_spans(text, &sp), end = 0;
+  for (size_t i = 0; i < n; i++) {
+    if (sp[i].off < end || sp[i].len < 256 || sp[i].off + sp[i].len > len || strlen(sp[i].shared) != sp[i].len ||
+        memcmp(text + sp[i].off, sp[i].shared, sp[i].len)) {
+      fprintf(stderr, "  bad span %zu of %zu (off %zu len %zu of %zu)\n", i, n, sp[i].off, sp[i].len, len);
+      return false;
+    }
+    end = sp[i].off + sp[i].len;
+  }
+  return true;
+}
+
 /* A node's filter_text / ssh_text must be jansson's compact dump of its
  * objects, byte for byte (the mapper sends them as they are). */
 static bool texts_match(const struct tc_policy_node_result *x) {
   char *f = filter_text(x->packet_filter);
   char *s = x->ssh_policy ? json_dumps(x->ssh_policy, JSON_COMPACT) : NULL;
   bool ok = f && x->filter_text && !strcmp(f, x->filter_text) && x->filter_len == strlen(f) &&
-            (s ? x->ssh_text && !strcmp(s, x->ssh_text) && x->ssh_len == strlen(s) : !x->ssh_text && !x->ssh_len);
+            (s ? x->ssh_text && !strcmp(s, x->ssh_text) && x->ssh_len == strlen(s) : !x->ssh_text && !x->ssh_len) &&
+            spans_ok(x->filter_text, x->filter_len) && spans_ok(x->ssh_text, x->ssh_len);
   if (!ok) fprintf(stderr, "  node %lld text differs:\n   dump %s\n   text %s\n", (long long)x->node_id, f, x->filter_text);
   free(f);
   free(s);
@@ -772,4 +788,60 @@ TC_TEST(peer_lists_with_a_viewer_without_ipv4)
   TC_CHECK(res->nodes[0].peers == res->nodes[2].peers && res->nodes[0].peers != res->nodes[1].peers);
   tc_policy_result_free(res);
   tc_policy_free(p);
+}
+
+/* One user owning every device: each filter is mostly the one SrcIPs list of
+ * all devices; that run is a span with the same key in every node's text. */
+TC_TEST(filter_texts_mark_the_runs_all_nodes_share)
+{
+  enum { N = 300 };
+  static const char *pol_text =
+      "{\"groups\": {\"group:admins\": [\"bench@\"]},\n"
+      " \"acls\": [{\"action\": \"accept\", \"src\": [\"group:admins\"], \"dst\": [\"*:22\"]},\n"
+      "          {\"action\": \"accept\", \"src\": [\"autogroup:member\"], \"dst\": [\"autogroup:self:*\"]},\n"
+      "          {\"action\": \"accept\", \"src\": [\"100.64.0.0/24\"], \"dst\": [\"100.64.1.0/24:443\"]}]}";
+  static const struct tc_policy_user u = {1, "bench", NULL};
+  static char ip4[N][24], ip6[N][40];
+  struct tc_policy_node ns[N];
+  memset(ns, 0, sizeof ns);
+  for (int i = 0; i < N; i++) {
+    snprintf(ip4[i], sizeof ip4[i], "100.64.%d.%d", (i + 1) / 256, (i + 1) % 256);
+    snprintf(ip6[i], sizeof ip6[i], "fd7a:115c:a1e0::%x", i + 1);
+    ns[i] = (struct tc_policy_node){.id = i + 1, .hostname = "h", .user_id = 1, .ipv4 = ip4[i], .ipv6 = ip6[i]};
+  }
+  struct tc_policy *pol;
+  struct tc_policy_err err;
+  TC_REQUIRE(tc_policy_parse(pol_text, strlen(pol_text), &pol, &err) == 0);
+  struct tc_policy_topo topo = {&u, 1, ns, N, NULL};
+  struct tc_policy_result *res;
+  TC_REQUIRE(tc_policy_compile(pol, &topo, &res, &err) == 0);
+  const char *key = NULL;
+  bool same_key = true, covered = true, ok = true;
+  for (size_t i = 0; i < res->nnodes; i++) {
+    const struct tc_policy_node_result *nr = &res->nodes[i];
+    ok &= texts_match(nr);
+    const struct tc_policy_text_span *sp;
+    size_t n = tc_policy_text_spans(nr->filter_text, &sp), big = 0, in_spans = 0;
+    for (size_t k = 0; k < n; k++) {
+      in_spans += sp[k].len;
+      if (sp[k].len > sp[big].len) big = k;
+    }
+    if (!n) {
+      covered = false;
+      continue;
+    }
+    if (!key) key = sp[big].shared;
+    same_key &= sp[big].shared == key;
+    covered &= in_spans * 10 > nr->filter_len * 9;
+  }
+  TC_CHECK(ok);
+  TC_CHECK(key != NULL);
+  TC_CHECK(same_key);
+  TC_CHECK(covered);
+  /* the key outlives the compile: it is still the right text now */
+  const struct tc_policy_text_span *sp0;
+  TC_CHECK(tc_policy_text_spans(res->nodes[7].filter_text, &sp0) > 0 && strstr(sp0[0].shared, "\"100.64.0.1\""));
+  TC_CHECK(tc_policy_text_spans(NULL, &sp0) == 0 && sp0 == NULL);
+  tc_policy_result_free(res);
+  tc_policy_free(pol);
 }
