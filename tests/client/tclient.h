@@ -71,6 +71,15 @@ int tc_tclient_request(struct tc_tclient *c, const char *method, const char *pat
  * TC_EAGAIN (timeout), TC_EIO (stream ended without another message),
  * TC_EPROTO (bad frame). */
 int tc_tclient_map_next(struct tc_tclient *c, int32_t sid, int timeout_ms, char **json, size_t *len);
+/* Decodes one map message (what map_next uses; exposed for tests): LE
+ * uint32 length, then that many bytes of zstd frames (skippable ones
+ * allowed) whose decoded concatenation is the JSON. 0 with an owned
+ * NUL-terminated *json and *consumed = 4 + length; TC_EAGAIN when buf does
+ * not hold the whole message yet; TC_ETOOBIG past max_json (checked before
+ * allocating from declared sizes, and while decoding frames that declare
+ * none); TC_EPROTO for anything malformed. Uses one zstd context per thread. */
+int tc_tclient_unframe(const uint8_t *buf, size_t len, size_t max_json, size_t *consumed, char **json,
+                       size_t *json_len);
 /* Resets a stream (RST_STREAM CANCEL). */
 int tc_tclient_reset(struct tc_tclient *c, int32_t sid);
 
