@@ -88,6 +88,9 @@ struct pol_text_memo {
   /* spans of the text being rendered (render is not reentrant) */
   struct tc_policy_text_span *spans;
   size_t nspans, spcap;
+  /* the text being rendered: one buffer for every text of a compile, so
+   * each text costs one exact allocation instead of a chain of reallocs */
+  struct tc_buf scratch;
 };
 
 struct pol_text_memo *pol_text_memo_new(void)
@@ -109,6 +112,7 @@ void pol_text_memo_free(struct pol_text_memo *m)
     }
   free(m->slot);
   free(m->spans);
+  tc_buf_free(&m->scratch);
   free(m);
 }
 
@@ -286,12 +290,13 @@ const char *pol_text_render(struct pol_text_memo *m, json_t *j)
 {
   if (!j)
     return NULL;
-  struct tc_buf b = TC_BUF_INIT;
+  struct tc_buf own = TC_BUF_INIT, *b = m ? &m->scratch : &own;
+  b->len = 0;
   if (m)
     m->nspans = 0;
-  put_inner(m, &b, j); /* the root is shared by pointer, not through the memo */
-  const char *t = pol_text_new(b.data ? b.data : "", b.len);
-  tc_buf_free(&b);
+  put_inner(m, b, j); /* the root is shared by pointer, not through the memo */
+  const char *t = pol_text_new(b->data ? b->data : "", b->len);
+  tc_buf_free(&own);
   if (m && m->nspans) {
     struct ptext *pt = ptext_of(t);
     pt->spans = tc_xmalloc(m->nspans * sizeof(*pt->spans));
