@@ -288,6 +288,7 @@ struct cgrant {
   struct ipset *srcs;   /* per-source sets, for autogroup:self */
   size_t nsrcs;
   json_t *srcstr;       /* final SrcIPs */
+  bool src_shared;      /* srcstr came through the SrcIPs cache (equal ranges: same array) */
   bool any_src;         /* sources resolved to something */
   struct rule *rules;
   size_t nrules;
@@ -432,8 +433,123 @@ static void rule_take_src(struct rule *r, const struct cgrant *cg)
   r->src_all = cg->src_all;
 }
 
+/* ---- SrcIPs texts kept across compiles --------------------------------------
+ * A SrcIPs array is a function of its address ranges alone. Resolving the
+ * grants again on every topology change is cheap; building thousands of
+ * address strings (and freeing the previous ones) is not. Each result keeps
+ * the arrays it used, keyed by their ranges; the next compile takes them
+ * over for every source set that did not change, and grants (or
+ * autogroup:self sources) with equal ranges share one array. */
+struct src_entry {
+  uint64_t h; /* 0: empty slot */
+  struct ip_range *r;
+  size_t n;
+  json_t *arr; /* referenced */
+};
+
+struct pol_src_cache {
+  struct src_entry *e;
+  size_t cap, n; /* cap: power of two */
+};
+
+struct src_caches {
+  const struct pol_src_cache *prev; /* the previous result's (read only), or NULL */
+  struct pol_src_cache *cur;        /* this compile's, handed to the result */
+};
+
+static uint64_t ranges_hash(const struct ipset *s)
+{
+  uint64_t h = 0x5bd1e995u ^ s->n;
+  for (size_t i = 0; i < s->n; i++) {
+    h = (h ^ s->r[i].v6) * 0x100000001b3ull;
+    h = (h ^ (uint64_t)s->r[i].lo ^ (uint64_t)(s->r[i].lo >> 64) * 31) * 0x9E3779B97F4A7C15ull;
+    h = (h ^ (uint64_t)s->r[i].hi ^ (uint64_t)(s->r[i].hi >> 64) * 37) * 0xC2B2AE3D27D4EB4Full;
+    h ^= h >> 29;
+  }
+  return h | 1;
+}
+
+static json_t *src_cache_get(const struct pol_src_cache *c, const struct ipset *s, uint64_t h)
+{
+  if (!c || !c->cap)
+    return NULL;
+  for (size_t k = h & (c->cap - 1); c->e[k].h; k = (k + 1) & (c->cap - 1)) {
+    const struct src_entry *e = &c->e[k];
+    if (e->h != h || e->n != s->n)
+      continue;
+    bool same = true;
+    for (size_t i = 0; same && i < s->n; i++)
+      same = e->r[i].v6 == s->r[i].v6 && e->r[i].lo == s->r[i].lo && e->r[i].hi == s->r[i].hi;
+    if (same)
+      return e->arr;
+  }
+  return NULL;
+}
+
+static void src_cache_put(struct pol_src_cache *c, const struct ipset *s, uint64_t h, json_t *arr)
+{
+  if (2 * (c->n + 1) > c->cap) {
+    struct src_entry *old = c->e;
+    size_t ocap = c->cap;
+    c->cap = c->cap ? 2 * c->cap : 64;
+    c->e = tc_xcalloc(c->cap, sizeof(*c->e));
+    for (size_t i = 0; i < ocap; i++) {
+      if (!old[i].h)
+        continue;
+      size_t k = old[i].h & (c->cap - 1);
+      while (c->e[k].h)
+        k = (k + 1) & (c->cap - 1);
+      c->e[k] = old[i];
+    }
+    free(old);
+  }
+  size_t k = h & (c->cap - 1);
+  while (c->e[k].h)
+    k = (k + 1) & (c->cap - 1);
+  c->e[k].h = h;
+  c->e[k].n = s->n;
+  c->e[k].r = tc_xmalloc((s->n + 1) * sizeof(*s->r));
+  if (s->n)
+    memcpy(c->e[k].r, s->r, s->n * sizeof(*s->r));
+  c->e[k].arr = json_incref(arr);
+  c->n++;
+}
+
+void pol_src_cache_free(struct pol_src_cache *c)
+{
+  if (!c)
+    return;
+  for (size_t i = 0; i < c->cap; i++)
+    if (c->e[i].h) {
+      free(c->e[i].r);
+      json_decref(c->e[i].arr);
+    }
+  free(c->e);
+  free(c);
+}
+
+/* The SrcIPs array for the address set s (normalised for overlap only):
+ * this compile's, the previous result's, or built now. New reference. */
+static json_t *src_text(struct src_caches *sc, const struct ipset *s)
+{
+  uint64_t h = sc ? ranges_hash(s) : 0;
+  json_t *arr = sc ? src_cache_get(sc->cur, s, h) : NULL;
+  if (arr)
+    return json_incref(arr);
+  arr = sc ? src_cache_get(sc->prev, s, h) : NULL;
+  if (arr)
+    arr = json_incref(arr);
+  else {
+    arr = json_array();
+    pol_ipset_append_strings(s, arr);
+  }
+  if (sc)
+    src_cache_put(sc->cur, s, h, arr);
+  return arr;
+}
+
 static void compile_grant(const struct tc_policy *pol, const struct ctopo *ct, const struct grant *g,
-                          struct cgrant *cg, bool want_text)
+                          struct cgrant *cg, bool want_text, struct src_caches *sc)
 {
   memset(cg, 0, sizeof(*cg));
   cg->g = g;
@@ -474,7 +590,13 @@ static void compile_grant(const struct tc_policy *pol, const struct ctopo *ct, c
     for (size_t i = 0; i < g->nsrc; i++)
       pol_ipset_add_set(&txt, &cg->srcs[i]);
     pol_ipset_norm_overlap(&txt);
-    pol_ipset_append_strings(&txt, cg->srcstr);
+    if (!wild) {
+      json_decref(cg->srcstr);
+      cg->srcstr = src_text(sc, &txt);
+      cg->src_shared = sc != NULL;
+    } else {
+      pol_ipset_append_strings(&txt, cg->srcstr);
+    }
     pol_ipset_free(&txt);
     if (wild) {
       append_subnet_routes(ct, cg->srcstr);
@@ -965,7 +1087,8 @@ static json_t *merge_target(json_t *out, json_t *src, int proto, struct sig_memo
 /* Sources of an autogroup:self grant as seen by one user's devices: that
  * user's own devices that the grant's sources include. Every device of the
  * user gets the same list, so it is computed once per (grant, user). */
-static json_t *self_sources(const struct ctopo *ct, const struct cgrant *cg, int user, struct ipset *src)
+static json_t *self_sources(const struct ctopo *ct, const struct cgrant *cg, int user, struct ipset *src,
+                            struct src_caches *sc)
 {
   pol_ipset_init(src);
   for (size_t k = 0; k < ct->nuser_nodes[user]; k++) {
@@ -977,9 +1100,7 @@ static json_t *self_sources(const struct ctopo *ct, const struct cgrant *cg, int
       }
   }
   pol_ipset_norm_overlap(src);
-  json_t *srcstr = json_array();
-  pol_ipset_append_strings(src, srcstr);
-  return srcstr;
+  return src_text(sc, src);
 }
 
 /* Per-node rules for autogroup:self destinations. */
@@ -1546,21 +1667,33 @@ struct compiled {
   struct ipset *self_set; /* the same sources as address sets */
   size_t nusers;
   bool any_via;
+  struct src_caches sc;
 };
 
 struct compiled *pol_compiled_build(const struct tc_policy *pol, const struct ctopo *ct, bool want_text)
 {
+  return pol_compiled_build_cached(pol, ct, want_text, NULL, NULL);
+}
+
+struct compiled *pol_compiled_build_cached(const struct tc_policy *pol, const struct ctopo *ct, bool want_text,
+                                           const struct pol_src_cache *prev, struct pol_src_cache *cur)
+{
   struct compiled *cp = tc_xcalloc(1, sizeof(*cp));
   pol_ipset_init(&cp->internet);
   pol_the_internet(&cp->internet);
+  cp->sc = (struct src_caches){prev, cur};
+  struct src_caches *sc = want_text && cur ? &cp->sc : NULL;
   cp->cg = tc_xcalloc(pol->ngrants + 1, sizeof(*cp->cg));
   for (size_t i = 0; i < pol->ngrants; i++)
-    compile_grant(pol, ct, &pol->grants[i], &cp->cg[cp->ncg++], want_text);
+    compile_grant(pol, ct, &pol->grants[i], &cp->cg[cp->ncg++], want_text, sc);
   /* Grants with the same sources share one SrcIPs array, so merging rules
-   * per node compares pointers instead of long address lists. */
+   * per node compares pointers instead of long address lists. (Arrays that
+   * came through the cache are shared already; the others are compared.) */
   for (size_t i = 0; want_text && i < cp->ncg; i++) {
     struct cgrant *cg = &cp->cg[i];
     for (size_t j = 0; cg->srcstr && j < i; j++) {
+      if (cg->src_shared && cp->cg[j].src_shared)
+        continue;
       json_t *other = cp->cg[j].srcstr;
       if (!other || other == cg->srcstr || json_array_size(other) != json_array_size(cg->srcstr) ||
           !json_equal(other, cg->srcstr))
@@ -1749,7 +1882,7 @@ static json_t *node_filter(const struct tc_policy *pol, const struct ctopo *ct, 
     if (cg->has_self && !n->tagged && n->user >= 0) {
       size_t slot = i * cp->nusers + (size_t)n->user;
       if (!cp->self_src[slot]) {
-        cp->self_src[slot] = self_sources(ct, cg, n->user, &cp->self_set[slot]);
+        cp->self_src[slot] = self_sources(ct, cg, n->user, &cp->self_set[slot], cp->sc.cur ? &cp->sc : NULL);
         /* The same sources from another autogroup:self grant share one
          * array, so merging rules finds them equal by pointer. */
         const struct ipset *mine = &cp->self_set[slot];
@@ -2311,7 +2444,9 @@ static int compile_impl(const struct tc_policy *pol, const struct tc_policy_topo
   int rc = pol_ctopo_build(pol, topo, &ct, err);
   if (rc)
     return rc;
-  struct compiled *cp = pol_compiled_build(pol, &ct, true);
+  /* SrcIPs arrays are taken over from prev by content (any policy). */
+  struct pol_src_cache *srcc = tc_xcalloc(1, sizeof(*srcc));
+  struct compiled *cp = pol_compiled_build_cached(pol, &ct, true, prev ? prev->src_cache : NULL, srcc);
   /* Destination entries look the same in every node's filter: build each
    * once and share it (read-only) instead of once per node. */
   for (size_t g = 0; g < cp->ncg; g++)
@@ -2595,6 +2730,7 @@ static int compile_impl(const struct tc_policy *pol, const struct tc_policy_topo
   sig_memo_free(&smemo);
   free(pidx);
   free(ftab);
+  res->src_cache = srcc;
   *out = res;
   return 0;
 }
@@ -2637,6 +2773,7 @@ void tc_policy_result_free(struct tc_policy_result *res)
     json_decref(nr->auto_approved);
   }
   free(res->nodes);
+  pol_src_cache_free(res->src_cache);
   free(res);
 }
 

@@ -217,6 +217,7 @@ struct tc_policy_result {
   size_t npeer_lists;   /* distinct stored peer lists (for tests/bench) */
   size_t npeer_entries; /* entries stored across them (sum of their n) */
   uint64_t policy_uid; /* internal: which parsed policy produced it */
+  struct pol_src_cache *src_cache; /* internal: its SrcIPs arrays by address ranges, for the next compile */
 };
 
 /* Compiles pol against topo. *out is owned (tc_policy_result_free).

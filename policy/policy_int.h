@@ -236,6 +236,13 @@ struct compiled;
 /* want_text=false skips the text forms (for the policy tests, which only
  * need address sets). */
 struct compiled *pol_compiled_build(const struct tc_policy *pol, const struct ctopo *ct, bool want_text);
+/* The same, taking SrcIPs arrays over from prev (a previous result's cache,
+ * read only; NULL: none) and recording every array used in cur (owned by
+ * the caller, who hands it to the result). */
+struct pol_src_cache;
+struct compiled *pol_compiled_build_cached(const struct tc_policy *pol, const struct ctopo *ct, bool want_text,
+                                           const struct pol_src_cache *prev, struct pol_src_cache *cur);
+void pol_src_cache_free(struct pol_src_cache *c);
 void pol_compiled_free(struct compiled *cp);
 struct rule;
 const struct rule **pol_compiled_rules_to(const struct compiled *cp, const struct ipset *dst,

@@ -845,3 +845,42 @@ TC_TEST(filter_texts_mark_the_runs_all_nodes_share)
   tc_policy_result_free(res);
   tc_policy_free(pol);
 }
+
+/* SrcIPs arrays are taken over from the previous result when their address
+ * ranges did not change (and rebuilt when they did): a join of a device the
+ * group does not hold keeps the group's array, one of its devices replaces it. */
+TC_TEST(unchanged_source_lists_are_taken_over_from_the_previous_result)
+{
+  static const char *text = "{\"groups\": {\"group:a\": [\"alice@\"]},\n"
+                            " \"acls\": [{\"action\": \"accept\", \"src\": [\"group:a\"], \"dst\": [\"*:22\"]}]}";
+  static const struct tc_policy_user us[] = {{1, "alice", NULL}, {2, "bob", NULL}};
+  struct tc_policy_node ns[4] = {
+      {.id = 1, .hostname = "a1", .user_id = 1, .ipv4 = "100.64.0.1"},
+      {.id = 2, .hostname = "b1", .user_id = 2, .ipv4 = "100.64.0.2"},
+      {.id = 3, .hostname = "b2", .user_id = 2, .ipv4 = "100.64.0.3"},
+      {.id = 4, .hostname = "a2", .user_id = 1, .ipv4 = "100.64.0.4"},
+  };
+  struct tc_policy *pol;
+  struct tc_policy_err err;
+  TC_REQUIRE(tc_policy_parse(text, strlen(text), &pol, &err) == 0);
+  struct tc_policy_topo topo = {us, 2, ns, 2, NULL};
+  struct tc_policy_result *r1, *r2, *r3;
+  TC_REQUIRE(tc_policy_compile(pol, &topo, &r1, &err) == 0);
+  topo.nnodes = 3; /* bob's second device */
+  TC_REQUIRE(tc_policy_compile_incremental(pol, &topo, r1, &r2, &err) == 0);
+  topo.nnodes = 4; /* alice's second device */
+  TC_REQUIRE(tc_policy_compile_incremental(pol, &topo, r2, &r3, &err) == 0);
+  json_t *s1 = json_object_get(json_array_get(r1->nodes[1].packet_filter, 0), "SrcIPs");
+  json_t *s2 = json_object_get(json_array_get(r2->nodes[2].packet_filter, 0), "SrcIPs");
+  json_t *s3 = json_object_get(json_array_get(r3->nodes[2].packet_filter, 0), "SrcIPs");
+  TC_REQUIRE(s1 && s2 && s3);
+  TC_CHECK(s1 == s2);
+  TC_CHECK(s3 != s2);
+  TC_CHECK_INT((int)json_array_size(s3), 2);
+  TC_CHECK_STR(json_string_value(json_array_get(s3, 1)), "100.64.0.4");
+  tc_policy_result_free(r1); /* r2 still holds the shared array */
+  TC_CHECK_STR(json_string_value(json_array_get(s2, 0)), "100.64.0.1");
+  tc_policy_result_free(r2);
+  tc_policy_result_free(r3);
+  tc_policy_free(pol);
+}
