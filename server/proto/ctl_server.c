@@ -38,7 +38,7 @@
 #define WS_FRAME_MAX 65536u       /* browsers send one Noise record per message */
 #define H2_BIG_MIN 8192u          /* nghttp2 allocations this large get their own pages */
 #define H2_BIG_SLOTS 4            /* such blocks per connection; more fall back to malloc */
-#define IDLE_RELEASE_MS 250       /* default quiet time before those pages are given back */
+#define IDLE_RELEASE_MS 200       /* default quiet time before those pages are given back */
 
 struct conn;
 
@@ -52,6 +52,8 @@ struct tc_ctl_stream {
   struct tc_ctl_header *headers;
   size_t nheaders, header_bytes;
   struct tc_buf body;
+  char *packed;           /* after dispatch: headers, strings and body in one block */
+  size_t packed_body_len; /* body bytes in it, still counted in conn->inbound */
   bool too_big, dispatched, direct, h2_closed, submitted;
   bool is_head; /* set before dispatch, read-only afterwards */
   struct tc_ctl_stream *cprev, *cnext; /* conn's stream list (loop) */
@@ -297,8 +299,9 @@ void tc_ctl_stream_unref(struct tc_ctl_stream *st) {
   if (!st || atomic_fetch_sub(&st->refs, 1) != 1) return;
   struct conn *c = st->conn;
   atomic_fetch_sub(&c->queued, st->q.len - st->qoff);
-  atomic_fetch_sub(&c->inbound, st->body.len);
+  atomic_fetch_sub(&c->inbound, st->body.len + st->packed_body_len);
   atomic_fetch_sub(&c->objects, 1);
+  free(st->packed);
   free(st->method);
   free(st->path);
   free(st->authority);
@@ -784,18 +787,61 @@ static int on_data_chunk(nghttp2_session *s, uint8_t flags, int32_t id, const ui
   return 0;
 }
 
+static char *put_str(char **p, const char *s) {
+  size_t n = strlen(s) + 1;
+  char *r = memcpy(*p, s, n);
+  *p += n;
+  return r;
+}
+
+/* Moves the request (header array, strings, body) into one exact-size
+ * block. A map poll keeps its request for the stream's life, i.e. hours:
+ * a dozen small allocations and the body buffer's doubling slack, per idle
+ * node, become one allocation. */
+static void pack_request(struct tc_ctl_stream *st) {
+  struct tc_ctl_request *r = &st->req;
+  const char *m = st->method ? st->method : "", *pa = st->path ? st->path : "";
+  const char *au = st->authority ? st->authority : "";
+  size_t hbytes = st->nheaders * sizeof *st->headers;
+  size_t total = hbytes + strlen(m) + strlen(pa) + strlen(au) + 3 + st->body.len + 1;
+  for (size_t i = 0; i < st->nheaders; i++) total += strlen(st->headers[i].name) + strlen(st->headers[i].value) + 2;
+  char *blk = tc_xmalloc(total);
+  struct tc_ctl_header *h = (struct tc_ctl_header *)(void *)blk; /* malloc alignment suits pointers */
+  char *p = blk + hbytes;
+  uint8_t *body = (uint8_t *)p; /* first, so the body needs no search */
+  if (st->body.len) memcpy(p, st->body.data, st->body.len);
+  p[st->body.len] = 0;
+  p += st->body.len + 1;
+  r->method = put_str(&p, m);
+  r->path = put_str(&p, pa);
+  r->authority = put_str(&p, au);
+  for (size_t i = 0; i < st->nheaders; i++) {
+    h[i].name = put_str(&p, st->headers[i].name);
+    h[i].value = put_str(&p, st->headers[i].value);
+    free(st->headers[i].name);
+    free(st->headers[i].value);
+  }
+  r->headers = h;
+  r->nheaders = st->nheaders;
+  r->body = body;
+  r->body_len = st->body.len;
+  free(st->method);
+  free(st->path);
+  free(st->authority);
+  free(st->headers);
+  st->method = st->path = st->authority = NULL;
+  st->headers = NULL;
+  st->nheaders = 0;
+  st->packed = blk;
+  st->packed_body_len = st->body.len;
+  tc_buf_free(&st->body);
+}
+
 static void dispatch(struct conn *c, struct tc_ctl_stream *st) {
   st->dispatched = true;
   st->is_head = st->method && !strcmp(st->method, "HEAD");
   struct tc_ctl_request *r = &st->req;
-  r->method = st->method ? st->method : "";
-  r->path = st->path ? st->path : "";
-  r->authority = st->authority ? st->authority : "";
-  r->headers = st->headers;
-  r->nheaders = st->nheaders;
-  if (!st->body.data) tc_buf_reserve(&st->body, 1);
-  r->body = (const uint8_t *)st->body.data;
-  r->body_len = st->body.len;
+  pack_request(st);
   memcpy(r->machine_key, c->sess.peer, 32);
   r->version = c->sess.version;
   r->conn_id = c->id;

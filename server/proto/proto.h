@@ -106,7 +106,7 @@ struct tc_ctl_server_opts {
   int max_conns;        /* Noise connections at once (incl. ones being set up); more get 503. Default 65536 */
   int idle_timeout_ms;  /* GOAWAY + close after this long with no open stream and no input, default 300000 */
   /* A connection that has sent nothing for this long gives its HTTP/2 frame
-   * buffer pages back to the kernel (checked every 100 ms). Default (0) 250;
+   * buffer pages back to the kernel (checked every 100 ms). Default (0) 200;
    * negative: never. */
   int idle_release_ms;
   /* Optional: bytes to send as the EarlyNoise payload (before SETTINGS);

@@ -102,6 +102,14 @@ static void handler(void *ctx, const struct tc_ctl_request *req, struct tc_ctl_s
     pthread_cond_broadcast(&g.cv);
     pthread_mutex_unlock(&g.mu);
     tc_ctl_stream_end(st);
+  } else if (tc_str_has_prefix(path, "/dump")) {
+    /* Everything the handler sees of the request, to check it arrives whole. */
+    struct tc_buf b = TC_BUF_INIT;
+    tc_buf_printf(&b, "%s %s %s %zu [%s]\n", req->method, req->path, req->authority, req->body_len,
+                  (const char *)req->body);
+    for (size_t i = 0; i < req->nheaders; i++) tc_buf_printf(&b, "%s=%s\n", req->headers[i].name, req->headers[i].value);
+    tc_ctl_stream_respond(st, 200, "text/plain", b.data, b.len);
+    tc_buf_free(&b);
   } else if (!strcmp(path, "/noreply")) {
     /* returns without answering: the server must send 500 */
   } else {
@@ -603,6 +611,38 @@ TC_TEST(large_bodies_split_into_records) {
   TC_CHECK(tc_tclient_records(c) > 3000000 / TC_TS_MAX_PLAINTEXT);
   tc_tclient_free(c);
   free(big);
+  fx_stop(&f);
+}
+
+/* The request the handler gets (kept in one block for the stream's life)
+ * has every header, in order, and the body NUL-terminated. */
+TC_TEST(request_fields_intact) {
+  struct fx f;
+  TC_REQUIRE(fx_start(&f) == 0);
+  struct tc_tclient *c = client(&f, 138);
+  TC_REQUIRE(c);
+  char v3[3000];
+  memset(v3, 'v', sizeof v3 - 1);
+  v3[sizeof v3 - 1] = 0;
+  const char *extra[] = {"x-one", "1", "x-empty", "", "x-long", v3, "content-type", "application/json", NULL};
+  int32_t sid = tc_tclient_submit_hdrs(c, "POST", "/dump?q=1", extra, "{\"a\":1}", 7);
+  TC_REQUIRE(sid > 0);
+  TC_CHECK_INT(tc_tclient_wait_closed(c, sid, 10000), 0);
+  size_t n = 0;
+  const char *body = tc_tclient_body(c, sid, &n);
+  char *want = tc_xasprintf("POST /dump?q=1 tailcoat.test 7 [{\"a\":1}]\ncontent-length=7\nx-one=1\nx-empty=\n"
+                            "x-long=%s\ncontent-type=application/json\n",
+                            v3);
+  if (!(body && n == strlen(want) && !memcmp(body, want, n))) fprintf(stderr, "  got: %.*s\n", (int)TC_MIN(n, 200), body ? body : "");
+  TC_CHECK(body && n == strlen(want) && !memcmp(body, want, n));
+  free(want);
+  /* No body: an empty, NUL-terminated one. */
+  int status = 0;
+  char *resp = NULL;
+  TC_CHECK_INT(tc_tclient_request(c, "GET", "/dump", NULL, 0, 10000, &status, &resp, NULL), 0);
+  TC_CHECK(resp && tc_str_has_prefix(resp, "GET /dump tailcoat.test 0 []\ncontent-length=0\n"));
+  free(resp);
+  tc_tclient_free(c);
   fx_stop(&f);
 }
 
