@@ -144,6 +144,11 @@ struct seg {
 
 struct tc_mapper_chunks {
   size_t target;
+  /* Finer segments (target / 4) for a segment that cannot be shared whole
+   * (it holds the viewer, or a peer encoded for this viewer): only the fine
+   * segment holding that one is then private. Fine frames compress worse
+   * (each frame starts without history), so only these use them. */
+  struct tc_mapper_chunks *fine;
   struct seg *segs;
   size_t nsegs;
   bool laid_out;
@@ -169,6 +174,7 @@ static void seg_drop(struct tc_mapper_chunks *c, struct seg *s) {
 struct tc_mapper_chunks *tc_mapper_chunks_new(size_t target) {
   struct tc_mapper_chunks *c = tc_xcalloc(1, sizeof *c);
   c->target = target < 2 ? 2 : target;
+  if (c->target >= 16) c->fine = tc_mapper_chunks_new(c->target / 4);
   c->nsegs = 1;
   c->segs = tc_xcalloc(1, sizeof *c->segs);
   c->segs[0].lo = INT64_MIN;
@@ -177,6 +183,7 @@ struct tc_mapper_chunks *tc_mapper_chunks_new(size_t target) {
 
 void tc_mapper_chunks_free(struct tc_mapper_chunks *c) {
   if (!c) return;
+  tc_mapper_chunks_free(c->fine);
   for (size_t i = 0; i < c->nsegs; i++) seg_drop(c, &c->segs[i]);
   free(c->segs);
   free(c);
@@ -194,16 +201,20 @@ static size_t seg_of(const struct tc_mapper_chunks *c, int64_t id) {
 }
 
 void tc_mapper_chunks_touch(struct tc_mapper_chunks *c, int64_t node_id) {
-  if (c) seg_drop(c, &c->segs[seg_of(c, node_id)]);
+  if (!c) return;
+  seg_drop(c, &c->segs[seg_of(c, node_id)]);
+  tc_mapper_chunks_touch(c->fine, node_id);
 }
 
 void tc_mapper_chunks_reset(struct tc_mapper_chunks *c) {
   if (!c) return;
+  tc_mapper_chunks_reset(c->fine);
   for (size_t i = 0; i < c->nsegs; i++) seg_drop(c, &c->segs[i]);
 }
 
 void tc_mapper_chunks_layout(struct tc_mapper_chunks *c, const struct tc_node *const *nodes, size_t n, uint64_t seq) {
   if (!c || (c->laid_out && c->layout_seq == seq)) return;
+  tc_mapper_chunks_layout(c->fine, nodes, n, seq);
   c->laid_out = true;
   c->layout_seq = seq;
   size_t T = c->target;
@@ -308,27 +319,29 @@ static struct variant *build(struct tc_mapper_chunks *c, struct seg *s, const st
   return v;
 }
 
-void tc_mapper_chunks_append(struct tc_mapper_chunks *c, struct tc_mapper_msg *m, const struct tc_mapper_chunk_peers *p,
-                             struct tc_mapper_idv *users, bool *tagged) {
-  bool first = true;
-  size_t k = 0, s = 0;
-  /* a short list gains nothing from sharing: it is one frame of its own */
-  bool share = c && p->n >= c->target;
-  while (k < p->n) {
+/* Peers [k0, k1) of p; *first: nothing written to the Peers array yet. */
+static void append_range(struct tc_mapper_chunks *c, struct tc_mapper_msg *m, const struct tc_mapper_chunk_peers *p,
+                         size_t k0, size_t k1, bool *first, struct tc_mapper_idv *users, bool *tagged) {
+  size_t k = k0, s = 0;
+  while (k < k1) {
     size_t j = k + 1;
-    bool shared = false;
-    if (share) {
+    bool shared = false, split = false;
+    if (c) {
       while (s + 1 < c->nsegs && c->segs[s + 1].lo <= p->nodes[k]->id) s++;
       int64_t lo = c->segs[s].lo, hi = s + 1 < c->nsegs ? c->segs[s + 1].lo : INT64_MAX;
-      while (j < p->n && p->nodes[j]->id < hi) j++;
-      shared = j - k >= TC_MIN((size_t)MIN_RUN, c->target) && !(p->viewer_id >= lo && p->viewer_id < hi);
-      for (size_t q = k; shared && p->priv && q < j; q++) shared = !p->priv[q];
+      while (j < k1 && p->nodes[j]->id < hi) j++;
+      bool own = p->viewer_id >= lo && p->viewer_id < hi, priv = false;
+      for (size_t q = k; p->priv && q < j && !priv; q++) priv = p->priv[q];
+      shared = j - k >= TC_MIN((size_t)MIN_RUN, c->target) && !own && !priv;
+      /* the viewer itself or a viewer-specific peer in here: share the rest
+       * of the segment at the finer grain */
+      split = (own || priv) && j - k >= MIN_RUN;
     } else {
-      j = p->n;
+      j = k1;
     }
     if (shared) {
       struct seg *sg = &c->segs[s];
-      bool comma = !first;
+      bool comma = !*first;
       struct variant *v = NULL;
       for (size_t i = 0; i < sg->nv && !v; i++)
         if (variant_matches(sg->v[i], p->nodes + k, j - k, comma, p->now)) v = sg->v[i];
@@ -338,29 +351,45 @@ void tc_mapper_chunks_append(struct tc_mapper_chunks *c, struct tc_mapper_msg *m
       tc_mapper_msg_zframes(m, v->z.data, v->z.len);
       for (size_t i = 0; i < v->users.n; i++) tc_mapper_idv_push(users, v->users.v[i]);
       *tagged |= v->tagged;
+      *first = false;
+    } else if (split && c->fine) {
+      append_range(c->fine, m, p, k, j, first, users, tagged);
     } else {
       for (size_t q = k; q < j; q++) {
         struct tc_mapper_frag *f = p->frag(p->ctx, q);
-        if (!first || q > k) tc_buf_putc(&m->text, ',');
+        if (!*first) tc_buf_putc(&m->text, ',');
+        *first = false;
         tc_buf_append(&m->text, f->data, f->len);
         tc_mapper_frag_unref(f);
         owner(p->nodes[q], users, tagged);
       }
       if (c) c->text_peers += j - k;
     }
-    first = false;
     k = j;
   }
+}
+
+void tc_mapper_chunks_append(struct tc_mapper_chunks *c, struct tc_mapper_msg *m, const struct tc_mapper_chunk_peers *p,
+                             struct tc_mapper_idv *users, bool *tagged) {
+  bool first = true;
+  /* a short list gains nothing from sharing: it is one frame of its own */
+  if (c && p->n < c->target) {
+    append_range(NULL, m, p, 0, p->n, &first, users, tagged);
+    c->text_peers += p->n;
+    return;
+  }
+  append_range(c, m, p, 0, p->n, &first, users, tagged);
 }
 
 void tc_mapper_chunks_stats(const struct tc_mapper_chunks *c, struct tc_mapper_chunk_stats *o) {
   memset(o, 0, sizeof *o);
   if (!c) return;
-  o->hits = c->hits;
-  o->builds = c->builds;
-  o->text_peers = c->text_peers;
-  o->drops = c->drops;
-  o->segments = c->nsegs;
+  tc_mapper_chunks_stats(c->fine, o);
+  o->hits += c->hits;
+  o->builds += c->builds;
+  o->text_peers += c->text_peers;
+  o->drops += c->drops;
+  o->segments += c->nsegs;
   for (size_t i = 0; i < c->nsegs; i++) {
     o->cached += c->segs[i].nv;
     for (size_t q = 0; q < c->segs[i].nv; q++) o->cached_bytes += c->segs[i].v[q]->z.len;

@@ -1505,7 +1505,9 @@ int tc_mapper_new(const struct tc_mapper_opts *o, struct tc_mapper **out, struct
   tc_mapper_env_copy(&mp->env, o->env);
   pthread_rwlock_init(&mp->env_lock, NULL);
   mp->cache = tc_mapper_cache_new();
-  if (o->full_map_chunk >= 0) mp->chunks = tc_mapper_chunks_new(o->full_map_chunk ? (size_t)o->full_map_chunk : 64);
+  /* 128: a chunk's frame costs ~+0.3 % in size over one frame for the whole
+   * list (each frame starts without history); 64 cost ~+3.5 %. */
+  if (o->full_map_chunk >= 0) mp->chunks = tc_mapper_chunks_new(o->full_map_chunk ? (size_t)o->full_map_chunk : 128);
   pthread_mutex_init(&mp->qmu, NULL);
   pthread_cond_init(&mp->qcv, NULL);
   pthread_cond_init(&mp->donecv, NULL);

@@ -342,7 +342,7 @@ struct tc_mapper_opts {
   int max_followups;               /* concurrent Followup waits; 0 = 256 */
   int64_t offline_grace_ms;        /* a closed stream's node goes offline this much later
                                       unless it reconnects; 0 = 10 s (Headscale), < 0 = at once */
-  int full_map_chunk;              /* peers per shared compressed chunk of full maps; 0 = 64,
+  int full_map_chunk;              /* peers per shared compressed chunk of full maps; 0 = 128,
                                       < 0 = none (every full map one frame) */
 };
 
@@ -440,10 +440,11 @@ void tc_mapper_idv_free(struct tc_mapper_idv *v);
  * reused by every viewer that sees exactly that run. A node's change drops
  * the cached frames of its segment only.
  *
- * Not used for: the viewer's own segment (the viewer is not its own peer, so
- * that run is private) and runs holding a viewer-specific fragment (a subnet
- * router under a policy); those go into the per-recipient text, as do runs
- * shorter than a few peers and whole lists shorter than target.
+ * A segment that holds the viewer itself (not its own peer) or a fragment
+ * specific to this viewer (a subnet router under a policy) is cut again into
+ * fine segments of target/4 (shared the same way); the fine segment with the
+ * viewer or router goes into the per-recipient text, as do runs shorter
+ * than a few peers and whole lists shorter than target.
  *
  * Threads: one thread at a time (the dispatcher owns it). */
 struct tc_mapper_chunks;

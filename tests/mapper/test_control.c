@@ -1671,3 +1671,38 @@ TC_TEST(full_map_chunks_equal_single_frame_under_policy) {
   fake_free(sr);
   g_chunk = 0;
 }
+
+/* With the default shape (fine segments inside the viewer's own segment):
+ * 16 peers per chunk, 4 per fine chunk, 40 nodes. */
+TC_TEST(full_map_fine_chunks_equal_single_frame) {
+  g_chunk = 16;
+  struct fx x;
+  TC_REQUIRE(fx_open(&x, 0));
+  struct tc_mapper *ref = ref_mapper(&x);
+  TC_REQUIRE(ref != NULL);
+  for (int i = 1; i <= 40; i++) {
+    char host[16];
+    snprintf(host, sizeof host, "n%d", i);
+    TC_REQUIRE(reg_node(&x, i, 100 + i, x.authkey, host) > 0);
+  }
+  int nf = 0;
+  for (int r = 0; r < 2; r++) /* the first round also stores capability versions (changes) */
+    for (int i = 1; i <= 40; i++) free(oneshot_text(x.mp, i, 100 + i, &nf));
+  struct tc_mapper_stats st0, st1;
+  tc_mapper_sync(x.mp);
+  tc_mapper_get_stats(x.mp, &st0);
+  int seeds[] = {1, 2, 8, 16, 17, 24, 33, 39, 40};
+  for (size_t i = 0; i < TC_ARRAY_LEN(seeds); i++) {
+    TC_CHECK(same_full_map(&x, ref, seeds[i], &nf));
+    TC_CHECK(nf >= 4);
+  }
+  tc_mapper_get_stats(x.mp, &st1);
+  TC_CHECK_INT(st1.chunk_builds - st0.chunk_builds, 0);
+  /* per map: the other coarse chunk(s) and 2-3 fine ones; only the
+   * viewer's fine segment (<= 8 peers) as text */
+  TC_CHECK(st1.chunk_hits - st0.chunk_hits >= 3 * TC_ARRAY_LEN(seeds));
+  TC_CHECK(st1.chunk_text_peers - st0.chunk_text_peers <= 8 * TC_ARRAY_LEN(seeds));
+  tc_mapper_free(ref);
+  fx_close(&x);
+  g_chunk = 0;
+}
