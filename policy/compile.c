@@ -1327,7 +1327,10 @@ static void append_addrs(json_t *arr, const struct ipset *s)
   for (size_t r = 0; r < s->n; r++)
     for (tc_u128 x = s->r[r].lo;; x++) {
       pol_ip_format_addr(s->r[r].v6, x, a, sizeof(a));
-      json_array_append_new(arr, json_pack("{s:s}", "nodeIP", a));
+      /* (not json_pack: its format parser was most of this, one per device) */
+      json_t *o = json_object();
+      json_object_set_new_nocheck(o, "nodeIP", json_string_nocheck(a));
+      json_array_append_new(arr, o);
       if (x == s->r[r].hi)
         break;
     }
@@ -2040,11 +2043,13 @@ static json_t *allowed_ips(const struct ctopo *ct, const struct compiled *via_cp
   /* nodeAttrs disable-ipv4: no IPv4 peering to or from such a node. */
   if (n->has4 && !(viewer && (n->no_v4 || viewer->no_v4))) {
     pol_ip_format_addr(0, n->a4, t, sizeof(t));
-    json_array_append_new(a, json_sprintf("%s/32", t));
+    strcat(t, "/32"); /* (not json_sprintf: vsnprintf per node and viewer) */
+    json_array_append_new(a, json_string_nocheck(t));
   }
   if (n->has6) {
     pol_ip_format_addr(1, n->a6, t, sizeof(t));
-    json_array_append_new(a, json_sprintf("%s/128", t));
+    strcat(t, "/128");
+    json_array_append_new(a, json_string_nocheck(t));
   }
   for (size_t i = 0; i < n->nsubnets; i++) {
     int via = viewer ? via_choice(via_cp, ct, viewer, n, n->subnets[i]) : -1;

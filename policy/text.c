@@ -88,9 +88,12 @@ struct pol_text_memo {
   /* spans of the text being rendered (render is not reentrant) */
   struct tc_policy_text_span *spans;
   size_t nspans, spcap;
-  /* the text being rendered: one buffer for every text of a compile, so
-   * each text costs one exact allocation instead of a chain of reallocs */
-  struct tc_buf scratch;
+  /* The text being rendered goes straight into its final block (header
+   * first), sized from the previous text of the compile (nodes' texts are
+   * much alike) and trimmed at the end: one allocation and one copy per
+   * text instead of a chain of reallocs and a final copy. */
+  size_t hint; /* length of the last text rendered */
+  size_t base; /* where the text starts in the buffer (span offsets are relative to it) */
 };
 
 struct pol_text_memo *pol_text_memo_new(void)
@@ -112,7 +115,6 @@ void pol_text_memo_free(struct pol_text_memo *m)
     }
   free(m->slot);
   free(m->spans);
-  tc_buf_free(&m->scratch);
   free(m);
 }
 
@@ -274,7 +276,7 @@ static void put_value(struct pol_text_memo *m, struct tc_buf *b, json_t *j)
   }
   struct memo_slot *s = memo_find(m, j);
   if (s->key) {
-    span_add(m, b->len, s->text, s->len);
+    span_add(m, b->len - m->base, s->text, s->len);
     tc_buf_append(b, s->text, s->len);
     return;
   }
@@ -283,22 +285,37 @@ static void put_value(struct pol_text_memo *m, struct tc_buf *b, json_t *j)
   const char *t = memo_put(m, j, b->data + at, b->len - at);
   /* the whole value is one span: drop the ones found inside it */
   m->nspans = first;
-  span_add(m, at, t, b->len - at);
+  span_add(m, at - m->base, t, b->len - at);
 }
 
 const char *pol_text_render(struct pol_text_memo *m, json_t *j)
 {
   if (!j)
     return NULL;
-  struct tc_buf own = TC_BUF_INIT, *b = m ? &m->scratch : &own;
-  b->len = 0;
-  if (m)
-    m->nspans = 0;
-  put_inner(m, b, j); /* the root is shared by pointer, not through the memo */
-  const char *t = pol_text_new(b->data ? b->data : "", b->len);
-  tc_buf_free(&own);
-  if (m && m->nspans) {
-    struct ptext *pt = ptext_of(t);
+  if (!m) {
+    struct tc_buf b = TC_BUF_INIT;
+    put_inner(NULL, &b, j);
+    const char *t = pol_text_new(b.data ? b.data : "", b.len);
+    tc_buf_free(&b);
+    return t;
+  }
+  const size_t hdr = offsetof(struct ptext, s);
+  struct tc_buf b = TC_BUF_INIT;
+  tc_buf_reserve(&b, hdr + m->hint + m->hint / 8 + 64);
+  b.len = hdr;
+  m->base = hdr;
+  m->nspans = 0;
+  put_inner(m, &b, j); /* the root is shared by pointer, not through the memo */
+  size_t len = b.len - hdr;
+  m->hint = len;
+  struct ptext *pt = tc_xrealloc(b.data, hdr + len + 1); /* trims: no copy */
+  atomic_init(&pt->refs, 1);
+  pt->len = len;
+  pt->nspans = 0;
+  pt->spans = NULL;
+  pt->s[len] = 0;
+  const char *t = pt->s;
+  if (m->nspans) {
     pt->spans = tc_xmalloc(m->nspans * sizeof(*pt->spans));
     pt->nspans = m->nspans;
     for (size_t i = 0; i < m->nspans; i++) {
