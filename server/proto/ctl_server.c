@@ -996,6 +996,7 @@ static void conn_read(struct conn *c) {
           conn_kill(c);
           return;
         }
+        buf_release_idle(&c->wsin); /* up to a 64 KiB frame's worth otherwise */
       } else {
         tc_buf_append(&c->in, buf, (size_t)n);
       }
