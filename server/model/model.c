@@ -77,7 +77,8 @@ void tcm_wr_publish(struct wr *w) {
   const struct tc_ntab *nodes = tcm_wr_nodes(w);
   const struct tc_otab *online = tcm_wr_online(w);
   struct tc_rtab *r;
-  if (w->n || w->o) {
+  /* Without any router (the common case) there is nothing to recompute. */
+  if ((w->n || w->o) && (nodes->n_routers || b->primaries->n)) {
     r = tc_rtab_compute(nodes, online, b->primaries);
     if (!tc_rtab_equal(r, b->primaries)) {
       struct ev *e = tcm_wr_event(w, TC_CHANGE_NODE_ROUTES);

@@ -43,9 +43,24 @@ struct tc_utab {
   struct tc_user **v; /* boxed records, sorted by id */
   struct tc_hidx by_name;
 };
+/* The node table is copied on every node write, so it does not hold one
+ * reference per record: v is a plain array of borrowed pointers, and the
+ * references live in chunks (boxes of up to ~64 records each, contiguous id
+ * ranges) that tables share. An edit copies v (a memcpy), re-references the
+ * untouched chunks and rebuilds the one chunk it touches: O(N) bytes copied
+ * but O(N / 64) atomic reference counts, instead of one count per record on
+ * a cache line of its own (at N = 2,000 that was ~13 % of a registration's
+ * model CPU). */
+struct tc_nchunk {
+  size_t n;
+  struct tc_node **r; /* references, sorted by id */
+};
 struct tc_ntab {
   size_t n;
-  struct tc_node **v; /* boxed records, sorted by id */
+  struct tc_node **v; /* boxed records sorted by id, borrowed from the chunks */
+  struct tc_nchunk **chunks; /* boxes, in id order */
+  size_t nchunks;
+  size_t n_routers; /* nodes with both announced and approved routes */
   struct tc_hidx by_nk, by_mk, by_name, by_ip4, by_ip6;
 };
 struct tc_ktab {
@@ -83,6 +98,8 @@ struct tc_otab *tc_otab_edit(const struct tc_otab *t, int64_t id, bool present);
  * primary (from prev, may be NULL) while it stays eligible, else the lowest id. */
 struct tc_rtab *tc_rtab_compute(const struct tc_ntab *nodes, const struct tc_otab *online,
                                 const struct tc_rtab *prev);
+/* True when n announces and has approved routes (a candidate router). */
+bool tc_node_is_router(const struct tc_node *n);
 bool tc_rtab_equal(const struct tc_rtab *a, const struct tc_rtab *b);
 
 /* Boxed copies of records (deep). */

@@ -210,7 +210,8 @@ static void utab_dtor(void *p) {
 }
 static void ntab_dtor(void *p) {
   struct tc_ntab *t = p;
-  for (size_t i = 0; i < t->n; i++) tc_box_unref(t->v[i]);
+  for (size_t i = 0; i < t->nchunks; i++) tc_box_unref(t->chunks[i]);
+  free(t->chunks);
   free(t->v);
   tc_hidx_free(&t->by_nk);
   tc_hidx_free(&t->by_mk);
@@ -240,10 +241,34 @@ struct tc_utab *tc_utab_new(struct tc_user **v, size_t n) {
   return t;
 }
 
+#define NCHUNK 64
+
+static void nchunk_dtor(void *p) {
+  struct tc_nchunk *c = p;
+  for (size_t i = 0; i < c->n; i++) tc_box_unref(c->r[i]);
+  free(c->r);
+}
+
+/* A chunk box adopting n references from recs (the array is copied). */
+static struct tc_nchunk *nchunk_new(struct tc_node *const *recs, size_t n) {
+  struct tc_nchunk *c = tc_box_new(sizeof *c, nchunk_dtor);
+  c->r = tc_xmalloc((n + 1) * sizeof *c->r);
+  memcpy(c->r, recs, n * sizeof *c->r);
+  c->n = n;
+  return c;
+}
+
+bool tc_node_is_router(const struct tc_node *n) { return n->approved_routes.n && n->announced_routes.n; }
+
 struct tc_ntab *tc_ntab_new(struct tc_node **v, size_t n) {
   struct tc_ntab *t = tc_box_new(sizeof *t, ntab_dtor);
   t->v = v;
   t->n = n;
+  for (size_t i = 0; i < n; i++) t->n_routers += tc_node_is_router(v[i]);
+  t->nchunks = (n + NCHUNK - 1) / NCHUNK;
+  t->chunks = tc_xmalloc((t->nchunks + 1) * sizeof *t->chunks);
+  for (size_t i = 0; i < t->nchunks; i++)
+    t->chunks[i] = nchunk_new(v + i * NCHUNK, TC_MIN((size_t)NCHUNK, n - i * NCHUNK));
   const void *const *r = (const void *const *)v;
   tc_hidx_build(&t->by_nk, r, n, key_nk);
   tc_hidx_build(&t->by_mk, r, n, key_mk);
@@ -304,19 +329,132 @@ struct tc_utab *tc_utab_edit(const struct tc_utab *t, struct tc_user *rec, int64
 
 static long find_id(const void *const *v, size_t n, int64_t id);
 
+/* The sorted pointer array of t with rec upserted and remove_id dropped;
+ * no references taken (the chunks own them). */
+static struct tc_node **edit_flat(const struct tc_ntab *t, struct tc_node *rec, int64_t remove_id, size_t *n_out) {
+  struct tc_node **out = tc_xmalloc((t->n + 1) * sizeof *out);
+  size_t o = 0;
+  int64_t rec_id = rec ? rec->id : 0;
+  bool placed = rec == NULL;
+  for (size_t i = 0; i < t->n; i++) {
+    int64_t id = t->v[i]->id;
+    if (!placed && rec_id <= id) {
+      out[o++] = rec;
+      placed = true;
+      if (rec_id == id) continue;
+    }
+    if (id == remove_id || (rec && id == rec_id)) continue;
+    out[o++] = t->v[i];
+  }
+  if (!placed) out[o++] = rec;
+  *n_out = o;
+  return out;
+}
+
+/* Index of the chunk whose id range holds id (the last chunk starting at or
+ * before it; 0 when id precedes them all). nchunks > 0. */
+static size_t chunk_for(struct tc_nchunk *const *ch, size_t nch, int64_t id) {
+  size_t lo = 0, hi = nch;
+  while (hi - lo > 1) {
+    size_t mid = (lo + hi) / 2;
+    if (ch[mid]->r[0]->id <= id) lo = mid;
+    else hi = mid;
+  }
+  return lo;
+}
+
+/* New chunk list: ch with rec (a stolen reference; may be NULL) upserted
+ * and remove_id dropped in the one chunk concerned; every other chunk
+ * shared with a new reference. Only one of rec / remove_id is set. */
+static struct tc_nchunk **edit_chunks(struct tc_nchunk *const *ch, size_t nch, struct tc_node *rec,
+                                      int64_t remove_id, size_t *nch_out) {
+  struct tc_nchunk **out = tc_xmalloc((nch + 2) * sizeof *out);
+  if (nch == 0) {
+    size_t k = 0;
+    if (rec) out[k++] = nchunk_new(&rec, 1);
+    *nch_out = k;
+    return out;
+  }
+  int64_t id = rec ? rec->id : remove_id;
+  size_t ci = chunk_for(ch, nch, id);
+  const struct tc_nchunk *c = ch[ci];
+  /* appends open a new chunk once the last one is full */
+  bool fresh = rec && ci == nch - 1 && c->n >= NCHUNK && c->r[c->n - 1]->id < id;
+  size_t o = 0;
+  for (size_t i = 0; i < nch; i++)
+    if (i != ci || fresh) out[o++] = tc_box_ref(ch[i]);
+  if (fresh) {
+    out[o++] = nchunk_new(&rec, 1);
+    *nch_out = o;
+    return out;
+  }
+  struct tc_node **r = tc_xmalloc((c->n + 1) * sizeof *r);
+  size_t k = 0;
+  bool placed = rec == NULL;
+  for (size_t i = 0; i < c->n; i++) {
+    int64_t x = c->r[i]->id;
+    if (!placed && id <= x) {
+      r[k++] = rec;
+      placed = true;
+      if (id == x) continue;
+    }
+    if (x == remove_id || (rec && x == id)) continue;
+    r[k++] = tc_box_ref(c->r[i]);
+  }
+  if (!placed) r[k++] = rec;
+  /* keep the chunk list in id order: the edited chunk goes back at ci */
+  memmove(out + ci + 1, out + ci, (o - ci) * sizeof *out);
+  o++;
+  if (k == 0) { /* emptied: drop it */
+    memmove(out + ci, out + ci + 1, (o - ci - 1) * sizeof *out);
+    o--;
+  } else if (k > 2 * NCHUNK) { /* grown by inserts in the middle: split */
+    memmove(out + ci + 2, out + ci + 1, (o - ci - 1) * sizeof *out);
+    o++;
+    out[ci] = nchunk_new(r, k / 2);
+    out[ci + 1] = nchunk_new(r + k / 2, k - k / 2);
+  } else {
+    out[ci] = nchunk_new(r, k);
+  }
+  free(r);
+  *nch_out = o;
+  return out;
+}
+
 /* Node tables are rebuilt on every node write, so the indexes are reused
  * where possible: a replaced record whose key did not change keeps its
  * index; an appended record (new ids are the largest) copies the slots and
  * adds one entry. Only removals and key changes rehash. */
 struct tc_ntab *tc_ntab_edit(const struct tc_ntab *t, struct tc_node *rec, int64_t remove_id) {
   size_t n;
-  long pos = rec && !remove_id ? find_id((const void *const *)t->v, t->n, rec->id) : -1;
-  bool append = rec && !remove_id && pos < 0 && (t->n == 0 || t->v[t->n - 1]->id < rec->id);
-  void **v = edit_array((void *const *)t->v, t->n, rec, remove_id, &n);
-  if (pos < 0 && !append) return tc_ntab_new((struct tc_node **)v, n);
+  if (rec && remove_id) { /* never both in practice: two edits */
+    struct tc_ntab *mid = tc_ntab_edit(t, NULL, remove_id);
+    struct tc_ntab *res = tc_ntab_edit(mid, rec, 0);
+    tc_box_unref(mid);
+    return res;
+  }
+  long pos = rec ? find_id((const void *const *)t->v, t->n, rec->id) : -1;
+  bool append = rec && pos < 0 && (t->n == 0 || t->v[t->n - 1]->id < rec->id);
+  struct tc_node **v = edit_flat(t, rec, remove_id, &n);
   struct tc_ntab *nt = tc_box_new(sizeof *nt, ntab_dtor);
-  nt->v = (struct tc_node **)v;
+  nt->v = v;
   nt->n = n;
+  const struct tc_node *gone = pos >= 0 ? t->v[pos] : NULL;
+  if (remove_id) {
+    long rp = find_id((const void *const *)t->v, t->n, remove_id);
+    gone = rp >= 0 ? t->v[rp] : NULL;
+  }
+  nt->n_routers = t->n_routers - (gone && tc_node_is_router(gone)) + (rec && tc_node_is_router(rec));
+  nt->chunks = edit_chunks(t->chunks, t->nchunks, rec, remove_id, &nt->nchunks);
+  if (pos < 0 && !append) {
+    const void *const *r = (const void *const *)v;
+    tc_hidx_build(&nt->by_nk, r, n, key_nk);
+    tc_hidx_build(&nt->by_mk, r, n, key_mk);
+    tc_hidx_build(&nt->by_name, r, n, key_gname);
+    tc_hidx_build(&nt->by_ip4, r, n, key_ip4);
+    tc_hidx_build(&nt->by_ip6, r, n, key_ip6);
+    return nt;
+  }
   const void *const *r = (const void *const *)v;
   struct {
     struct tc_hidx *dst;
@@ -416,9 +554,9 @@ struct tc_rtab *tc_rtab_compute(const struct tc_ntab *nodes, const struct tc_ota
                                 const struct tc_rtab *prev) {
   struct cand *c = NULL;
   size_t nc = 0, cap = 0;
-  for (size_t i = 0; i < nodes->n; i++) {
+  for (size_t i = 0; nodes->n_routers && i < nodes->n; i++) {
     const struct tc_node *n = nodes->v[i];
-    if (!n->approved_routes.n || !n->announced_routes.n || !otab_has(online, n->id)) continue;
+    if (!tc_node_is_router(n) || !otab_has(online, n->id)) continue;
     for (size_t j = 0; j < n->approved_routes.n; j++) {
       const char *p = n->approved_routes.v[j];
       if (is_exit_route(p) || !tc_strv_contains(&n->announced_routes, p)) continue;

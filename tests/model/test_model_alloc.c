@@ -337,3 +337,187 @@ TC_TEST(tokens) {
   free(a);
   free(tok);
 }
+
+/* ---- node tables: chunked ownership under random edits -------------------- */
+static struct tc_node *tnode(int64_t id, int gen) {
+  struct tc_node z = {0};
+  struct tc_node *n = tc_box_node(&z);
+  n->id = id;
+  for (int i = 0; i < TC_KEY_LEN; i++) {
+    n->node_key[i] = (uint8_t)(id * 7 + i + gen * 13);
+    n->machine_key[i] = (uint8_t)(id * 11 + i);
+  }
+  n->has_ipv4 = true;
+  uint32_t a = 0x64400000u + (uint32_t)id;
+  n->ipv4[0] = (uint8_t)(a >> 24), n->ipv4[1] = (uint8_t)(a >> 16), n->ipv4[2] = (uint8_t)(a >> 8),
+  n->ipv4[3] = (uint8_t)a;
+  n->given_name = tc_xasprintf("n%lld-%d", (long long)id, gen);
+  return n;
+}
+
+/* t holds exactly the ids present[1..max] with generation gen[id], sorted;
+ * its chunks own exactly those records, in order; the indexes find them. */
+static void check_tab(const struct tc_ntab *t, const bool *present, const int *gen, int max) {
+  size_t want = 0;
+  for (int i = 1; i <= max; i++) want += present[i];
+  TC_REQUIRE(t->n == want);
+  size_t k = 0;
+  for (size_t c = 0; c < t->nchunks; c++) {
+    TC_CHECK(t->chunks[c]->n > 0);
+    for (size_t j = 0; j < t->chunks[c]->n; j++, k++) {
+      TC_REQUIRE(k < t->n);
+      TC_CHECK(t->chunks[c]->r[j] == t->v[k]); /* same records, same order */
+    }
+  }
+  TC_CHECK_INT(k, t->n);
+  k = 0;
+  for (int i = 1; i <= max; i++) {
+    if (!present[i]) continue;
+    const struct tc_node *n = t->v[k++];
+    TC_CHECK_INT(n->id, i);
+    char name[32];
+    snprintf(name, sizeof name, "n%d-%d", i, gen[i]);
+    TC_CHECK_STR(n->given_name, name);
+  }
+}
+
+static bool key_name(const void *r, const void **k, size_t *len) {
+  const struct tc_node *n = r;
+  *k = n->given_name;
+  *len = strlen(n->given_name);
+  return true;
+}
+
+TC_TEST(node_table_chunks_random_edits) {
+  enum { MAX = 600 };
+  static bool present[MAX + 1];
+  static int gen[MAX + 1];
+  memset(present, 0, sizeof present);
+  memset(gen, 0, sizeof gen);
+  /* start from a built table of ids 1..150 */
+  struct tc_node **v = tc_xmalloc(151 * sizeof *v);
+  for (int i = 1; i <= 150; i++) {
+    v[i - 1] = tnode(i, 0);
+    present[i] = true;
+  }
+  struct tc_ntab *t = tc_ntab_new(v, 150);
+  struct tc_ntab *keep = tc_box_ref(t); /* an old snapshot's table must stay intact */
+  check_tab(t, present, gen, MAX);
+  uint64_t x = 88172645463325252ull;
+  int next_id = 151;
+  for (int step = 0; step < 3000; step++) {
+    x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+    int op = (int)(x % 10);
+    int id = (int)((x >> 8) % (uint64_t)(next_id - 1)) + 1;
+    struct tc_ntab *nt;
+    if (op < 3 && next_id <= MAX) { /* append a new largest id */
+      id = next_id++;
+      nt = tc_ntab_edit(t, tnode(id, 0), 0);
+      present[id] = true;
+    } else if (op < 6) { /* replace or re-insert (middle insert when absent) */
+      gen[id]++;
+      nt = tc_ntab_edit(t, tnode(id, gen[id]), 0);
+      present[id] = true;
+    } else { /* remove (possibly absent) */
+      nt = tc_ntab_edit(t, NULL, id);
+      present[id] = false;
+    }
+    tc_box_unref(t);
+    t = nt;
+    if (step % 97 == 0) check_tab(t, present, gen, MAX);
+  }
+  check_tab(t, present, gen, MAX);
+  /* lookups through the rebuilt and shared indexes */
+  for (size_t i = 0; i < t->n; i++) {
+    const struct tc_node *n = t->v[i];
+    TC_CHECK(tc_hidx_find(&t->by_name, (const void *const *)t->v, key_name, n->given_name, strlen(n->given_name)) ==
+             (long)i);
+  }
+  /* the table kept from the start still has its 150 records, unchanged */
+  TC_REQUIRE(keep->n == 150);
+  for (int i = 0; i < 150; i++) {
+    char name[32];
+    snprintf(name, sizeof name, "n%d-0", i + 1);
+    TC_CHECK_STR(keep->v[i]->given_name, name);
+  }
+  tc_box_unref(keep);
+  tc_box_unref(t);
+}
+
+/* Inserts below the smallest id all land in the first chunk, which splits
+ * instead of growing without bound; removing whole chunks drops them. */
+TC_TEST(node_table_chunks_split_and_drop) {
+  enum { MAX = 400 };
+  static bool present[MAX + 1];
+  static int gen[MAX + 1];
+  memset(present, 0, sizeof present);
+  memset(gen, 0, sizeof gen);
+  struct tc_node **v = tc_xmalloc(65 * sizeof *v);
+  for (int i = 0; i < 64; i++) {
+    v[i] = tnode(300 + i, 0);
+    present[300 + i] = true;
+  }
+  struct tc_ntab *t = tc_ntab_new(v, 64);
+  for (int id = 299; id >= 1; id--) {
+    struct tc_ntab *nt = tc_ntab_edit(t, tnode(id, 0), 0);
+    present[id] = true;
+    tc_box_unref(t);
+    t = nt;
+  }
+  check_tab(t, present, gen, MAX);
+  size_t biggest = 0;
+  for (size_t c = 0; c < t->nchunks; c++) biggest = TC_MAX(biggest, t->chunks[c]->n);
+  TC_CHECK(biggest <= 2 * 64);
+  TC_CHECK(t->nchunks >= 363 / 128);
+  for (int id = 1; id <= 363; id += 1) {
+    if (id % 5 == 0) continue;
+    struct tc_ntab *nt = tc_ntab_edit(t, NULL, id);
+    present[id] = false;
+    tc_box_unref(t);
+    t = nt;
+  }
+  check_tab(t, present, gen, MAX);
+  for (int id = 5; id <= 363; id += 5) {
+    struct tc_ntab *nt = tc_ntab_edit(t, NULL, id);
+    present[id] = false;
+    tc_box_unref(t);
+    t = nt;
+  }
+  TC_CHECK_INT(t->n, 0);
+  TC_CHECK_INT(t->nchunks, 0);
+  struct tc_ntab *nt = tc_ntab_edit(t, tnode(7, 0), 0); /* and grows again from empty */
+  tc_box_unref(t);
+  t = nt;
+  present[7] = true;
+  check_tab(t, present, gen, MAX);
+  tc_box_unref(t);
+}
+
+/* The router count follows edits (it lets publishing skip the primary-route
+ * scan when no node can be a router). */
+TC_TEST(node_table_router_count) {
+  struct tc_node **v = tc_xmalloc(4 * sizeof *v);
+  for (int i = 0; i < 3; i++) v[i] = tnode(i + 1, 0);
+  tc_strv_push(&v[1]->announced_routes, "10.0.0.0/8");
+  tc_strv_push(&v[1]->approved_routes, "10.0.0.0/8");
+  tc_strv_push(&v[2]->announced_routes, "10.1.0.0/16"); /* announced only */
+  struct tc_ntab *t = tc_ntab_new(v, 3);
+  TC_CHECK_INT(t->n_routers, 1);
+  struct tc_node *r3 = tnode(3, 1);
+  tc_strv_push(&r3->announced_routes, "10.1.0.0/16");
+  tc_strv_push(&r3->approved_routes, "10.1.0.0/16");
+  struct tc_ntab *t2 = tc_ntab_edit(t, r3, 0);
+  TC_CHECK_INT(t2->n_routers, 2);
+  struct tc_ntab *t3 = tc_ntab_edit(t2, NULL, 2);
+  TC_CHECK_INT(t3->n_routers, 1);
+  struct tc_ntab *t4 = tc_ntab_edit(t3, tnode(3, 2), 0); /* no longer a router */
+  TC_CHECK_INT(t4->n_routers, 0);
+  struct tc_ntab *t5 = tc_ntab_edit(t4, NULL, 99); /* absent */
+  TC_CHECK_INT(t5->n_routers, 0);
+  TC_CHECK_INT(t->n_routers, 1); /* old tables unchanged */
+  tc_box_unref(t);
+  tc_box_unref(t2);
+  tc_box_unref(t3);
+  tc_box_unref(t4);
+  tc_box_unref(t5);
+}
