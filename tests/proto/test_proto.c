@@ -537,6 +537,50 @@ TC_TEST(idle_stream_releases_frame_buffer) {
   fx_stop(&f);
 }
 
+/* A map larger than the client's 4 MiB stream window, sent while the client
+ * is not reading: the server's output backs up (socket full, or the window
+ * spent) for far longer than idle_release_ms, with the map half sent. The
+ * release check runs all along and must neither touch a frame in progress
+ * (nor bytes waiting in our buffers) nor lose anything: every byte must
+ * arrive in order once the client reads. */
+TC_TEST(idle_release_during_flow_control_stall) {
+  struct fx f;
+  struct tc_ctl_server_opts o = {.workers = 2, .idle_release_ms = 20};
+  TC_REQUIRE(fx_start_opts(&f, &o) == 0);
+  struct tc_tclient *c = client(&f, 138);
+  TC_REQUIRE(c);
+  int32_t hold = tc_tclient_submit(c, "POST", "/hold", NULL, "{}", 2);
+  TC_REQUIRE(hold > 0);
+  TC_CHECK_INT(tc_tclient_wait_headers(c, hold, 5000), 200);
+  pthread_mutex_lock(&g.mu);
+  struct tc_ctl_stream *held = g.held;
+  pthread_mutex_unlock(&g.mu);
+  TC_REQUIRE(held != NULL);
+  char *huge = noisy_json(12u << 20, 12345);
+  struct tc_buf fr = TC_BUF_INIT;
+  TC_REQUIRE(tc_map_frame(huge, strlen(huge), &fr) == 0);
+  TC_CHECK(fr.len > (5u << 20)); /* beyond the stream window */
+  TC_CHECK_INT(tc_ctl_stream_write(held, fr.data, fr.len), 0);
+  tc_buf_free(&fr);
+  struct tc_ctl_stats s0;
+  tc_ctl_server_stats(f.srv, &s0);
+  usleep(400 * 1000); /* not reading */
+  char *got = NULL;
+  size_t len = 0;
+  TC_CHECK_INT(tc_tclient_map_next(c, hold, 30000, &got, &len), 0);
+  TC_CHECK(got && len == strlen(huge) && !strcmp(got, huge));
+  free(got);
+  /* And a small one after it all. */
+  TC_CHECK(map_roundtrip(c, hold, held, "{\"KeepAlive\":true}"));
+  struct tc_ctl_stats s1 = wait_release(&f, s0.idle_releases, 10000);
+  TC_CHECK(s1.idle_releases > s0.idle_releases);
+  free(huge);
+  tc_ctl_stream_end(held);
+  tc_tclient_free(c);
+  TC_CHECK(conns_drain(&f, 10000));
+  fx_stop(&f);
+}
+
 /* idle_release_ms < 0 turns the release off. */
 TC_TEST(idle_release_disabled) {
   struct fx f;
