@@ -82,8 +82,8 @@ struct prim {
 struct pnode {
   int64_t id;
   const struct tc_policy_node_result *r; /* in the result this view was compiled into */
-  char *filter; /* PacketFilter JSON */
-  char *ssh;    /* SSHPolicy JSON or NULL */
+  const char *filter; /* PacketFilter JSON: borrowed from r (filter_text) or a literal */
+  const char *ssh;    /* SSHPolicy JSON or NULL: borrowed from r (ssh_text) */
   char *capmap; /* CapMap JSON (defaults + nodeAttrs) */
   uint64_t capmap_gen; /* generation in which capmap last changed: part of the fragment version */
 };
@@ -562,8 +562,8 @@ static void build_full(struct tc_mapper *mp, const struct tc_snapshot *snap, con
   env.filter_json = (char *)tc_mapper_filter_for(&mp->env, snap, self);
   if (mp->pv.pol) {
     const struct pnode *pn = pv_node(&mp->pv, self->id);
-    env.filter_json = pn ? pn->filter : "[]"; /* unknown to the policy: deny */
-    env.ssh_json = pn ? pn->ssh : NULL;
+    env.filter_json = pn ? (char *)pn->filter : "[]"; /* unknown to the policy: deny */
+    env.ssh_json = pn ? (char *)pn->ssh : NULL;
   }
   struct tc_mapper_full m = {.self_json = sj.data, .n_peers = np, .now = now};
   struct tc_mapper_msg msg;
@@ -600,11 +600,7 @@ static void build_full(struct tc_mapper *mp, const struct tc_snapshot *snap, con
 /* ---- policy (dispatcher thread) ------------------------------------------------------ */
 
 static void pv_free_compiled(struct tc_policy_result *res, struct pnode *pn, size_t npn) {
-  for (size_t i = 0; i < npn; i++) {
-    free(pn[i].filter);
-    free(pn[i].ssh);
-    free(pn[i].capmap);
-  }
+  for (size_t i = 0; i < npn; i++) free(pn[i].capmap);
   free(pn);
   tc_policy_result_free(res);
 }
@@ -648,28 +644,25 @@ static bool pv_compile(struct tc_mapper *mp, const struct tc_snapshot *snap, con
   }
   json_t *base = mp->env.capmap_json ? json_loads(mp->env.capmap_json, 0, NULL) : NULL;
   struct pnode *pn = tc_xcalloc(res->nnodes + 1, sizeof *pn);
-  /* Nodes share filter objects (equal inputs, or unchanged since prev):
-   * serialise each object once. seen: filter pointer -> pn index. */
-  size_t fcap = 16;
-  while (fcap < 2 * res->nnodes) fcap *= 2;
-  struct { const json_t *f; size_t i; } *seen = tc_xcalloc(fcap, sizeof *seen);
   for (size_t i = 0; i < res->nnodes; i++) {
     const struct tc_policy_node_result *r = &res->nodes[i];
     pn[i].id = r->node_id;
     pn[i].r = r;
     const struct pnode *op = prev ? pv_node(prev, pn[i].id) : NULL;
-    size_t slot = ((uintptr_t)r->packet_filter >> 4) * 0x9e3779b97f4a7c15ull & (fcap - 1);
-    while (seen[slot].f && seen[slot].f != r->packet_filter) slot = (slot + 1) & (fcap - 1);
-    if (!r->packet_filter) pn[i].filter = dump(NULL, "[]");
-    else if (seen[slot].f) pn[i].filter = tc_xstrdup(pn[seen[slot].i].filter);
-    else if (op && op->r && op->r->packet_filter == r->packet_filter) pn[i].filter = tc_xstrdup(op->filter);
-    else pn[i].filter = dump(r->packet_filter, "[]");
-    if (r->packet_filter && !seen[slot].f) seen[slot].f = r->packet_filter, seen[slot].i = i;
-    pn[i].ssh = dump(r->ssh_policy, NULL);
-    json_t *cm = base ? json_deep_copy(base) : json_object();
-    if (json_is_object(r->cap_map)) json_object_update(cm, r->cap_map);
-    pn[i].capmap = dump(cm, "{}");
-    json_decref(cm);
+    /* The result carries each filter and SSH policy as text, rendered once
+     * per distinct object and shared with prev when unchanged: borrow it
+     * (pn lives exactly as long as res). */
+    pn[i].filter = r->filter_text ? r->filter_text : "[]";
+    pn[i].ssh = r->ssh_text;
+    /* The compiler hands back prev's CapMap object when it is unchanged. */
+    if (op && op->r && r->cap_map && op->r->cap_map == r->cap_map) {
+      pn[i].capmap = tc_xstrdup(op->capmap);
+    } else {
+      json_t *cm = base ? json_deep_copy(base) : json_object();
+      if (json_is_object(r->cap_map)) json_object_update(cm, r->cap_map);
+      pn[i].capmap = dump(cm, "{}");
+      json_decref(cm);
+    }
     /* A node's cached fragment embeds its CapMap, and nothing else of the
      * policy: it stays valid across recompiles that leave that CapMap as it
      * was (re-encoding every node after each join was O(N^2) per storm). */
@@ -677,7 +670,6 @@ static bool pv_compile(struct tc_mapper *mp, const struct tc_snapshot *snap, con
     if (pn[i].capmap_gen == mp->pv.gen + 1) tc_mapper_chunks_touch(mp->chunks, pn[i].id);
   }
   json_decref(base);
-  free(seen);
   qsort(pn, res->nnodes, sizeof *pn, cmp_pnode);
   pv_free_compiled(mp->pv.res, mp->pv.pn, mp->pv.npn);
   mp->pv.res = res;
@@ -769,30 +761,10 @@ static bool sorted_has(const int64_t *v, size_t n, int64_t id) {
   return false;
 }
 
-/* Whether v[*k..] (sorted) holds id, advancing *k: the ids asked about are
- * ascending, so one pass over skip serves a whole peer list. */
-static bool skip_has(const int64_t *v, size_t n, size_t *k, int64_t id) {
-  while (*k < n && v[*k] < id) (*k)++;
-  return *k < n && v[*k] == id;
+/* (Equal pointers: texts borrowed from the policy result, shared when unchanged.) */
+static bool str_differ(const char *a, const char *b) {
+  return a != b && ((a == NULL) != (b == NULL) || (a && strcmp(a, b)));
 }
-
-/* Do the two peer lists differ outside the ids in skip (sorted)? Runs for
- * every stream after each recompile, so it is one merge pass over the two
- * lists and skip (the former binary search of skip per element was most of
- * policy_deltas at N = 1000). */
-static bool peers_differ(const struct tc_policy_node_result *a, const struct tc_policy_node_result *b,
-                         const int64_t *skip, size_t nskip) {
-  size_t i = 0, j = 0, ka = 0, kb = 0;
-  for (;;) {
-    while (i < a->npeers && skip_has(skip, nskip, &ka, tc_policy_peer_id(a, i))) i++;
-    while (j < b->npeers && skip_has(skip, nskip, &kb, tc_policy_peer_id(b, j))) j++;
-    if (i == a->npeers || j == b->npeers) return i != a->npeers || j != b->npeers;
-    if (tc_policy_peer_id(a, i) != tc_policy_peer_id(b, j)) return true;
-    i++, j++;
-  }
-}
-
-static bool str_differ(const char *a, const char *b) { return (a == NULL) != (b == NULL) || (a && strcmp(a, b)); }
 
 /* Deltas under a policy: per recipient, since who sees whom and the filter
  * differ per node. ids (sorted) are the nodes this event/batch touched;
@@ -819,6 +791,8 @@ static void policy_deltas(struct tc_mapper *mp, const struct tc_snapshot *snap, 
   struct tc_buf shared[8];
   uint64_t shared_inc[8], shared_rem[8];
   size_t nshared = 0;
+  /* peer sets compared once per distinct pair of stored lists, not per stream */
+  struct tc_policy_peers_cmp *pcmp = tc_policy_peers_cmp_new(ids, nid);
   for (size_t si = mp->n_sess; si-- > 0;) {
     if (si >= mp->n_sess) continue;
     struct session *s = mp->sess[si];
@@ -837,7 +811,7 @@ static void policy_deltas(struct tc_mapper *mp, const struct tc_snapshot *snap, 
     const struct tc_policy_node_result *nr = mp->pv.res ? pv_result(&mp->pv, self->id) : NULL;
     const struct tc_policy_node_result *or_ = !ores ? NULL : recompiled ? pv_result(&oldpv, self->id) : nr;
     bool resync = text_changed || (mp->pv.res && !nr) || (ores && !or_) || ((ores == NULL) != (mp->pv.res == NULL)) ||
-                  (nr && or_ && nr != or_ && peers_differ(nr, or_, ids, nid));
+                  (nr && or_ && nr != or_ && tc_policy_peers_differ(pcmp, or_, nr));
     struct tc_mapper_env env = mp->env;
     env.filter_json = (char *)nfilter;
     env.ssh_json = (char *)nssh;
@@ -941,6 +915,7 @@ static void policy_deltas(struct tc_mapper *mp, const struct tc_snapshot *snap, 
     tc_buf_free(&json);
     tc_buf_free(&frame);
   }
+  tc_policy_peers_cmp_free(pcmp);
   for (size_t k = 0; k < nshared; k++) tc_buf_free(&shared[k]);
   for (size_t i = 0; i < nid; i++) tc_mapper_frag_unref(fr[i]);
   free(fr);
