@@ -884,3 +884,51 @@ TC_TEST(unchanged_source_lists_are_taken_over_from_the_previous_result)
   tc_policy_result_free(r3);
   tc_policy_free(pol);
 }
+
+/* The comparer with a topology that is not in id order (stored lists are
+ * then unsorted and get a sorted copy): same answers as the naive walk. */
+TC_TEST(peer_set_comparer_with_unsorted_topology)
+{
+  enum { N = 30 };
+  static const char *text =
+      "{\"groups\": {\"group:a\": [\"alice@\"]},\n"
+      " \"acls\": [{\"action\": \"accept\", \"src\": [\"group:a\"], \"dst\": [\"bob@:22\"]},\n"
+      "          {\"action\": \"accept\", \"src\": [\"bob@\"], \"dst\": [\"autogroup:self:*\"]}]}";
+  static const struct tc_policy_user us[] = {{1, "alice", NULL}, {2, "bob", NULL}, {3, "carol", NULL}};
+  static char ip[N][24];
+  struct tc_policy_node ns[N];
+  memset(ns, 0, sizeof ns);
+  for (int i = 0; i < N; i++) { /* ids descending */
+    snprintf(ip[i], sizeof ip[i], "100.64.0.%d", N - i);
+    ns[i] = (struct tc_policy_node){.id = N - i, .hostname = "h", .user_id = 1 + (N - i) % 3, .ipv4 = ip[i]};
+  }
+  struct tc_policy *pol;
+  struct tc_policy_err err;
+  TC_REQUIRE(tc_policy_parse(text, strlen(text), &pol, &err) == 0);
+  struct tc_policy_topo topo = {us, 3, ns, N - 1, NULL};
+  struct tc_policy_result *a, *b;
+  TC_REQUIRE(tc_policy_compile(pol, &topo, &a, &err) == 0);
+  ns[3].user_id = ns[3].user_id % 3 + 1; /* one node changes hands, another joins */
+  topo.nnodes = N;
+  TC_REQUIRE(tc_policy_compile_incremental(pol, &topo, a, &b, &err) == 0);
+  TC_CHECK(!b->nodes[0].peers || !b->nodes[0].peers->sorted);
+  bool ok = true;
+  for (unsigned seed = 1; seed < 40; seed++) check_peers_differ(a, b, seed * 2654435761u, N, &ok);
+  /* skipping exactly the two touched nodes: most viewers saw nothing else change */
+  int64_t skip[2] = {1, N - 3}; /* the joining node is the last in topology order: id 1 */
+  struct tc_policy_peers_cmp *c = tc_policy_peers_cmp_new(skip, 2);
+  int unchanged = 0;
+  for (size_t i = 0; i < b->nnodes; i++) {
+    const struct tc_policy_node_result *y = &b->nodes[i], *x = tc_policy_result_node(a, y->node_id);
+    if (!x) continue;
+    bool want = naive_peers_differ(x, y, skip, 2);
+    ok &= want == tc_policy_peers_differ(c, x, y);
+    unchanged += !want;
+  }
+  tc_policy_peers_cmp_free(c);
+  TC_CHECK(unchanged > N / 2);
+  TC_CHECK(ok);
+  tc_policy_result_free(a);
+  tc_policy_result_free(b);
+  tc_policy_free(pol);
+}
