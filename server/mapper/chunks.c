@@ -212,12 +212,32 @@ void tc_mapper_chunks_reset(struct tc_mapper_chunks *c) {
   for (size_t i = 0; i < c->nsegs; i++) seg_drop(c, &c->segs[i]);
 }
 
-void tc_mapper_chunks_layout(struct tc_mapper_chunks *c, const struct tc_node *const *nodes, size_t n, uint64_t seq) {
-  if (!c || (c->laid_out && c->layout_seq == seq)) return;
-  tc_mapper_chunks_layout(c->fine, nodes, n, seq);
-  c->laid_out = true;
-  c->layout_seq = seq;
+static bool is_forced(const struct seg *forced, size_t nforced, int64_t lo) {
+  size_t a = 0, b = nforced;
+  while (a < b) {
+    size_t mid = (a + b) / 2;
+    if (forced[mid].lo == lo) return true;
+    if (forced[mid].lo < lo) a = mid + 1;
+    else b = mid;
+  }
+  return false;
+}
+
+/* forced: the coarse level's segments, whose boundaries the fine level
+ * keeps too (a coarse segment then splits into whole fine segments, and a
+ * viewer's run never cuts a fine segment in two). */
+static void layout_level(struct tc_mapper_chunks *c, const struct tc_node *const *nodes, size_t n,
+                         const struct seg *forced, size_t nforced) {
   size_t T = c->target;
+  for (size_t f = 1; f < nforced; f++) {
+    size_t s = seg_of(c, forced[f].lo);
+    if (c->segs[s].lo == forced[f].lo) continue;
+    seg_drop(c, &c->segs[s]);
+    c->segs = tc_xrealloc(c->segs, (c->nsegs + 1) * sizeof *c->segs);
+    memmove(&c->segs[s + 2], &c->segs[s + 1], (c->nsegs - s - 1) * sizeof *c->segs);
+    c->segs[s + 1] = (struct seg){.lo = forced[f].lo};
+    c->nsegs++;
+  }
   /* members of each segment: start index into nodes and count */
   size_t *start = tc_xcalloc(c->nsegs + 1, sizeof *start);
   for (size_t s = 0, k = 0; s < c->nsegs; s++) {
@@ -239,7 +259,8 @@ void tc_mapper_chunks_layout(struct tc_mapper_chunks *c, const struct tc_node *c
   for (size_t i = 0; i < c->nsegs;) {
     size_t cnt = start[i + 1] - start[i], j = i + 1;
     /* a segment thinned out by removals joins its successor */
-    while (cnt < T / 2 && j < c->nsegs && cnt + (start[j + 1] - start[j]) <= 2 * T) {
+    while (cnt < T / 2 && j < c->nsegs && cnt + (start[j + 1] - start[j]) <= 2 * T &&
+           !is_forced(forced, nforced, c->segs[j].lo)) {
       cnt += start[j + 1] - start[j];
       j++;
     }
@@ -265,6 +286,18 @@ void tc_mapper_chunks_layout(struct tc_mapper_chunks *c, const struct tc_node *c
   free(c->segs);
   c->segs = ns;
   c->nsegs = nn;
+}
+
+void tc_mapper_chunks_layout(struct tc_mapper_chunks *c, const struct tc_node *const *nodes, size_t n, uint64_t seq) {
+  if (!c || (c->laid_out && c->layout_seq == seq)) return;
+  c->laid_out = true;
+  c->layout_seq = seq;
+  layout_level(c, nodes, n, NULL, 0);
+  if (c->fine) {
+    c->fine->laid_out = true;
+    c->fine->layout_seq = seq;
+    layout_level(c->fine, nodes, n, c->segs, c->nsegs);
+  }
 }
 
 static bool variant_matches(const struct variant *v, const struct tc_node *const *nodes, size_t n, bool comma,

@@ -866,3 +866,298 @@ TC_TEST(dns_extra_records_file) {
   free(path);
   free(dir);
 }
+
+/* ---- multi-frame full maps from shared chunks ------------------------------------------ */
+#include <zstd.h>
+
+/* Every zstd frame of a framed message, decoded and concatenated; *nframes
+ * counts them. NULL when malformed. */
+static char *unframe_all(const struct tc_buf *b, int *nframes) {
+  const uint8_t *p = (const uint8_t *)b->data;
+  if (b->len < 4) return NULL;
+  size_t n = p[0] | p[1] << 8 | p[2] << 16 | (size_t)p[3] << 24;
+  if (b->len != 4 + n) return NULL;
+  struct tc_buf out = TC_BUF_INIT;
+  *nframes = 0;
+  for (size_t off = 0; off < n;) {
+    size_t fl = ZSTD_findFrameCompressedSize(p + 4 + off, n - off);
+    unsigned long long sz = ZSTD_isError(fl) ? ZSTD_CONTENTSIZE_ERROR : ZSTD_getFrameContentSize(p + 4 + off, fl);
+    if (sz == ZSTD_CONTENTSIZE_ERROR || sz == ZSTD_CONTENTSIZE_UNKNOWN) break;
+    tc_buf_reserve(&out, sz);
+    size_t got = ZSTD_decompress(out.data + out.len, sz, p + 4 + off, fl);
+    if (ZSTD_isError(got) || got != sz) break;
+    out.len += got;
+    off += fl;
+    (*nframes)++;
+    if (off == n) {
+      tc_buf_putc(&out, 0);
+      return tc_buf_steal(&out, NULL);
+    }
+  }
+  tc_buf_free(&out);
+  return NULL;
+}
+
+struct cworld {
+  struct tc_mapper_env env;
+  struct tc_mapper_cache *cache;
+  struct tc_node *nodes; /* ascending ids */
+  uint64_t *ver;
+  size_t n;
+  int64_t now;
+  const struct tc_node **peers; /* the current viewer's */
+};
+
+static struct tc_mapper_frag *cw_frag(void *ctx, size_t k) {
+  struct cworld *w = ctx;
+  const struct tc_node *nd = w->peers[k];
+  return tc_mapper_cache_peer(w->cache, &w->env, nd, w->ver[nd - w->nodes], NULL, w->now);
+}
+
+/* Builds viewer's full map both ways (chunked through c, and one frame) and
+ * says whether the decoded JSON is identical. skip(i): node i hidden from
+ * this viewer (NULL: sees all); priv(i): its fragment is viewer-specific. */
+static bool cw_same(struct cworld *w, struct tc_mapper_chunks *c, int64_t viewer, bool (*hide)(size_t),
+                    bool (*priv)(size_t), int *nframes) {
+  w->peers = tc_xcalloc(w->n + 1, sizeof *w->peers);
+  bool *pv = tc_xcalloc(w->n + 1, sizeof *pv);
+  struct tc_mapper_frag **frags = tc_xcalloc(w->n + 1, sizeof *frags);
+  size_t np = 0;
+  for (size_t i = 0; i < w->n; i++) {
+    if (w->nodes[i].id == viewer || (hide && hide(i))) continue;
+    pv[np] = priv && priv(i);
+    w->peers[np++] = &w->nodes[i];
+  }
+  for (size_t k = 0; k < np; k++) frags[k] = cw_frag(w, k);
+  struct tc_user users[2] = {{.id = 10, .name = "alice"}, {.id = 11, .name = "bob"}};
+  struct tc_mapper_full m = {.self_json = "{\"ID\":0}", .peers = frags, .n_peers = np, .now = w->now};
+  /* reference: one frame */
+  struct tc_mapper_idv uref = {0};
+  bool tref = false;
+  for (size_t k = 0; k < np; k++) {
+    if (w->peers[k]->tags.n) tref = true;
+    else tc_mapper_idv_push(&uref, w->peers[k]->user_id);
+  }
+  tc_mapper_idv_sort_unique(&uref);
+  m.users = uref.n && uref.v[0] == 11 ? users + 1 : users;
+  m.n_users = uref.n;
+  m.tagged_profile = tref;
+  struct tc_buf ref = TC_BUF_INIT;
+  tc_mapper_encode_full(&ref, &w->env, &m);
+  /* chunked */
+  struct tc_mapper_msg msg;
+  tc_mapper_msg_init(&msg);
+  tc_mapper_encode_full_open(&msg.text, &w->env, &m);
+  struct tc_mapper_idv u = {0};
+  bool tagged = false;
+  struct tc_mapper_chunk_peers cp = {.nodes = w->peers, .n = np, .priv = pv, .viewer_id = viewer, .frag = cw_frag,
+                                     .ctx = w, .now = w->now};
+  tc_mapper_chunks_append(c, &msg, &cp, &u, &tagged);
+  tc_mapper_idv_sort_unique(&u);
+  bool users_ok = u.n == uref.n && tagged == tref && (!u.n || !memcmp(u.v, uref.v, u.n * sizeof *u.v));
+  tc_mapper_encode_full_close(&msg.text, &w->env, &m);
+  struct tc_buf framed = TC_BUF_INIT;
+  tc_mapper_msg_finish(&msg, &framed);
+  char *dec = unframe_all(&framed, nframes);
+  bool ok = dec && users_ok && strlen(dec) == ref.len && !memcmp(dec, ref.data, ref.len);
+  if (!ok) fprintf(stderr, "  viewer %lld: users_ok %d\n  chunked %.300s\n  single  %.300s\n", (long long)viewer,
+                   users_ok, dec ? dec : "(undecodable)", ref.data);
+  free(dec);
+  tc_buf_free(&framed);
+  tc_buf_free(&ref);
+  tc_mapper_idv_free(&u);
+  tc_mapper_idv_free(&uref);
+  for (size_t k = 0; k < np; k++) tc_mapper_frag_unref(frags[k]);
+  free(frags);
+  free(pv);
+  free(w->peers);
+  w->peers = NULL;
+  return ok;
+}
+
+static void cw_init(struct cworld *w, size_t n, int64_t id_step) {
+  memset(w, 0, sizeof *w);
+  make_env(&w->env);
+  w->cache = tc_mapper_cache_new();
+  w->n = n;
+  w->nodes = tc_xcalloc(n, sizeof *w->nodes);
+  w->ver = tc_xcalloc(n, sizeof *w->ver);
+  for (size_t i = 0; i < n; i++) {
+    make_node(&w->nodes[i], (int64_t)(i + 1) * id_step);
+    w->nodes[i].user_id = i % 7 == 3 ? 11 : 10;
+    if (i % 11 == 5) tc_strv_push(&w->nodes[i].tags, "tag:server");
+    w->ver[i] = 1;
+  }
+  w->now = 1800000000;
+}
+
+static void cw_free(struct cworld *w) {
+  for (size_t i = 0; i < w->n; i++) tc_node_free(&w->nodes[i]);
+  free(w->nodes);
+  free(w->ver);
+  tc_mapper_cache_free(w->cache);
+  tc_mapper_env_free(&w->env);
+}
+
+static void cw_layout(struct cworld *w, struct tc_mapper_chunks *c, uint64_t seq) {
+  const struct tc_node **all = tc_xcalloc(w->n + 1, sizeof *all);
+  for (size_t i = 0; i < w->n; i++) all[i] = &w->nodes[i];
+  tc_mapper_chunks_layout(c, all, w->n, seq);
+  free(all);
+}
+
+static bool hide_odd(size_t i) { return i % 2 == 1; }
+static bool hide_most(size_t i) { return i != 40; }
+static bool hide_all(size_t i) { return true; }
+static bool priv_some(size_t i) { return i == 37 || i == 150; }
+
+TC_TEST(chunked_full_map_equals_single_frame) {
+  struct cworld w;
+  cw_init(&w, 300, 3); /* ids 3, 6, ..., 900 */
+  struct tc_mapper_chunks *c = tc_mapper_chunks_new(16);
+  cw_layout(&w, c, 1);
+  int nf = 0;
+  /* first, middle of a chunk, last, and a viewer outside the list */
+  int64_t viewers[] = {3, 453, 456, 900, 901};
+  for (size_t i = 0; i < TC_ARRAY_LEN(viewers); i++) {
+    TC_CHECK(cw_same(&w, c, viewers[i], NULL, NULL, &nf));
+    TC_CHECK(nf > 10);
+  }
+  struct tc_mapper_chunk_stats st;
+  tc_mapper_chunks_stats(c, &st);
+  TC_CHECK(st.hits > 30);       /* later viewers reuse the chunks */
+  TC_CHECK(st.text_peers <= 5 * 8); /* only each viewer's fine segment */
+  /* viewers that see other sets: every other node, one peer, none; and
+   * viewer-specific peers (routers under a policy) */
+  TC_CHECK(cw_same(&w, c, 453, hide_odd, NULL, &nf));
+  TC_CHECK(cw_same(&w, c, 3, hide_odd, NULL, &nf));
+  TC_CHECK(cw_same(&w, c, 3, hide_most, NULL, &nf));
+  TC_CHECK_INT(nf, 1);
+  TC_CHECK(cw_same(&w, c, 3, hide_all, NULL, &nf));
+  TC_CHECK_INT(nf, 1);
+  tc_mapper_chunks_stats(c, &st);
+  uint64_t text0 = st.text_peers;
+  TC_CHECK(cw_same(&w, c, 901, NULL, priv_some, &nf));
+  tc_mapper_chunks_stats(c, &st);
+  if (!(st.text_peers - text0 >= 2 && st.text_peers - text0 <= 16)) fprintf(stderr, "  text %llu\n", (unsigned long long)(st.text_peers - text0));
+  TC_CHECK(st.text_peers - text0 >= 2 && st.text_peers - text0 <= 16); /* two fine segments */
+  /* without a chunk cache: one frame, same JSON */
+  TC_CHECK(cw_same(&w, NULL, 453, NULL, NULL, &nf));
+  TC_CHECK_INT(nf, 1);
+  tc_mapper_chunks_free(c);
+  cw_free(&w);
+}
+
+TC_TEST(chunk_cache_drops_only_the_changed_segment) {
+  struct cworld w;
+  cw_init(&w, 200, 1);
+  struct tc_mapper_chunks *c = tc_mapper_chunks_new(16);
+  cw_layout(&w, c, 1);
+  int nf = 0;
+  TC_CHECK(cw_same(&w, c, 1, NULL, NULL, &nf));
+  TC_CHECK(cw_same(&w, c, 200, NULL, NULL, &nf));
+  struct tc_mapper_chunk_stats s0, s1, s2;
+  tc_mapper_chunks_stats(c, &s0);
+  TC_CHECK(cw_same(&w, c, 1, NULL, NULL, &nf));
+  tc_mapper_chunks_stats(c, &s1);
+  TC_CHECK_INT(s1.builds, s0.builds);
+  uint64_t hits = s1.hits - s0.hits;
+  /* node 100 changes: its new bytes, one chunk rebuilt, the rest reused */
+  free(w.nodes[99].given_name);
+  w.nodes[99].given_name = strdup("changed-100");
+  w.ver[99]++;
+  tc_mapper_chunks_touch(c, 100);
+  TC_CHECK(cw_same(&w, c, 1, NULL, NULL, &nf));
+  tc_mapper_chunks_stats(c, &s2);
+  TC_CHECK_INT(s2.builds - s1.builds, 1);
+  TC_CHECK_INT(s2.hits - s1.hits, hits - 1);
+  TC_CHECK(s2.drops > s1.drops);
+  /* a reset drops everything */
+  tc_mapper_chunks_reset(c);
+  tc_mapper_chunks_stats(c, &s1);
+  TC_CHECK_INT(s1.cached, 0);
+  TC_CHECK(cw_same(&w, c, 1, NULL, NULL, &nf));
+  tc_mapper_chunks_stats(c, &s2);
+  TC_CHECK_INT(s2.builds - s1.builds, hits);
+  tc_mapper_chunks_free(c);
+  cw_free(&w);
+}
+
+/* A chunk embeds its members' Expired flags: it stops being used once the
+ * clock passes a member's expiry, without any event. */
+TC_TEST(chunk_cache_follows_expiry) {
+  struct cworld w;
+  cw_init(&w, 64, 1);
+  w.nodes[50].expiry = w.now + 100;
+  w.nodes[51].expiry = w.now - 100; /* expired already */
+  struct tc_mapper_chunks *c = tc_mapper_chunks_new(16);
+  cw_layout(&w, c, 1);
+  int nf = 0;
+  TC_CHECK(cw_same(&w, c, 1, NULL, NULL, &nf));
+  struct tc_mapper_chunk_stats s0, s1;
+  tc_mapper_chunks_stats(c, &s0);
+  w.now += 50;
+  TC_CHECK(cw_same(&w, c, 1, NULL, NULL, &nf));
+  tc_mapper_chunks_stats(c, &s1);
+  TC_CHECK_INT(s1.builds, s0.builds);
+  w.now += 100; /* node 51 (index 50) has expired now */
+  TC_CHECK(cw_same(&w, c, 1, NULL, NULL, &nf));
+  tc_mapper_chunks_stats(c, &s0);
+  TC_CHECK_INT(s0.builds - s1.builds, 1);
+  /* the clock going back (tests shift it) un-expires it again: the chunk
+   * built before the expiry is still cached and right again */
+  w.now -= 100;
+  TC_CHECK(cw_same(&w, c, 1, NULL, NULL, &nf));
+  tc_mapper_chunks_stats(c, &s1);
+  TC_CHECK_INT(s1.builds, s0.builds);
+  TC_CHECK(s1.hits > s0.hits);
+  tc_mapper_chunks_free(c);
+  cw_free(&w);
+}
+
+/* Segments stay target..2*target as nodes join, and thinned-out ones merge
+ * after removals; maps stay right through every re-layout. */
+TC_TEST(chunk_layout_splits_and_merges) {
+  struct cworld w;
+  cw_init(&w, 400, 1);
+  struct tc_mapper_chunks *c = tc_mapper_chunks_new(8); /* no fine level below 16 */
+  size_t all = w.n;
+  struct tc_mapper_chunk_stats st;
+  int nf = 0;
+  for (size_t n = 1; n <= all; n += 7) {
+    w.n = n;
+    cw_layout(&w, c, n);
+    tc_mapper_chunks_stats(c, &st);
+    TC_CHECK(st.segments <= n / 8 + 1);
+    TC_CHECK(st.segments >= n / 16);
+    if (n % 50 == 1) TC_CHECK(cw_same(&w, c, (int64_t)n / 2 + 1, NULL, NULL, &nf));
+  }
+  w.n = all;
+  cw_layout(&w, c, 1000);
+  tc_mapper_chunks_stats(c, &st);
+  size_t before = st.segments;
+  TC_CHECK(cw_same(&w, c, 7, NULL, NULL, &nf));
+  /* remove three of every four nodes */
+  size_t k = 0;
+  for (size_t i = 0; i < w.n; i++) {
+    if (i % 4 == 0) {
+      struct tc_node t = w.nodes[k];
+      w.nodes[k] = w.nodes[i];
+      w.nodes[i] = t;
+      w.ver[k] = w.ver[i];
+      k++;
+    }
+  }
+  for (size_t i = 0; i < k; i++) tc_mapper_chunks_touch(c, w.nodes[i].id);
+  size_t total = w.n;
+  w.n = k;
+  cw_layout(&w, c, 1001);
+  tc_mapper_chunks_stats(c, &st);
+  TC_CHECK(st.segments < before);
+  TC_CHECK(st.segments <= k / 4 + 1);
+  TC_CHECK(cw_same(&w, c, 5, NULL, NULL, &nf));
+  TC_CHECK(cw_same(&w, c, w.nodes[k - 1].id, NULL, NULL, &nf));
+  w.n = total;
+  tc_mapper_chunks_free(c);
+  cw_free(&w);
+}
