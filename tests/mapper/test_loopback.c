@@ -409,3 +409,123 @@ TC_TEST(hostile_requests_over_noise_keep_the_connection) {
   tc_tclient_free(evil);
   fx_close(&x);
 }
+
+/* ---- the test client's decoder: multi-frame map messages ----------------------------- */
+#include <zstd.h>
+
+static void put_len(struct tc_buf *b, size_t at) {
+  size_t n = b->len - at - 4;
+  uint8_t *p = (uint8_t *)b->data + at;
+  p[0] = (uint8_t)n, p[1] = (uint8_t)(n >> 8), p[2] = (uint8_t)(n >> 16), p[3] = (uint8_t)(n >> 24);
+}
+
+/* One frame whose header does not record the content size (streaming). */
+static void zstd_unknown_size(const char *s, struct tc_buf *out) {
+  ZSTD_CCtx *c = ZSTD_createCCtx();
+  ZSTD_CCtx_setParameter(c, ZSTD_c_contentSizeFlag, 0);
+  size_t bound = ZSTD_compressBound(strlen(s)) + 32;
+  tc_buf_reserve(out, bound);
+  ZSTD_inBuffer in = {s, strlen(s), 0};
+  ZSTD_outBuffer ob = {out->data + out->len, bound, 0};
+  while (ZSTD_compressStream2(c, &ob, &in, ZSTD_e_end) != 0) {
+  }
+  out->len += ob.pos;
+  ZSTD_freeCCtx(c);
+}
+
+/* tc_map_unframe takes messages of several frames as the Go decoder does:
+ * concatenated output, skippable frames ignored, frames without a recorded
+ * size accepted, the total bounded by max_json, truncation refused. */
+TC_TEST(unframe_decodes_multi_frame_messages) {
+  const char *parts[] = {"{\"Peers\":[", "{\"ID\":1},{\"ID\":2}", ",{\"ID\":3}", "]}"};
+  struct tc_buf b = TC_BUF_INIT;
+  tc_buf_append(&b, "\0\0\0\0", 4);
+  for (size_t i = 0; i < TC_ARRAY_LEN(parts); i++) {
+    if (i == 2) zstd_unknown_size(parts[i], &b);
+    else tc_mapper_zstd(parts[i], strlen(parts[i]), &b);
+    if (i == 1) tc_buf_append(&b, "\x50\x2a\x4d\x18\x03\x00\x00\x00xyz", 11); /* skippable frame */
+  }
+  put_len(&b, 0);
+  size_t used = 0, jl = 0;
+  char *js = NULL;
+  TC_REQUIRE(tc_map_unframe((const uint8_t *)b.data, b.len, 1 << 20, &used, &js, &jl) == 0);
+  TC_CHECK_INT(used, b.len);
+  TC_CHECK_STR(js, "{\"Peers\":[{\"ID\":1},{\"ID\":2},{\"ID\":3}]}");
+  TC_CHECK_INT(jl, strlen(js));
+  free(js);
+  /* the bound applies to the sum of the frames, known sizes or not */
+  TC_CHECK_INT(tc_map_unframe((const uint8_t *)b.data, b.len, 20, &used, &js, &jl), TC_ETOOBIG);
+  TC_CHECK_INT(tc_map_unframe((const uint8_t *)b.data, b.len, 37, &used, &js, &jl), TC_ETOOBIG); /* 38 bytes */
+  TC_REQUIRE(tc_map_unframe((const uint8_t *)b.data, b.len, 38, &used, &js, &jl) == 0);
+  free(js);
+  /* a message that ends inside a frame, or with garbage after the frames */
+  struct tc_buf t = TC_BUF_INIT;
+  tc_buf_append(&t, b.data, b.len - 3);
+  put_len(&t, 0);
+  TC_CHECK_INT(tc_map_unframe((const uint8_t *)t.data, t.len, 1 << 20, &used, &js, &jl), TC_EPROTO);
+  t.len = 0;
+  tc_buf_append(&t, b.data, b.len);
+  tc_buf_append(&t, "\x28\xb5", 2);
+  put_len(&t, 0);
+  TC_CHECK_INT(tc_map_unframe((const uint8_t *)t.data, t.len, 1 << 20, &used, &js, &jl), TC_EPROTO);
+  /* nothing but a skippable frame: no message */
+  t.len = 0;
+  tc_buf_append(&t, "\0\0\0\0\x50\x2a\x4d\x18\x00\x00\x00\x00", 12);
+  put_len(&t, 0);
+  TC_CHECK_INT(tc_map_unframe((const uint8_t *)t.data, t.len, 1 << 20, &used, &js, &jl), TC_EPROTO);
+  /* a highly compressible frame claiming little but expanding a lot */
+  char *big = malloc(1 << 20);
+  memset(big, '7', 1 << 20);
+  big[(1 << 20) - 1] = 0;
+  t.len = 0;
+  tc_buf_append(&t, "\0\0\0\0", 4);
+  zstd_unknown_size(big, &t);
+  put_len(&t, 0);
+  TC_CHECK(t.len < 4096);
+  TC_CHECK_INT(tc_map_unframe((const uint8_t *)t.data, t.len, 64 * 1024, &used, &js, &jl), TC_ETOOBIG);
+  TC_REQUIRE(tc_map_unframe((const uint8_t *)t.data, t.len, 2 << 20, &used, &js, &jl) == 0);
+  TC_CHECK_INT(jl, (1 << 20) - 1);
+  free(js);
+  free(big);
+  /* the mapper's own multi-frame messages */
+  struct tc_mapper_msg m;
+  tc_mapper_msg_init(&m);
+  tc_buf_puts(&m.text, "{\"a\":[");
+  struct tc_buf z = TC_BUF_INIT;
+  tc_mapper_zstd("1,2", 3, &z);
+  tc_mapper_msg_zframes(&m, z.data, z.len);
+  tc_mapper_msg_zframes(&m, z.data, z.len); /* no text in between: no empty frame */
+  tc_buf_puts(&m.text, "]}");
+  struct tc_buf out = TC_BUF_INIT;
+  tc_mapper_msg_finish(&m, &out);
+  TC_REQUIRE(tc_map_unframe((const uint8_t *)out.data, out.len, 1 << 20, &used, &js, &jl) == 0);
+  TC_CHECK_STR(js, "{\"a\":[1,21,2]}");
+  free(js);
+  /* hostile bytes: flipped bits, truncations, overwritten length */
+  uint64_t x = 0x9e3779b97f4a7c15ull;
+  int decoded = 0;
+  for (int i = 0; i < 3000 && !tc_test_failures; i++) {
+    t.len = 0;
+    tc_buf_append(&t, b.data, b.len);
+    x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+    size_t len = t.len;
+    int op = (int)(x % 3);
+    if (op == 0) t.data[4 + (x >> 8) % (t.len - 4)] ^= (char)(1u << ((x >> 20) % 8));
+    else if (op == 1) len = (size_t)((x >> 8) % t.len);
+    else t.data[(x >> 8) % t.len] = (char)(x >> 32);
+    char *o = NULL;
+    size_t u = 0, ol = 0;
+    int rc = tc_map_unframe((const uint8_t *)t.data, len, 4096, &u, &o, &ol);
+    TC_CHECK(rc == 0 || rc == TC_EAGAIN || rc == TC_EPROTO || rc == TC_ETOOBIG);
+    if (rc == 0) {
+      decoded++;
+      TC_CHECK(u <= len && ol <= 4096 && o[ol] == 0);
+      free(o);
+    }
+  }
+  TC_CHECK(decoded < 3000);
+  tc_buf_free(&z);
+  tc_buf_free(&out);
+  tc_buf_free(&t);
+  tc_buf_free(&b);
+}
