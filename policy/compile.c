@@ -447,9 +447,19 @@ struct src_entry {
   json_t *arr; /* referenced */
 };
 
+/* Destination entries ({"IP", "Ports"}) likewise, keyed by their text. */
+struct dp_entry {
+  uint64_t h; /* 0: empty slot */
+  char *ip;
+  struct port_range pr;
+  json_t *js; /* referenced */
+};
+
 struct pol_src_cache {
   struct src_entry *e;
   size_t cap, n; /* cap: power of two */
+  struct dp_entry *d;
+  size_t dcap, dn;
 };
 
 struct src_caches {
@@ -524,8 +534,59 @@ void pol_src_cache_free(struct pol_src_cache *c)
       free(c->e[i].r);
       json_decref(c->e[i].arr);
     }
+  for (size_t i = 0; i < c->dcap; i++)
+    if (c->d[i].h) {
+      free(c->d[i].ip);
+      json_decref(c->d[i].js);
+    }
   free(c->e);
+  free(c->d);
   free(c);
+}
+
+static uint64_t dp_hash(const char *ip, struct port_range pr)
+{
+  uint64_t h = 0xcbf29ce484222325ull;
+  for (const char *p = ip; *p; p++)
+    h = (h ^ (unsigned char)*p) * 0x100000001b3ull;
+  h = (h ^ ((uint64_t)pr.first << 16 | pr.last)) * 0x9E3779B97F4A7C15ull;
+  return (h ^ h >> 31) | 1;
+}
+
+static json_t *dp_cache_get(const struct pol_src_cache *c, const char *ip, struct port_range pr, uint64_t h)
+{
+  if (!c || !c->dcap)
+    return NULL;
+  for (size_t k = h & (c->dcap - 1); c->d[k].h; k = (k + 1) & (c->dcap - 1)) {
+    const struct dp_entry *e = &c->d[k];
+    if (e->h == h && e->pr.first == pr.first && e->pr.last == pr.last && !strcmp(e->ip, ip))
+      return e->js;
+  }
+  return NULL;
+}
+
+static void dp_cache_put(struct pol_src_cache *c, const char *ip, struct port_range pr, uint64_t h, json_t *js)
+{
+  if (2 * (c->dn + 1) > c->dcap) {
+    struct dp_entry *old = c->d;
+    size_t ocap = c->dcap;
+    c->dcap = c->dcap ? 2 * c->dcap : 64;
+    c->d = tc_xcalloc(c->dcap, sizeof(*c->d));
+    for (size_t i = 0; i < ocap; i++) {
+      if (!old[i].h)
+        continue;
+      size_t k = old[i].h & (c->dcap - 1);
+      while (c->d[k].h)
+        k = (k + 1) & (c->dcap - 1);
+      c->d[k] = old[i];
+    }
+    free(old);
+  }
+  size_t k = h & (c->dcap - 1);
+  while (c->d[k].h)
+    k = (k + 1) & (c->dcap - 1);
+  c->d[k] = (struct dp_entry){h, tc_xstrdup(ip), pr, json_incref(js)};
+  c->dn++;
 }
 
 /* The SrcIPs array for the address set s (normalised for overlap only):
@@ -798,6 +859,26 @@ static json_t *dport_json(const char *ip, struct port_range pr)
   json_object_set_new_nocheck(o, "IP", json_string(ip));
   json_object_set_new_nocheck(o, "Ports", ports_json(pr));
   return o;
+}
+
+struct pol_src_cache;
+static json_t *dp_cache_get(const struct pol_src_cache *c, const char *ip, struct port_range pr, uint64_t h);
+static void dp_cache_put(struct pol_src_cache *c, const char *ip, struct port_range pr, uint64_t h, json_t *js);
+static uint64_t dp_hash(const char *ip, struct port_range pr);
+
+/* The shared entry for (ip, pr): this compile's, the previous result's, or
+ * built now (new reference). */
+static json_t *dport_json_cached(const struct pol_src_cache *prev, struct pol_src_cache *cur, const char *ip,
+                                 struct port_range pr)
+{
+  uint64_t h = dp_hash(ip, pr);
+  json_t *js = dp_cache_get(cur, ip, pr, h);
+  if (js)
+    return json_incref(js);
+  js = dp_cache_get(prev, ip, pr, h);
+  js = js ? json_incref(js) : dport_json(ip, pr);
+  dp_cache_put(cur, ip, pr, h, js);
+  return js;
 }
 
 /* ---- filter signatures (incremental compile) ----------------------------------
@@ -2458,7 +2539,7 @@ static int compile_impl(const struct tc_policy *pol, const struct tc_policy_topo
     for (size_t r = 0; r < cp->cg[g].nrules; r++)
       for (size_t k = 0; k < cp->cg[g].rules[r].ndp; k++) {
         struct dport *d = &cp->cg[g].rules[r].dp[k];
-        d->js = dport_json(d->ip, d->pr);
+        d->js = dport_json_cached(prev ? prev->src_cache : NULL, srcc, d->ip, d->pr);
       }
   struct ssh_pres *sshp = pol->has_ssh ? pol_ssh_prepare(pol, &ct) : NULL;
   struct ipset *targets = attr_targets(pol, &ct);
