@@ -523,11 +523,13 @@ int tc_tclient_connect(const char *host, int port, const struct tc_tclient_opts 
   }
   struct tc_tclient *c = tc_xcalloc(1, sizeof *c);
   c->fd = -1;
-  tc_x25519_public(mpriv, c->machine_pub);
   struct tc_noise_hs hs;
   uint8_t init[TC_TS_INIT_LEN];
   int rc = tc_ts_client_initiate(&hs, version, mpriv, spub, NULL, init);
   tc_wipe(mpriv, sizeof mpriv);
+  /* the handshake derived the machine's public key already (one X25519 base
+   * multiplication less per connection) */
+  memcpy(c->machine_pub, hs.s_pub, sizeof c->machine_pub);
   if (rc) {
     tc_err_set(err, rc, "initiate failed");
     goto fail;
