@@ -1042,7 +1042,9 @@ static json_t *reduce_rule(const struct cnode *n, const struct rule *r, const st
   }
   /* Entries that apply: those naming one of the node's addresses (found by
    * binary search) and the broader ones (checked one by one). */
-  size_t *hit = tc_xcalloc(r->ndp + 1, sizeof(size_t)), nhit = 0;
+  /* (runs per node and rule: no allocation for the usual few entries) */
+  size_t local[32];
+  size_t *hit = r->ndp < TC_ARRAY_LEN(local) ? local : tc_xcalloc(r->ndp + 1, sizeof(size_t)), nhit = 0;
   for (int fam = 0; fam < 2; fam++) {
     if (fam ? !n->has6 : !n->has4)
       continue;
@@ -1097,7 +1099,8 @@ static json_t *reduce_rule(const struct cnode *n, const struct rule *r, const st
     else
       pol_ipset_add_set(dst_out, &r->dp[hit[i]].set);
   }
-  free(hit);
+  if (hit != local)
+    free(hit);
   if (!dp)
     return NULL;
   json_t *o = json_object();
