@@ -783,7 +783,9 @@ static void policy_deltas(struct tc_mapper *mp, const struct tc_snapshot *snap, 
     if (n) fr[i] = peer_frag(mp, snap, n, true, now);
     else tc_mapper_cache_forget(mp->cache, ids[i]);
   }
-  struct tc_mapper_frag **all = tc_xcalloc(snap->n_nodes + 1, sizeof *all);
+  /* a resync's complete peer list: nodes, and whose fragment is the viewer's own */
+  const struct tc_node **vis = tc_xcalloc(snap->n_nodes + 1, sizeof *vis);
+  bool *vpriv = tc_xcalloc(snap->n_nodes + 1, sizeof *vpriv);
   struct tc_mapper_frag **inc = tc_xcalloc(nid + 1, sizeof *inc);
   struct tc_mapper_frag **own = tc_xcalloc(nid + 1, sizeof *own);
   int64_t *rem = tc_xcalloc(snap->n_nodes + nid + 1, sizeof *rem);
@@ -825,11 +827,12 @@ static void policy_deltas(struct tc_mapper *mp, const struct tc_snapshot *snap, 
       for (size_t k = 0; k < snap->n_nodes; k++) {
         const struct tc_node *p = snap->nodes[k];
         if (p->id == self->id || !res_visible(mp->pv.res, nr, p->id)) continue;
-        all[na++] = viewer_frag(mp, snap, self->id, p, now, NULL);
+        vpriv[na] = mp->pv.pol && mp->pv.res && (has_routes(p) || !pv_node(&mp->pv, p->id)); /* as build_full */
+        vis[na++] = p;
         owners[no++] = p;
       }
       if (na) {
-        d.peers = all, d.n_peers = na;
+        d.n_peers = na; /* encoded below from shared chunks, like a full map */
       } else {
         /* nothing visible: "Peers":[] would mean "unchanged", so remove all */
         for (size_t k = 0; k < snap->n_nodes; k++)
@@ -898,6 +901,24 @@ static void policy_deltas(struct tc_mapper *mp, const struct tc_snapshot *snap, 
     }
     if (hit >= 0) {
       if (shared[hit].len) send_frame(mp, s, &shared[hit], false);
+    } else if (d.n_peers) {
+      /* A resync carries the whole peer list: compressed per recipient it
+       * made every policy or env change O(N^2) zstd work; the shared chunks
+       * of full maps serve it instead. */
+      struct tc_mapper_msg msg;
+      tc_mapper_msg_init(&msg);
+      tc_mapper_encode_delta_open(&msg.text, &env, &d);
+      tc_mapper_chunks_layout(mp->chunks, snap->nodes, snap->n_nodes, snap->seq);
+      struct full_ctx fc = {.mp = mp, .snap = snap, .self = self, .peers = vis, .now = now};
+      struct tc_mapper_chunk_peers cp = {.nodes = vis, .n = na, .priv = vpriv, .viewer_id = self->id,
+                                         .frag = full_frag, .ctx = &fc, .now = now};
+      struct tc_mapper_idv uids = {0};
+      bool tg = false;
+      tc_mapper_chunks_append(mp->chunks, &msg, &cp, &uids, &tg); /* profiles: collected above */
+      tc_mapper_idv_free(&uids);
+      tc_mapper_encode_delta_close(&msg.text, &env, &d);
+      tc_mapper_msg_finish(&msg, &frame);
+      send_frame(mp, s, &frame, false);
     } else if (tc_mapper_encode_delta(&json, &env, &d)) {
       tc_mapper_frame(json.data, json.len, &frame);
       send_frame(mp, s, &frame, false);
@@ -908,7 +929,6 @@ static void policy_deltas(struct tc_mapper *mp, const struct tc_snapshot *snap, 
       shared[nshared++] = frame; /* adopt (possibly empty: nothing to send) */
       frame = (struct tc_buf)TC_BUF_INIT;
     }
-    for (size_t k = 0; k < na; k++) tc_mapper_frag_unref(all[k]);
     for (size_t k = 0; k < nown; k++) tc_mapper_frag_unref(own[k]);
     free(users);
     tc_buf_free(&sj);
@@ -919,7 +939,8 @@ static void policy_deltas(struct tc_mapper *mp, const struct tc_snapshot *snap, 
   for (size_t k = 0; k < nshared; k++) tc_buf_free(&shared[k]);
   for (size_t i = 0; i < nid; i++) tc_mapper_frag_unref(fr[i]);
   free(fr);
-  free(all);
+  free(vis);
+  free(vpriv);
   free(inc);
   free(own);
   free(rem);

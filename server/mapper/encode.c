@@ -443,6 +443,16 @@ static void put_patch(struct tc_buf *b, const struct tc_mapper_patch *p) {
 }
 
 bool tc_mapper_encode_delta(struct tc_buf *b, const struct tc_mapper_env *env, const struct tc_mapper_delta *d) {
+  if (!tc_mapper_encode_delta_open(b, env, d)) return false;
+  for (size_t i = 0; i < d->n_peers; i++) {
+    if (i) tc_buf_putc(b, ',');
+    tc_buf_append(b, d->peers[i]->data, d->peers[i]->len);
+  }
+  tc_mapper_encode_delta_close(b, env, d);
+  return true;
+}
+
+bool tc_mapper_encode_delta_open(struct tc_buf *b, const struct tc_mapper_env *env, const struct tc_mapper_delta *d) {
   bool any = d->self_json || d->n_peers || d->n_changed || d->n_removed || d->n_patches || d->n_online || d->with_filter ||
              d->with_dns || (d->with_derp && env->derp_json) || (d->with_ssh && env->ssh_json);
   if (!any) return false;
@@ -461,10 +471,13 @@ bool tc_mapper_encode_delta(struct tc_buf *b, const struct tc_mapper_env *env, c
   /* A non-empty "Peers" replaces the client's whole peer set, and v1.60 to
    * v1.98 then skip every other peer delta in the same message (removed,
    * changed, OnlineChange, patches): callers send it alone. */
-  if (d->n_peers) {
-    tc_mapper_key(b, &first, "Peers");
-    put_frags(b, d->peers, d->n_peers);
-  }
+  if (d->n_peers) tc_buf_puts(b, ",\"Peers\":[");
+  return true;
+}
+
+void tc_mapper_encode_delta_close(struct tc_buf *b, const struct tc_mapper_env *env, const struct tc_mapper_delta *d) {
+  bool first = false; /* ControlTime came first */
+  if (d->n_peers) tc_buf_putc(b, ']');
   if (d->n_removed) {
     tc_mapper_key(b, &first, "PeersRemoved");
     tc_buf_putc(b, '[');
@@ -506,7 +519,6 @@ bool tc_mapper_encode_delta(struct tc_buf *b, const struct tc_mapper_env *env, c
   }
   put_profiles(b, &first, d->users, d->n_users, d->tagged_profile);
   tc_buf_putc(b, '}');
-  return true;
 }
 
 void tc_mapper_encode_keepalive(struct tc_buf *b) { tc_buf_puts(b, "{\"KeepAlive\":true}"); }

@@ -281,6 +281,12 @@ struct tc_mapper_delta {
 bool tc_mapper_encode_delta(struct tc_buf *out, const struct tc_mapper_env *env,
                             const struct tc_mapper_delta *d);
 
+/* The same in two halves around the content of a non-empty Peers array, as
+ * tc_mapper_encode_full_open/_close (d->peers is not read). open returns
+ * false and appends nothing when the delta carries nothing. */
+bool tc_mapper_encode_delta_open(struct tc_buf *out, const struct tc_mapper_env *env, const struct tc_mapper_delta *d);
+void tc_mapper_encode_delta_close(struct tc_buf *out, const struct tc_mapper_env *env, const struct tc_mapper_delta *d);
+
 /* Appends {"KeepAlive":true}. */
 void tc_mapper_encode_keepalive(struct tc_buf *out);
 
