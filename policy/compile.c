@@ -10,6 +10,7 @@
  * Nodes with the same identity (user, tags, routes) get their rule
  * selection computed once and shared; only address text differs.
  * Pure; any thread with its own result. */
+#include <limits.h>
 #include <string.h>
 
 #include "policy/policy_int.h"
@@ -1312,6 +1313,7 @@ struct reach_rule {
   bool src_all;
   struct ipset dst;
   bool dst_all;
+  int key; /* which rule: >= 0 global rule index, < 0 autogroup:self of grant -key-1, INT_MIN via */
 };
 
 struct reach {
@@ -1320,7 +1322,7 @@ struct reach {
   bool all;
 };
 
-static struct reach_rule *reach_push(struct reach *rc, const struct ipset *src, bool src_all)
+static struct reach_rule *reach_push(struct reach *rc, const struct ipset *src, bool src_all, int key)
 {
   if (rc->n == rc->cap) {
     rc->cap = rc->cap ? rc->cap * 2 : 8;
@@ -1331,6 +1333,7 @@ static struct reach_rule *reach_push(struct reach *rc, const struct ipset *src, 
   rr->src_all = src_all;
   pol_ipset_init(&rr->dst);
   rr->dst_all = false;
+  rr->key = key;
   return rr;
 }
 
@@ -1367,7 +1370,7 @@ static void via_rules(const struct cgrant *cg, const struct cnode *n, const stru
     json_decref(pfx);
     return;
   }
-  struct reach_rule *rr = reach_push(rc, &cg->srcset, cg->src_all);
+  struct reach_rule *rr = reach_push(rc, &cg->srcset, cg->src_all, INT_MIN);
   for (size_t i = 0; i < cg->nvia_pfx; i++)
     for (size_t sn = 0; sn < n->nsubnets; sn++)
       if (pol_ip_range_overlaps(cg->via_pfx[i], n->subnets[sn]))
@@ -1919,6 +1922,44 @@ static bool route_reaches(const struct reach *rc, struct ip_range route)
   return false;
 }
 
+/* Sources of autogroup:self grant i as user's devices see them (computed
+ * once per compile and user; borrowed). */
+static json_t *self_src_get(const struct ctopo *ct, struct compiled *cp, size_t i, int user, struct sig_memo *memo)
+{
+  size_t slot = i * cp->nusers + (size_t)user;
+  const struct cgrant *cg = &cp->cg[i];
+  if (!cp->self_src[slot]) {
+    cp->self_src[slot] = self_sources(ct, cg, user, &cp->self_set[slot], cp->sc.cur ? &cp->sc : NULL);
+    /* The same sources from another autogroup:self grant share one
+     * array, so merging rules finds them equal by pointer. */
+    const struct ipset *mine = &cp->self_set[slot];
+    for (size_t j = 0; j < i; j++) {
+      size_t other = j * cp->nusers + (size_t)user;
+      const struct ipset *os = &cp->self_set[other];
+      bool same = cp->self_src[other] && cp->self_src[other] != cp->self_src[slot] && os->n == mine->n;
+      for (size_t q = 0; same && q < mine->n; q++)
+        same = os->r[q].v6 == mine->r[q].v6 && os->r[q].lo == mine->r[q].lo && os->r[q].hi == mine->r[q].hi;
+      if (same) {
+        json_decref(cp->self_src[slot]);
+        cp->self_src[slot] = json_incref(cp->self_src[other]);
+        break;
+      }
+    }
+    /* Likewise a grant's own sources with the same addresses (one user
+     * owning every device in a group): merges then compare pointers
+     * rather than walking thousands of equal strings per node. */
+    for (size_t j = 0; j < cp->ncg; j++) {
+      json_t *o = cp->cg[j].srcstr;
+      if (o && o != cp->self_src[slot] && same_sources(memo, o, cp->self_src[slot])) {
+        json_decref(cp->self_src[slot]);
+        cp->self_src[slot] = json_incref(o);
+        break;
+      }
+    }
+  }
+  return cp->self_src[slot];
+}
+
 /* Nodes with the same identity (user or tags, addresses present, routes)
  * match the same identity-derived destinations, each with its own address.
  * The first node of a group records which rules applied to it (applies);
@@ -1961,42 +2002,14 @@ static json_t *node_filter(const struct tc_policy *pol, const struct ctopo *ct, 
         continue;
       if (o)
         merge_into(out, o, sig->memo);
-      struct reach_rule *rr = reach_push(rc, &ru->srcset, ru->src_all);
+      struct reach_rule *rr = reach_push(rc, &ru->srcset, ru->src_all, (int)gi);
       pol_ipset_add_set(&rr->dst, &dst);
       pol_ipset_norm(&rr->dst);
       rr->dst_all = dst_all;
     }
     if (cg->has_self && !n->tagged && n->user >= 0) {
       size_t slot = i * cp->nusers + (size_t)n->user;
-      if (!cp->self_src[slot]) {
-        cp->self_src[slot] = self_sources(ct, cg, n->user, &cp->self_set[slot], cp->sc.cur ? &cp->sc : NULL);
-        /* The same sources from another autogroup:self grant share one
-         * array, so merging rules finds them equal by pointer. */
-        const struct ipset *mine = &cp->self_set[slot];
-        for (size_t j = 0; j < i; j++) {
-          size_t other = j * cp->nusers + (size_t)n->user;
-          const struct ipset *os = &cp->self_set[other];
-          bool same = cp->self_src[other] && cp->self_src[other] != cp->self_src[slot] && os->n == mine->n;
-          for (size_t q = 0; same && q < mine->n; q++)
-            same = os->r[q].v6 == mine->r[q].v6 && os->r[q].lo == mine->r[q].lo && os->r[q].hi == mine->r[q].hi;
-          if (same) {
-            json_decref(cp->self_src[slot]);
-            cp->self_src[slot] = json_incref(cp->self_src[other]);
-            break;
-          }
-        }
-        /* Likewise a grant's own sources with the same addresses (one user
-         * owning every device in a group): merges then compare pointers
-         * rather than walking thousands of equal strings per node. */
-        for (size_t j = 0; j < cp->ncg; j++) {
-          json_t *o = cp->cg[j].srcstr;
-          if (o && o != cp->self_src[slot] && same_sources(sig->memo, o, cp->self_src[slot])) {
-            json_decref(cp->self_src[slot]);
-            cp->self_src[slot] = json_incref(o);
-            break;
-          }
-        }
-      }
+      self_src_get(ct, cp, i, n->user, sig->memo);
       if (json_array_size(cp->self_src[slot])) {
         if (!sdp_ready) {
           self_dp_init(&sdp, n);
@@ -2017,7 +2030,7 @@ static json_t *node_filter(const struct tc_policy *pol, const struct ctopo *ct, 
         }
         if (cg->g->app)
           sig->unusable = true;
-        struct reach_rule *rr = reach_push(rc, &cp->self_set[slot], false);
+        struct reach_rule *rr = reach_push(rc, &cp->self_set[slot], false, -(int)i - 1);
         pol_ipset_add_set(&rr->dst, &n->ips);
         pol_ipset_norm(&rr->dst);
       }
@@ -2482,6 +2495,59 @@ static void build_peer_lists(const struct ctopo *ct, const struct compiled *cp, 
   free(vis);
 }
 
+/* ---- skipping unchanged nodes (incremental compile) ------------------------------
+ * A node's filter and reachability are a function of its own inputs and of
+ * the rules that apply to it. For a node without routes whose inputs did
+ * not change, the rules that apply to it did not change either (rule
+ * destinations name nodes by identity or are fixed prefixes), so when every
+ * rule it received keeps the very same SrcIPs array (arrays are taken over
+ * by content, so the same object means the same text) and its user's
+ * autogroup:self sources are the same arrays, its previous filter is its
+ * filter, and its reachability is rebuilt from the previous records
+ * without evaluating any rule. */
+struct pol_reach_rec {
+  int key;
+  bool src_all, dst_all;
+  struct ipset dst;
+};
+
+static uint64_t input_hash(const struct ctopo *ct, const struct cnode *n)
+{
+  struct fsig h = {0x1d9u, false, NULL};
+  fsig_u64(&h, (uint64_t)n->has4 << 1 | n->has6);
+  fsig_u64(&h, (uint64_t)n->a4);
+  fsig_u64(&h, (uint64_t)(n->a6 >> 64));
+  fsig_u64(&h, (uint64_t)n->a6);
+  fsig_u64(&h, (uint64_t)n->tagged << 2 | (uint64_t)n->exit4 << 1 | n->exit6);
+  for (size_t i = 0; i < n->src->ntags; i++)
+    fsig_str(&h, n->src->tags[i]);
+  fsig_u64(&h, n->src->ntags);
+  /* the user by id, name and email: aliases name users */
+  if (n->user >= 0) {
+    const struct tc_policy_user *u = &ct->t->users[n->user];
+    fsig_u64(&h, (uint64_t)u->id);
+    fsig_str(&h, u->name);
+    fsig_str(&h, u->email ? u->email : "\x01");
+  } else {
+    fsig_u64(&h, 0x0badu);
+  }
+  for (size_t i = 0; i < n->nsubnets; i++) {
+    fsig_u64(&h, (uint64_t)n->subnets[i].lo);
+    fsig_u64(&h, (uint64_t)n->subnets[i].hi);
+  }
+  fsig_u64(&h, n->nsubnets);
+  return h.h | 1;
+}
+
+static void reach_recs_free(struct tc_policy_node_result *nr)
+{
+  for (size_t k = 0; k < nr->nreach_rec; k++)
+    pol_ipset_free(&nr->reach_rec[k].dst);
+  free(nr->reach_rec);
+  nr->reach_rec = NULL;
+  nr->nreach_rec = 0;
+}
+
 /* Texts of every node's filter and SSH policy: taken from the previous
  * result with its object, shared between nodes with the same object, and
  * otherwise rendered once with the repeated inner arrays formatted once. */
@@ -2619,6 +2685,19 @@ static int compile_impl(const struct tc_policy *pol, const struct tc_policy_topo
     fcap *= 2;
   struct filter_slot *ftab = fshare ? tc_xcalloc(fcap, sizeof(*ftab)) : NULL;
   size_t fhit = 0, fmiss = 0; /* filters shared or reused / built, so far */
+  /* Rules by global index, and the SrcIPs array each carries now (kept in
+   * the result for the next compile's comparison). */
+  const struct rule **rule_at = tc_xcalloc(nrules_all + 1, sizeof(*rule_at));
+  json_t **rule_src = tc_xcalloc(nrules_all + 1, sizeof(*rule_src));
+  for (size_t g = 0, gi = 0; g < cp->ncg; g++)
+    for (size_t r = 0; r < cp->cg[g].nrules; r++, gi++) {
+      rule_at[gi] = &cp->cg[g].rules[r];
+      rule_src[gi] = rule_at[gi]->src ? json_incref(rule_at[gi]->src) : NULL;
+    }
+  bool may_skip = npidx && fshare && prev->nrule_src == nrules_all && prev->nuser_ids == topo->nusers &&
+                  prev->nself_src == cp->ncg * cp->nusers;
+  for (size_t u = 0; may_skip && u < topo->nusers; u++)
+    may_skip = prev->user_ids[u] == topo->users[u].id;
   size_t fmask = fcap - 1;
   for (size_t i = 0; i < ct.nn; i++) {
     const struct cnode *n = &ct.n[i];
@@ -2633,7 +2712,53 @@ static int compile_impl(const struct tc_policy *pol, const struct tc_policy_topo
       old = hit ? &prev->nodes[(*hit)[1]] : NULL;
     }
     olds[i] = old;
-    if (fshare) {
+    uint64_t ih = input_hash(&ct, n);
+    nr->input_hash = ih;
+    bool skipped = false;
+    if (may_skip && old && old->reach_ok && old->filter_sig && old->input_hash == ih && !n->nsubnets && !n->exit4 &&
+        !n->exit6) {
+      bool same = true;
+      for (size_t k = 0; same && k < old->nreach_rec; k++) {
+        int key = old->reach_rec[k].key;
+        same = key >= 0 && (size_t)key < nrules_all && rule_src[key] == prev->rule_src[key];
+        if (key < 0 && key != INT_MIN && !n->tagged && n->user >= 0)
+          same = true; /* autogroup:self: checked below for every such grant */
+      }
+      for (size_t g = 0; same && g < cp->ncg; g++) {
+        if (!cp->cg[g].has_self || n->tagged || n->user < 0)
+          continue;
+        json_t *cur = self_src_get(&ct, cp, g, n->user, &smemo);
+        same = cur && cur == prev->self_src[g * cp->nusers + (size_t)n->user];
+      }
+      if (same) {
+        memset(&reach[i], 0, sizeof(reach[i]));
+        reach[i].all = old->reach_all;
+        for (size_t k = 0; k < old->nreach_rec; k++) {
+          const struct pol_reach_rec *rec = &old->reach_rec[k];
+          const struct ipset *src =
+              rec->key >= 0 ? &rule_at[rec->key]->srcset
+                            : &cp->self_set[(size_t)(-rec->key - 1) * cp->nusers + (size_t)n->user];
+          struct reach_rule *rr = reach_push(&reach[i], src, rec->src_all, rec->key);
+          pol_ipset_add_set(&rr->dst, &rec->dst);
+          pol_ipset_norm(&rr->dst);
+          rr->dst_all = rec->dst_all;
+        }
+        nr->packet_filter = json_incref(old->packet_filter);
+        nr->filter_sig = old->filter_sig;
+        res->nreused++;
+        res->nskipped++;
+        fhit++;
+        size_t slot = old->filter_sig & fmask;
+        while (ftab[slot].h && ftab[slot].h != old->filter_sig)
+          slot = (slot + 1) & fmask;
+        if (!ftab[slot].h)
+          ftab[slot] = (struct filter_slot){old->filter_sig, nr->packet_filter};
+        skipped = true;
+      }
+    }
+    if (skipped) {
+      /* nothing evaluated: the group's rule record is left to its next node */
+    } else if (fshare) {
       /* Signature first (no JSON): a node whose filter inputs equal another
        * node's in this compile, or its own in prev, shares that filter.
        * When that mostly misses (every node's filter differs, e.g. each
@@ -2681,7 +2806,8 @@ static int compile_impl(const struct tc_policy *pol, const struct tc_policy_topo
           node_filter(pol, &ct, cp, n, &applies[grp * nrules_all], !recorded[grp], &reach[i], true, &sig);
       nr->filter_sig = sig.unusable ? 0 : (sig.h | 1);
     }
-    recorded[grp] = true;
+    if (!skipped)
+      recorded[grp] = true;
     if (sshp) {
       /* SSH policy depends only on identity (user or tags), unless a rule
        * maps local parts for sources outside its destinations: share it
@@ -2803,9 +2929,36 @@ static int compile_impl(const struct tc_policy *pol, const struct tc_policy_topo
   free(order);
   free(group);
   for (size_t i = 0; i < ct.nn; i++) {
+    /* what the next incremental compile needs to skip this node */
+    struct tc_policy_node_result *nr = &res->nodes[i];
+    nr->reach_ok = !cp->any_via;
+    nr->reach_all = reach[i].all;
+    nr->reach_rec = tc_xcalloc(reach[i].n + 1, sizeof(*nr->reach_rec));
+    for (size_t k = 0; k < reach[i].n; k++) {
+      const struct reach_rule *rr = &reach[i].r[k];
+      nr->reach_ok &= rr->key != INT_MIN;
+      struct pol_reach_rec *rec = &nr->reach_rec[nr->nreach_rec++];
+      rec->key = rr->key;
+      rec->src_all = rr->src_all;
+      rec->dst_all = rr->dst_all;
+      pol_ipset_init(&rec->dst);
+      pol_ipset_add_set(&rec->dst, &rr->dst);
+      pol_ipset_norm(&rec->dst);
+    }
     free_reach(&reach[i]);
     free(keys[i]);
   }
+  res->rule_src = rule_src;
+  res->nrule_src = nrules_all;
+  res->nself_src = cp->ncg * cp->nusers;
+  res->self_src = tc_xcalloc(res->nself_src + 1, sizeof(*res->self_src));
+  for (size_t k = 0; k < res->nself_src; k++)
+    res->self_src[k] = cp->self_src[k] ? json_incref(cp->self_src[k]) : NULL;
+  res->nuser_ids = topo->nusers;
+  res->user_ids = tc_xcalloc(topo->nusers + 1, sizeof(*res->user_ids));
+  for (size_t u = 0; u < topo->nusers; u++)
+    res->user_ids[u] = topo->users[u].id;
+  free(rule_at);
   free(reach);
   free(keys);
   for (size_t i = 0; i < ct.nn; i++)
@@ -2861,8 +3014,17 @@ void tc_policy_result_free(struct tc_policy_result *res)
     json_decref(nr->primary_routes);
     json_decref(nr->auto_approved);
   }
+  for (size_t i = 0; i < res->nnodes; i++)
+    reach_recs_free(&res->nodes[i]);
   free(res->nodes);
   pol_src_cache_free(res->src_cache);
+  for (size_t k = 0; k < res->nrule_src; k++)
+    json_decref(res->rule_src[k]);
+  free(res->rule_src);
+  for (size_t k = 0; k < res->nself_src; k++)
+    json_decref(res->self_src[k]);
+  free(res->self_src);
+  free(res->user_ids);
   free(res);
 }
 

@@ -130,6 +130,11 @@ struct tc_policy_node_result {
   size_t filter_len;
   const char *ssh_text;
   size_t ssh_len;
+  /* internal (incremental compile): what this node's filter and reachability were built from */
+  uint64_t input_hash;
+  struct pol_reach_rec *reach_rec;
+  size_t nreach_rec;
+  bool reach_ok, reach_all;
 };
 
 /* Runs of a filter_text that are the text of a value shared with other nodes'
@@ -214,10 +219,19 @@ struct tc_policy_result {
   struct tc_policy_node_result *nodes;
   size_t ngroups; /* distinct identity groups the compiler computed (for tests/bench) */
   size_t nreused; /* packet filters taken over from the previous result (incremental compile) */
+  size_t nskipped; /* of those, nodes whose rules were not evaluated at all (inputs and rules unchanged) */
   size_t npeer_lists;   /* distinct stored peer lists (for tests/bench) */
   size_t npeer_entries; /* entries stored across them (sum of their n) */
   uint64_t policy_uid; /* internal: which parsed policy produced it */
   struct pol_src_cache *src_cache; /* internal: its SrcIPs arrays by address ranges, for the next compile */
+  /* internal: each rule's SrcIPs array (by global rule index) and each autogroup:self source array
+   * (grant x user index), referenced, and the users' ids, for the next incremental compile */
+  json_t **rule_src;
+  size_t nrule_src;
+  json_t **self_src;
+  size_t nself_src;
+  int64_t *user_ids;
+  size_t nuser_ids;
 };
 
 /* Compiles pol against topo. *out is owned (tc_policy_result_free).

@@ -239,7 +239,7 @@ int main(int argc, char **argv)
   if (rc)
     fprintf(stderr, "check: %s\n", err.msg);
   double best_full = 1e18, best_join = 1e18, best_inc = 1e18;
-  size_t reused = 0, heap = 0, lists = 0, entries = 0;
+  size_t reused = 0, skipped = 0, heap = 0, lists = 0, entries = 0;
   double best_free = 1e18;
   size_t groups = 0, rules_total = 0, peers_total = 0;
   for (int r = 0; r < rounds; r++) {
@@ -290,6 +290,7 @@ int main(int argc, char **argv)
     if (ij < best_inc)
       best_inc = ij;
     reused = inc->nreused;
+    skipped = inc->nskipped;
     if (r == 0 && getenv("BENCH_DIGEST"))
       printf("incremental join digest %s full join digest (%zu filters reused)\n",
              result_digest(inc) == result_digest(res) ? "==" : "!=", inc->nreused);
@@ -311,7 +312,8 @@ int main(int argc, char **argv)
   printf("result heap:               %8.2f MiB (%zu stored peer lists, %zu stored entries)\n",
          (double)heap / (1 << 20), lists, entries);
   printf("free a result:             %8.2f ms\n", best_free);
-  printf("one node joins (incremental): %5.2f ms (%zu of %d filters reused)\n", best_inc, reused, nnodes + 1);
+  printf("one node joins (incremental): %5.2f ms (%zu of %d filters reused, %zu nodes not evaluated)\n", best_inc,
+         reused, nnodes + 1, skipped);
   tc_policy_free(pol);
   free(text);
   for (int u = 0; u < nusers; u++) {
