@@ -461,6 +461,10 @@ struct pol_src_cache {
   size_t cap, n; /* cap: power of two */
   struct dp_entry *d;
   size_t dcap, dn;
+  /* SrcIPs arrays not described by ranges alone ("*" sources, which add
+   * subnet routes): keyed by their strings */
+  struct { uint64_t h; json_t *arr; } *t;
+  size_t tcap, tn;
 };
 
 struct src_caches {
@@ -540,9 +544,82 @@ void pol_src_cache_free(struct pol_src_cache *c)
       free(c->d[i].ip);
       json_decref(c->d[i].js);
     }
+  for (size_t i = 0; i < c->tcap; i++)
+    json_decref(c->t[i].arr);
   free(c->e);
   free(c->d);
+  free(c->t);
   free(c);
+}
+
+static uint64_t strings_hash(const json_t *arr)
+{
+  uint64_t h = 0x84222325cbf29ce4ull ^ json_array_size(arr);
+  size_t i;
+  json_t *v;
+  json_array_foreach(arr, i, v) {
+    for (const char *p = json_string_value(v); p && *p; p++)
+      h = (h ^ (unsigned char)*p) * 0x100000001b3ull;
+    h = (h ^ 0xff) * 0x9E3779B97F4A7C15ull;
+  }
+  return (h ^ h >> 29) | 1;
+}
+
+static json_t *txt_cache_get(const struct pol_src_cache *c, const json_t *arr, uint64_t h)
+{
+  if (!c || !c->tcap)
+    return NULL;
+  for (size_t k = h & (c->tcap - 1); c->t[k].h; k = (k + 1) & (c->tcap - 1))
+    if (c->t[k].h == h && json_equal(c->t[k].arr, (json_t *)arr))
+      return c->t[k].arr;
+  return NULL;
+}
+
+static void txt_cache_put(struct pol_src_cache *c, json_t *arr, uint64_t h)
+{
+  if (2 * (c->tn + 1) > c->tcap) {
+    size_t ocap = c->tcap;
+    void *old = c->t;
+    c->tcap = c->tcap ? 2 * c->tcap : 16;
+    c->t = tc_xcalloc(c->tcap, sizeof(*c->t));
+    for (size_t i = 0; i < ocap; i++) {
+      uint64_t oh = ((__typeof__(c->t))old)[i].h;
+      if (!oh)
+        continue;
+      size_t k = oh & (c->tcap - 1);
+      while (c->t[k].h)
+        k = (k + 1) & (c->tcap - 1);
+      c->t[k] = ((__typeof__(c->t))old)[i];
+    }
+    free(old);
+  }
+  size_t k = h & (c->tcap - 1);
+  while (c->t[k].h)
+    k = (k + 1) & (c->tcap - 1);
+  c->t[k].h = h;
+  c->t[k].arr = json_incref(arr);
+  c->tn++;
+}
+
+/* arr (stolen) or an equal array from this compile or the previous result
+ * (new reference): the same strings then stay the same object. */
+static json_t *src_intern(struct src_caches *sc, json_t *arr)
+{
+  if (!sc)
+    return arr;
+  uint64_t h = strings_hash(arr);
+  json_t *o = txt_cache_get(sc->cur, arr, h);
+  if (o) {
+    json_decref(arr);
+    return json_incref(o);
+  }
+  o = txt_cache_get(sc->prev, arr, h);
+  if (o) {
+    json_decref(arr);
+    arr = json_incref(o);
+  }
+  txt_cache_put(sc->cur, arr, h);
+  return arr;
 }
 
 static uint64_t dp_hash(const char *ip, struct port_range pr)
@@ -645,6 +722,7 @@ static void compile_grant(const struct tc_policy *pol, const struct ctopo *ct, c
     /* the tests only need the address sets */
   } else if (danger) {
     json_array_append_new(cg->srcstr, json_string("*"));
+    cg->srcstr = src_intern(sc, cg->srcstr);
   } else if (cg->any_src) {
     /* Node addresses stay separate entries even when adjacent. */
     struct ipset txt;
@@ -674,6 +752,7 @@ static void compile_grant(const struct tc_policy *pol, const struct ctopo *ct, c
             json_array_append(cg->srcstr, v);
         json_decref(tmp);
       }
+      cg->srcstr = src_intern(sc, cg->srcstr);
     }
   }
   if (g->nvia) {
