@@ -430,3 +430,71 @@ void tc_mapper_chunks_stats(const struct tc_mapper_chunks *c, struct tc_mapper_c
     for (size_t q = 0; q < c->segs[i].nv; q++) o->cached_bytes += c->segs[i].v[q]->z.len;
   }
 }
+
+/* ---- shared runs of per-recipient text ------------------------------------------------ */
+
+#define SPAN_MIN 256      /* shorter runs are not worth a frame of their own */
+#define SPAN_ENTRIES 256  /* cleared when full: keys of one compile are few */
+
+struct span_entry {
+  const void *key;
+  size_t len;
+  struct tc_buf z;
+};
+
+struct tc_mapper_spans {
+  struct span_entry *e;
+  size_t n;
+  uint64_t hits, builds;
+};
+
+struct tc_mapper_spans *tc_mapper_spans_new(void) {
+  struct tc_mapper_spans *c = tc_xcalloc(1, sizeof *c);
+  c->e = tc_xcalloc(SPAN_ENTRIES, sizeof *c->e);
+  return c;
+}
+
+void tc_mapper_spans_clear(struct tc_mapper_spans *c) {
+  if (!c) return;
+  for (size_t i = 0; i < c->n; i++) tc_buf_free(&c->e[i].z);
+  c->n = 0;
+}
+
+void tc_mapper_spans_free(struct tc_mapper_spans *c) {
+  if (!c) return;
+  tc_mapper_spans_clear(c);
+  free(c->e);
+  free(c);
+}
+
+void tc_mapper_spans_append(struct tc_mapper_spans *c, struct tc_mapper_msg *m, const char *text, size_t len,
+                            size_t at, const char *src, const struct tc_mapper_span *sp, size_t n) {
+  size_t pos = 0;
+  for (size_t i = 0; c && i < n; i++) {
+    size_t o = at + sp[i].off, l = sp[i].len;
+    if (l < SPAN_MIN || o < pos || o > len || l > len - o || memcmp(text + o, src + sp[i].off, l)) continue;
+    struct span_entry *e = NULL;
+    for (size_t k = 0; k < c->n && !e; k++)
+      if (c->e[k].key == sp[i].key && c->e[k].len == l) e = &c->e[k];
+    if (e) {
+      c->hits++;
+    } else {
+      if (c->n == SPAN_ENTRIES) tc_mapper_spans_clear(c);
+      e = &c->e[c->n++];
+      e->key = sp[i].key;
+      e->len = l;
+      e->z = (struct tc_buf)TC_BUF_INIT;
+      tc_mapper_zstd(src + sp[i].off, l, &e->z);
+      c->builds++;
+    }
+    tc_buf_append(&m->text, text + pos, o - pos);
+    tc_mapper_msg_zframes(m, e->z.data, e->z.len);
+    pos = o + l;
+  }
+  tc_buf_append(&m->text, text + pos, len - pos);
+}
+
+void tc_mapper_spans_stats(const struct tc_mapper_spans *c, uint64_t *hits, uint64_t *builds) {
+  *hits = c ? c->hits : 0;
+  *builds = c ? c->builds : 0;
+}

@@ -115,6 +115,7 @@ struct tc_mapper {
   struct tc_mapper_env env;
   struct tc_mapper_cache *cache;
   struct tc_mapper_chunks *chunks; /* dispatcher-only; NULL = full maps in one frame */
+  struct tc_mapper_spans *spans;   /* dispatcher-only: shared runs of the policy's filter/SSH texts */
   int64_t sub_id;
 
   pthread_mutex_t qmu;
@@ -143,7 +144,7 @@ struct tc_mapper {
 
   _Atomic uint64_t st_full, st_deltas, st_ka, st_bytes, st_cut, st_events, st_open;
   /* the chunk cache's counters, published by the dispatcher after each round */
-  _Atomic uint64_t st_ch_hits, st_ch_builds, st_ch_text, st_ch_drops;
+  _Atomic uint64_t st_ch_hits, st_ch_builds, st_ch_text, st_ch_drops, st_sp_hits, st_sp_builds;
 };
 
 /* ---- small utilities ------------------------------------------------------------ */
@@ -530,6 +531,48 @@ static size_t collect_users(const struct tc_snapshot *snap, const struct tc_node
   return m;
 }
 
+/* Last occurrence of key in text[0, len), or len. */
+static size_t last_key(const char *text, size_t len, const char *key) {
+  size_t kl = strlen(key);
+  for (size_t i = len >= kl ? len - kl + 1 : 0; i-- > 0;)
+    if (text[i] == key[0] && !memcmp(text + i, key, kl)) return i + kl;
+  return len;
+}
+
+static void spans_of(const char *t, struct tc_mapper_span **out, size_t *n) {
+  const struct tc_policy_text_span *ps = NULL;
+  *n = t ? tc_policy_text_spans(t, &ps) : 0;
+  *out = tc_xcalloc(*n + 1, sizeof **out);
+  for (size_t i = 0; i < *n; i++) (*out)[i] = (struct tc_mapper_span){ps[i].off, ps[i].len, ps[i].shared};
+}
+
+/* Appends text (the part of a message that carries the viewer's packet
+ * filter and SSH policy) to m, with the runs of those texts that are shared
+ * between nodes' results as cached frames: under a policy where one user
+ * owns many devices, tens of KB of every filter are the same SrcIPs text,
+ * which was compressed again for every recipient. pn NULL (no policy, or
+ * texts that are not the result's own): plain text. */
+static void put_policy_text(struct tc_mapper *mp, struct tc_mapper_msg *m, const char *text, size_t len,
+                            const struct pnode *pn) {
+  const char *ft = pn && pn->r && pn->filter == pn->r->filter_text ? pn->filter : NULL;
+  const char *st = pn && pn->r && pn->ssh && pn->ssh == pn->r->ssh_text ? pn->ssh : NULL;
+  if (!mp->spans || (!ft && !st)) {
+    tc_buf_append(&m->text, text, len);
+    return;
+  }
+  size_t fat = ft ? last_key(text, len, "\"PacketFilter\":") : len;
+  size_t sat = st ? last_key(text, len, "\"SSHPolicy\":") : len;
+  if (sat < fat) sat = len; /* SSHPolicy follows PacketFilter in every message */
+  struct tc_mapper_span *fs, *ss;
+  size_t nf, ns;
+  spans_of(ft, &fs, &nf);
+  spans_of(st, &ss, &ns);
+  tc_mapper_spans_append(mp->spans, m, text, sat, fat, ft, fs, ft && fat < len ? nf : 0);
+  tc_mapper_spans_append(mp->spans, m, text + sat, len - sat, 0, st, ss, st && sat < len ? ns : 0);
+  free(fs);
+  free(ss);
+}
+
 struct full_ctx {
   struct tc_mapper *mp;
   const struct tc_snapshot *snap;
@@ -594,7 +637,10 @@ static void build_full(struct tc_mapper *mp, const struct tc_snapshot *snap, con
     if (u) users[nu++] = *u; /* shallow: strings stay owned by the snapshot */
   }
   m.users = users, m.n_users = nu, m.tagged_profile = tagged;
-  tc_mapper_encode_full_close(&msg.text, &env, &m);
+  struct tc_buf tail = TC_BUF_INIT;
+  tc_mapper_encode_full_close(&tail, &env, &m);
+  put_policy_text(mp, &msg, tail.data, tail.len, mp->pv.pol ? pv_node(&mp->pv, self->id) : NULL);
+  tc_buf_free(&tail);
   tc_mapper_msg_finish(&msg, out);
   tc_mapper_idv_free(&uids);
   free(users);
@@ -678,6 +724,7 @@ static bool pv_compile(struct tc_mapper *mp, const struct tc_snapshot *snap, con
   json_decref(base);
   qsort(pn, res->nnodes, sizeof *pn, cmp_pnode);
   pv_free_compiled(mp->pv.res, mp->pv.pn, mp->pv.npn);
+  tc_mapper_spans_clear(mp->spans); /* keys point into results: none may outlive its result */
   mp->pv.res = res;
   mp->pv.pn = pn;
   mp->pv.npn = res->nnodes;
@@ -733,6 +780,7 @@ static bool pv_refresh(struct tc_mapper *mp, const struct tc_snapshot *snap, boo
     pv->gen++;
     tc_mapper_chunks_reset(mp->chunks);
   }
+  tc_mapper_spans_clear(mp->spans);
   *old_res = ores, *old_pn = opn, *old_npn = onpn;
   return true;
 }
@@ -922,7 +970,16 @@ static void policy_deltas(struct tc_mapper *mp, const struct tc_snapshot *snap, 
       bool tg = false;
       tc_mapper_chunks_append(mp->chunks, &msg, &cp, &uids, &tg); /* profiles: collected above */
       tc_mapper_idv_free(&uids);
-      tc_mapper_encode_delta_close(&msg.text, &env, &d);
+      struct tc_buf tail = TC_BUF_INIT;
+      tc_mapper_encode_delta_close(&tail, &env, &d);
+      put_policy_text(mp, &msg, tail.data, tail.len, mp->pv.pol ? npn : NULL);
+      tc_buf_free(&tail);
+      tc_mapper_msg_finish(&msg, &frame);
+      send_frame(mp, s, &frame, false);
+    } else if (mp->pv.pol && npn && (d.with_filter || d.with_ssh) && tc_mapper_encode_delta(&json, &env, &d)) {
+      struct tc_mapper_msg msg;
+      tc_mapper_msg_init(&msg);
+      put_policy_text(mp, &msg, json.data, json.len, npn);
       tc_mapper_msg_finish(&msg, &frame);
       send_frame(mp, s, &frame, false);
     } else if (tc_mapper_encode_delta(&json, &env, &d)) {
@@ -1479,6 +1536,10 @@ static void *dispatcher(void *arg) {
     atomic_store(&mp->st_ch_builds, cs.builds);
     atomic_store(&mp->st_ch_text, cs.text_peers);
     atomic_store(&mp->st_ch_drops, cs.drops);
+    uint64_t sph, spb;
+    tc_mapper_spans_stats(mp->spans, &sph, &spb);
+    atomic_store(&mp->st_sp_hits, sph);
+    atomic_store(&mp->st_sp_builds, spb);
     pthread_mutex_lock(&mp->qmu);
     if (nb) {
       mp->done_count += nb;
@@ -1510,6 +1571,7 @@ int tc_mapper_new(const struct tc_mapper_opts *o, struct tc_mapper **out, struct
   /* 128: a chunk's frame costs ~+0.3 % in size over one frame for the whole
    * list (each frame starts without history); 64 cost ~+3.5 %. */
   if (o->full_map_chunk >= 0) mp->chunks = tc_mapper_chunks_new(o->full_map_chunk ? (size_t)o->full_map_chunk : 128);
+  if (o->full_map_chunk >= 0) mp->spans = tc_mapper_spans_new();
   pthread_mutex_init(&mp->qmu, NULL);
   pthread_cond_init(&mp->qcv, NULL);
   pthread_cond_init(&mp->donecv, NULL);
@@ -1532,6 +1594,7 @@ int tc_mapper_new(const struct tc_mapper_opts *o, struct tc_mapper **out, struct
     tc_model_unsubscribe(mp->model, mp->sub_id);
     tc_mapper_cache_free(mp->cache);
     tc_mapper_chunks_free(mp->chunks);
+    tc_mapper_spans_free(mp->spans);
     tc_mapper_env_free(&mp->env);
     tc_buf_free(&mp->ka_frame);
     free(mp->server_url);
@@ -1568,6 +1631,7 @@ void tc_mapper_free(struct tc_mapper *mp) {
   pv_free(&mp->pv);
   tc_mapper_cache_free(mp->cache);
   tc_mapper_chunks_free(mp->chunks);
+  tc_mapper_spans_free(mp->spans);
   tc_mapper_env_free(&mp->env);
   tc_buf_free(&mp->ka_frame);
   pthread_rwlock_destroy(&mp->env_lock);
@@ -1609,6 +1673,8 @@ void tc_mapper_get_stats(struct tc_mapper *mp, struct tc_mapper_stats *o) {
   o->chunk_builds = atomic_load(&mp->st_ch_builds);
   o->chunk_text_peers = atomic_load(&mp->st_ch_text);
   o->chunk_drops = atomic_load(&mp->st_ch_drops);
+  o->span_hits = atomic_load(&mp->st_sp_hits);
+  o->span_builds = atomic_load(&mp->st_sp_builds);
 }
 
 /* ---- request handling (worker threads) --------------------------------------------- */

@@ -388,6 +388,8 @@ struct tc_mapper_stats {
   uint64_t frag_hits, frag_encodes;
   /* full maps' shared peer chunks (see tc_mapper_chunks) */
   uint64_t chunk_hits, chunk_builds, chunk_text_peers, chunk_drops;
+  /* shared runs of policy filter/SSH texts spliced in as cached frames */
+  uint64_t span_hits, span_builds;
 };
 void tc_mapper_get_stats(struct tc_mapper *mp, struct tc_mapper_stats *out);
 
@@ -481,6 +483,28 @@ struct tc_mapper_chunk_peers {
  * text). Owners of the peers go to users (ids; tagged nodes set *tagged). */
 void tc_mapper_chunks_append(struct tc_mapper_chunks *c, struct tc_mapper_msg *m, const struct tc_mapper_chunk_peers *p,
                              struct tc_mapper_idv *users, bool *tagged);
+
+/* Shared runs inside a per-recipient text (e.g. the SrcIPs text that every
+ * node's packet filter holds under a policy where one user owns many
+ * devices): each run is compressed once into its own frame, found again by
+ * key, and spliced into every message that carries it. */
+struct tc_mapper_span {
+  size_t off, len; /* within the source text */
+  const void *key; /* same key = same bytes, while the cache is not cleared */
+};
+struct tc_mapper_spans;
+struct tc_mapper_spans *tc_mapper_spans_new(void);
+void tc_mapper_spans_free(struct tc_mapper_spans *c); /* NULL ok */
+/* Forgets every key (call before the texts the keys point into are freed). */
+void tc_mapper_spans_clear(struct tc_mapper_spans *c);
+/* Appends text[0, len) to m's text, except that each span of src (which
+ * sits at text + at) whose bytes are really there goes in as the cached
+ * frame of its bytes. A span that does not match is left as text, so the
+ * decoded message is text byte for byte. c NULL: all text. */
+void tc_mapper_spans_append(struct tc_mapper_spans *c, struct tc_mapper_msg *m, const char *text, size_t len,
+                            size_t at, const char *src, const struct tc_mapper_span *sp, size_t n);
+/* Spliced runs so far (hits) and frames compressed (builds). */
+void tc_mapper_spans_stats(const struct tc_mapper_spans *c, uint64_t *hits, uint64_t *builds);
 
 struct tc_mapper_chunk_stats {
   uint64_t hits;        /* chunks sent from the cache */

@@ -1642,6 +1642,9 @@ TC_TEST(full_map_chunks_equal_single_frame_under_policy) {
   for (int i = 1; i <= 17; i++) TC_CHECK(same_full_map(&x, ref, i, &nf));
   tc_mapper_get_stats(x.mp, &st1);
   TC_CHECK(st1.chunk_hits > st0.chunk_hits);
+  /* the SrcIPs of alice's and bob's 16 nodes: one shared run in their filters */
+  TC_CHECK(st1.span_hits > st0.span_hits);
+  TC_CHECK(st1.span_builds - st0.span_builds <= 4);
   /* carol's single peer, when the address plan put a1 first */
   if (a1_first) {
     char *t = oneshot_text(x.mp, 17, 117, &nf);
