@@ -934,8 +934,8 @@ int tc_frontdoor_start(struct tc_frontdoor *fdr, struct tc_err *err) {
   for (int i = 0; i < fdr->opts.threads; i++) {
     fdr->daemons[i] = MHD_start_daemon(
         MHD_USE_NO_LISTEN_SOCKET | MHD_USE_EPOLL_INTERNAL_THREAD | MHD_USE_ITC | MHD_USE_ERROR_LOG, 0, NULL,
-        NULL, access_cb, fdr, MHD_OPTION_NOTIFY_COMPLETED, completed_cb, NULL, MHD_OPTION_CONNECTION_TIMEOUT,
-        (unsigned)60, MHD_OPTION_CONNECTION_LIMIT, (unsigned)2048, MHD_OPTION_EXTERNAL_LOGGER, mhd_log, NULL,
+        NULL, access_cb, fdr, MHD_OPTION_EXTERNAL_LOGGER, mhd_log, NULL, MHD_OPTION_NOTIFY_COMPLETED, completed_cb,
+        NULL, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)60, MHD_OPTION_CONNECTION_LIMIT, (unsigned)2048,
         MHD_OPTION_END);
     if (!fdr->daemons[i]) return tc_err_set(err, TC_EIO, "could not start libmicrohttpd");
     fdr->ndaemons++;
