@@ -11,6 +11,7 @@
  * selection computed once and shared; only address text differs.
  * Pure; any thread with its own result. */
 #include <limits.h>
+#include <stdatomic.h>
 #include <string.h>
 
 #include "policy/policy_int.h"
@@ -1393,6 +1394,7 @@ struct reach_rule {
   struct ipset dst;
   bool dst_all;
   int key; /* which rule: >= 0 global rule index, < 0 autogroup:self of grant -key-1, INT_MIN via */
+  bool dst_borrowed; /* dst points into a previous result's record block */
 };
 
 struct reach {
@@ -1413,13 +1415,15 @@ static struct reach_rule *reach_push(struct reach *rc, const struct ipset *src, 
   pol_ipset_init(&rr->dst);
   rr->dst_all = false;
   rr->key = key;
+  rr->dst_borrowed = false;
   return rr;
 }
 
 static void free_reach(struct reach *rc)
 {
   for (size_t i = 0; i < rc->n; i++)
-    pol_ipset_free(&rc->r[i].dst);
+    if (!rc->r[i].dst_borrowed)
+      pol_ipset_free(&rc->r[i].dst);
   free(rc->r);
 }
 
@@ -2587,8 +2591,45 @@ static void build_peer_lists(const struct ctopo *ct, const struct compiled *cp, 
 struct pol_reach_rec {
   int key;
   bool src_all, dst_all;
-  struct ipset dst;
+  size_t off, n; /* its destination ranges: block->r[off .. off + n) */
 };
+
+/* One node's records in one allocation, shared by the results in which the
+ * node was skipped. */
+struct pol_reach_block {
+  _Atomic size_t refs;
+  size_t n;
+  struct pol_reach_rec *rec;
+  struct ip_range *r;
+};
+
+static struct pol_reach_block *reach_block_of(const struct reach *rc)
+{
+  size_t nr = 0;
+  for (size_t k = 0; k < rc->n; k++)
+    nr += rc->r[k].dst.n;
+  struct pol_reach_block *b =
+      tc_xmalloc(sizeof(*b) + (rc->n + 1) * sizeof(struct pol_reach_rec) + (nr + 1) * sizeof(struct ip_range));
+  atomic_init(&b->refs, 1);
+  b->n = rc->n;
+  b->rec = (struct pol_reach_rec *)(void *)(b + 1);
+  b->r = (struct ip_range *)(void *)(b->rec + rc->n + 1);
+  size_t at = 0;
+  for (size_t k = 0; k < rc->n; k++) {
+    const struct reach_rule *rr = &rc->r[k];
+    b->rec[k] = (struct pol_reach_rec){rr->key, rr->src_all, rr->dst_all, at, rr->dst.n};
+    if (rr->dst.n)
+      memcpy(b->r + at, rr->dst.r, rr->dst.n * sizeof(*b->r));
+    at += rr->dst.n;
+  }
+  return b;
+}
+
+static void reach_block_unref(struct pol_reach_block *b)
+{
+  if (b && atomic_fetch_sub_explicit(&b->refs, 1, memory_order_acq_rel) == 1)
+    free(b);
+}
 
 static uint64_t input_hash(const struct ctopo *ct, const struct cnode *n)
 {
@@ -2618,14 +2659,7 @@ static uint64_t input_hash(const struct ctopo *ct, const struct cnode *n)
   return h.h | 1;
 }
 
-static void reach_recs_free(struct tc_policy_node_result *nr)
-{
-  for (size_t k = 0; k < nr->nreach_rec; k++)
-    pol_ipset_free(&nr->reach_rec[k].dst);
-  free(nr->reach_rec);
-  nr->reach_rec = NULL;
-  nr->nreach_rec = 0;
-}
+
 
 /* Texts of every node's filter and SSH policy: taken from the previous
  * result with its object, shared between nodes with the same object, and
@@ -2797,8 +2831,9 @@ static int compile_impl(const struct tc_policy *pol, const struct tc_policy_topo
     if (may_skip && old && old->reach_ok && old->filter_sig && old->input_hash == ih && !n->nsubnets && !n->exit4 &&
         !n->exit6) {
       bool same = true;
-      for (size_t k = 0; same && k < old->nreach_rec; k++) {
-        int key = old->reach_rec[k].key;
+      const struct pol_reach_block *ob = old->reach_blk;
+      for (size_t k = 0; same && ob && k < ob->n; k++) {
+        int key = ob->rec[k].key;
         same = key >= 0 && (size_t)key < nrules_all && rule_src[key] == prev->rule_src[key];
         if (key < 0 && key != INT_MIN && !n->tagged && n->user >= 0)
           same = true; /* autogroup:self: checked below for every such grant */
@@ -2812,16 +2847,19 @@ static int compile_impl(const struct tc_policy *pol, const struct tc_policy_topo
       if (same) {
         memset(&reach[i], 0, sizeof(reach[i]));
         reach[i].all = old->reach_all;
-        for (size_t k = 0; k < old->nreach_rec; k++) {
-          const struct pol_reach_rec *rec = &old->reach_rec[k];
+        for (size_t k = 0; ob && k < ob->n; k++) {
+          const struct pol_reach_rec *rec = &ob->rec[k];
           const struct ipset *src =
               rec->key >= 0 ? &rule_at[rec->key]->srcset
                             : &cp->self_set[(size_t)(-rec->key - 1) * cp->nusers + (size_t)n->user];
           struct reach_rule *rr = reach_push(&reach[i], src, rec->src_all, rec->key);
-          pol_ipset_add_set(&rr->dst, &rec->dst);
-          pol_ipset_norm(&rr->dst);
+          /* read only from here on: borrow the previous result's ranges */
+          rr->dst = (struct ipset){ob->r + rec->off, rec->n, rec->n, true};
+          rr->dst_borrowed = true;
           rr->dst_all = rec->dst_all;
         }
+        nr->reach_blk = old->reach_blk;
+        atomic_fetch_add_explicit(&nr->reach_blk->refs, 1, memory_order_relaxed);
         nr->packet_filter = json_incref(old->packet_filter);
         nr->filter_sig = old->filter_sig;
         res->nreused++;
@@ -3012,18 +3050,10 @@ static int compile_impl(const struct tc_policy *pol, const struct tc_policy_topo
     struct tc_policy_node_result *nr = &res->nodes[i];
     nr->reach_ok = !cp->any_via;
     nr->reach_all = reach[i].all;
-    nr->reach_rec = tc_xcalloc(reach[i].n + 1, sizeof(*nr->reach_rec));
-    for (size_t k = 0; k < reach[i].n; k++) {
-      const struct reach_rule *rr = &reach[i].r[k];
-      nr->reach_ok &= rr->key != INT_MIN;
-      struct pol_reach_rec *rec = &nr->reach_rec[nr->nreach_rec++];
-      rec->key = rr->key;
-      rec->src_all = rr->src_all;
-      rec->dst_all = rr->dst_all;
-      pol_ipset_init(&rec->dst);
-      pol_ipset_add_set(&rec->dst, &rr->dst);
-      pol_ipset_norm(&rec->dst);
-    }
+    for (size_t k = 0; k < reach[i].n; k++)
+      nr->reach_ok &= reach[i].r[k].key != INT_MIN;
+    if (!nr->reach_blk) /* (skipped nodes share the previous block) */
+      nr->reach_blk = reach_block_of(&reach[i]);
     free_reach(&reach[i]);
     free(keys[i]);
   }
@@ -3094,7 +3124,7 @@ void tc_policy_result_free(struct tc_policy_result *res)
     json_decref(nr->auto_approved);
   }
   for (size_t i = 0; i < res->nnodes; i++)
-    reach_recs_free(&res->nodes[i]);
+    reach_block_unref(res->nodes[i].reach_blk);
   free(res->nodes);
   pol_src_cache_free(res->src_cache);
   for (size_t k = 0; k < res->nrule_src; k++)

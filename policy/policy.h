@@ -132,8 +132,7 @@ struct tc_policy_node_result {
   size_t ssh_len;
   /* internal (incremental compile): what this node's filter and reachability were built from */
   uint64_t input_hash;
-  struct pol_reach_rec *reach_rec;
-  size_t nreach_rec;
+  struct pol_reach_block *reach_blk; /* refcounted, shared with the next result when the node is skipped */
   bool reach_ok, reach_all;
 };
 
