@@ -11,7 +11,11 @@
  * Performance rule: a node's peer JSON is produced once per change of that
  * node and shared, read-only and refcounted, by every recipient
  * (struct tc_mapper_frag, struct tc_mapper_cache); full maps are made by
- * concatenating fragments, so a change costs O(peers), not O(N^2).
+ * concatenating fragments, so a change costs O(peers), not O(N^2). The
+ * compressed bytes are shared too: a full map (or resync) is several zstd
+ * frames, most of them cached chunks of the peer list compressed once per
+ * change of one of their nodes (struct tc_mapper_chunks), and the shared runs
+ * of policy filter texts likewise (struct tc_mapper_spans).
  *
  * Control logic (control.c, handle.c; needs the model and policy/): see the
  * section "control logic" below. The policy stored in the model decides
