@@ -150,7 +150,9 @@ void tc_ctl_server_stats(struct tc_ctl_server *srv, struct tc_ctl_stats *out);
 /* Frames one map message: LE uint32 length + one zstd frame of json.
  * Appends to out. 0 or TC_EINTERNAL. */
 int tc_map_frame(const char *json, size_t len, struct tc_buf *out);
-/* Decodes one framed message from buf (for clients/tests): on success
+/* Decodes one framed message from buf (for clients/tests). Its payload is
+ * one or more zstd frames (the mapper sends full maps as several: shared
+ * peer chunks), decoded and joined as Go's zstd DecodeAll does. On success
  * *consumed is the frame size and *json an owned NUL-terminated string.
  * Returns 0, TC_EAGAIN (need more bytes), TC_EPROTO or TC_ETOOBIG (max_json). */
 int tc_map_unframe(const uint8_t *buf, size_t len, size_t max_json, size_t *consumed, char **json, size_t *json_len);
