@@ -798,6 +798,7 @@ int tc_cli_serve(const struct tc_config *cfg) {
 out:
   /* Shutdown order: stop accepting (metrics, TLS, front door), then the
    * protocol modules, then their handlers, then the model and storage. */
+  tc_frontdoor_stop_accepting(fdr);
   pthread_mutex_lock(&reload_mu);
   nreloads = 0;
   pthread_mutex_unlock(&reload_mu);

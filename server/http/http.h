@@ -183,6 +183,13 @@ typedef void (*tc_frontdoor_tls_fn)(void *ctx, int fd, const char *peer);
  * the rest are served as plain HTTP. Without it such connections are
  * closed at once. Call before tc_frontdoor_start. */
 void tc_frontdoor_set_tls_handoff(struct tc_frontdoor *fdr, tc_frontdoor_tls_fn fn, void *ctx);
+/* First step of a shutdown: stops the listener thread and closes the
+ * listening sockets (unlinks the unix socket), so that new connections are
+ * refused at once instead of waiting in the backlog while the rest of the
+ * server shuts down (clients then retry sooner after a restart). Requests
+ * already handed to libmicrohttpd keep being served. Main thread only;
+ * idempotent; NULL ok. */
+void tc_frontdoor_stop_accepting(struct tc_frontdoor *fdr);
 /* Stops the listener and libmicrohttpd, closes sockets (unlinks the unix
  * socket), frees. NULL ok. Upgrade handlers own their fds and are unaffected. */
 void tc_frontdoor_free(struct tc_frontdoor *fdr);

@@ -75,7 +75,7 @@ struct tc_frontdoor {
   int ndaemons;
   unsigned rr;
   pthread_t thread;
-  bool started;
+  bool started, joined;
   atomic_bool stop;
   /* pending connections, ordered by deadline (all get the same timeout) */
   struct pending *head, *tail;
@@ -990,14 +990,34 @@ int tc_frontdoor_add_connection(struct tc_frontdoor *fdr, int fd, const struct s
   return TC_OK;
 }
 
+static void stop_thread(struct tc_frontdoor *fdr) {
+  if (!fdr->started || fdr->joined) return;
+  atomic_store(&fdr->stop, true);
+  uint64_t one = 1;
+  if (write(fdr->wake_fd, &one, sizeof one) < 0) { /* ignore */ }
+  pthread_join(fdr->thread, NULL);
+  fdr->joined = true;
+}
+
+static void close_listeners(struct tc_frontdoor *fdr) {
+  if (fdr->tcp_fd >= 0) close(fdr->tcp_fd);
+  fdr->tcp_fd = -1;
+  if (fdr->unix_fd >= 0) {
+    close(fdr->unix_fd);
+    if (fdr->unix_path) unlink(fdr->unix_path);
+  }
+  fdr->unix_fd = -1;
+}
+
+void tc_frontdoor_stop_accepting(struct tc_frontdoor *fdr) {
+  if (!fdr) return;
+  stop_thread(fdr); /* it polls the listening sockets: gone before they close */
+  close_listeners(fdr);
+}
+
 void tc_frontdoor_free(struct tc_frontdoor *fdr) {
   if (!fdr) return;
-  if (fdr->started) {
-    atomic_store(&fdr->stop, true);
-    uint64_t one = 1;
-    if (write(fdr->wake_fd, &one, sizeof one) < 0) { /* ignore */ }
-    pthread_join(fdr->thread, NULL);
-  }
+  stop_thread(fdr);
   while (fdr->head) close(pending_release(fdr, fdr->head));
   for (struct pending *q = fdr->queue, *next; q; q = next) {
     next = q->next;
@@ -1005,11 +1025,7 @@ void tc_frontdoor_free(struct tc_frontdoor *fdr) {
     free(q);
   }
   for (int i = 0; i < fdr->ndaemons; i++) MHD_stop_daemon(fdr->daemons[i]);
-  if (fdr->tcp_fd >= 0) close(fdr->tcp_fd);
-  if (fdr->unix_fd >= 0) {
-    close(fdr->unix_fd);
-    if (fdr->unix_path) unlink(fdr->unix_path);
-  }
+  close_listeners(fdr);
   if (fdr->ep >= 0) close(fdr->ep);
   if (fdr->wake_fd >= 0) close(fdr->wake_fd);
   for (size_t i = 0; i < fdr->nupgrades; i++) free(fdr->upgrades[i].path);
