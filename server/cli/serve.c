@@ -799,6 +799,7 @@ out:
   /* Shutdown order: stop accepting (metrics, TLS, front door), then the
    * protocol modules, then their handlers, then the model and storage. */
   tc_frontdoor_stop_accepting(fdr);
+  tc_tls_stop_accepting(tls);
   pthread_mutex_lock(&reload_mu);
   nreloads = 0;
   pthread_mutex_unlock(&reload_mu);

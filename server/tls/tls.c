@@ -708,6 +708,20 @@ int64_t tc_tls_thread_cpu_ns(struct tc_tls *t) {
   return sum;
 }
 
+void tc_tls_stop_accepting(struct tc_tls *t) {
+  if (!t) return;
+  pthread_mutex_lock(&t->mu);
+  int n = t->nlisteners;
+  pthread_mutex_unlock(&t->mu);
+  for (int i = 0; i < n; i++) {
+    /* Out of the epoll first: a shut-down listener is always readable, and
+     * the worker would spin on accept failing until it stops. An event
+     * already fetched only makes one accept4 fail with EINVAL. */
+    epoll_ctl(t->w[0].ep, EPOLL_CTL_DEL, t->listeners[i].fd, NULL);
+    shutdown(t->listeners[i].fd, SHUT_RDWR);
+  }
+}
+
 void tc_tls_free(struct tc_tls *t) {
   if (!t) return;
   pthread_mutex_lock(&t->mu);

@@ -89,6 +89,12 @@ int64_t tc_tls_thread_cpu_ns(struct tc_tls *t);
 int tc_tls_generate_self_signed(const char *host, const char *cert_path, const char *key_path, bool *created,
                                 struct tc_err *err);
 
+/* First step of a shutdown: new connections to the listeners are refused
+ * from now on (the listening sockets are shut down and leave the thread's
+ * epoll; their fds stay open until tc_tls_free so the numbers are not reused
+ * under a worker). Established connections keep being served. Main thread
+ * only; idempotent; NULL ok. */
+void tc_tls_stop_accepting(struct tc_tls *t);
 /* Stops the thread and closes every connection and listener. NULL ok. */
 void tc_tls_free(struct tc_tls *t);
 

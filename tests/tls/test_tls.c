@@ -300,6 +300,30 @@ TC_TEST(handoff_of_accepted_connection) {
   fixture_stop(&f);
 }
 
+TC_TEST(stop_accepting_refuses_new_keeps_established) {
+  struct fixture f;
+  TC_REQUIRE(fixture_start(&f, 0) == 0);
+  struct tt_client c;
+  TC_REQUIRE(tt_client_connect(&c, f.port, f.ca, "localhost") == 0);
+  tc_tls_stop_accepting(f.tls);
+  tc_tls_stop_accepting(f.tls); /* idempotent */
+  /* a shut-down listener answers a new SYN with a reset: refused at once,
+   * not left waiting in the backlog */
+  int64_t t0 = tc_mono_ms();
+  int fd = raw_connect(f.port);
+  TC_CHECK(fd < 0);
+  TC_CHECK(tc_mono_ms() - t0 < 1000);
+  if (fd >= 0) close(fd);
+  /* the established connection still echoes */
+  TC_REQUIRE(tt_client_write(&c, "still here", 10) == 0);
+  char buf[16] = {0};
+  TC_REQUIRE(tt_client_read(&c, buf, 10) == 0);
+  TC_CHECK(!memcmp(buf, "still here", 10));
+  tt_client_close(&c);
+  tc_tls_stop_accepting(NULL);
+  fixture_stop(&f);
+}
+
 TC_TEST(bad_parameters) {
   struct tc_err err = {0};
   struct tc_tls *t = NULL;
