@@ -182,19 +182,6 @@ static int c_recv(struct tc_tclient *c, void *buf, size_t n, int timeout_ms) {
   }
 }
 
-static int c_recv_exact(struct tc_tclient *c, void *p, size_t n, int64_t deadline) {
-  char *b = p;
-  while (n) {
-    int left = (int)(deadline - tc_mono_ms());
-    if (left <= 0) return TC_EAGAIN;
-    int r = c_recv(c, b, n, left);
-    if (r < 0) return r;
-    b += r;
-    n -= (size_t)r;
-  }
-  return 0;
-}
-
 char *tc_traw_exchange(int port, const void *req, size_t len, int timeout_ms, size_t *outlen) {
   struct tc_buf out = TC_BUF_INIT;
   tc_buf_reserve(&out, 1);
@@ -504,36 +491,56 @@ dead:
 bool tc_tclient_closed(struct tc_tclient *c) { return c->closed; }
 
 /* ---- connect ------------------------------------------------------------------------ */
+int tc_tclient_prepare(uint16_t version, const uint8_t *machine_priv, const uint8_t server_pub[32],
+                       struct tc_tclient_prepared *out) {
+  tc_crypto_init();
+  uint8_t mpriv[32];
+  if (machine_priv)
+    memcpy(mpriv, machine_priv, 32);
+  else
+    tc_random(mpriv, 32);
+  int rc = tc_ts_client_initiate(&out->hs, version ? version : 138, mpriv, server_pub, NULL, out->init);
+  tc_wipe(mpriv, sizeof mpriv);
+  out->ready = rc == 0;
+  return rc;
+}
+
 int tc_tclient_connect(const char *host, int port, const struct tc_tclient_opts *opts, struct tc_tclient **out,
                        struct tc_err *err) {
   *out = NULL;
   tc_crypto_init();
   uint16_t version = opts && opts->version ? opts->version : 138;
   int timeout = opts && opts->timeout_ms ? opts->timeout_ms : 5000;
-  uint8_t mpriv[32], spub[32];
-  if (opts && opts->machine_priv)
-    memcpy(mpriv, opts->machine_priv, 32);
-  else
-    tc_random(mpriv, 32);
-  if (opts && opts->server_pub) {
-    memcpy(spub, opts->server_pub, 32);
+  struct tc_noise_hs hs;
+  uint8_t init[TC_TS_INIT_LEN];
+  int rc;
+  struct tc_tclient_prepared *prep = opts ? opts->prepared : NULL;
+  if (prep) {
+    if (!prep->ready) return tc_err_set(err, TC_EINVAL, "prepared handshake already used");
+    hs = prep->hs;
+    memcpy(init, prep->init, sizeof init);
+    tc_noise_hs_wipe(&prep->hs);
+    prep->ready = false;
   } else {
-    int status, rc = tc_tclient_fetch_key(host, port, version, spub, &status, err);
-    if (rc) return rc;
+    uint8_t spub[32];
+    if (opts && opts->server_pub) {
+      memcpy(spub, opts->server_pub, 32);
+    } else {
+      int status;
+      if ((rc = tc_tclient_fetch_key(host, port, version, spub, &status, err))) return rc;
+    }
+    struct tc_tclient_prepared p;
+    if ((rc = tc_tclient_prepare(version, opts ? opts->machine_priv : NULL, spub, &p)))
+      return tc_err_set(err, rc, "initiate failed");
+    hs = p.hs;
+    memcpy(init, p.init, sizeof init);
+    tc_noise_hs_wipe(&p.hs);
   }
   struct tc_tclient *c = tc_xcalloc(1, sizeof *c);
   c->fd = -1;
-  struct tc_noise_hs hs;
-  uint8_t init[TC_TS_INIT_LEN];
-  int rc = tc_ts_client_initiate(&hs, version, mpriv, spub, NULL, init);
-  tc_wipe(mpriv, sizeof mpriv);
   /* the handshake derived the machine's public key already (one X25519 base
    * multiplication less per connection) */
   memcpy(c->machine_pub, hs.s_pub, sizeof c->machine_pub);
-  if (rc) {
-    tc_err_set(err, rc, "initiate failed");
-    goto fail;
-  }
   char b64[200];
   sodium_bin2base64(b64, sizeof b64, init, sizeof init, sodium_base64_VARIANT_ORIGINAL);
   char req[1024], wskey[32] = "";
@@ -577,17 +584,30 @@ int tc_tclient_connect(const char *host, int port, const struct tc_tclient_opts 
     rc = tc_err_set(err, TC_EIO, "sending upgrade request failed");
     goto fail;
   }
-  /* Read the response head byte by byte so no Noise byte is swallowed. */
+  /* Read the response head in chunks, as a buffered reader does; bytes past
+   * the blank line are the start of the Noise stream. */
   char head[2048];
-  size_t hl = 0;
-  while (hl < sizeof head - 1) {
-    if ((rc = c_recv_exact(c, head + hl, 1, deadline))) {
-      tc_err_set(err, rc, "reading upgrade response");
+  size_t hl = 0, got = 0;
+  char *end = NULL;
+  while (!end) {
+    if (got >= sizeof head - 1) {
+      rc = tc_err_set(err, TC_EPROTO, "upgrade response head too long");
       goto fail;
     }
-    hl++;
-    if (hl >= 4 && !memcmp(head + hl - 4, "\r\n\r\n", 4)) break;
+    int left = (int)(deadline - tc_mono_ms());
+    int r = left > 0 ? c_recv(c, head + got, sizeof head - 1 - got, left) : 0;
+    if (r < 0 || left <= 0) {
+      rc = tc_err_set(err, r < 0 ? r : TC_EAGAIN, "reading upgrade response");
+      goto fail;
+    }
+    got += (size_t)r;
+    head[got] = 0;
+    end = strstr(head, "\r\n\r\n");
   }
+  hl = (size_t)(end - head) + 4;
+  size_t extra = got - hl;
+  char rest[sizeof head];
+  memcpy(rest, head + hl, extra);
   head[hl] = 0;
   if (c->ws) {
     char cat[100], want[64], line[128];
@@ -603,6 +623,10 @@ int tc_tclient_connect(const char *host, int port, const struct tc_tclient_opts 
   } else if (strncmp(head, "HTTP/1.1 101 ", 13) != 0 ||
              !strstr(head, "\r\nUpgrade: tailscale-control-protocol\r\n")) {
     rc = tc_err_set(err, TC_EPROTO, "upgrade refused: %.80s", head);
+    goto fail;
+  }
+  if (extra && (rc = take_wire(c, rest, extra))) {
+    tc_err_set(err, rc, "reading handshake response");
     goto fail;
   }
   uint8_t resp[TC_TS_RESP_LEN];

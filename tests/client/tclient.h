@@ -15,9 +15,23 @@
 #include <stdint.h>
 
 #include "base/base.h"
+#include "crypto/crypto.h"
 #include "http/frontdoor.h"
 
 struct tc_tclient;
+
+/* The part of a connection's Noise IK that needs no reply from the server:
+ * the machine key pair, the ephemeral key and the es/ss mixes, as a real
+ * client has them before it dials. The benchmark prepares these before its
+ * clock starts so that it measures the server, not its own key generation. */
+struct tc_tclient_prepared {
+  struct tc_noise_hs hs;
+  uint8_t init[TC_TS_INIT_LEN];
+  bool ready; /* cleared (and hs wiped) when a connect consumes it */
+};
+/* machine_priv NULL = a random machine key. 0 or TC_E*. */
+int tc_tclient_prepare(uint16_t version, const uint8_t *machine_priv, const uint8_t server_pub[32],
+                       struct tc_tclient_prepared *out);
 
 struct tc_tclient_opts {
   uint16_t version;            /* capability version, default 138 */
@@ -29,6 +43,7 @@ struct tc_tclient_opts {
   bool websocket;              /* the browser variant: GET + WebSocket binary messages */
   bool tls;                    /* TLS first (any certificate accepted, as tailscaled does) */
   const char *ws_protocol;     /* Sec-WebSocket-Protocol to offer, default the control one; "" = none */
+  struct tc_tclient_prepared *prepared; /* if set: used (and consumed) instead of machine_priv/server_pub */
 };
 
 /* GET /key?v=version over plain HTTP (use server_pub with TLS listeners). *status is the HTTP status; on 200
