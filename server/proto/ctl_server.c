@@ -1,11 +1,12 @@
 /* ctl_server: the /ts2021 event loop. One epoll thread owns every Noise
  * connection (non-blocking sockets), decrypts records, feeds nghttp2, and
- * seals what nghttp2 emits into records of at most 4096 bytes. Complete
- * requests go to a worker pool; workers answer through tc_ctl_stream, whose
- * queue the loop drains with a deferred data provider.
+ * seals what nghttp2 emits into records of at most 4096 bytes. A new
+ * connection's Noise handshake and complete requests go to a worker pool;
+ * workers answer through tc_ctl_stream, whose queue the loop drains with a
+ * deferred data provider.
  *
  * Locks: st->mu (stream shared state) may be held while taking srv->mu (the
- * hand-off lists); never the other way round. srv->wmu guards the job queue
+ * hand-off lists); never the other way round. srv->wmu guards the job queues
  * and is never held with either. Fields marked "loop" are touched only by
  * the loop thread. */
 #include <errno.h>
@@ -39,6 +40,7 @@
 #define H2_BIG_MIN 8192u          /* nghttp2 allocations this large get their own pages */
 #define H2_BIG_SLOTS 4            /* such blocks per connection; more fall back to malloc */
 #define IDLE_RELEASE_MS 200       /* default quiet time before those pages are given back */
+#define H2_BIG_POOL 32            /* unmapped blocks kept for the next connections */
 
 struct conn;
 
@@ -113,6 +115,11 @@ struct incoming {
   size_t init_len;
   uint8_t init[TC_TS_INIT_LEN];
   char peer[64];
+  /* the Noise handshake, done by a worker before the loop sees the connection */
+  int hs_rc;
+  const char *hs_emsg; /* static */
+  uint8_t hs_resp[TC_TS_RESP_LEN];
+  struct tc_ts_session hs_sess;
   struct incoming *next;
 };
 
@@ -131,6 +138,7 @@ struct tc_ctl_server {
   pthread_mutex_t wmu;
   pthread_cond_t wcond;
   struct tc_ctl_stream *jobs, *jobs_tail;
+  struct incoming *hs_jobs, *hs_tail; /* upgrades waiting for their handshake */
   bool wstop;
   int nworkers;
   pthread_t *workers;
@@ -140,8 +148,13 @@ struct tc_ctl_server {
   nghttp2_session_callbacks *cbs;
   nghttp2_option *h2opt;
   atomic_uint_fast64_t st_conns_open, st_conns_total, st_hs_failed, st_streams_open, st_requests;
-  atomic_uint_fast64_t st_h2_heap, st_h2_mapped, st_released, st_releases;
+  atomic_uint_fast64_t st_h2_heap, st_h2_mapped, st_h2_pooled, st_released, st_releases;
   size_t page;
+  /* loop: freed nghttp2 blocks kept mapped for the next connection (each
+   * connection allocates one; a fresh mapping per connection cost an mmap,
+   * page faults and a munmap whose TLB shootdown interrupts the other CPUs) */
+  struct h2_big pool[H2_BIG_POOL];
+  size_t npool;
   atomic_int slots; /* connections queued or open, against opts.max_conns */
 };
 
@@ -184,10 +197,22 @@ static struct h2_big *h2_big_find(struct conn *c, const void *p) {
 
 /* A fresh zeroed mapping of at least n bytes, or NULL (no free slot or mmap
  * failed, e.g. vm.max_map_count): the caller then uses malloc. */
-static void *h2_big_alloc(struct conn *c, size_t n) {
+static void *h2_big_alloc(struct conn *c, size_t n, bool zero) {
   struct h2_big *b = h2_big_find(c, NULL);
   if (!b) return NULL;
   size_t len = page_round(c, n);
+  struct tc_ctl_server *srv = c->srv;
+  for (size_t i = srv->npool; i-- > 0;) {
+    if (srv->pool[i].len != len) continue;
+    void *p = srv->pool[i].p;
+    srv->pool[i] = srv->pool[--srv->npool];
+    if (zero) memset(p, 0, len);
+    b->p = p;
+    b->len = len;
+    atomic_fetch_sub(&srv->st_h2_pooled, len);
+    atomic_fetch_add(&srv->st_h2_mapped, len);
+    return p;
+  }
   void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (p == MAP_FAILED) return NULL;
   b->p = p;
@@ -197,8 +222,14 @@ static void *h2_big_alloc(struct conn *c, size_t n) {
 }
 
 static void h2_big_free(struct conn *c, struct h2_big *b) {
-  munmap(b->p, b->len);
-  atomic_fetch_sub(&c->srv->st_h2_mapped, b->len);
+  struct tc_ctl_server *srv = c->srv;
+  if (srv->npool < H2_BIG_POOL) {
+    srv->pool[srv->npool++] = *b;
+    atomic_fetch_add(&srv->st_h2_pooled, b->len);
+  } else {
+    munmap(b->p, b->len);
+  }
+  atomic_fetch_sub(&srv->st_h2_mapped, b->len);
   b->p = NULL;
   b->len = 0;
 }
@@ -211,7 +242,7 @@ static void h2_heap_account(struct conn *c, size_t add, size_t sub) {
 
 static void *h2_malloc(size_t n, void *user) {
   struct conn *c = user;
-  void *p = n >= H2_BIG_MIN ? h2_big_alloc(c, n) : NULL;
+  void *p = n >= H2_BIG_MIN ? h2_big_alloc(c, n, false) : NULL;
   if (!p && (p = malloc(n))) h2_heap_account(c, malloc_usable_size(p), 0);
   return p;
 }
@@ -219,7 +250,7 @@ static void *h2_malloc(size_t n, void *user) {
 static void *h2_calloc(size_t n, size_t size, void *user) {
   struct conn *c = user;
   if (size && n > SIZE_MAX / size) return NULL;
-  void *p = n * size >= H2_BIG_MIN ? h2_big_alloc(c, n * size) : NULL;
+  void *p = n * size >= H2_BIG_MIN ? h2_big_alloc(c, n * size, true) : NULL;
   if (!p && (p = calloc(n, size))) h2_heap_account(c, malloc_usable_size(p), 0);
   return p;
 }
@@ -493,18 +524,34 @@ static void push_job(struct tc_ctl_server *srv, struct tc_ctl_stream *st) {
   pthread_mutex_unlock(&srv->wmu);
 }
 
+static void run_handshake(struct tc_ctl_server *srv, struct incoming *in);
+
 static void *worker_main(void *arg) {
   struct tc_ctl_server *srv = arg;
+  /* Handshakes and requests alternate when both wait, so neither a burst of
+   * new connections nor a burst of requests starves the other. */
+  bool prefer_hs = true;
   for (;;) {
     pthread_mutex_lock(&srv->wmu);
-    while (!srv->jobs && !srv->wstop) pthread_cond_wait(&srv->wcond, &srv->wmu);
-    struct tc_ctl_stream *st = srv->jobs;
-    bool stopping = srv->wstop;
-    if (st) {
+    while (!srv->jobs && !srv->hs_jobs && !srv->wstop) pthread_cond_wait(&srv->wcond, &srv->wmu);
+    struct tc_ctl_stream *st = NULL;
+    struct incoming *in = NULL;
+    if (srv->hs_jobs && (prefer_hs || !srv->jobs)) {
+      in = srv->hs_jobs;
+      srv->hs_jobs = in->next;
+      if (!srv->hs_jobs) srv->hs_tail = NULL;
+    } else if (srv->jobs) {
+      st = srv->jobs;
       srv->jobs = st->job_next;
       if (!srv->jobs) srv->jobs_tail = NULL;
     }
+    bool stopping = srv->wstop;
     pthread_mutex_unlock(&srv->wmu);
+    prefer_hs = !in;
+    if (in) {
+      run_handshake(srv, in);
+      continue;
+    }
     if (!st) break;
     /* The job holds the handler's reference. A request whose stream is gone
      * already (client reset, connection lost, shutdown) is not run. */
@@ -1076,24 +1123,22 @@ static void conn_start(struct tc_ctl_server *srv, struct incoming *in) {
   } else {
     tc_buf_append(&c->out, resp101, sizeof resp101 - 1);
   }
-  uint8_t resp[TC_TS_RESP_LEN];
-  const char *emsg = NULL;
-  int rc = tc_ts_server_accept(srv->priv, in->init, in->init_len, NULL, resp, &c->sess, &emsg);
-  if (rc) {
+  if (in->hs_rc) {
     atomic_fetch_add(&srv->st_hs_failed, 1);
-    if (emsg) {
+    if (in->hs_emsg) {
       uint8_t ef[256];
-      tc_buf_append(&c->out, ef, tc_ts_error_frame(emsg, ef));
+      tc_buf_append(&c->out, ef, tc_ts_error_frame(in->hs_emsg, ef));
     }
     c->closing = true;
     c->deadline_ms = tc_mono_ms() + CLOSING_GRACE_MS;
     conn_flush(c);
     return;
   }
+  c->sess = in->hs_sess;
   c->established = true;
   c->last_input_ms = tc_mono_ms();
   c->deadline_ms = c->last_input_ms + srv->opts.first_request_timeout_ms;
-  tc_buf_append(&c->out, resp, sizeof resp);
+  tc_buf_append(&c->out, in->hs_resp, sizeof in->hs_resp);
   /* Go's server sends no early payload on the WebSocket path. */
   if (srv->opts.early_payload && !c->ws) {
     char *json = srv->opts.early_payload(srv->opts.early_ctx, c->sess.peer, c->sess.version);
@@ -1251,7 +1296,7 @@ static void *loop_main(void *arg) {
   return NULL;
 }
 
-/* ---- upgrade (listener thread) ------------------------------------------------------- */
+/* ---- upgrade (listener thread; handshakes on the workers) ------------------------------------------------------- */
 static const char *head_get(const struct tc_http_head *h, const char *name) {
   for (size_t i = 0; i < h->nheaders && i < TC_HTTP_HEADERS_MAX; i++)
     if (h->headers[i].name && tc_strieq(h->headers[i].name, name)) return h->headers[i].value;
@@ -1303,6 +1348,40 @@ static bool enqueue(struct tc_ctl_server *srv, struct incoming *in) {
   pthread_mutex_unlock(&srv->mu);
   if (stopping) {
     close(in->fd);
+    tc_wipe(in, sizeof *in);
+    free(in);
+  }
+  return !stopping;
+}
+
+/* The handshake's X25519 work (five multiplications) runs on the worker
+ * pool, in parallel, rather than on the single loop thread that every
+ * established connection depends on. */
+static void run_handshake(struct tc_ctl_server *srv, struct incoming *in) {
+  if (!in->ws_refusal)
+    in->hs_rc = tc_ts_server_accept(srv->priv, in->init, in->init_len, NULL, in->hs_resp, &in->hs_sess,
+                                    &in->hs_emsg);
+  if (!enqueue(srv, in)) atomic_fetch_sub(&srv->slots, 1);
+}
+
+/* Queues an upgraded connection for its handshake. false (fd closed) once
+ * the workers are stopping. */
+static bool submit_handshake(struct tc_ctl_server *srv, struct incoming *in) {
+  pthread_mutex_lock(&srv->wmu);
+  bool stopping = srv->wstop;
+  if (!stopping) {
+    in->next = NULL;
+    if (srv->hs_tail)
+      srv->hs_tail->next = in;
+    else
+      srv->hs_jobs = in;
+    srv->hs_tail = in;
+    pthread_cond_signal(&srv->wcond);
+  }
+  pthread_mutex_unlock(&srv->wmu);
+  if (stopping) {
+    close(in->fd);
+    tc_wipe(in, sizeof *in);
     free(in);
   }
   return !stopping;
@@ -1395,7 +1474,7 @@ static bool upgrade_ws(struct tc_ctl_server *srv, int fd, const struct tc_http_h
       memcpy(in->init, dec, TC_MIN(in->init_len, sizeof in->init));
     }
   }
-  return enqueue(srv, in);
+  return submit_handshake(srv, in);
 }
 
 static bool upgrade_checked(struct tc_ctl_server *srv, int fd, const struct tc_http_head *head);
@@ -1437,7 +1516,7 @@ static bool upgrade_checked(struct tc_ctl_server *srv, int fd, const struct tc_h
   memcpy(in->init, dec, TC_MIN(declen, sizeof in->init));
   snprintf(in->peer, sizeof in->peer, "%s", head->peer);
   free(dec);
-  return enqueue(srv, in);
+  return submit_handshake(srv, in);
 }
 
 /* ---- server lifecycle ------------------------------------------------------------------ */
@@ -1451,7 +1530,7 @@ int tc_ctl_server_new(tc_ctl_handler_fn handler, void *ctx, const uint8_t server
   srv->ctx = ctx;
   memcpy(srv->priv, server_priv, 32);
   if (opts) srv->opts = *opts;
-  if (srv->opts.workers <= 0) srv->opts.workers = 8;
+  if (srv->opts.workers <= 0) srv->opts.workers = TC_CTL_WORKERS_DEFAULT;
   if (srv->opts.first_request_timeout_ms <= 0) srv->opts.first_request_timeout_ms = 30000;
   if (srv->opts.max_conns <= 0) srv->opts.max_conns = 65536;
   if (srv->opts.idle_timeout_ms <= 0) srv->opts.idle_timeout_ms = 300000;
@@ -1519,6 +1598,7 @@ void tc_ctl_server_stop(struct tc_ctl_server *srv) {
     struct incoming *in = srv->incoming;
     srv->incoming = in->next;
     close(in->fd);
+    tc_wipe(in, sizeof *in);
     free(in);
   }
   while (srv->notify) {
@@ -1526,6 +1606,7 @@ void tc_ctl_server_stop(struct tc_ctl_server *srv) {
     srv->notify = st->notify_next;
     tc_ctl_stream_unref(st);
   }
+  for (size_t i = 0; i < srv->npool; i++) munmap(srv->pool[i].p, srv->pool[i].len);
   if (srv->cbs) nghttp2_session_callbacks_del(srv->cbs);
   if (srv->h2opt) nghttp2_option_del(srv->h2opt);
   if (srv->epfd >= 0) close(srv->epfd);
@@ -1545,6 +1626,7 @@ void tc_ctl_server_stats(struct tc_ctl_server *srv, struct tc_ctl_stats *out) {
   out->requests_total = atomic_load(&srv->st_requests);
   out->h2_heap_bytes = atomic_load(&srv->st_h2_heap);
   out->h2_mapped_bytes = atomic_load(&srv->st_h2_mapped);
+  out->h2_pooled_bytes = atomic_load(&srv->st_h2_pooled);
   out->idle_released_bytes = atomic_load(&srv->st_released);
   out->idle_releases = atomic_load(&srv->st_releases);
 }

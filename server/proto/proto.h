@@ -100,8 +100,10 @@ const struct tc_ctl_request *tc_ctl_stream_request(struct tc_ctl_stream *st);
 /* ---- server ------------------------------------------------------------- */
 struct tc_ctl_server;
 
+#define TC_CTL_WORKERS_DEFAULT 8
+
 struct tc_ctl_server_opts {
-  int workers;          /* handler threads, default 8 */
+  int workers;          /* handler threads (they also run new connections' Noise handshakes), default 8 */
   int first_request_timeout_ms; /* close a connection that sends no request, default 30000 */
   int max_conns;        /* Noise connections at once (incl. ones being set up); more get 503. Default 65536 */
   int idle_timeout_ms;  /* GOAWAY + close after this long with no open stream and no input, default 300000 */
@@ -141,6 +143,7 @@ struct tc_ctl_stats {
   uint64_t conns_open, conns_total, handshakes_failed, streams_open, requests_total;
   uint64_t h2_heap_bytes;       /* malloc'd memory nghttp2 holds now (all sessions) */
   uint64_t h2_mapped_bytes;     /* its large blocks, mapped separately (virtual size) */
+  uint64_t h2_pooled_bytes;     /* such blocks freed and kept for new connections (at most 32) */
   uint64_t idle_released_bytes; /* resident pages of those given back when idle, in total */
   uint64_t idle_releases;       /* connections released so (each time one went quiet) */
 };

@@ -534,6 +534,19 @@ TC_TEST(idle_stream_releases_frame_buffer) {
   tc_ctl_server_stats(f.srv, &s3);
   TC_CHECK_INT((long long)s3.h2_heap_bytes, 0);
   TC_CHECK_INT((long long)s3.h2_mapped_bytes, 0);
+  /* The connection's frame buffer was kept for the next one... */
+  TC_CHECK(s3.h2_pooled_bytes >= 16384 && s3.h2_pooled_bytes <= 32 * 20480);
+  /* ...which takes it instead of mapping a new one. */
+  c = client(&f, 138);
+  TC_REQUIRE(c);
+  TC_CHECK_INT(tc_tclient_request(c, "POST", "/echo", "again", 5, 15000, &status, &body, NULL), 0);
+  TC_CHECK(status == 200 && body && !strcmp(body, "again"));
+  free(body);
+  struct tc_ctl_stats s4;
+  tc_ctl_server_stats(f.srv, &s4);
+  TC_CHECK(s4.h2_mapped_bytes >= 16384);
+  TC_CHECK_INT((long long)(s4.h2_mapped_bytes + s4.h2_pooled_bytes), (long long)s3.h2_pooled_bytes);
+  tc_tclient_free(c);
   fx_stop(&f);
 }
 
