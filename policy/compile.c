@@ -2704,6 +2704,30 @@ static void render_texts(struct tc_policy_result *res, const struct tc_policy_no
   free(tab);
 }
 
+/* A node's result value that equals prev's becomes prev's (shared,
+ * read-only, like the filters), and empty arrays and objects are one per
+ * result: a steady tailnet then allocates no per-node containers on a
+ * recompile, and most nodes cost none at all (no routes, no attributes). */
+static void share_json(json_t **v, json_t *old, json_t *empties[2])
+{
+  if (!*v)
+    return;
+  if (old && old != *v && json_equal(*v, old)) {
+    json_decref(*v);
+    *v = json_incref(old);
+    return;
+  }
+  bool obj = json_is_object(*v);
+  if (obj ? json_object_size(*v) != 0 : !json_is_array(*v) || json_array_size(*v) != 0)
+    return;
+  if (!empties[obj]) {
+    empties[obj] = json_incref(*v);
+  } else if (empties[obj] != *v) {
+    json_decref(*v);
+    *v = json_incref(empties[obj]);
+  }
+}
+
 static int compile_impl(const struct tc_policy *pol, const struct tc_policy_topo *topo,
                         const struct tc_policy_result *prev, struct tc_policy_result **out, struct tc_policy_err *err)
 {
@@ -2812,6 +2836,7 @@ static int compile_impl(const struct tc_policy *pol, const struct tc_policy_topo
   for (size_t u = 0; may_skip && u < topo->nusers; u++)
     may_skip = prev->user_ids[u] == topo->users[u].id;
   size_t fmask = fcap - 1;
+  json_t *empties[2] = {NULL, NULL};
   for (size_t i = 0; i < ct.nn; i++) {
     const struct cnode *n = &ct.n[i];
     struct tc_policy_node_result *nr = &res->nodes[i];
@@ -2941,10 +2966,7 @@ static int compile_impl(const struct tc_policy *pol, const struct tc_policy_topo
       }
     }
     nr->cap_map = capmap_for_node(pol, targets, n);
-    if (old && old->cap_map && nr->cap_map && json_equal(old->cap_map, nr->cap_map)) {
-      json_decref(nr->cap_map);
-      nr->cap_map = json_incref(old->cap_map);
-    }
+    share_json(&nr->cap_map, old ? old->cap_map : NULL, empties);
     ct.n[i].no_v4 = json_object_get(nr->cap_map, "disable-ipv4") != NULL;
     json_t *prim;
     json_decref(allowed_ips(&ct, NULL, n, NULL, NULL, NULL, &prim));
@@ -2962,7 +2984,12 @@ static int compile_impl(const struct tc_policy *pol, const struct tc_policy_topo
     if (n->exit6)
       json_array_append_new(nr->self_allowed_ips, json_string("::/0"));
     nr->auto_approved = auto_approve_node(pol, &ct, n);
+    share_json(&nr->primary_routes, old ? old->primary_routes : NULL, empties);
+    share_json(&nr->self_allowed_ips, old ? old->self_allowed_ips : NULL, empties);
+    share_json(&nr->auto_approved, old ? old->auto_approved : NULL, empties);
   }
+  json_decref(empties[0]);
+  json_decref(empties[1]);
   render_texts(res, olds);
   free(olds);
   /* A sees B when either may reach the other. who[j] marks the nodes that

@@ -118,6 +118,8 @@ struct tc_policy_node_result {
   json_t *self_allowed_ips;  /* array: own addresses, approved subnet routes it serves, approved exit routes */
   json_t *primary_routes;    /* array: subnet routes this node is primary for (tailnet-wide election) */
   json_t *auto_approved;     /* array: announced routes autoApprovers approve for this node */
+                             /* these four are read-only: equal values are shared with the previous
+                              * result, and empty ones by every node of a result */
   uint64_t filter_sig;       /* internal (incremental compile): what packet_filter was built from; 0 = unknown */
   /* Compact JSON text of packet_filter and ssh_policy: json_dumps(v, JSON_COMPACT) byte for byte,
    * NUL-terminated, owned by the result. Shared like the objects: nodes with the same packet_filter
