@@ -84,7 +84,7 @@ struct pnode {
   const struct tc_policy_node_result *r; /* in the result this view was compiled into */
   const char *filter; /* PacketFilter JSON: borrowed from r (filter_text) or a literal */
   const char *ssh;    /* SSHPolicy JSON or NULL: borrowed from r (ssh_text) */
-  char *capmap; /* CapMap JSON (defaults + nodeAttrs) */
+  char *capmap; /* CapMap JSON (defaults + nodeAttrs): a ctext, shared */
   uint64_t capmap_gen; /* generation in which capmap last changed: part of the fragment version */
 };
 struct polview {
@@ -651,8 +651,35 @@ static void build_full(struct tc_mapper *mp, const struct tc_snapshot *snap, con
 
 /* ---- policy (dispatcher thread) ------------------------------------------------------ */
 
+/* Reference-counted CapMap texts (dispatcher thread only): nodes mostly
+ * have the same CapMap, and an unchanged one is kept across recompiles, so
+ * a thousand nodes hold one text instead of a thousand copies. */
+struct ctext {
+  size_t refs;
+  char s[];
+};
+
+static char *ctext_new(const char *s) {
+  size_t n = strlen(s);
+  struct ctext *c = tc_xmalloc(sizeof *c + n + 1);
+  c->refs = 1;
+  memcpy(c->s, s, n + 1);
+  return c->s;
+}
+
+static char *ctext_ref(char *s) {
+  ((struct ctext *)(void *)(s - offsetof(struct ctext, s)))->refs++;
+  return s;
+}
+
+static void ctext_unref(char *s) {
+  if (!s) return;
+  struct ctext *c = (struct ctext *)(void *)(s - offsetof(struct ctext, s));
+  if (--c->refs == 0) free(c);
+}
+
 static void pv_free_compiled(struct tc_policy_result *res, struct pnode *pn, size_t npn) {
-  for (size_t i = 0; i < npn; i++) free(pn[i].capmap);
+  for (size_t i = 0; i < npn; i++) ctext_unref(pn[i].capmap);
   free(pn);
   tc_policy_result_free(res);
 }
@@ -696,6 +723,9 @@ static bool pv_compile(struct tc_mapper *mp, const struct tc_snapshot *snap, con
   }
   json_t *base = mp->env.capmap_json ? json_loads(mp->env.capmap_json, 0, NULL) : NULL;
   struct pnode *pn = tc_xcalloc(res->nnodes + 1, sizeof *pn);
+  /* the compiler shares equal CapMap objects between nodes: render each once */
+  const json_t *last_obj = NULL;
+  char *last_text = NULL;
   for (size_t i = 0; i < res->nnodes; i++) {
     const struct tc_policy_node_result *r = &res->nodes[i];
     pn[i].id = r->node_id;
@@ -708,13 +738,19 @@ static bool pv_compile(struct tc_mapper *mp, const struct tc_snapshot *snap, con
     pn[i].ssh = r->ssh_text;
     /* The compiler hands back prev's CapMap object when it is unchanged. */
     if (op && op->r && r->cap_map && op->r->cap_map == r->cap_map) {
-      pn[i].capmap = tc_xstrdup(op->capmap);
+      pn[i].capmap = ctext_ref(op->capmap);
+    } else if (last_text && r->cap_map && r->cap_map == last_obj) {
+      pn[i].capmap = ctext_ref(last_text);
     } else {
       json_t *cm = base ? json_deep_copy(base) : json_object();
       if (json_is_object(r->cap_map)) json_object_update(cm, r->cap_map);
-      pn[i].capmap = dump(cm, "{}");
+      char *t = dump(cm, "{}");
       json_decref(cm);
+      pn[i].capmap = last_text && !strcmp(last_text, t) ? ctext_ref(last_text) : ctext_new(t);
+      free(t);
     }
+    last_obj = r->cap_map;
+    last_text = pn[i].capmap;
     /* A node's cached fragment embeds its CapMap, and nothing else of the
      * policy: it stays valid across recompiles that leave that CapMap as it
      * was (re-encoding every node after each join was O(N^2) per storm). */
