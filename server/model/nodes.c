@@ -531,6 +531,11 @@ static int apply_map(struct wr *w, struct tc_node *n, void *arg, unsigned *field
   }
   if (u->disco_key && !tcm_key_is_zero(u->disco_key) && memcmp(n->disco_key, u->disco_key, TC_KEY_LEN)) {
     memcpy(n->disco_key, u->disco_key, TC_KEY_LEN);
+    /* The node was just seen, and saying so matters: a client (1.98+) that
+     * gets a peer's new disco key in a full peer list keeps the old key
+     * unless that peer is online or its LastSeen moved past the one it
+     * holds (controlclient removeUnwantedDiscoUpdatesFromFullNetmapUpdate). */
+    n->last_seen = TC_MAX(tc_now(), n->last_seen + 1);
     *fields |= TC_NODE_F_DISCO;
   }
   if (u->home_derp && u->home_derp != n->home_derp) {

@@ -645,12 +645,13 @@ int tc_store_node_update_client(struct tc_tx *tx, struct tc_node *n, struct tc_e
   p_int(&p, n->cap_version);
   p_strv(&p, &n->announced_routes);
   p_strv(&p, &n->approved_routes);
+  p_int(&p, n->last_seen);
   p_int(&p, n->updated_at);
   p_int(&p, n->id);
   return change_one(tx,
                     "UPDATE nodes SET hostname = ?, hostinfo = ?, endpoints = ?, disco_key = ?, "
                     "home_derp = ?, cap_version = ?, announced_routes = ?, approved_routes = ?, "
-                    "updated_at = ? WHERE id = ?",
+                    "last_seen = ?, updated_at = ? WHERE id = ?",
                     &p, "node", n->id, err);
 }
 

@@ -157,7 +157,8 @@ int tc_store_node_insert(struct tc_tx *tx, struct tc_node *n, struct tc_err *err
 int tc_store_node_update(struct tc_tx *tx, struct tc_node *n, struct tc_err *err);
 /* Rewrites only what a client's map requests change -- hostname, hostinfo,
  * endpoints, disco key, home DERP, capability version, announced and
- * approved routes -- and sets n->updated_at = tc_now(). No index covers
+ * approved routes, last seen (a new disco key moves it) -- and sets
+ * n->updated_at = tc_now(). No index covers
  * these columns, so SQLite rewrites the row's page and nothing else (a full
  * tc_store_node_update rewrites every index entry: 8 WAL pages instead of
  * 1). The other fields of n are not written: use tc_store_node_update when

@@ -937,6 +937,45 @@ TC_TEST(online_counting_and_last_seen) {
   free(rec);
 }
 
+/* A new disco key means the node was just seen: LastSeen moves strictly
+ * forward, so clients that hold the peer's old LastSeen accept the key from
+ * a full peer list (1.98+ drop it otherwise). */
+TC_TEST(new_disco_key_advances_last_seen) {
+  struct env e;
+  TC_REQUIRE(env_open(&e, NULL, NULL) == 0);
+  struct tc_err err = {0};
+  int64_t u = mkuser(e.m, "alice");
+  char *key = mkkey(e.m, u, true, false, NULL, NULL);
+  struct tc_register_req r;
+  req_init(&r, "a", key);
+  int64_t nid = 0;
+  TC_REQUIRE(tc_model_register_authkey(e.m, &r, &nid, &err) == 0);
+  TC_CHECK_INT(tc_model_node_set_online(e.m, nid, true, &err), 0);
+  TC_CHECK_INT(tc_model_node_set_online(e.m, nid, false, &err), 0); /* offline: last_seen = now */
+  struct tc_snapshot *s = tc_model_snapshot(e.m);
+  int64_t seen0 = tc_snapshot_node(s, nid)->last_seen;
+  tc_snapshot_release(s);
+  TC_CHECK(seen0 > 0);
+  uint8_t disco[TC_KEY_LEN];
+  memset(disco, 0x5a, sizeof disco);
+  struct tc_map_update mu = {.disco_key = disco};
+  unsigned changed = 0;
+  TC_CHECK_INT(tc_model_node_update_from_map(e.m, nid, &mu, &changed, &err), 0);
+  TC_CHECK(changed & TC_NODE_F_DISCO);
+  s = tc_model_snapshot(e.m);
+  int64_t seen1 = tc_snapshot_node(s, nid)->last_seen;
+  tc_snapshot_release(s);
+  TC_CHECK(seen1 > seen0); /* strictly later, even within the same second */
+  /* the same key again changes nothing */
+  TC_CHECK_INT(tc_model_node_update_from_map(e.m, nid, &mu, &changed, &err), 0);
+  TC_CHECK_INT(changed, 0);
+  s = tc_model_snapshot(e.m);
+  TC_CHECK_INT(tc_snapshot_node(s, nid)->last_seen, seen1);
+  tc_snapshot_release(s);
+  free(key);
+  env_close(&e);
+}
+
 /* ---- change events ------------------------------------------------------------------------------- */
 TC_TEST(change_events_in_order_with_state) {
   struct env e;

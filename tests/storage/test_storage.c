@@ -501,6 +501,7 @@ TC_TEST(node_update_client) {
   want.cap_version = 138;
   tc_strv_push(&want.announced_routes, "10.1.0.0/16");
   tc_strv_push(&want.approved_routes, "10.1.0.0/16");
+  want.last_seen = 6;
   /* and fields that this write must not touch */
   struct tc_node upd;
   tc_node_copy(&upd, &want);
@@ -510,7 +511,6 @@ TC_TEST(node_update_client) {
   upd.given_name = tc_xstrdup("other-name");
   upd.has_ipv4 = false;
   upd.expiry = 5;
-  upd.last_seen = 6;
   upd.user_id = 0;
   tc_strv_push(&upd.tags, "tag:x");
   BEGIN(st, 0, tx);
