@@ -11,6 +11,8 @@
  * selection computed once and shared; only address text differs.
  * Pure; any thread with its own result. */
 #include <limits.h>
+#include <stdlib.h>
+#include <sys/mman.h>
 #include <stdatomic.h>
 #include <string.h>
 
@@ -2704,6 +2706,48 @@ static void render_texts(struct tc_policy_result *res, const struct tc_policy_no
   free(tab);
 }
 
+/* Arrays that grow with the tailnet (N records, N x N/64 bitsets) and live
+ * one compile or one result: at a thousand nodes they are 100-200 KiB, and
+ * the mapper recompiles on every join. From malloc, glibc's rising mmap
+ * threshold soon serves them from the heap, and each one freed leaves a
+ * hole that long-lived small allocations fill, so resident memory creeps
+ * up with every recompile. Large ones are mapped and unmapped instead. */
+#define BIG_MIN (64u * 1024)
+struct big_hdr {
+  size_t len; /* mapped bytes incl. the header; 0 = from calloc */
+  size_t pad;
+};
+
+static void *big_calloc(size_t n, size_t size)
+{
+  if (size && n > (SIZE_MAX - sizeof(struct big_hdr)) / size)
+    abort();
+  size_t len = n * size + sizeof(struct big_hdr);
+  struct big_hdr *h;
+  if (len < BIG_MIN) {
+    h = tc_xcalloc(1, len);
+  } else {
+    h = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (h == MAP_FAILED) {
+      h = tc_xcalloc(1, len);
+      len = 0;
+    }
+    h->len = len;
+  }
+  return h + 1;
+}
+
+static void big_free(void *p)
+{
+  if (!p)
+    return;
+  struct big_hdr *h = (struct big_hdr *)p - 1;
+  if (h->len)
+    munmap(h, h->len);
+  else
+    free(h);
+}
+
 /* A node's result value that equals prev's becomes prev's (shared,
  * read-only, like the filters), and empty arrays and objects are one per
  * result: a steady tailnet then allocates no per-node containers on a
@@ -2775,8 +2819,8 @@ static int compile_impl(const struct tc_policy *pol, const struct tc_policy_topo
   }
   struct tc_policy_result *res = tc_xcalloc(1, sizeof(*res));
   res->nnodes = ct.nn;
-  res->nodes = tc_xcalloc(ct.nn + 1, sizeof(*res->nodes));
-  struct reach *reach = tc_xcalloc(ct.nn + 1, sizeof(*reach));
+  res->nodes = big_calloc(ct.nn + 1, sizeof(*res->nodes));
+  struct reach *reach = big_calloc(ct.nn + 1, sizeof(*reach));
   char **keys = tc_xcalloc(ct.nn + 1, sizeof(char *));
   size_t *order = tc_xcalloc(ct.nn + 1, sizeof(size_t)), *group = tc_xcalloc(ct.nn + 1, sizeof(size_t));
   for (size_t i = 0; i < ct.nn; i++) {
@@ -2997,7 +3041,7 @@ static int compile_impl(const struct tc_policy *pol, const struct tc_policy_topo
    * the sorted node addresses, so the cost follows the answer rather than
    * nodes x nodes x rules. */
   size_t words = (ct.nn + 63) / 64;
-  uint64_t *who = tc_xcalloc(ct.nn * words + 1, sizeof(uint64_t));
+  uint64_t *who = big_calloc(ct.nn * words + 1, sizeof(uint64_t));
   struct addr_ix *ax = tc_xcalloc(2 * ct.nn + 1, sizeof(*ax));
   size_t nax = 0;
   for (size_t i = 0; i < ct.nn; i++) {
@@ -3067,7 +3111,7 @@ static int compile_impl(const struct tc_policy *pol, const struct tc_policy_topo
     json_decref(shared[j]);
   free(shared);
   json_decref(no_routes);
-  free(who);
+  big_free(who);
   free(applies);
   free(recorded);
   free(order);
@@ -3095,7 +3139,7 @@ static int compile_impl(const struct tc_policy *pol, const struct tc_policy_topo
   for (size_t u = 0; u < topo->nusers; u++)
     res->user_ids[u] = topo->users[u].id;
   free(rule_at);
-  free(reach);
+  big_free(reach);
   free(keys);
   for (size_t i = 0; i < ct.nn; i++)
     free(ssh_keys[i]);
@@ -3152,7 +3196,7 @@ void tc_policy_result_free(struct tc_policy_result *res)
   }
   for (size_t i = 0; i < res->nnodes; i++)
     reach_block_unref(res->nodes[i].reach_blk);
-  free(res->nodes);
+  big_free(res->nodes);
   pol_src_cache_free(res->src_cache);
   for (size_t k = 0; k < res->nrule_src; k++)
     json_decref(res->rule_src[k]);
