@@ -3012,6 +3012,8 @@ static int compile_impl(const struct tc_policy *pol, const struct tc_policy_topo
     nr->cap_map = capmap_for_node(pol, targets, n);
     share_json(&nr->cap_map, old ? old->cap_map : NULL, empties);
     ct.n[i].no_v4 = json_object_get(nr->cap_map, "disable-ipv4") != NULL;
+    if (topo->no_node_extras)
+      continue;
     json_t *prim;
     json_decref(allowed_ips(&ct, NULL, n, NULL, NULL, NULL, &prim));
     nr->primary_routes = prim;

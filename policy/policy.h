@@ -70,6 +70,10 @@ struct tc_policy_topo {
   size_t nnodes;
   /* Base URL for SSH "check" actions (HoldAndDelegate); NULL = "https://unused". */
   const char *control_url;
+  /* The caller reads only filters, SSH policies, CapMaps and peers (the
+   * mapper): self_allowed_ips, primary_routes and auto_approved are left
+   * NULL, which saves their memory and time on every recompile. */
+  bool no_node_extras;
 };
 
 /* ---- policy ---------------------------------------------------------------- */

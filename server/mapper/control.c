@@ -712,6 +712,7 @@ static bool pv_compile(struct tc_mapper *mp, const struct tc_snapshot *snap, con
   tc_model_topo_build(snap, &mt);
   struct tc_policy_topo topo = mt.topo;
   topo.control_url = mp->server_url[0] ? mp->server_url : NULL;
+  topo.no_node_extras = true; /* routes and approvals come from the model */
   struct tc_policy_result *res = NULL;
   struct tc_policy_err perr = {0};
   /* prev's result (same parsed policy) lends its unchanged filters */
