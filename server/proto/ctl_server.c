@@ -66,6 +66,7 @@ struct tc_ctl_stream {
   char *ctype;
   bool begun, ended, cancelled, notified, reset_req;
   bool no_body; /* HEAD, 204, 304: body bytes are dropped, never sent */
+  int retry_after; /* > 0: a Retry-After header, in seconds */
   struct tc_buf q;
   size_t qoff;
   void (*cancel_fn)(void *);
@@ -474,6 +475,12 @@ void tc_ctl_stream_end(struct tc_ctl_stream *st) {
   tc_ctl_stream_unref(st);
 }
 
+void tc_ctl_stream_retry_after(struct tc_ctl_stream *st, int seconds) {
+  pthread_mutex_lock(&st->mu);
+  if (!st->begun) st->retry_after = seconds > 0 ? TC_MIN(seconds, 86400) : 0;
+  pthread_mutex_unlock(&st->mu);
+}
+
 void tc_ctl_stream_on_cancel(struct tc_ctl_stream *st, void (*fn)(void *arg), void *arg) {
   pthread_mutex_lock(&st->mu);
   bool now = st->cancelled;
@@ -727,15 +734,19 @@ static void submit_response(struct conn *c, struct tc_ctl_stream *st) {
   snprintf(status, sizeof status, "%03d", st->status);
   char *ctype = st->ctype ? tc_xstrdup(st->ctype) : NULL;
   bool no_body = st->no_body;
+  char retry[12] = "";
+  if (st->retry_after > 0) snprintf(retry, sizeof retry, "%d", st->retry_after);
   pthread_mutex_unlock(&st->mu);
-  nghttp2_nv nva[2] = {
-      {(uint8_t *)":status", (uint8_t *)status, 7, 3, NGHTTP2_NV_FLAG_NONE},
-      {(uint8_t *)"content-type", (uint8_t *)ctype, 12, ctype ? strlen(ctype) : 0, NGHTTP2_NV_FLAG_NONE},
-  };
+  nghttp2_nv nva[3] = {{(uint8_t *)":status", (uint8_t *)status, 7, 3, NGHTTP2_NV_FLAG_NONE}};
+  size_t nnv = 1;
+  if (ctype)
+    nva[nnv++] = (nghttp2_nv){(uint8_t *)"content-type", (uint8_t *)ctype, 12, strlen(ctype), NGHTTP2_NV_FLAG_NONE};
+  if (retry[0])
+    nva[nnv++] = (nghttp2_nv){(uint8_t *)"retry-after", (uint8_t *)retry, 11, strlen(retry), NGHTTP2_NV_FLAG_NONE};
   nghttp2_data_provider prd = {.source.ptr = st, .read_callback = data_read_cb};
   /* Without a body the HEADERS frame carries END_STREAM: a DATA frame on a
    * HEAD or 204 response is a protocol error to Go's client. */
-  if (nghttp2_submit_response(c->h2, st->id, nva, ctype ? 2 : 1, no_body ? NULL : &prd) == 0) st->submitted = true;
+  if (nghttp2_submit_response(c->h2, st->id, nva, nnv, no_body ? NULL : &prd) == 0) st->submitted = true;
   free(ctype);
 }
 

@@ -94,6 +94,10 @@ void tc_ctl_stream_unref(struct tc_ctl_stream *st);
  * still call tc_ctl_stream_end. */
 void tc_ctl_stream_on_cancel(struct tc_ctl_stream *st, void (*fn)(void *arg), void *arg);
 bool tc_ctl_stream_cancelled(struct tc_ctl_stream *st);
+/* Adds "Retry-After: seconds" to the response; call before respond/begin.
+ * Clients since capability version 137 wait that long before retrying a
+ * refused registration (others back off on their own). */
+void tc_ctl_stream_retry_after(struct tc_ctl_stream *st, int seconds);
 /* The request this stream answers. Borrowed, valid while a reference is held. */
 const struct tc_ctl_request *tc_ctl_stream_request(struct tc_ctl_stream *st);
 

@@ -29,6 +29,7 @@
 struct tstream {
   int32_t id;
   int status;
+  int retry_after; /* Retry-After header, seconds (0 if none) */
   bool headers_done, closed;
   uint32_t error_code;
   struct tc_buf body;
@@ -248,6 +249,10 @@ static int on_header(nghttp2_session *s, const nghttp2_frame *f, const uint8_t *
     char tmp[8] = {0};
     memcpy(tmp, value, TC_MIN(valuelen, sizeof tmp - 1));
     st->status = atoi(tmp);
+  } else if (st && namelen == 11 && !memcmp(name, "retry-after", 11)) {
+    char tmp[12] = {0};
+    memcpy(tmp, value, TC_MIN(valuelen, sizeof tmp - 1));
+    st->retry_after = atoi(tmp);
   }
   return 0;
 }
@@ -781,6 +786,11 @@ const char *tc_tclient_body(struct tc_tclient *c, int32_t sid, size_t *len) {
   struct tstream *st = find(c, sid);
   *len = st ? st->body.len : 0;
   return st && st->body.data ? st->body.data : "";
+}
+
+int tc_tclient_retry_after(struct tc_tclient *c, int32_t sid) {
+  struct tstream *st = find(c, sid);
+  return st ? st->retry_after : 0;
 }
 
 uint32_t tc_tclient_stream_error(struct tc_tclient *c, int32_t sid) {

@@ -75,6 +75,8 @@ int tc_tclient_wait_closed(struct tc_tclient *c, int32_t sid, int timeout_ms);
 const char *tc_tclient_body(struct tc_tclient *c, int32_t sid, size_t *len);
 /* RST_STREAM code received for the stream (0 if none). */
 uint32_t tc_tclient_stream_error(struct tc_tclient *c, int32_t sid);
+/* The response's Retry-After in seconds (0 if none). */
+int tc_tclient_retry_after(struct tc_tclient *c, int32_t sid);
 /* Frees the client's record of a stream (resetting it if still open); the
  * id is unknown afterwards. Long-running clients call this to bound memory. */
 void tc_tclient_forget(struct tc_tclient *c, int32_t sid);

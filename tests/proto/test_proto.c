@@ -41,6 +41,9 @@ static void handler(void *ctx, const struct tc_ctl_request *req, struct tc_ctl_s
   const char *path = req->path;
   if (!strcmp(path, "/echo")) {
     tc_ctl_stream_respond(st, 200, "application/octet-stream", req->body, req->body_len);
+  } else if (!strcmp(path, "/busy")) {
+    tc_ctl_stream_retry_after(st, 7);
+    tc_ctl_stream_respond(st, 429, "text/plain; charset=utf-8", "busy\n", 5);
   } else if (!strcmp(path, "/whoami")) {
     char mk[TC_KEY_TEXT_MAX];
     tc_key_format(TC_KEY_MACHINE, req->machine_key, mk);
@@ -173,6 +176,26 @@ static bool healthy(struct fx *f) {
   free(body);
   tc_tclient_free(c);
   return ok;
+}
+
+/* A handler's Retry-After reaches the client as a response header; other
+ * responses carry none. */
+TC_TEST(retry_after_header) {
+  struct fx f;
+  TC_REQUIRE(fx_start(&f) == 0);
+  struct tc_tclient *c = client(&f, 138);
+  TC_REQUIRE(c);
+  int32_t sid = tc_tclient_submit(c, "POST", "/busy", NULL, "x", 1);
+  TC_REQUIRE(sid > 0);
+  TC_CHECK_INT(tc_tclient_wait_closed(c, sid, 10000), 0);
+  TC_CHECK_INT(tc_tclient_wait_headers(c, sid, 1000), 429);
+  TC_CHECK_INT(tc_tclient_retry_after(c, sid), 7);
+  int32_t e = tc_tclient_submit(c, "POST", "/echo", NULL, "y", 1);
+  TC_REQUIRE(e > 0);
+  TC_CHECK_INT(tc_tclient_wait_closed(c, e, 10000), 0);
+  TC_CHECK_INT(tc_tclient_retry_after(c, e), 0);
+  tc_tclient_free(c);
+  fx_stop(&f);
 }
 
 /* Pumps until the server closes the connection. */
