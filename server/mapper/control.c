@@ -34,6 +34,7 @@
 #include "policy/policy.h"
 
 #define GRAVE_MS 30000 /* closed sessions outlive any in-flight cancel callback */
+#define FOLLOWUP_RETRY_S 10 /* Retry-After when every Followup wait is taken */
 /* Storm batching: when more than STORM_EVENTS events were handled in the
  * last STORM_WINDOW_MS, the dispatcher lets a new burst accumulate for
  * LINGER_MS before taking it, so every stream gets one merged delta per
@@ -1859,7 +1860,10 @@ static void start_followup(struct tc_mapper *mp, const uint8_t mk[TC_KEY_LEN], s
   if (atomic_fetch_add(&mp->followups, 1) >= mp->max_followups) {
     atomic_fetch_sub(&mp->followups, 1);
     free(id);
-    respond_text(io, st, 503, "too many pending logins");
+    /* 429 + Retry-After: clients since capability version 137 wait and
+     * retry (older ones back off by themselves) */
+    if (io->retry_after) io->retry_after(st, FOLLOWUP_RETRY_S);
+    respond_text(io, st, 429, "too many pending logins, retry later");
     return;
   }
   struct followup *f = tc_xcalloc(1, sizeof *f);

@@ -14,6 +14,7 @@ static void io_ref(void *st) { tc_ctl_stream_ref(st); }
 static void io_unref(void *st) { tc_ctl_stream_unref(st); }
 static void io_on_cancel(void *st, void (*fn)(void *), void *arg) { tc_ctl_stream_on_cancel(st, fn, arg); }
 static bool io_cancelled(void *st) { return tc_ctl_stream_cancelled(st); }
+static void io_retry_after(void *st, int seconds) { tc_ctl_stream_retry_after(st, seconds); }
 
 static const struct tc_mapper_io proto_io = {
     .respond = io_respond,
@@ -24,6 +25,7 @@ static const struct tc_mapper_io proto_io = {
     .unref = io_unref,
     .on_cancel = io_on_cancel,
     .cancelled = io_cancelled,
+    .retry_after = io_retry_after,
 };
 
 void tc_mapper_handle(void *ctx, const struct tc_ctl_request *req, struct tc_ctl_stream *st) {

@@ -340,6 +340,7 @@ struct tc_mapper_io {
   void (*unref)(void *st);
   void (*on_cancel)(void *st, void (*fn)(void *arg), void *arg);
   bool (*cancelled)(void *st);
+  void (*retry_after)(void *st, int seconds); /* optional: Retry-After on the coming response */
 };
 
 struct tc_mapper_opts {

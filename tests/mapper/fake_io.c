@@ -70,4 +70,12 @@ static bool f_cancelled(void *st) {
   pthread_mutex_unlock(&f->mu);
   return c;
 }
-const struct tc_mapper_io fio = {f_respond, f_begin, f_write, f_end, f_ref, f_unref, f_on_cancel, f_cancelled};
+static void f_retry_after(void *st, int seconds) {
+  struct fake *f = st;
+  pthread_mutex_lock(&f->mu);
+  f->retry_after = seconds;
+  pthread_mutex_unlock(&f->mu);
+}
+const struct tc_mapper_io fio = {f_respond, f_begin, f_write,     f_end,
+                                 f_ref,     f_unref, f_on_cancel, f_cancelled,
+                                 f_retry_after};

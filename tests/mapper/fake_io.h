@@ -21,6 +21,7 @@ struct fake {
   void (*cancel_fn)(void *);
   void *cancel_arg;
   int fail_writes; /* non-zero: write returns this */
+  int retry_after; /* what the mapper asked to send as Retry-After */
 };
 
 /* Owned; free with fake_free (NULL ok). */

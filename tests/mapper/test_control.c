@@ -103,6 +103,7 @@ struct fx {
 };
 
 static int64_t g_grace_ms = -1; /* offline at once unless a test says otherwise */
+static int g_max_followups;     /* 0 = the mapper's default */
 static int g_chunk;              /* full_map_chunk of the fixture's mapper (0 = default) */
 
 static bool fx_open(struct fx *x, int64_t ka_ms) {
@@ -132,6 +133,7 @@ static bool fx_open(struct fx *x, int64_t ka_ms) {
                               .disable_logtail = true};
   struct tc_mapper_opts mo = {.model = x->model, .env = &env, .server_url = "https://ctl.example.com/",
                               .keepalive_ms = ka_ms, .keepalive_jitter_ms = -1, .offline_grace_ms = g_grace_ms,
+                              .max_followups = g_max_followups,
                               .full_map_chunk = g_chunk};
   if (tc_mapper_new(&mo, &x->mp, &err)) return false;
   return true;
@@ -643,6 +645,53 @@ TC_TEST(interactive_registration_followup) {
   tc_snapshot_release(s);
   free(furl);
   fx_close(&x);
+}
+
+/* Every Followup wait taken: the next one is told to come back later (429 +
+ * Retry-After, which clients since capability version 137 honour) and the
+ * first is unaffected. */
+TC_TEST(followups_beyond_the_limit_get_429_retry_after) {
+  struct fx x;
+  g_max_followups = 1;
+  bool ok = fx_open(&x, 0);
+  g_max_followups = 0;
+  TC_REQUIRE(ok);
+  char *furl[2];
+  for (int i = 0; i < 2; i++) {
+    char *b = reg_body(401 + i, 0, NULL, i ? "two" : "one", NULL);
+    struct fake *f = call(&x, 20 + i, "/machine/register", b);
+    free(b);
+    TC_REQUIRE(wait_done(f, 5000));
+    json_t *j = body_json(f);
+    TC_REQUIRE(j != NULL);
+    furl[i] = strdup(json_string_value(json_object_get(j, "AuthURL")));
+    json_decref(j);
+    fake_free(f);
+  }
+  char *b = reg_body(401, 0, NULL, "one", "");
+  char *fb = tc_xasprintf("%.*s,\"Followup\":\"%s\"}", (int)strlen(b) - 1, b, furl[0]);
+  free(b);
+  struct fake *first = call(&x, 20, "/machine/register", fb);
+  free(fb);
+  TC_CHECK(!wait_done(first, 200)); /* waiting for an admin */
+  b = reg_body(402, 0, NULL, "two", "");
+  fb = tc_xasprintf("%.*s,\"Followup\":\"%s\"}", (int)strlen(b) - 1, b, furl[1]);
+  free(b);
+  struct fake *second = call(&x, 21, "/machine/register", fb);
+  free(fb);
+  TC_REQUIRE(wait_done(second, 5000));
+  TC_CHECK_INT(second->status, 429);
+  TC_CHECK(second->retry_after > 0);
+  TC_CHECK(!wait_done(first, 50)); /* the first still waits */
+  fake_free(second);
+  /* the client going away ends the wait (the mapper waits for the thread
+   * on close, so the slot is free by then) */
+  fake_cancel(first);
+  TC_CHECK(wait_done(first, 5000));
+  fx_close(&x);
+  fake_free(first);
+  free(furl[0]);
+  free(furl[1]);
 }
 
 TC_TEST(hostile_requests_are_refused_without_changes) {
