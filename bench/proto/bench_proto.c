@@ -376,8 +376,34 @@ static double self_cpu(void) {
 }
 
 /* Per-registration breakdown of one phase (registrations = regs). */
+/* The whole machine's CPU time from /proc/stat (jiffies): what a phase
+ * left idle, spent waiting on the disk, or lost to other virtual machines
+ * (steal). On a shared VM these explain why the same binary measures
+ * differently from one run to the next. */
+struct mstat {
+  unsigned long long busy, idle, iowait, steal;
+};
+
+static bool machine_stat(struct mstat *m) {
+  memset(m, 0, sizeof *m);
+  FILE *f = fopen("/proc/stat", "r");
+  if (!f) return false;
+  unsigned long long v[10] = {0};
+  int n = fscanf(f, "cpu %llu %llu %llu %llu %llu %llu %llu %llu %llu %llu", &v[0], &v[1], &v[2], &v[3], &v[4],
+                 &v[5], &v[6], &v[7], &v[8], &v[9]);
+  fclose(f);
+  if (n < 8) return false;
+  m->idle = v[3];
+  m->iowait = v[4];
+  m->steal = v[7];
+  m->busy = v[0] + v[1] + v[2] + v[5] + v[6]; /* guest time is counted in user already */
+  return true;
+}
+
 struct phase_cost {
   int regs;
+  bool have_machine;
+  struct mstat m0, m1; /* machine at the start and the end of the phase */
   double wall_s, client_cpu_s;
   bool have_cpu, have_stats;
   struct cpu cpu;     /* server, delta */
@@ -408,6 +434,14 @@ static void print_phase_cost(const char *label, const struct phase_cost *pc) {
            pc->st.publish_cpu_us / 1e3 * k / 1e3, pc->st.sync_wait_us / 1e3 * k / 1e3,
            pc->st.flushes ? (double)pc->st.tx_durable / pc->st.flushes : 0);
   printf("%-20s client simulator cpu %.3f ms per registration\n", "", pc->client_cpu_s * k);
+  if (pc->have_machine) {
+    double b = (double)(pc->m1.busy - pc->m0.busy), i = (double)(pc->m1.idle - pc->m0.idle),
+           w = (double)(pc->m1.iowait - pc->m0.iowait), st = (double)(pc->m1.steal - pc->m0.steal);
+    double t = b + i + w + st;
+    if (t > 0)
+      printf("%-20s machine during the phase: busy %.0f %%, idle %.0f %%, iowait %.0f %%, steal %.0f %%\n", "",
+             100 * b / t, 100 * i / t, 100 * w / t, 100 * st / t);
+  }
 }
 
 static void json_phase_cost(const struct phase_cost *pc) {
@@ -423,6 +457,10 @@ static void json_phase_cost(const struct phase_cost *pc) {
          pc->st.tx_durable ? pc->st.tx_durable_wall_us / 1e3 / pc->st.tx_durable : 0,
          pc->st.publish_cpu_us / 1e3 * k / 1e3, pc->st.sync_wait_us / 1e3 * k / 1e3, pc->st.flushes,
          pc->client_cpu_s * k);
+  if (pc->have_machine)
+    printf(",\"machine_jiffies\":{\"busy\":%llu,\"idle\":%llu,\"iowait\":%llu,\"steal\":%llu}",
+           pc->m1.busy - pc->m0.busy, pc->m1.idle - pc->m0.idle, pc->m1.iowait - pc->m0.iowait,
+           pc->m1.steal - pc->m0.steal);
 }
 
 /* ---- clients --------------------------------------------------------------------------- */
@@ -591,6 +629,7 @@ static void run_reg_only(int n, const struct server *sv, struct phase_cost *pc) 
     pthread_create(&th[t], NULL, reg_only_worker, &rg[t]);
   }
   pthread_barrier_wait(&g_ro_ready); /* every handshake prepared */
+  pc->have_machine = machine_stat(&pc->m0);
   if (pc->have_cpu) role_cpu(O.server_pid, &c0);
   pc->have_stats = server_stats(sv, &s0);
   double cl0 = self_cpu();
@@ -598,6 +637,7 @@ static void run_reg_only(int n, const struct server *sv, struct phase_cost *pc) 
   for (int t = 0; t < threads; t++) pthread_join(th[t], NULL);
   pc->wall_s = (double)(tc_mono_ns() - t0) / 1e9;
   pc->client_cpu_s = self_cpu() - cl0;
+  if (pc->have_machine) pc->have_machine = machine_stat(&pc->m1);
   pthread_barrier_destroy(&g_ro_ready);
   if (pc->have_cpu) {
     role_cpu(O.server_pid, &c1);
@@ -748,6 +788,8 @@ int main(int argc, char **argv) {
   struct cpu rc0 = {0}, rc1 = {0};
   if (have_proc) role_cpu(O.server_pid, &rc0);
   double cl0 = self_cpu();
+  struct mstat jm0;
+  bool have_jm = machine_stat(&jm0);
 
   /* phase 1: register + first full map, T threads */
   pthread_t *th = calloc((size_t)O.threads, sizeof *th);
@@ -763,7 +805,8 @@ int main(int argc, char **argv) {
   int connected = 0;
   for (int i = 0; i < O.n; i++) connected += S[i].c != NULL && S[i].sid > 0;
   struct phase_cost jp = {.regs = connected, .wall_s = phase1_s, .client_cpu_s = self_cpu() - cl0,
-                          .have_cpu = have_proc};
+                          .have_cpu = have_proc, .m0 = jm0};
+  jp.have_machine = have_jm && machine_stat(&jp.m1);
   if (have_proc) {
     proc_stats(O.server_pid, &cpu1, &rss1);
     role_cpu(O.server_pid, &rc1);
