@@ -1348,6 +1348,14 @@ static int discard_head(int fd, size_t n) {
 }
 
 /* Hands in to the loop; false (fd closed) when the server is stopping. */
+/* An upgraded connection that will not be served (shutdown): closed, and
+ * its handshake state wiped. */
+static void drop_incoming(struct incoming *in) {
+  close(in->fd);
+  tc_wipe(in, sizeof *in);
+  free(in);
+}
+
 static bool enqueue(struct tc_ctl_server *srv, struct incoming *in) {
   pthread_mutex_lock(&srv->mu);
   bool stopping = srv->stopping;
@@ -1357,11 +1365,7 @@ static bool enqueue(struct tc_ctl_server *srv, struct incoming *in) {
     wake_loop(srv);
   }
   pthread_mutex_unlock(&srv->mu);
-  if (stopping) {
-    close(in->fd);
-    tc_wipe(in, sizeof *in);
-    free(in);
-  }
+  if (stopping) drop_incoming(in);
   return !stopping;
 }
 
@@ -1390,11 +1394,7 @@ static bool submit_handshake(struct tc_ctl_server *srv, struct incoming *in) {
     pthread_cond_signal(&srv->wcond);
   }
   pthread_mutex_unlock(&srv->wmu);
-  if (stopping) {
-    close(in->fd);
-    tc_wipe(in, sizeof *in);
-    free(in);
-  }
+  if (stopping) drop_incoming(in);
   return !stopping;
 }
 
@@ -1608,9 +1608,7 @@ void tc_ctl_server_stop(struct tc_ctl_server *srv) {
   while (srv->incoming) {
     struct incoming *in = srv->incoming;
     srv->incoming = in->next;
-    close(in->fd);
-    tc_wipe(in, sizeof *in);
-    free(in);
+    drop_incoming(in);
   }
   while (srv->notify) {
     struct tc_ctl_stream *st = srv->notify;

@@ -972,7 +972,7 @@ TC_TEST(new_disco_key_advances_last_seen) {
   s = tc_model_snapshot(e.m);
   TC_CHECK_INT(tc_snapshot_node(s, nid)->last_seen, seen1);
   tc_snapshot_release(s);
-  free(key);
+  free_secret(key);
   env_close(&e);
 }
 
