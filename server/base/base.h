@@ -1,6 +1,6 @@
 /* base: the small utilities every module uses — error codes and messages,
  * allocation wrappers, a growable byte buffer, logging, clocks, hex and
- * time/duration text. Everything here is thread-safe unless a comment says
+ * time/duration text, TCP socket options. Everything here is thread-safe unless a comment says
  * otherwise; nothing here knows about the rest of tailcoat. */
 #ifndef TC_BASE_H
 #define TC_BASE_H
@@ -139,5 +139,16 @@ int tc_write_file_atomic(const char *path, const void *data, size_t len, int mod
 #define TC_ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))
 #define TC_MIN(a, b) ((a) < (b) ? (a) : (b))
 #define TC_MAX(a, b) ((a) > (b) ? (a) : (b))
+
+/* ---- sockets ------------------------------------------------------------ */
+/* TCP_NODELAY (latency over batching) and keepalive probes (30 s idle, every
+ * 15 s, 4 of them: a map poll to a vanished laptop ends in ~90 s instead of
+ * when retransmissions give up). tc_http_listen_tcp sets them on
+ * its listening socket and Linux copies them into every accepted socket, so a
+ * connection needs no setsockopt of its own; tc_tcp_tuned tells (one
+ * getsockopt) whether fd has them (false for non-TCP fds, on which
+ * tc_tcp_tune's calls fail harmlessly). */
+void tc_tcp_tune(int fd);
+bool tc_tcp_tuned(int fd);
 
 #endif

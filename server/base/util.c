@@ -11,7 +11,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/random.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -295,4 +298,23 @@ int tc_write_file_atomic(const char *path, const void *data, size_t len, int mod
 out:
   free(tmp);
   return rc;
+}
+
+/* ---- sockets ------------------------------------------------------------ */
+enum { KEEPIDLE_S = 30, KEEPINTVL_S = 15, KEEPCNT = 4 };
+
+void tc_tcp_tune(int fd) {
+  int one = 1, idle = KEEPIDLE_S, intvl = KEEPINTVL_S, cnt = KEEPCNT;
+  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one);
+  setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof idle);
+  setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &intvl, sizeof intvl);
+  setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &cnt, sizeof cnt);
+}
+
+bool tc_tcp_tuned(int fd) {
+  /* KEEPCNT is the last option tc_tcp_tune sets */
+  int v = 0;
+  socklen_t l = sizeof v;
+  return getsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &v, &l) == 0 && v == KEEPCNT;
 }

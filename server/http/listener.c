@@ -256,7 +256,10 @@ int tc_http_listen_tcp(const char *hostport, struct tc_err *err) {
       setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &on, sizeof on);
       struct sockaddr_in6 a = {.sin6_family = AF_INET6, .sin6_port = htons((uint16_t)atoi(port))};
       a.sin6_addr = in6addr_any;
-      if (!bind(fd, (struct sockaddr *)&a, sizeof a) && !listen(fd, 512)) return fd;
+      if (!bind(fd, (struct sockaddr *)&a, sizeof a) && !listen(fd, 512)) {
+        tc_tcp_tune(fd);
+        return fd;
+      }
       int e = errno;
       close(fd);
       fd = -1;
@@ -286,6 +289,7 @@ int tc_http_listen_tcp(const char *hostport, struct tc_err *err) {
   }
   freeaddrinfo(res);
   if (fd < 0) return tc_err_set(err, TC_EIO, "listen on %s: %s", hostport, strerror(lasterr));
+  tc_tcp_tune(fd);
   return fd;
 }
 
@@ -646,10 +650,7 @@ static void accept_all(struct tc_frontdoor *fdr, int lfd, bool trusted) {
       if (errno != EAGAIN && errno != EWOULDBLOCK) tc_debug("accept: %s", strerror(errno));
       return;
     }
-    if (!trusted) {
-      int on = 1;
-      setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof on);
-    }
+    /* TCP_NODELAY and keepalive come from the listening socket */
     struct pending *p = tc_xcalloc(1, sizeof *p);
     p->fd = fd;
     p->trusted = trusted;

@@ -1089,17 +1089,13 @@ static void conn_start(struct tc_ctl_server *srv, struct incoming *in) {
   c->fd = in->fd;
   c->id = ++srv->next_id;
   memcpy(c->peer, in->peer, sizeof c->peer);
-  int fl = fcntl(c->fd, F_GETFL);
-  fcntl(c->fd, F_SETFL, fl | O_NONBLOCK);
-  /* Latency over batching; and notice vanished peers (a map poll to a dead
-   * laptop would otherwise sit until TCP's retransmissions give up). These
-   * fail harmlessly on the AF_UNIX pairs that carry TLS connections. */
-  int one = 1, idle = 30, intvl = 15, cnt = 4;
-  setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-  setsockopt(c->fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one);
-  setsockopt(c->fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof idle);
-  setsockopt(c->fd, IPPROTO_TCP, TCP_KEEPINTVL, &intvl, sizeof intvl);
-  setsockopt(c->fd, IPPROTO_TCP, TCP_KEEPCNT, &cnt, sizeof cnt);
+  /* F_SETFL ignores the access mode; no other status flag is ever set on
+   * these sockets, so no F_GETFL first. */
+  fcntl(c->fd, F_SETFL, O_NONBLOCK);
+  /* Sockets from the front door's listener come with TCP_NODELAY and
+   * keepalive; others (tests' listeners) get them here. Nothing to do for
+   * the AF_UNIX pairs that carry TLS connections. */
+  if (!tc_tcp_tuned(c->fd)) tc_tcp_tune(c->fd);
   c->next = srv->conns;
   if (srv->conns) srv->conns->prev = c;
   srv->conns = c;
@@ -1333,9 +1329,18 @@ static bool refused(int fd, int status, const char *reason, const char *body) {
 
 /* Discards the request head, which the front door left unread. */
 static int discard_head(int fd, size_t n) {
+  char buf[4096];
+  /* The front door has peeked the whole head, so it is normally in the
+   * socket buffer already: no timeout to set and reset for that. */
+  while (n) {
+    ssize_t r = recv(fd, buf, TC_MIN(n, sizeof buf), MSG_DONTWAIT);
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) break;
+    n -= (size_t)r;
+  }
+  if (!n) return 0;
   struct timeval tv = {.tv_sec = 2};
   setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-  char buf[4096];
   while (n) {
     ssize_t r = recv(fd, buf, TC_MIN(n, sizeof buf), 0);
     if (r < 0 && errno == EINTR) continue;
@@ -1347,7 +1352,6 @@ static int discard_head(int fd, size_t n) {
   return 0;
 }
 
-/* Hands in to the loop; false (fd closed) when the server is stopping. */
 /* An upgraded connection that will not be served (shutdown): closed, and
  * its handshake state wiped. */
 static void drop_incoming(struct incoming *in) {
@@ -1356,6 +1360,7 @@ static void drop_incoming(struct incoming *in) {
   free(in);
 }
 
+/* Hands in to the loop; false (fd closed) when the server is stopping. */
 static bool enqueue(struct tc_ctl_server *srv, struct incoming *in) {
   pthread_mutex_lock(&srv->mu);
   bool stopping = srv->stopping;

@@ -2,6 +2,12 @@
 #include "tc_test.h"
 #include "base/base.h"
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 TC_TEST(buf_grows_and_consumes) {
   struct tc_buf b = TC_BUF_INIT;
   for (int i = 0; i < 1000; i++) tc_buf_printf(&b, "%d,", i);
@@ -69,6 +75,41 @@ TC_TEST(hex_and_random) {
   TC_CHECK(strcmp(a, b) != 0);
   free(a);
   free(b);
+}
+
+/* The front door sets the TCP options once on its listening socket and the
+ * control transport skips its own setsockopt calls when a connection has
+ * them: that relies on the kernel copying them into accepted sockets. */
+TC_TEST(tcp_options_are_inherited_from_the_listener) {
+  int l = socket(AF_INET, SOCK_STREAM, 0);
+  TC_REQUIRE(l >= 0);
+  TC_CHECK(!tc_tcp_tuned(l));
+  tc_tcp_tune(l);
+  TC_CHECK(tc_tcp_tuned(l));
+  struct sockaddr_in a = {.sin_family = AF_INET};
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t sl = sizeof a;
+  TC_REQUIRE(bind(l, (struct sockaddr *)&a, sizeof a) == 0 && listen(l, 4) == 0);
+  TC_REQUIRE(getsockname(l, (struct sockaddr *)&a, &sl) == 0);
+  int c = socket(AF_INET, SOCK_STREAM, 0);
+  TC_REQUIRE(c >= 0 && connect(c, (struct sockaddr *)&a, sizeof a) == 0);
+  TC_CHECK(!tc_tcp_tuned(c)); /* a socket of its own has the defaults */
+  int s = accept(l, NULL, NULL);
+  TC_REQUIRE(s >= 0);
+  TC_CHECK(tc_tcp_tuned(s));
+  int v = 0;
+  socklen_t vl = sizeof v;
+  TC_CHECK(getsockopt(s, IPPROTO_TCP, TCP_NODELAY, &v, &vl) == 0 && v == 1);
+  TC_CHECK(getsockopt(s, SOL_SOCKET, SO_KEEPALIVE, &v, &vl) == 0 && v == 1);
+  int u[2];
+  TC_REQUIRE(socketpair(AF_UNIX, SOCK_STREAM, 0, u) == 0);
+  tc_tcp_tune(u[0]); /* fails harmlessly */
+  TC_CHECK(!tc_tcp_tuned(u[0]));
+  close(u[0]);
+  close(u[1]);
+  close(s);
+  close(c);
+  close(l);
 }
 
 TC_TEST(strndup_copies_binary) {
