@@ -15,10 +15,28 @@
  * so N concurrent durable writers pay one flush instead of N flushes in a
  * row under the connection mutex. The WAL file is what synchronous=FULL
  * would flush at each commit; checkpoints flush the database file before the
- * WAL is reused, as in NORMAL mode. */
+ * WAL is reused, as in NORMAL mode.
+ *
+ * Such transactions also share their SQLite commit (a batch): the first
+ * opens an outer write transaction, each runs inside it as a savepoint and
+ * "commits" by releasing that savepoint, and the flushing thread commits
+ * the batch just before its fdatasync, so everything that arrived while the
+ * previous flush ran is written in one commit. A commit writes every page
+ * it changed to the WAL (a registration changed ~9 pages: the node row,
+ * five index entries, the audit row, the sequence table), and consecutive
+ * registrations share most of those pages; each savepoint still rolls back
+ * alone. Until the batch commits, its data is visible to this connection
+ * only and would not survive a crash of the process, which is fine for
+ * what tc_store_sync has not confirmed yet. Any other transaction first
+ * commits an open batch. If a batch commit fails (disk full, I/O error),
+ * writes the caller was told were committed are gone while the model keeps
+ * them in memory: the store then refuses every later transaction (and
+ * ping), so the server reports unhealthy and a restart reloads the model
+ * from what the database has. */
 #include <errno.h>
 #include <fcntl.h>
 #include <sqlite3.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -28,9 +46,20 @@
 
 #define STMT_CACHE 128
 
-enum { TXS_BEGIN_IMM, TXS_BEGIN_DEF, TXS_COMMIT, TXS_ROLLBACK, TXS_SYNC_FULL, TXS_SYNC_NORMAL, TXS_N };
+enum {
+  TXS_BEGIN_IMM, TXS_BEGIN_DEF, TXS_COMMIT, TXS_ROLLBACK, TXS_SYNC_FULL, TXS_SYNC_NORMAL,
+  TXS_SAVEPOINT, TXS_RELEASE, TXS_ROLLBACK_TO, TXS_N
+};
 static const char *const txs_sql[TXS_N] = {"BEGIN IMMEDIATE", "BEGIN DEFERRED", "COMMIT", "ROLLBACK",
-                                           "PRAGMA synchronous=FULL", "PRAGMA synchronous=NORMAL"};
+                                           "PRAGMA synchronous=FULL", "PRAGMA synchronous=NORMAL",
+                                           "SAVEPOINT tc_batched", "RELEASE tc_batched",
+                                           "ROLLBACK TO tc_batched"};
+
+/* A transaction that runs as a savepoint of the open batch. */
+#define TX_BATCHED 0x400u
+
+struct sq;
+static int batch_commit(struct sq *s, struct tc_err *err);
 
 struct sq {
   sqlite3 *db;
@@ -45,6 +74,12 @@ struct sq {
   pthread_cond_t gcv;
   bool syncing;
   int wal_fd;
+  /* batched commits (under mu) */
+  bool batch_open;       /* the outer transaction of a batch is open */
+  uint64_t batch_ticket; /* the commit number the open batch will get */
+  uint64_t batch_members; /* savepoints released into it */
+  bool broken;           /* a batch commit failed: refuse everything */
+  char broken_msg[640];
   struct {
     const char *sql; /* static SQL text from store.c: the pointer is the key */
     sqlite3_stmt *stmt;
@@ -149,6 +184,9 @@ out:
 static void sq_close(struct tc_store *st) {
   struct sq *s = st->be;
   if (!s) return;
+  pthread_mutex_lock(&s->mu);
+  batch_commit(s, NULL); /* nobody synced it, so nobody was told it is stored: best effort */
+  pthread_mutex_unlock(&s->mu);
   for (int i = 0; i < STMT_CACHE; i++) sqlite3_finalize(s->cache[i].stmt);
   for (int i = 0; i < TXS_N; i++) sqlite3_finalize(s->txs[i]);
   sqlite3_close(s->db);
@@ -169,10 +207,61 @@ static bool sync_at_commit(const struct sq *s, const struct tc_tx *tx) {
   return (tx->flags & TC_TX_DURABLE_LATER) && !s->wal_path;
 }
 
+static int broken_err(const struct sq *s, struct tc_err *err) {
+  return tc_err_set(err, TC_EDB, "sqlite: %s; restart tailcoat to reload the state from the database",
+                    s->broken_msg);
+}
+
+/* With mu held: from now on every transaction is refused. */
+static void batch_break(struct sq *s, const char *why) {
+  if (s->broken) return;
+  s->broken = true;
+  snprintf(s->broken_msg, sizeof s->broken_msg, "a batched commit failed (%s), committed writes are lost",
+           why && *why ? why : "unknown error");
+  tc_error("storage: %s", s->broken_msg);
+}
+
+/* With mu held: commits the open batch, if any. */
+static int batch_commit(struct sq *s, struct tc_err *err) {
+  if (!s->batch_open) return 0;
+  s->batch_open = false;
+  struct tc_err e = {0};
+  if (sq_txs(s, TXS_COMMIT, &e)) {
+    if (!sqlite3_get_autocommit(s->db)) sq_txs(s, TXS_ROLLBACK, NULL);
+    batch_break(s, e.msg);
+    return broken_err(s, err);
+  }
+  atomic_fetch_add(&s->committed, 1); /* == batch_ticket: nothing else committed while it was open */
+  return 0;
+}
+
+static bool batchable(const struct sq *s, const struct tc_tx *tx) {
+  return s->wal && s->wal_path && (tx->flags & TC_TX_DURABLE_LATER) &&
+         !(tx->flags & (TC_TX_DURABLE | TX_SNAPSHOT | TX_MIGRATE));
+}
+
 static int sq_begin(struct tc_store *st, struct tc_tx *tx, struct tc_err *err) {
   struct sq *s = st->be;
   pthread_mutex_lock(&s->mu);
   int code;
+  if (s->broken) {
+    code = broken_err(s, err);
+    pthread_mutex_unlock(&s->mu);
+    return code;
+  }
+  if (batchable(s, tx)) {
+    if (!s->batch_open) {
+      if ((code = sq_txs(s, TXS_BEGIN_IMM, err))) goto unlock;
+      s->batch_open = true;
+      s->batch_ticket = atomic_load(&s->committed) + 1;
+      s->batch_members = 0;
+    }
+    if ((code = sq_txs(s, TXS_SAVEPOINT, err))) goto unlock;
+    tx->flags |= TX_BATCHED;
+    tx->conn = s;
+    return 0;
+  }
+  if ((code = batch_commit(s, err))) goto unlock;
   if (sync_at_commit(s, tx) && (code = sq_txs(s, TXS_SYNC_FULL, err))) goto fail;
   /* Reads may start deferred (a snapshot); everything else takes the write
    * lock now so two processes never deadlock upgrading read locks. */
@@ -182,8 +271,22 @@ static int sq_begin(struct tc_store *st, struct tc_tx *tx, struct tc_err *err) {
   return 0;
 fail:
   if (sync_at_commit(s, tx)) sq_txs(s, TXS_SYNC_NORMAL, NULL);
+unlock:
   pthread_mutex_unlock(&s->mu);
   return code;
+}
+
+/* With mu held: undoes a batched transaction alone. If SQLite rolled back
+ * the whole batch itself (it does on I/O errors and a full disk), what
+ * earlier members released is gone too. */
+static void batched_undo(struct sq *s) {
+  if (sqlite3_get_autocommit(s->db)) {
+    s->batch_open = false;
+    if (s->batch_members) batch_break(s, "SQLite rolled the batch back");
+    return;
+  }
+  sq_txs(s, TXS_ROLLBACK_TO, NULL);
+  sq_txs(s, TXS_RELEASE, NULL);
 }
 
 static void sq_end(struct tc_tx *tx) {
@@ -195,7 +298,18 @@ static void sq_end(struct tc_tx *tx) {
 static int sq_commit(struct tc_tx *tx, uint64_t *ticket, struct tc_err *err) {
   struct sq *s = tx->conn;
   *ticket = 0;
-  int code = sq_txs(s, TXS_COMMIT, err);
+  int code;
+  if (tx->flags & TX_BATCHED) {
+    if ((code = sq_txs(s, TXS_RELEASE, err))) {
+      batched_undo(s);
+    } else {
+      s->batch_members++;
+      *ticket = s->batch_ticket;
+    }
+    sq_end(tx);
+    return code;
+  }
+  code = sq_txs(s, TXS_COMMIT, err);
   if (code && !sqlite3_get_autocommit(s->db)) sq_txs(s, TXS_ROLLBACK, NULL);
   if (!code && !(tx->flags & TX_SNAPSHOT)) {
     /* numbered after the WAL frames are written: a flush that starts later covers it */
@@ -235,9 +349,13 @@ static int sq_sync(struct tc_store *st, uint64_t ticket, struct tc_err *err) {
       continue;
     }
     s->syncing = true;
-    uint64_t target = atomic_load(&s->committed);
     pthread_mutex_unlock(&s->gmu);
-    code = wal_flush(s, err);
+    /* The batch holds whatever was released while the last flush ran. */
+    pthread_mutex_lock(&s->mu);
+    code = batch_commit(s, err);
+    pthread_mutex_unlock(&s->mu);
+    uint64_t target = atomic_load(&s->committed);
+    if (!code) code = wal_flush(s, err);
     pthread_mutex_lock(&s->gmu);
     s->syncing = false;
     if (code == 0) {
@@ -252,7 +370,10 @@ static int sq_sync(struct tc_store *st, uint64_t ticket, struct tc_err *err) {
 
 static void sq_rollback(struct tc_tx *tx) {
   struct sq *s = tx->conn;
-  if (!sqlite3_get_autocommit(s->db)) sq_txs(s, TXS_ROLLBACK, NULL);
+  if (tx->flags & TX_BATCHED)
+    batched_undo(s);
+  else if (!sqlite3_get_autocommit(s->db))
+    sq_txs(s, TXS_ROLLBACK, NULL);
   sq_end(tx);
 }
 
@@ -341,7 +462,7 @@ static int sq_script(struct tc_tx *tx, const char *sql, struct tc_err *err) {
 static int sq_ping(struct tc_store *st, struct tc_err *err) {
   struct sq *s = st->be;
   pthread_mutex_lock(&s->mu);
-  int code = sq_simple(s->db, "SELECT 1", err);
+  int code = s->broken ? broken_err(s, err) : sq_simple(s->db, "SELECT 1", err);
   pthread_mutex_unlock(&s->mu);
   return code;
 }

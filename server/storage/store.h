@@ -99,11 +99,13 @@ int tc_store_type(const struct tc_store *st);
 /* TC_TX_DURABLE_LATER: durable, but made so by tc_store_sync() instead of
  * inside the commit, so that concurrent durable transactions share one flush
  * (group commit). tc_tx_commit_ticket() returns the ticket to wait for. Right
- * after the commit the data is visible to later transactions and survives a
- * crash of the process; it survives a crash of the machine once
- * tc_store_sync(ticket) has returned 0, and the caller must not acknowledge
- * it as stored before that. (PostgreSQL and SQLite without WAL make every
- * such commit durable at once: the ticket is 0.) */
+ * after the commit the data is visible to later transactions of this store;
+ * it is stored once tc_store_sync(ticket) has returned 0, and the caller
+ * must not acknowledge it as stored before that. (SQLite in WAL mode also
+ * shares the SQLite commit itself among such transactions: until the sync,
+ * or another kind of transaction, commits it, other processes do not see it
+ * and a crash of the process loses it. PostgreSQL and SQLite without WAL
+ * make every such commit durable at once: the ticket is 0.) */
 #define TC_TX_DURABLE_LATER 0x4u
 
 /* Begins a transaction; *out is owned until commit/rollback. A thread must

@@ -10,6 +10,7 @@
 #include <sqlite3.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -1879,6 +1880,148 @@ TC_TEST(sqlite_busy_is_eagain) {
   OK(tc_tx_commit(tb, &err));
   tc_store_close(b);
   tc_store_close(a);
+}
+
+/* Users named name as another process sees them: a connection of its own. */
+static int outside_count(const struct tc_store_config *cfg, const char *name) {
+  sqlite3 *db = NULL;
+  int n = -1;
+  if (sqlite3_open_v2(cfg->sqlite_path, &db, SQLITE_OPEN_READONLY, NULL) == SQLITE_OK) {
+    sqlite3_busy_timeout(db, 2000);
+    sqlite3_stmt *st = NULL;
+    if (sqlite3_prepare_v2(db, "SELECT count(*) FROM users WHERE name = ?", -1, &st, NULL) == SQLITE_OK) {
+      sqlite3_bind_text(st, 1, name, -1, SQLITE_STATIC);
+      if (sqlite3_step(st) == SQLITE_ROW) n = sqlite3_column_int(st, 0);
+    }
+    sqlite3_finalize(st);
+  }
+  sqlite3_close(db);
+  return n;
+}
+
+static int later_insert(struct tc_store *st, const char *name, const char *display, uint64_t *ticket,
+                        struct tc_err *err) {
+  struct tc_tx *tx;
+  struct tc_user u = {0};
+  u.name = (char *)name;
+  u.display_name = (char *)display;
+  int rc = tc_store_begin(st, TC_TX_DURABLE_LATER, &tx, err);
+  if (rc) return rc;
+  if ((rc = tc_store_user_insert(tx, &u, err))) {
+    tc_tx_rollback(tx);
+    return rc;
+  }
+  return tc_tx_commit_ticket(tx, ticket, err);
+}
+
+/* WAL mode: TC_TX_DURABLE_LATER transactions share one SQLite commit, made
+ * by the flush (or by the next transaction of another kind); each still
+ * rolls back alone. */
+TC_TEST(sqlite_batched_commits) {
+  if (!wal_mode()) return;
+  struct tc_store_config cfg;
+  struct tc_store *st = open_fresh(&cfg);
+  TC_REQUIRE(st);
+  struct tc_err err = {0};
+  uint64_t ta = 0, tb = 0, tc = 99, td = 0;
+  OK(later_insert(st, "batch-a", NULL, &ta, &err));
+  OK(later_insert(st, "batch-b", NULL, &tb, &err));
+  TC_CHECK(ta > 0);
+  TC_CHECK(ta == tb); /* one batch */
+  TC_CHECK_INT(later_insert(st, "batch-a", NULL, &tc, &err), TC_EEXIST); /* undone alone */
+  /* committed only for this store so far */
+  struct tc_tx *tx;
+  BEGIN(st, TC_TX_DURABLE_LATER, tx);
+  struct tc_user g;
+  OK(tc_store_user_get_by_name(tx, "batch-b", &g, &err));
+  tc_user_free(&g);
+  OK(tc_tx_commit_ticket(tx, &tc, &err));
+  TC_CHECK(tc == tb);
+  TC_CHECK_INT(outside_count(&cfg, "batch-a"), 0);
+  TC_CHECK_INT(outside_count(&cfg, "batch-b"), 0);
+  uint64_t s0 = tc_store_syncs(st);
+  OK(tc_store_sync(st, tb, &err));
+  TC_CHECK_INT(tc_store_syncs(st) - s0, 1);
+  TC_CHECK_INT(outside_count(&cfg, "batch-a"), 1);
+  TC_CHECK_INT(outside_count(&cfg, "batch-b"), 1);
+  /* the next batch is a new ticket; another kind of transaction commits it first */
+  OK(later_insert(st, "batch-d", NULL, &td, &err));
+  TC_CHECK(td > tb);
+  TC_CHECK_INT(outside_count(&cfg, "batch-d"), 0);
+  BEGIN(st, 0, tx);
+  struct tc_user u;
+  make_user(&u, "plain-after-batch");
+  OK(tc_store_user_insert(tx, &u, &err));
+  tc_user_free(&u);
+  OK(tc_tx_commit(tx, &err));
+  TC_CHECK_INT(outside_count(&cfg, "batch-d"), 1);
+  TC_CHECK_INT(outside_count(&cfg, "plain-after-batch"), 1);
+  OK(tc_store_sync(st, td, &err)); /* committed already: only the flush is left */
+  /* closing commits a batch nobody synced */
+  OK(later_insert(st, "batch-e", NULL, &td, &err));
+  tc_store_close(st);
+  TC_CHECK_INT(outside_count(&cfg, "batch-e"), 1);
+}
+
+/* A batch whose commit fails (here: the file size limit stops the WAL from
+ * growing) loses writes its callers were told were committed, though not
+ * that they were durable: the sync fails, and the store refuses everything
+ * after it (ping too), so the server reports unhealthy and a restart
+ * reloads what the database really has. */
+TC_TEST(sqlite_failed_batch_commit_breaks_the_store) {
+  if (!wal_mode()) return;
+  struct tc_store_config cfg;
+  struct tc_store *st = open_fresh(&cfg);
+  TC_REQUIRE(st);
+  struct tc_err err = {0};
+  uint64_t t = 0;
+  OK(later_insert(st, "kept", NULL, &t, &err));
+  OK(tc_store_sync(st, t, &err));
+  tc_store_close(st);
+  fflush(NULL);
+  pid_t pid = fork();
+  TC_REQUIRE(pid >= 0);
+  if (pid == 0) {
+    int bad = 0;
+    struct tc_store *cs = NULL;
+    struct tc_err e = {0};
+    if (tc_store_open(&cfg, &cs, &e)) _exit(10);
+    size_t big = 512 * 1024;
+    char *display = malloc(big + 1);
+    memset(display, 'x', big);
+    display[big] = 0;
+    signal(SIGXFSZ, SIG_IGN);
+    struct stat sb;
+    char wal[600];
+    snprintf(wal, sizeof wal, "%s-wal", cfg.sqlite_path);
+    off_t lim = stat(wal, &sb) == 0 ? sb.st_size + 8192 : 8192;
+    struct rlimit rl = {(rlim_t)lim, (rlim_t)lim};
+    if (setrlimit(RLIMIT_FSIZE, &rl)) _exit(11);
+    uint64_t t1 = 0, t2 = 0;
+    if (later_insert(cs, "lost-1", NULL, &t1, &e) || later_insert(cs, "lost-2", display, &t2, &e)) bad |= 1;
+    if (tc_store_sync(cs, t2, &e) != TC_EDB) bad |= 2;
+    struct tc_tx *tx = NULL;
+    if (tc_store_begin(cs, TC_TX_READONLY, &tx, &e) != TC_EDB || tx) bad |= 4;
+    if (!strstr(e.msg, "restart")) bad |= 8;
+    if (tc_store_ping(cs, &e) != TC_EDB) bad |= 16;
+    if (later_insert(cs, "after", NULL, &t1, &e) != TC_EDB) bad |= 32;
+    tc_store_close(cs);
+    free(display);
+    _exit(bad);
+  }
+  int status = 0;
+  waitpid(pid, &status, 0);
+  TC_CHECK(WIFEXITED(status));
+  TC_CHECK_INT(WEXITSTATUS(status), 0);
+  /* what the database has: the earlier commit, nothing of the failed batch */
+  TC_CHECK_INT(outside_count(&cfg, "kept"), 1);
+  TC_CHECK_INT(outside_count(&cfg, "lost-1"), 0);
+  TC_CHECK_INT(outside_count(&cfg, "lost-2"), 0);
+  TC_REQUIRE(tc_store_open(&cfg, &st, &err) == 0);
+  OK(later_insert(st, "after-restart", NULL, &t, &err));
+  OK(tc_store_sync(st, t, &err));
+  tc_store_close(st);
+  TC_CHECK_INT(outside_count(&cfg, "after-restart"), 1);
 }
 #endif
 
