@@ -4,7 +4,7 @@
 set -euo pipefail
 pkgs=(build-essential cmake pkg-config
       libmicrohttpd-dev libmbedtls-dev libsqlite3-dev libpq-dev libjansson-dev
-      libsodium-dev libnghttp2-dev libyaml-dev libzstd-dev libcurl4-openssl-dev libb2-dev
+      libsodium-dev libnghttp2-dev libyaml-dev libzstd-dev libcurl4-openssl-dev libb2-dev libgmp-dev
       postgresql sqlite3 curl)
 missing=()
 for p in "${pkgs[@]}"; do

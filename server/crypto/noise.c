@@ -5,6 +5,8 @@
 #include "crypto/crypto.h"
 
 #include <blake2.h>
+#include <gmp.h>
+#include <stdbool.h>
 #include <sodium.h>
 #include <stdio.h>
 #include <string.h>
@@ -16,8 +18,41 @@ static const char protocol_name[] = "Noise_IK_25519_ChaChaPoly_BLAKE2s";
 int tc_crypto_init(void) { return sodium_init() < 0 ? TC_EINTERNAL : 0; }
 
 /* ---- X25519 -------------------------------------------------------------- */
+/* Every Noise handshake makes an ephemeral key pair, and libsodium's
+ * X25519 base-point multiplication costs as much as a variable-base one (a
+ * full ladder, ~45-50 us here). Its Ed25519 base-point multiplication uses
+ * precomputed tables (~20 us) and clamps the scalar the way X25519 does, so
+ * the same secret gives the same point in Edwards form, and the X25519
+ * public key is the birational map u = (1 + y) / (1 - y) mod 2^255 - 19 of
+ * its y. Only that map runs in GMP, whose arithmetic is not constant-time:
+ * y is as public as u (either gives the other), the secret scalar never
+ * leaves libsodium. Whenever the shortcut cannot answer, the ladder does. */
+static bool x25519_public_via_ed25519(const uint8_t priv[TC_KEY_LEN], uint8_t pub[TC_KEY_LEN]) {
+  uint8_t ed[32];
+  if (crypto_scalarmult_ed25519_base(ed, priv) != 0) return false;
+  ed[31] &= 0x7f; /* the sign of x */
+  mpz_t p, y, num, den;
+  mpz_inits(p, y, num, den, NULL);
+  mpz_ui_pow_ui(p, 2, 255);
+  mpz_sub_ui(p, p, 19);
+  mpz_import(y, sizeof ed, -1, 1, 0, 0, ed);
+  mpz_add_ui(num, y, 1);
+  mpz_sub(den, p, y);
+  mpz_add_ui(den, den, 1); /* 1 - y, kept non-negative */
+  bool ok = mpz_cmp(y, p) < 0 && mpz_invert(den, den, p) != 0;
+  if (ok) {
+    mpz_mul(num, num, den);
+    mpz_mod(num, num, p);
+    size_t n = 0;
+    memset(pub, 0, TC_KEY_LEN);
+    mpz_export(pub, &n, -1, 1, 0, 0, num); /* little-endian, at most 32 bytes as num < p */
+  }
+  mpz_clears(p, y, num, den, NULL);
+  return ok;
+}
+
 void tc_x25519_public(const uint8_t priv[TC_KEY_LEN], uint8_t pub[TC_KEY_LEN]) {
-  crypto_scalarmult_base(pub, priv);
+  if (!x25519_public_via_ed25519(priv, pub)) crypto_scalarmult_base(pub, priv);
 }
 
 void tc_x25519_keygen(uint8_t priv[TC_KEY_LEN], uint8_t pub[TC_KEY_LEN]) {

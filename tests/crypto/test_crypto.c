@@ -2,6 +2,7 @@
  * cacophony Noise IK vector, the Tailscale handshake vector (doc §14.1) and
  * key text round trips. */
 #include <jansson.h>
+#include <sodium.h>
 #include <string.h>
 #include <strings.h>
 
@@ -116,6 +117,41 @@ TC_TEST(x25519_rejects_zero_output) {
   TC_CHECK_INT(tc_x25519(priv, one, out), TC_EPROTO);
   tc_x25519_public(priv, pub);
   CHECK_HEX(pub, 32, "8f40c5adb68f25624ae5b214ea767a6ec94d829d3d7b5e1ad1ba6f3e2138285f");
+}
+
+/* tc_x25519_public takes a shortcut through Ed25519's base-point tables and
+ * a field inversion: it must give exactly the X25519 ladder's answer, for
+ * RFC 7748's keys, for scalars at the edges of clamping, and for many
+ * random ones. */
+TC_TEST(x25519_public_matches_the_ladder) {
+  static const char *const rfc7748[][2] = {
+      {"77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a",
+       "8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a"},
+      {"5dab087e624a8a4b79e17f8b83800ee66f3bb1292618b6fd1c2f8b27ff88e0eb",
+       "de9edb7d7b7dc1b4d35b61c2ece435373f8343c85b78674dadfc7e146f882b4f"},
+  };
+  uint8_t priv[32], pub[32], want[32];
+  for (size_t i = 0; i < TC_ARRAY_LEN(rfc7748); i++) {
+    unhex(rfc7748[i][0], priv, sizeof priv);
+    tc_x25519_public(priv, pub);
+    CHECK_HEX(pub, 32, rfc7748[i][1]);
+  }
+  int mismatches = 0;
+  for (int i = 0; i < 20000 + 6; i++) {
+    switch (i) {
+    case 0: memset(priv, 0, 32); break;            /* clamps to 2^254 */
+    case 1: memset(priv, 0xff, 32); break;         /* clamps to the largest scalar */
+    case 2: memset(priv, 0, 32); priv[0] = 8; break;
+    case 3: memset(priv, 0, 32); priv[0] = 7; break; /* cleared low bits */
+    case 4: memset(priv, 0, 32); priv[31] = 0x80; break;
+    case 5: memset(priv, 0x55, 32); break;
+    default: randombytes_buf(priv, sizeof priv);
+    }
+    tc_x25519_public(priv, pub);
+    TC_REQUIRE(crypto_scalarmult_base(want, priv) == 0);
+    if (memcmp(pub, want, 32)) mismatches++;
+  }
+  TC_CHECK_INT(mismatches, 0);
 }
 
 static const char *jstr(json_t *o, const char *k) {
