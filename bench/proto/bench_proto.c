@@ -52,7 +52,7 @@
 
 struct opts {
   const char *policy_path; /* --self: policy file loaded into the model */
-  int n, threads, joins, timeout_s, fullmaps;
+  int n, threads, joins, timeout_s, fullmaps, hold_s;
   int reg_only; /* registration-only machines; -1 = default (n with --self, else 0) */
   bool self, json;
   char host[256];
@@ -720,9 +720,11 @@ static void usage(void) {
   fprintf(stderr,
           "usage: bench-proto [--self | --host H --port P --authkey KEY [--server-pid PID]]\n"
           "                   [-n clients] [--threads T] [--joins J] [--timeout S] [--json] [--policy FILE]\n"
-          "                   [--fullmaps M] [--register-only R]\n"
+          "                   [--fullmaps M] [--register-only R] [--hold S]\n"
           "  --register-only R  first register R machines without map streams (default: n with --self, where\n"
-          "                     it runs against its own fresh server; 0 without, as they would stay behind)\n");
+          "                     it runs against its own fresh server; 0 without, as they would stay behind)\n"
+          "  --hold S           after reading the server's RSS, keep every client connected S more seconds\n"
+          "                     (to look at the server meanwhile: heaptrack, gdb, /metrics)\n");
   exit(2);
 }
 
@@ -732,7 +734,7 @@ int main(int argc, char **argv) {
                                      {"threads", 1, NULL, 't'},    {"joins", 1, NULL, 'j'},   {"timeout", 1, NULL, 'T'},
                                      {"json", 0, NULL, 'J'},       {"policy", 1, NULL, 'Y'},
                                      {"fullmaps", 1, NULL, 'F'},   {"register-only", 1, NULL, 'R'},
-                                     {NULL, 0, NULL, 0}};
+                                     {"hold", 1, NULL, 'h'},       {NULL, 0, NULL, 0}};
   snprintf(O.host, sizeof O.host, "127.0.0.1");
   int ch;
   while ((ch = getopt_long(argc, argv, "n:", lo, NULL)) != -1) {
@@ -750,6 +752,7 @@ int main(int argc, char **argv) {
     case 'Y': O.policy_path = optarg; break;
     case 'F': O.fullmaps = atoi(optarg); break;
     case 'R': O.reg_only = atoi(optarg); break;
+    case 'h': O.hold_s = atoi(optarg); break;
     default: usage();
     }
   }
@@ -878,7 +881,16 @@ int main(int argc, char **argv) {
   }
   atomic_store(&g_stop, true);
   for (int t = 0; t < O.threads; t++) pthread_join(th[t], NULL);
+  /* RSS per idle streaming node: read it after a second of idleness, once
+   * the server has handed freed pages back (it trims its malloc arenas an
+   * idle quarter second after work). */
+  struct timespec idle = {1, 0};
+  nanosleep(&idle, NULL);
   if (have_proc) proc_stats(O.server_pid, &cpu2, &rss2);
+  if (O.hold_s > 0) {
+    fprintf(stderr, "holding %d clients for %d s\n", connected, O.hold_s);
+    sleep((unsigned)O.hold_s);
+  }
 
   /* phase 3: full map cost. Client 0 asks for one-shot full maps (every
    * other node is its peer: allow-all or a permit-all policy). The server

@@ -143,7 +143,7 @@ struct tc_mapper {
   } *offs;
   size_t n_offs, cap_offs;
 
-  _Atomic uint64_t st_full, st_deltas, st_ka, st_bytes, st_cut, st_events, st_open;
+  _Atomic uint64_t st_full, st_deltas, st_ka, st_bytes, st_cut, st_events, st_open, st_trims;
   /* the chunk cache's counters, published by the dispatcher after each round */
   _Atomic uint64_t st_ch_hits, st_ch_builds, st_ch_text, st_ch_drops, st_sp_hits, st_sp_builds;
 };
@@ -1489,6 +1489,7 @@ static void *dispatcher(void *arg) {
   struct tc_mapper *mp = arg;
   int64_t win_start = tc_mono_ms();
   uint64_t win_events = 0, prev_win_events = 0, since_trim = 0;
+  int64_t last_trim = 0;
   pthread_mutex_lock(&mp->qmu);
   for (;;) {
     while (!mp->qhead && !mp->stopping) {
@@ -1498,13 +1499,21 @@ static void *dispatcher(void *arg) {
       if (ts.tv_nsec >= 1000000000L) ts.tv_sec++, ts.tv_nsec -= 1000000000L;
       if (pthread_cond_timedwait(&mp->qcv, &mp->qmu, &ts)) {
 #ifdef __GLIBC__
-        /* After a burst (full maps and deltas built and freed on several
-         * threads) the malloc arenas keep the freed pages; an idle quarter
-         * second after enough work hands them back. */
-        if (since_trim >= 256 && !mp->qhead) {
+        /* Work (full maps, deltas, a policy recompile per join) leaves
+         * freed pages in the malloc arenas of several threads: a policy
+         * recompile after a join alone left ~1.5 KiB per node at N = 1,000
+         * that only a trim returns. An idle quarter second after any work
+         * hands them back, at most once a second (a trim walks every
+         * arena's free chunks: ~1 ms at that size). */
+        int64_t now = tc_mono_ms();
+        if (since_trim > 0 && !mp->qhead && now - last_trim >= 1000) {
           since_trim = 0;
+          last_trim = now;
           pthread_mutex_unlock(&mp->qmu);
+          int64_t t0 = tc_mono_ns();
           malloc_trim(0);
+          atomic_fetch_add(&mp->st_trims, 1);
+          tc_debug("mapper: malloc_trim took %lld us", (long long)((tc_mono_ns() - t0) / 1000));
           pthread_mutex_lock(&mp->qmu);
         }
 #endif
@@ -1713,6 +1722,7 @@ void tc_mapper_get_stats(struct tc_mapper *mp, struct tc_mapper_stats *o) {
   o->chunk_drops = atomic_load(&mp->st_ch_drops);
   o->span_hits = atomic_load(&mp->st_sp_hits);
   o->span_builds = atomic_load(&mp->st_sp_builds);
+  o->trims = atomic_load(&mp->st_trims);
 }
 
 /* ---- request handling (worker threads) --------------------------------------------- */

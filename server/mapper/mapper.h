@@ -395,6 +395,8 @@ struct tc_mapper_stats {
   uint64_t chunk_hits, chunk_builds, chunk_text_peers, chunk_drops;
   /* shared runs of policy filter/SSH texts spliced in as cached frames */
   uint64_t span_hits, span_builds;
+  /* malloc arenas handed back to the system after work (glibc only) */
+  uint64_t trims;
 };
 void tc_mapper_get_stats(struct tc_mapper *mp, struct tc_mapper_stats *out);
 
