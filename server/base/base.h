@@ -143,9 +143,9 @@ int tc_write_file_atomic(const char *path, const void *data, size_t len, int mod
 /* ---- sockets ------------------------------------------------------------ */
 /* TCP_NODELAY (latency over batching) and keepalive probes (30 s idle, every
  * 15 s, 4 of them: a map poll to a vanished laptop ends in ~90 s instead of
- * when retransmissions give up). tc_http_listen_tcp sets them on
- * its listening socket and Linux copies them into every accepted socket, so a
- * connection needs no setsockopt of its own; tc_tcp_tuned tells (one
+ * when retransmissions give up). Set them on a listening socket: Linux
+ * copies them into every accepted socket, so a connection needs no
+ * setsockopt of its own; tc_tcp_tuned tells (one
  * getsockopt) whether fd has them (false for non-TCP fds, on which
  * tc_tcp_tune's calls fail harmlessly). */
 void tc_tcp_tune(int fd);

@@ -310,8 +310,10 @@ static void conn_start(struct worker *w, int fd, const char *peer) {
   if (w->conns) w->conns->prev = c;
   w->conns = c;
   set_nonblock(fd);
-  int one = 1;
-  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  /* The control transport sees these connections as AF_UNIX pairs, so the
+   * TCP side's nodelay and keepalive are set here (normally inherited from
+   * the listener: tc_tls_listen_tcp's or the front door's). */
+  if (!tc_tcp_tuned(fd)) tc_tcp_tune(fd);
   mbedtls_ssl_init(&c->ssl);
   c->ssl_init = true;
   if (mbedtls_ssl_setup(&c->ssl, &cr->conf) != 0) {
@@ -803,6 +805,7 @@ int tc_tls_listen_tcp(const char *addr, int *port_out, struct tc_err *err) {
     close(fd);
     return tc_err_set(err, TC_EIO, "listen %s: %s", addr, strerror(e));
   }
+  tc_tcp_tune(fd); /* copied into every accepted socket */
   if (port_out) {
     struct sockaddr_storage b;
     socklen_t bl = sizeof b;

@@ -348,6 +348,9 @@ TC_TEST(bad_parameters) {
   TC_CHECK(fd6 >= 0 && port6 > 0);
   int fdany = tc_tls_listen_tcp(":0", &portany, &err);
   TC_CHECK(fdany >= 0 && portany > 0);
+  /* nodelay and keepalive for the TCP side of TLS connections: the control
+   * transport behind them only sees AF_UNIX pairs */
+  TC_CHECK(fdany >= 0 && tc_tcp_tuned(fdany));
   if (fd6 >= 0) close(fd6);
   if (fdany >= 0) close(fdany);
   TC_CHECK(tc_tls_listen_tcp("127.0.0.1:65536", NULL, &err) < 0);
