@@ -75,8 +75,9 @@ struct sq {
   bool syncing;
   int wal_fd;
   /* batched commits (under mu) */
-  bool batch_open;       /* the outer transaction of a batch is open */
-  uint64_t batch_ticket; /* the commit number the open batch will get */
+  bool batch_open;        /* the outer transaction of a batch is open; nothing
+                           * else commits meanwhile, so its commit will be
+                           * number committed + 1 */
   uint64_t batch_members; /* savepoints released into it */
   bool broken;           /* a batch commit failed: refuse everything */
   char broken_msg[640];
@@ -236,7 +237,7 @@ static int batch_commit(struct sq *s, struct tc_err *err) {
     batch_break(s, e.msg);
     return broken_err(s, err);
   }
-  atomic_fetch_add(&s->committed, 1); /* == batch_ticket: nothing else committed while it was open */
+  atomic_fetch_add(&s->committed, 1);
   return 0;
 }
 
@@ -258,7 +259,6 @@ static int sq_begin(struct tc_store *st, struct tc_tx *tx, struct tc_err *err) {
     if (!s->batch_open) {
       if ((code = sq_txs(s, TXS_BEGIN_IMM, err))) goto unlock;
       s->batch_open = true;
-      s->batch_ticket = atomic_load(&s->committed) + 1;
       s->batch_members = 0;
     }
     if ((code = sq_txs(s, TXS_SAVEPOINT, err))) goto unlock;
@@ -309,7 +309,7 @@ static int sq_commit(struct tc_tx *tx, uint64_t *ticket, struct tc_err *err) {
       batched_undo(s);
     } else {
       s->batch_members++;
-      *ticket = s->batch_ticket;
+      *ticket = atomic_load(&s->committed) + 1; /* the open batch's commit */
     }
     sq_end(tx);
     return code;
